@@ -1,0 +1,96 @@
+// Phase A on the CPU: token-gradient vectors (or their sketch) and the side sums, one read of h.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common/dtypes.h"
+#include "../common/sketch_hash.h"
+#include "kernels.h"
+
+namespace dk {
+namespace cpu {
+
+int64_t reduction_block(int64_t n_tokens) { return std::max<int64_t>(64, (n_tokens + 1023) / 1024); }
+
+void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed) {
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(r)));
+  const uint32_t s = mix32(seed);
+  std::vector<uint32_t> cols(r);
+  for (int64_t j = 0; j < r; ++j) cols[j] = sketch_col_key(static_cast<uint32_t>(j));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < H; ++i) {
+    const uint32_t a = sketch_row_key(s, static_cast<uint32_t>(i));
+    float* row = out + i * r;
+    for (int64_t j = 0; j < r; ++j) row[j] = sketch_sign(a, cols[j]) * scale;
+  }
+}
+
+namespace {
+
+template <int DT>
+void token_vectors_impl(const void* hidden_, const float* logp, const float* a_pos, const float* a_neg, int64_t N,
+                        int64_t H, int64_t r, uint32_t seed, void* out_, float* sums) {
+  using E = Elem<DT>;
+  const auto* hidden = static_cast<const typename E::T*>(hidden_);
+  auto* out = static_cast<typename E::T*>(out_);
+  const int64_t D = r > 0 ? r : H;
+  std::vector<float> R;
+  if (r > 0) {
+    R.resize(static_cast<size_t>(H * r));
+    sketch_matrix(R.data(), H, r, seed);
+  }
+  const int64_t block = reduction_block(N);
+  const int64_t n_blocks = (N + block - 1) / block;
+  std::vector<float> partial(static_cast<size_t>(n_blocks * 2 * D), 0.0f);
+#pragma omp parallel
+  {
+    std::vector<float> vrow(H), zrow(D);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      float* ps = partial.data() + blk * 2 * D;
+      float* ns = ps + D;
+      const int64_t t_end = std::min(N, (blk + 1) * block);
+      for (int64_t t = blk * block; t < t_end; ++t) {
+        const float s = -std::expm1(logp[t]);
+        const int64_t base = t * H;
+        for (int64_t i = 0; i < H; ++i) vrow[i] = s * E::load(hidden, base + i);
+        const float* row = vrow.data();
+        if (r > 0) {
+          std::fill(zrow.begin(), zrow.end(), 0.0f);
+          for (int64_t i = 0; i < H; ++i) {
+            const float vi = vrow[i];
+            const float* Ri = R.data() + i * r;
+            for (int64_t j = 0; j < r; ++j) zrow[j] += vi * Ri[j];
+          }
+          row = zrow.data();
+        }
+        for (int64_t j = 0; j < D; ++j) E::store(out, t * D + j, row[j]);
+        const float ap = a_pos[t], an = a_neg[t];
+        if (ap != 0.0f)
+          for (int64_t j = 0; j < D; ++j) ps[j] += ap * row[j];
+        if (an != 0.0f)
+          for (int64_t j = 0; j < D; ++j) ns[j] += an * row[j];
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < 2 * D; ++j) {
+      float acc = 0.0f;
+      for (int64_t blk = 0; blk < n_blocks; ++blk) acc += partial[blk * 2 * D + j];
+      sums[j] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+void token_vectors(int dtype, const void* hidden, const float* logp, const float* a_pos, const float* a_neg,
+                   int64_t N, int64_t H, int64_t r, uint32_t seed, void* out, float* sums) {
+  switch (dtype) {
+    case kFloat32: return token_vectors_impl<kFloat32>(hidden, logp, a_pos, a_neg, N, H, r, seed, out, sums);
+    case kBFloat16: return token_vectors_impl<kBFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out, sums);
+    default: return token_vectors_impl<kFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out, sums);
+  }
+}
+
+}  // namespace cpu
+}  // namespace dk

@@ -1,0 +1,21 @@
+"""delta-kernels: DelTA token credit assignment as three phases.
+
+Data flow of one RL step::
+
+    h, logp  --token_sketch-->  v or z = v @ R                 (phase A, no grad, once per batch)
+    v/z, advantages, mask  --delta_coefficients-->  coef        (phase B, a few passes over v/z)
+    logp, old_logp, advantages * coef  --clipped_surrogate_loss-->  loss, backward   (phase C)
+
+``delta_coefficients`` also takes the hidden states directly and runs phase A inside.
+Every call takes ``backend=``: "torch" (the float64-capable reference), "cpp" (CPU),
+"cuda" and "triton" (GPU), or "auto". ``delta_kernels.naive`` mirrors the published code.
+"""
+from ._backends import available_backends
+from .coefficients import DeltaResult, DeltaStats, delta_coefficients
+from .sketch import token_sketch
+from .sketch_matrix import sketch_matrix
+from .surrogate import clipped_surrogate_loss
+
+__all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
+           "DeltaResult", "DeltaStats", "available_backends"]
+__version__ = "0.1.0"

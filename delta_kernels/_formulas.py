@@ -1,0 +1,67 @@
+"""The small formulas of DESIGN.md that touch only [N]- or [D]-sized tensors.
+
+Shared by the reference and the fast pipeline so that the degenerate-batch rules (eps
+clamps, empty sides, normalisation) live in one place. The passes over [N, D] arrays are
+written separately in each (the reference with plain matmuls, backends with kernels).
+``reduce`` sums a tensor over the data-parallel group, or is the identity.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import DeltaConfig
+
+
+def discriminator(mu: torch.Tensor):
+    """mu [2, D] -> W = mu+ - mu- [D], b = -(|mu+|^2 - |mu-|^2) / 2 []."""
+    return mu[0] - mu[1], -0.5 * (mu[0].dot(mu[0]) - mu[1].dot(mu[1]))
+
+
+def centroids_from_sums(sums: torch.Tensor, weights: torch.Tensor, eps: float, reduce) -> torch.Tensor:
+    """sums [2, D] = (sum w+ v, sum w- v), weights [2] = (sum w+, sum w-) -> mu [2, D].
+    One collective: sums and weights travel in one buffer."""
+    d = sums.shape[1]
+    packed = reduce(torch.cat([sums.reshape(-1), weights.to(sums.dtype)]))
+    return packed[:2 * d].reshape(2, d) / packed[2 * d:].clamp_min(eps)[:, None]
+
+
+def side_std(m: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, eps: float, reduce) -> torch.Tensor:
+    """[gamma+, gamma-]: population std of m over P and of -m over Q (counts clamped to 1),
+    floored at sqrt(eps). Two-pass (mean, then squared deviations): two collectives."""
+    signed = torch.stack([m, -m])
+    sides = torch.stack([pos, neg]).to(m.dtype)
+    first = reduce(torch.cat([sides.sum(1), (signed * sides).sum(1)]))
+    n = first[:2].clamp_min(1)
+    mean = first[2:] / n
+    var = reduce((((signed - mean[:, None]) ** 2) * sides).sum(1)) / n
+    return var.clamp_min(eps).sqrt()
+
+
+def gates(m: torch.Tensor, gamma: torch.Tensor):
+    """g+ = sigmoid(m / gamma+), g- = sigmoid(-m / gamma-)."""
+    return torch.sigmoid(m / gamma[0]), torch.sigmoid(-m / gamma[1])
+
+
+def final_coefficients(m, gamma, pos, neg, valid, cfg: DeltaConfig, reduce):
+    """Steps 5-6: map the final gates to [lam_min, lam_max] and self-normalise.
+
+    Computed divided by lam_min (when > 0): the factor cancels in the normalisation, and a
+    batch with all advantages zero then gets coefficients of exactly 1.
+    Returns (coef [N], scale [], n_valid [])."""
+    g_pos, g_neg = gates(m, gamma)
+    base = cfg.lam_min if cfg.lam_min > 0 else 1.0
+    offset, rise = cfg.lam_min / base, (cfg.lam_max - cfg.lam_min) / base
+    gate = torch.where(pos, g_pos, torch.where(neg, g_neg, torch.zeros_like(m)))
+    u = (offset + rise * gate) * valid
+    totals = reduce(torch.stack([valid.sum(), u.sum()]))
+    scale = totals[0] / totals[1].clamp_min(cfg.eps)
+    return u * scale, scale, totals[0]
+
+
+def side_masks(advantages: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):
+    """-> pos, neg (bool [N]), valid, a_pos, a_neg ([N] of dtype)."""
+    adv = advantages.to(dtype)
+    valid = mask.to(dtype)
+    pos = mask & (advantages > 0)
+    neg = mask & (advantages < 0)
+    return pos, neg, valid, adv.clamp_min(0) * valid, (-adv).clamp_min(0) * valid

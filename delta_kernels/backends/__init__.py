@@ -1,0 +1,1 @@
+"""Native backends: thin wrappers that allocate outputs and pass pointers to csrc/ kernels."""

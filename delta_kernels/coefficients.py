@@ -1,0 +1,86 @@
+"""Phase B: DelTA per-token coefficients (steps 2-7 of DESIGN.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _checks as C
+from ._backends import resolve
+from .distributed import group_sum
+
+
+@dataclass
+class DeltaStats:
+    """Final statistics. D is H, or r when sketched."""
+    mu_pos: torch.Tensor     # [D] refined centroid of the positive side
+    mu_neg: torch.Tensor     # [D]
+    gamma_pos: torch.Tensor  # [] temperature used by the final gates (lags mu by one step)
+    gamma_neg: torch.Tensor  # []
+    W: torch.Tensor          # [D] mu_pos - mu_neg
+    b: torch.Tensor          # [] -(|mu_pos|^2 - |mu_neg|^2) / 2
+    pred: torch.Tensor       # like logp: sign(adv) * (v.W + b) * mask
+    n_pos: torch.Tensor      # [] valid tokens with adv > 0 (global with a process group)
+    n_neg: torch.Tensor      # [] valid tokens with adv < 0
+    n_valid: torch.Tensor    # [] valid tokens
+    scale: torch.Tensor      # [] self-normalisation factor applied to the mapped gates
+
+
+@dataclass
+class DeltaResult:
+    coef: torch.Tensor                 # like logp; float32 (float64 for float64 inputs); 0 where masked
+    weighted_advantages: torch.Tensor  # like logp: advantages * coef * mask
+    stats: DeltaStats
+
+
+def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, *, k: int = 1, lam_min: float = 0.8, lam_max: float = 1.2,
+                       eps: float = 1e-8, sketch_dim: Optional[int] = None, seed: int = 0, process_group=None,
+                       backend: str = "auto", vectors: Optional[torch.Tensor] = None,
+                       check_values: bool = True) -> DeltaResult:
+    """DelTA coefficients for one batch of response tokens.
+
+    Args:
+        hidden: [..., H] hidden states entering the LM head, leading dims equal to logp's.
+            May be None when ``vectors`` is given.
+        logp: [N] or [B, T] log-probs (<= 0) of the sampled tokens under the behaviour policy.
+        advantages: shaped like logp, or [B] (one per sequence) when logp is [B, T].
+        mask: shaped like logp, bool or 0/1; 0 marks padding.
+        k: refinement steps (>= 0). lam_min <= lam_max: coefficient range before normalisation.
+        sketch_dim: r; when set, the pipeline runs on z = v @ R (see token_sketch) instead of v.
+        seed: seed of R.
+        process_group: torch.distributed group; when set, every sum is all-reduced so each rank
+            gets the coefficients of one process over the concatenated batch.
+        backend: "auto", "torch", "cpp", "cuda" or "triton".
+        vectors: [..., D] precomputed token vectors (token_sketch's output) used instead of hidden.
+        check_values: check finiteness, logp <= 0 and mask values (device syncs; turn off to
+            capture the call in a CUDA graph).
+    Returns:
+        DeltaResult(coef, weighted_advantages, stats); mean of coef over valid tokens is 1.
+    """
+    cfg = C.DeltaConfig(k=k, lam_min=lam_min, lam_max=lam_max, eps=eps)
+    C.check_logp("logp", logp, check_values)
+    C.check_sketch_args(sketch_dim, seed)
+    if (hidden is None) == (vectors is None):
+        C.fail("hidden", "pass exactly one of hidden and vectors")
+    flat_hidden = None if hidden is None else C.check_hidden("hidden", hidden, logp, check_values)
+    flat_vectors = None if vectors is None else C.check_hidden("vectors", vectors, logp, check_values)
+    if vectors is not None and sketch_dim is not None and vectors.shape[-1] != sketch_dim:
+        C.fail("vectors", f"last dim {vectors.shape[-1]} differs from sketch_dim={sketch_dim}")
+    adv = C.check_advantages(advantages, logp, check_values)
+    flat_mask = C.check_mask(mask, logp.shape, check_values)
+    device = C.check_devices(hidden=hidden, vectors=vectors, logp=logp, advantages=advantages, mask=mask)
+    src = hidden if hidden is not None else vectors
+    batch = C.TokenBatch(
+        shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),
+        mask=flat_mask.contiguous(),
+        hidden=None if flat_hidden is None else flat_hidden.contiguous(),
+        vectors=None if flat_vectors is None else flat_vectors.contiguous())
+    impl = resolve(backend, device, C.compute_dtype(src.dtype, logp.dtype, advantages.dtype), "delta_coefficients")
+    coef, st = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
+    shape = batch.shape
+    coef = coef.reshape(shape)
+    st["pred"] = st["pred"].reshape(shape)
+    weighted = adv.reshape(shape).to(coef.dtype) * coef * flat_mask.reshape(shape).to(coef.dtype)
+    return DeltaResult(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**st))

@@ -1,0 +1,63 @@
+"""The coefficient pipeline of the fast backends, written once over three pass kernels.
+
+A backend (cpp, cuda, triton) supplies the passes over the big [N, H] / [N, D] arrays;
+everything else is a handful of [N]- and [D]-sized torch ops on the same device (no host
+synchronisation). Kernels keep v in its input dtype and accumulate in float32.
+
+Kernel contract (all tensors contiguous, on one device; float32 unless stated):
+    token_vectors(hidden [N,H], logp [N], a_pos [N], a_neg [N], sketch_dim, seed)
+        -> v [N,D] in hidden's dtype (D = H, or r with the sketch of sketch_matrix.py),
+           sums [2,D] = (sum a_pos v, sum a_neg v)          one read of hidden
+    side_sums(v [N,D], a_pos [N], a_neg [N]) -> sums [2,D]  one read of v
+    margin_pass(v [N,D], w [D], b [], gate) -> (m [N], sums [2,D] or None)
+        m = 2 (v.w + b); with gate = (gamma [2], a_pos, a_neg) also
+        sums = (sum sigmoid(m/gamma+) a_pos v, sum sigmoid(-m/gamma-) a_neg v)   one read of v
+
+Reads of v per call: 1 when k = 0, else k + 2 (the temperature pass, k fused gate/refine
+passes, the final margins), plus the one read of hidden when v is built here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import DeltaConfig, TokenBatch
+from ._formulas import centroids_from_sums, discriminator, final_coefficients, gates, side_masks, side_std
+
+
+def _identity(t):
+    return t
+
+
+def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int,
+                     reduce=None):
+    """The fast backends' ``delta_coefficients``: same contract as the reference's."""
+    reduce = reduce or _identity
+    f32 = torch.float32
+    pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, f32)
+    if batch.vectors is None:
+        v, sums = kernels.token_vectors(batch.hidden, batch.logp.to(f32), a_pos, a_neg, sketch_dim, seed)
+    else:
+        v = batch.vectors
+        sums = kernels.side_sums(v, a_pos, a_neg)
+    mu = centroids_from_sums(sums, torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
+    w, b = discriminator(mu)
+    m, _ = kernels.margin_pass(v, w, b, None)
+    gamma = side_std(m, pos, neg, cfg.eps, reduce)
+    for step in range(cfg.k):
+        # m under the current centroids again (bitwise the same as the pass before), gated with
+        # the lagging temperatures, and the gated sums for the next centroids: one read of v.
+        m, gsums = kernels.margin_pass(v, w, b, (gamma, a_pos, a_neg))
+        g_pos, g_neg = gates(m, gamma)
+        gamma = side_std(m, pos, neg, cfg.eps, reduce)
+        mu = centroids_from_sums(gsums, torch.stack([(g_pos * a_pos).sum(), (g_neg * a_neg).sum()]), cfg.eps, reduce)
+        w, b = discriminator(mu)
+    if cfg.k > 0:
+        m, _ = kernels.margin_pass(v, w, b, None)
+    coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
+    counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(f32))
+    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b,
+                 pred=torch.sign(batch.advantages.to(f32)) * (m / 2) * valid, n_pos=counts[0], n_neg=counts[1],
+                 n_valid=n_valid, scale=scale)
+    return coef, stats

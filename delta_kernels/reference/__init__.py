@@ -1,0 +1,10 @@
+"""The float64-capable plain-PyTorch reference: the oracle every backend is tested against.
+
+Written straight from the spec in DESIGN.md, with no attention to speed. Computes in
+float64 when any input is float64, else in float32.
+"""
+from .coefficients import delta_coefficients
+from .sketch import token_sketch
+from .surrogate import clipped_surrogate_loss
+
+__all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss"]

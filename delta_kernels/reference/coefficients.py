@@ -1,0 +1,58 @@
+"""Reference DelTA coefficients, steps 2-7 of DESIGN.md, one line of torch per line of spec.
+
+``reduce`` sums a tensor over the data-parallel group (identity for one process); every
+statistic goes through it, so several ranks get the answer of one process over the
+concatenated batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .._checks import DeltaConfig, TokenBatch, compute_dtype
+from .._formulas import centroids_from_sums, discriminator, final_coefficients, gates, side_masks, side_std
+from .sketch import token_vectors
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int,
+                       reduce: Optional[Reduce] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    reduce = reduce or _identity
+    src = batch.vectors if batch.vectors is not None else batch.hidden
+    dtype = compute_dtype(src.dtype, batch.logp.dtype, batch.advantages.dtype)
+    if batch.vectors is not None:
+        v = batch.vectors.to(dtype)
+    else:
+        v = token_vectors(batch.hidden, batch.logp, sketch_dim, seed, dtype)
+    pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, dtype)
+
+    def centroids(w_pos, w_neg):
+        return centroids_from_sums(torch.stack([w_pos @ v, w_neg @ v]), torch.stack([w_pos.sum(), w_neg.sum()]),
+                                   cfg.eps, reduce)
+
+    def margins(mu):
+        w, b = discriminator(mu)
+        return 2.0 * (v @ w + b)
+
+    mu = centroids(a_pos, a_neg)
+    m = margins(mu)
+    gamma = side_std(m, pos, neg, cfg.eps, reduce)
+    for _ in range(cfg.k):
+        g_pos, g_neg = gates(m, gamma)
+        gamma = side_std(m, pos, neg, cfg.eps, reduce)  # temperatures of the centroids used in this step
+        mu = centroids(g_pos * a_pos, g_neg * a_neg)
+        m = margins(mu)
+
+    coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
+    w, b = discriminator(mu)
+    counts = reduce(torch.stack([pos.sum(), neg.sum()]))
+    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b,
+                 pred=torch.sign(batch.advantages.to(dtype)) * (m / 2) * valid, n_pos=counts[0], n_neg=counts[1],
+                 n_valid=n_valid, scale=scale)
+    return coef, stats

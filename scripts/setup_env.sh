@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install everything the package, its tests and its trainer need.
+# torch is installed only when none is importable: the CPU wheel torch==2.13.0 on a machine
+# without a GPU, the default build otherwise. The native modules are built by `pip install -e .`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$VPY" -m pip install -q torch
+  else
+    "$VPY" -m pip install -q torch==2.13.0
+  fi
+fi
+"$VPY" -m pip install -q setuptools wheel pybind11 ninja cmake numpy triton pytest hypothesis \
+  transformers matplotlib tqdm
+"$VPY" -m pip install -q --no-build-isolation -e .
+"$VPY" -c "import delta_kernels as dk; print('delta_kernels backends:', ', '.join(dk.available_backends()))"

@@ -1,0 +1,53 @@
+"""Builds delta_kernels._cpp (always) and delta_kernels._cuda (when nvcc is found) with CMake + Ninja.
+
+Environment: DELTA_KERNELS_CUDA=auto|1|0 (default auto; 1 fails loudly without nvcc),
+DELTA_KERNELS_BUILD_JOBS (default: all cores).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def run(self):
+        mode = os.environ.get("DELTA_KERNELS_CUDA", "auto").strip().lower()
+        flag = {"auto": "AUTO", "1": "ON", "on": "ON", "0": "OFF", "off": "OFF"}.get(mode)
+        if flag is None:
+            raise RuntimeError(f"DELTA_KERNELS_CUDA must be auto, 1 or 0, got {mode!r}")
+        out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        import pybind11
+        cfg = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+               f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+               f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}", f"-DDELTA_KERNELS_CUDA={flag}"]
+        subprocess.run(cfg, check=True)
+        jobs = os.environ.get("DELTA_KERNELS_BUILD_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(
+    name="delta-kernels",
+    version="0.1.0",
+    description="Fused kernels for DelTA token credit assignment in PyTorch RL loops",
+    packages=find_packages(include=["delta_kernels", "delta_kernels.*"]),
+    ext_modules=[CMakeExtension("delta_kernels._cpp")],
+    cmdclass={"build_ext": CMakeBuild},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"triton": ["triton>=3.0"], "trainer": ["transformers", "matplotlib", "tqdm"],
+                    "test": ["pytest", "hypothesis"]},
+    entry_points={"console_scripts": ["delta-train=delta_kernels.trainer.__main__:main"]},
+    zip_safe=False,
+)
