@@ -166,6 +166,7 @@ class TokenBatch:
     mask: torch.Tensor                      # [N] bool
     hidden: Optional[torch.Tensor] = None   # [N, H]
     vectors: Optional[torch.Tensor] = None  # [N, D], precomputed v or z
+    side_sums: Optional[torch.Tensor] = None  # [2, D], precomputed (sum a+ v, sum a- v) of vectors
 
 
 def compute_dtype(*dtypes) -> torch.dtype:

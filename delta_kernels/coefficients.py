@@ -38,7 +38,7 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
                        mask: torch.Tensor, *, k: int = 1, lam_min: float = 0.8, lam_max: float = 1.2,
                        eps: float = 1e-8, sketch_dim: Optional[int] = None, seed: int = 0, process_group=None,
                        backend: str = "auto", vectors: Optional[torch.Tensor] = None,
-                       check_values: bool = True) -> DeltaResult:
+                       side_sums: Optional[torch.Tensor] = None, check_values: bool = True) -> DeltaResult:
     """DelTA coefficients for one batch of response tokens.
 
     Args:
@@ -54,6 +54,8 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
             gets the coefficients of one process over the concatenated batch.
         backend: "auto", "torch", "cpp", "cuda" or "triton".
         vectors: [..., D] precomputed token vectors (token_sketch's output) used instead of hidden.
+        side_sums: [2, D] float, with ``vectors``: their side sums (sum a+ v, sum a- v), as the
+            fused LM-head pass returns them; saves one read of ``vectors``.
         check_values: check finiteness, logp <= 0 and mask values (device syncs; turn off to
             capture the call in a CUDA graph).
     Returns:
@@ -68,15 +70,24 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
     flat_vectors = None if vectors is None else C.check_hidden("vectors", vectors, logp, check_values)
     if vectors is not None and sketch_dim is not None and vectors.shape[-1] != sketch_dim:
         C.fail("vectors", f"last dim {vectors.shape[-1]} differs from sketch_dim={sketch_dim}")
+    if side_sums is not None:
+        if vectors is None:
+            C.fail("side_sums", "only goes with vectors (the sums of those vectors)")
+        C.check_tensor("side_sums", side_sums)
+        if tuple(side_sums.shape) != (2, vectors.shape[-1]):
+            C.fail("side_sums", f"shape {list(side_sums.shape)} must be [2, {vectors.shape[-1]}]")
+        if check_values:
+            C.check_finite("side_sums", side_sums)
     adv = C.check_advantages(advantages, logp, check_values)
     flat_mask = C.check_mask(mask, logp.shape, check_values)
-    device = C.check_devices(hidden=hidden, vectors=vectors, logp=logp, advantages=advantages, mask=mask)
+    device = C.check_devices(hidden=hidden, vectors=vectors, side_sums=side_sums, logp=logp, advantages=advantages, mask=mask)
     src = hidden if hidden is not None else vectors
     batch = C.TokenBatch(
         shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),
         mask=flat_mask.contiguous(),
         hidden=None if flat_hidden is None else flat_hidden.contiguous(),
-        vectors=None if flat_vectors is None else flat_vectors.contiguous())
+        vectors=None if flat_vectors is None else flat_vectors.contiguous(),
+        side_sums=None if side_sums is None else side_sums.contiguous())
     impl = resolve(backend, device, C.compute_dtype(src.dtype, logp.dtype, advantages.dtype), "delta_coefficients")
     coef, st = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
     shape = batch.shape

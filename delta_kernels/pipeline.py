@@ -40,7 +40,7 @@ def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: O
         v, sums = kernels.token_vectors(batch.hidden, batch.logp.to(f32), a_pos, a_neg, sketch_dim, seed)
     else:
         v = batch.vectors
-        sums = kernels.side_sums(v, a_pos, a_neg)
+        sums = batch.side_sums.to(f32) if batch.side_sums is not None else kernels.side_sums(v, a_pos, a_neg)
     mu = centroids_from_sums(sums, torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
     w, b = discriminator(mu)
     m, _ = kernels.margin_pass(v, w, b, None)

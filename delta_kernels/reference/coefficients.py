@@ -40,7 +40,10 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
         w, b = discriminator(mu)
         return 2.0 * (v @ w + b)
 
-    mu = centroids(a_pos, a_neg)
+    if batch.side_sums is not None:
+        mu = centroids_from_sums(batch.side_sums.to(dtype), torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
+    else:
+        mu = centroids(a_pos, a_neg)
     m = margins(mu)
     gamma = side_std(m, pos, neg, cfg.eps, reduce)
     for _ in range(cfg.k):
