@@ -36,7 +36,10 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def check_devices(**tensors) -> torch.device:
-    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    """All tensors on one device (non-tensors are left to the type checks); returns it."""
+    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if not devices:
+        raise TypeError(f"{next(iter(tensors))}: expected a torch.Tensor")
     first_name, first = next(iter(devices.items()))
     for n, d in devices.items():
         if d != first:

@@ -62,6 +62,8 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
         DeltaResult(coef, weighted_advantages, stats); mean of coef over valid tokens is 1.
     """
     cfg = C.DeltaConfig(k=k, lam_min=lam_min, lam_max=lam_max, eps=eps)
+    device = C.check_devices(hidden=hidden, vectors=vectors, side_sums=side_sums, logp=logp, advantages=advantages,
+                             mask=mask)
     C.check_logp("logp", logp, check_values)
     C.check_sketch_args(sketch_dim, seed)
     if (hidden is None) == (vectors is None):
@@ -80,7 +82,6 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
             C.check_finite("side_sums", side_sums)
     adv = C.check_advantages(advantages, logp, check_values)
     flat_mask = C.check_mask(mask, logp.shape, check_values)
-    device = C.check_devices(hidden=hidden, vectors=vectors, side_sums=side_sums, logp=logp, advantages=advantages, mask=mask)
     src = hidden if hidden is not None else vectors
     batch = C.TokenBatch(
         shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),

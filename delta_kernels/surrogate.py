@@ -29,6 +29,7 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
         The loss is differentiable in logp.
     """
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, agg=agg)
+    device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef)
     C.check_logp("logp", logp, check_values)
     C.check_tensor("old_logp", old_logp)
     if tuple(old_logp.shape) != tuple(logp.shape):
@@ -44,7 +45,6 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
             C.fail("coef", f"shape {list(coef.shape)} does not match logp's {list(logp.shape)}")
         if check_values:
             C.check_finite("coef", coef)
-    device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef)
     dtypes = [t.dtype for t in (logp, old_logp, advantages, coef) if t is not None]
     impl = resolve(backend, device, C.compute_dtype(*dtypes), "clipped_surrogate_loss")
     return impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), flat_mask.reshape(logp.shape),
