@@ -4,7 +4,6 @@
 #include "kernels.h"
 
 namespace py = pybind11;
-using dk::cpu::token_vectors;
 
 template <typename T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
@@ -18,8 +17,29 @@ PYBIND11_MODULE(_cpp, m) {
   m.def("token_vectors", [](int dtype, uintptr_t hidden, uintptr_t logp, uintptr_t a_pos, uintptr_t a_neg, int64_t N,
                             int64_t H, int64_t r, uint32_t seed, uintptr_t out, uintptr_t sums) {
     py::gil_scoped_release nogil;
-    token_vectors(dtype, ptr<const void>(hidden), ptr<const float>(logp), ptr<const float>(a_pos),
-                  ptr<const float>(a_neg), N, H, r, seed, ptr<void>(out), ptr<float>(sums));
+    dk::cpu::token_vectors(dtype, ptr<const void>(hidden), ptr<const float>(logp), ptr<const float>(a_pos),
+                           ptr<const float>(a_neg), N, H, r, seed, ptr<void>(out), ptr<float>(sums));
   });
+  m.def("side_sums", [](int dtype, uintptr_t v, uintptr_t a_pos, uintptr_t a_neg, int64_t N, int64_t D,
+                        uintptr_t sums) {
+    py::gil_scoped_release nogil;
+    dk::cpu::side_sums(dtype, ptr<const void>(v), ptr<const float>(a_pos), ptr<const float>(a_neg), N, D,
+                       ptr<float>(sums));
+  });
+  m.def("margin_pass", [](int dtype, uintptr_t v, uintptr_t w, uintptr_t b, int64_t N, int64_t D, uintptr_t gamma,
+                          uintptr_t a_pos, uintptr_t a_neg, uintptr_t m_out, uintptr_t sums) {
+    py::gil_scoped_release nogil;
+    dk::cpu::margin_pass(dtype, ptr<const void>(v), ptr<const float>(w), ptr<const float>(b), N, D,
+                         ptr<const float>(gamma), ptr<const float>(a_pos), ptr<const float>(a_neg),
+                         ptr<float>(m_out), ptr<float>(sums));
+  }, "gamma = 0 for the plain margins (a_pos, a_neg, sums unused)");
+  m.def("clipped_surrogate", [](uintptr_t logp, uintptr_t old_logp, uintptr_t adv, uintptr_t mask, uintptr_t coef,
+                                int64_t B, int64_t T, float clip_low, float clip_high, float clip_c, int agg,
+                                uintptr_t out, uintptr_t grad) {
+    py::gil_scoped_release nogil;
+    dk::cpu::clipped_surrogate(ptr<const float>(logp), ptr<const float>(old_logp), ptr<const float>(adv),
+                               ptr<const uint8_t>(mask), ptr<const float>(coef), B, T, clip_low, clip_high, clip_c,
+                               agg, ptr<float>(out), ptr<float>(grad));
+  }, "coef = 0 for no coefficients");
   m.def("reduction_block", &dk::cpu::reduction_block);
 }

@@ -1,6 +1,6 @@
 // C++ CPU kernels (OpenMP). Inputs are valid, contiguous and on the host: Python checks them.
 // Reductions run over fixed token blocks (a function of N only) and combine the blocks in
-// order, so results do not depend on the number of threads.
+// order, so results do not depend on the number of threads. dtype codes: common/dtypes.h.
 #pragma once
 #include <cstdint>
 
@@ -16,6 +16,22 @@ void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed);
 // sums [2, D] = (sum a_pos v, sum a_neg v) in float32 (from the unrounded vectors).
 void token_vectors(int dtype, const void* hidden, const float* logp, const float* a_pos, const float* a_neg,
                    int64_t N, int64_t H, int64_t r, uint32_t seed, void* out, float* sums);
+
+// sums [2, D] = (sum a_pos v, sum a_neg v) of stored vectors v [N, D] (dtype), float32.
+void side_sums(int dtype, const void* v, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums);
+
+// m [N] = 2 (v.w + b[0]) in float32. With gamma != nullptr (gamma [2], a_pos, a_neg [N]) also
+// sums [2, D] = (sum sigmoid(m/gamma[0]) a_pos v, sum sigmoid(-m/gamma[1]) a_neg v); m is the
+// same with and without the gate.
+void margin_pass(int dtype, const void* v, const float* w, const float* b, int64_t N, int64_t D, const float* gamma,
+                 const float* a_pos, const float* a_neg, float* m, float* sums);
+
+// Weighted dual-clip surrogate over [B, T] float32 inputs (mask as bytes, coef may be null):
+// out [4] = (aggregated loss, clip_frac, clip_frac_lower, ppo_kl); grad [B, T] = d loss / d logp.
+// agg: common/surrogate_math.h SurrogateAgg.
+void clipped_surrogate(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask,
+                       const float* coef, int64_t B, int64_t T, float clip_low, float clip_high, float clip_c,
+                       int agg, float* out, float* grad);
 
 }  // namespace cpu
 }  // namespace dk

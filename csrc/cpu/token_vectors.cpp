@@ -3,9 +3,9 @@
 #include <cmath>
 #include <vector>
 
-#include "../common/dtypes.h"
 #include "../common/sketch_hash.h"
 #include "kernels.h"
+#include "row_ops.h"
 
 namespace dk {
 namespace cpu {
@@ -27,6 +27,8 @@ void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed) {
 
 namespace {
 
+constexpr int64_t kSketchGroup = 4;  // tokens that share each read of a row of R
+
 template <int DT>
 void token_vectors_impl(const void* hidden_, const float* logp, const float* a_pos, const float* a_neg, int64_t N,
                         int64_t H, int64_t r, uint32_t seed, void* out_, float* sums) {
@@ -41,44 +43,57 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
   }
   const int64_t block = reduction_block(N);
   const int64_t n_blocks = (N + block - 1) / block;
-  std::vector<float> partial(static_cast<size_t>(n_blocks * 2 * D), 0.0f);
+  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_blocks, 1) * 2 * D), 0.0f);
 #pragma omp parallel
   {
-    std::vector<float> vrow(H), zrow(D);
+    // vrow: kSketchGroup rows of v (float32); zrow: their sketches.
+    std::vector<float> vrow(static_cast<size_t>(kSketchGroup * H)), zrow(static_cast<size_t>(kSketchGroup * D));
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       float* ps = partial.data() + blk * 2 * D;
       float* ns = ps + D;
       const int64_t t_end = std::min(N, (blk + 1) * block);
-      for (int64_t t = blk * block; t < t_end; ++t) {
-        const float s = -std::expm1(logp[t]);
-        const int64_t base = t * H;
-        for (int64_t i = 0; i < H; ++i) vrow[i] = s * E::load(hidden, base + i);
-        const float* row = vrow.data();
-        if (r > 0) {
-          std::fill(zrow.begin(), zrow.end(), 0.0f);
-          for (int64_t i = 0; i < H; ++i) {
-            const float vi = vrow[i];
-            const float* Ri = R.data() + i * r;
-            for (int64_t j = 0; j < r; ++j) zrow[j] += vi * Ri[j];
+      for (int64_t t0 = blk * block; t0 < t_end; t0 += kSketchGroup) {
+        const int64_t g = std::min(kSketchGroup, t_end - t0);
+        for (int64_t k = 0; k < g; ++k) {
+          const float s = -std::expm1(logp[t0 + k]);
+          const auto* hrow = hidden + (t0 + k) * H;
+          float* vk = vrow.data() + k * H;
+          if constexpr (DT == kFloat32) {
+            for (int64_t i = 0; i < H; ++i) vk[i] = s * hrow[i];
+          } else {
+            for (int64_t c0 = 0; c0 < H; c0 += kChunk) {
+              const int64_t len = std::min(kChunk, H - c0);
+              load_chunk<DT>(hrow + c0, len, vk + c0);
+              for (int64_t i = c0; i < c0 + len; ++i) vk[i] *= s;
+            }
           }
-          row = zrow.data();
         }
-        for (int64_t j = 0; j < D; ++j) E::store(out, t * D + j, row[j]);
-        const float ap = a_pos[t], an = a_neg[t];
-        if (ap != 0.0f)
-          for (int64_t j = 0; j < D; ++j) ps[j] += ap * row[j];
-        if (an != 0.0f)
-          for (int64_t j = 0; j < D; ++j) ns[j] += an * row[j];
+        const float* rows = vrow.data();
+        if (r > 0) {
+          std::fill(zrow.begin(), zrow.begin() + g * D, 0.0f);
+          for (int64_t i = 0; i < H; ++i) {
+            const float* Ri = R.data() + i * r;
+            for (int64_t k = 0; k < g; ++k) {
+              const float vi = vrow[k * H + i];
+              float* zk = zrow.data() + k * D;
+              for (int64_t j = 0; j < r; ++j) zk[j] += vi * Ri[j];
+            }
+          }
+          rows = zrow.data();
+        }
+        for (int64_t k = 0; k < g; ++k) {
+          const int64_t t = t0 + k;
+          const float* row = rows + k * D;
+          auto* dst = out + t * D;
+          for (int64_t j = 0; j < D; ++j) E::store(dst, j, row[j]);
+          if (a_pos[t] != 0.0f) axpy_row<kFloat32>(a_pos[t], row, ps, D);
+          if (a_neg[t] != 0.0f) axpy_row<kFloat32>(a_neg[t], row, ns, D);
+        }
       }
     }
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < 2 * D; ++j) {
-      float acc = 0.0f;
-      for (int64_t blk = 0; blk < n_blocks; ++blk) acc += partial[blk * 2 * D + j];
-      sums[j] = acc;
-    }
   }
+  combine_partials(partial.data(), n_blocks, 2 * D, sums);
 }
 
 }  // namespace

@@ -1,0 +1,61 @@
+// Per-token math of the dual-clip DAPO surrogate (delta_kernels/reference/surrogate.py), for C++ and CUDA.
+// The derivative follows torch's autograd rules: clamp passes the gradient on its closed range,
+// maximum/minimum split it in halves on ties.
+#pragma once
+#include <math.h>
+
+#include "sketch_hash.h"  // DK_HD
+
+namespace dk {
+
+enum SurrogateAgg : int { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSumNorm = 3 };
+
+struct TokenLoss {
+  float loss;       // l
+  float dloss;      // d l / d logp
+  float log_ratio;  // clamp(logp - old_logp, -20, 20)
+  bool clipped;     // pg2 > pg1
+  bool clipped_lower;  // A < 0 and clip1 > pg3
+};
+
+// A is the weighted advantage (advantages * mask * coef).
+DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_low, float clip_high, float clip_c) {
+  TokenLoss r;
+  const float diff = logp - old_logp;
+  const float lr = diff < -20.0f ? -20.0f : (diff > 20.0f ? 20.0f : diff);
+  const float in_range = (diff >= -20.0f && diff <= 20.0f) ? 1.0f : 0.0f;
+  const float ratio = expf(lr);
+  const float lo = 1.0f - clip_low, hi = 1.0f + clip_high;
+  const float cratio = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+  const float pg1 = -A * ratio;
+  const float pg2 = -A * cratio;
+  const float d1 = -A * ratio * in_range;
+  const float d2 = (ratio >= lo && ratio <= hi) ? d1 : 0.0f;
+  const float clip1 = pg1 > pg2 ? pg1 : pg2;
+  const float dclip1 = pg1 > pg2 ? d1 : (pg1 < pg2 ? d2 : 0.5f * (d1 + d2));
+  const float pg3 = -A * clip_c;
+  if (A < 0.0f) {
+    r.loss = clip1 < pg3 ? clip1 : pg3;
+    r.dloss = clip1 < pg3 ? dclip1 : (clip1 == pg3 ? 0.5f * dclip1 : 0.0f);
+  } else {
+    r.loss = clip1;
+    r.dloss = dclip1;
+  }
+  r.log_ratio = lr;
+  r.clipped = pg2 > pg1;
+  r.clipped_lower = (clip1 > pg3) && (A < 0.0f);
+  return r;
+}
+
+// d(aggregated loss)/d(per-token loss) of a valid token in row b: token-mean 1/max(n_valid, 1),
+// seq-mean-token-sum 1/B, seq-mean-token-mean 1/(B max(n_valid_b, 1)), seq-mean-token-sum-norm 1/T.
+DK_HD float surrogate_row_weight(int agg, float n_valid, float row_valid, int64_t B, int64_t T) {
+  switch (agg) {
+    case kTokenMean: return 1.0f / (n_valid > 1.0f ? n_valid : 1.0f);
+    case kSeqMeanTokenSum: return 1.0f / static_cast<float>(B);
+    case kSeqMeanTokenMean: return 1.0f / (static_cast<float>(B) * (row_valid > 1.0f ? row_valid : 1.0f));
+    default: return 1.0f / static_cast<float>(T);
+  }
+}
+
+}  // namespace dk

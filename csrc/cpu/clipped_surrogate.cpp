@@ -1,0 +1,76 @@
+// Phase C on the CPU: the weighted dual-clip surrogate, its aggregation (verl's agg_loss), the
+// metrics and d loss / d logp, in one pass over [B, T] plus a scaling pass for the gradient.
+// Sums run over fixed tiles of a row (kTile tokens), in double, combined in tile then row order.
+#include <algorithm>
+#include <vector>
+
+#include "../common/surrogate_math.h"
+#include "kernels.h"
+
+namespace dk {
+namespace cpu {
+namespace {
+constexpr int64_t kTile = 1024;
+enum { kLoss, kValid, kClip, kClipLower, kKl, kStats };
+}  // namespace
+
+void clipped_surrogate(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask,
+                       const float* coef, int64_t B, int64_t T, float clip_low, float clip_high, float clip_c,
+                       int agg, float* out, float* grad) {
+  const int64_t tiles = std::max<int64_t>((T + kTile - 1) / kTile, 1);
+  std::vector<double> partial(static_cast<size_t>(B * tiles * kStats), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t job = 0; job < B * tiles; ++job) {
+    const int64_t row = job / tiles, tile = job % tiles;
+    double acc[kStats] = {0, 0, 0, 0, 0};
+    const int64_t t_end = std::min(T, (tile + 1) * kTile);
+    for (int64_t c = tile * kTile; c < t_end; ++c) {
+      const int64_t t = row * T + c;
+      const float valid = mask[t] ? 1.0f : 0.0f;
+      float A = adv[t] * valid;
+      if (coef != nullptr) A *= coef[t];
+      const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
+      grad[t] = r.dloss * valid;
+      acc[kLoss] += static_cast<double>(r.loss * valid);
+      acc[kValid] += valid;
+      acc[kClip] += (r.clipped && mask[t]) ? 1.0 : 0.0;
+      acc[kClipLower] += (r.clipped_lower && mask[t]) ? 1.0 : 0.0;
+      acc[kKl] += static_cast<double>(-r.log_ratio * valid);
+    }
+    std::copy(acc, acc + kStats, partial.data() + job * kStats);
+  }
+  // Rows in order: row sums from their tiles, then the totals.
+  std::vector<double> row_loss(static_cast<size_t>(B)), row_valid(static_cast<size_t>(B));
+  double total[kStats] = {0, 0, 0, 0, 0};
+  for (int64_t row = 0; row < B; ++row) {
+    double rs[kStats] = {0, 0, 0, 0, 0};
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      for (int s = 0; s < kStats; ++s) rs[s] += partial[(row * tiles + tile) * kStats + s];
+    for (int s = 0; s < kStats; ++s) total[s] += rs[s];
+    row_loss[row] = rs[kLoss];
+    row_valid[row] = rs[kValid];
+  }
+  const double n = std::max(total[kValid], 1.0);
+  double loss = 0.0;
+  if (agg == kTokenMean) {
+    loss = total[kLoss] / n;
+  } else if (agg == kSeqMeanTokenMean) {
+    for (int64_t row = 0; row < B; ++row) loss += row_loss[row] / std::max(row_valid[row], 1.0);
+    loss /= static_cast<double>(B);
+  } else {
+    loss = total[kLoss] / static_cast<double>(agg == kSeqMeanTokenSum ? B : T);
+  }
+  out[0] = static_cast<float>(loss);
+  out[1] = static_cast<float>(total[kClip] / n);
+  out[2] = static_cast<float>(total[kClipLower] / n);
+  out[3] = static_cast<float>(total[kKl] / n);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < B; ++row) {
+    const float w = surrogate_row_weight(agg, static_cast<float>(total[kValid]), static_cast<float>(row_valid[row]), B, T);
+    float* g = grad + row * T;
+    for (int64_t c = 0; c < T; ++c) g[c] *= w;
+  }
+}
+
+}  // namespace cpu
+}  // namespace dk
