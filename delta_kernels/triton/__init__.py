@@ -1,0 +1,33 @@
+"""backend="triton": the main GPU path (runs on the CPU under TRITON_INTERPRET=1 for tests).
+
+One file per kernel:
+    token_vectors.py  phase A: v = (1 - exp(logp)) h or z = v @ R (signs hashed in-kernel) and
+                      the side sums, one read of hidden
+    side_sums.py      side sums of precomputed vectors, one read of v
+    margin_pass.py    m = 2 (v.w + b) and the gated side sums, one read of v
+    surrogate.py      phase C: dual-clip surrogate forward + backward (torch.autograd.Function)
+    row_partials.py   the deterministic two-stage (per-group partials, fixed-order) reduction
+    sketch_hash.py    the sketch matrix's hash in Triton
+
+``delta_coefficients`` is delta_kernels.pipeline.run_coefficients over these kernels. Reads
+per call: hidden once (when given), then v once for k = 0, else k + 2 times (the temperature
+pass, k fused gate-and-refine passes, the final margins); no host synchronisation.
+"""
+from __future__ import annotations
+
+import sys
+
+from ..pipeline import run_coefficients
+from .margin_pass import margin_pass
+from .side_sums import side_sums
+from .surrogate import clipped_surrogate_loss
+from .token_vectors import token_sketch, token_vectors
+
+
+def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
+    """Same contract as delta_kernels.reference.delta_coefficients (float32 results)."""
+    return run_coefficients(sys.modules[__name__], batch, cfg, sketch_dim, seed, reduce)
+
+
+__all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "token_vectors", "side_sums",
+           "margin_pass"]

@@ -1,0 +1,191 @@
+"""Phase A in Triton: token-gradient vectors v = (1 - exp(logp)) h, or their sketch z = v @ R,
+with the side sums (sum a+ v, sum a- v) fused into the same single read of ``hidden``.
+
+Memory traffic per call: hidden is read once; v (or z) is written once; the side sums go
+through [G, 2, D] float32 partials (G <= 512 row groups, see row_partials) reduced in a fixed
+order. R is never read: its +-1 signs are hashed inside the kernel (sketch_hash).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from ..sketch_matrix import sketch_scale
+from .row_partials import row_groups, sum_partials
+from .sketch_hash import seed_argument, sign_tile
+
+BLOCK_ROWS = 16     # rows per tile of the exact kernel
+BLOCK_COLS = 256    # columns per program of the exact kernel
+SKETCH_BLOCK_M = 64
+SKETCH_BLOCK_R = 128
+SKETCH_BLOCK_K = 64
+
+
+@triton.jit
+def neg_expm1(x):
+    """1 - exp(x) = -expm1(x) in float32, accurate for x near 0: a degree-10 Taylor series
+    (Horner) for |x| < 0.5, where the rounding of exp(x) near 1 would dominate, else 1 - exp(x)."""
+    p = 1.0 + x * (1.0 / 10.0)
+    p = 1.0 + x * (1.0 / 9.0) * p
+    p = 1.0 + x * (1.0 / 8.0) * p
+    p = 1.0 + x * (1.0 / 7.0) * p
+    p = 1.0 + x * (1.0 / 6.0) * p
+    p = 1.0 + x * (1.0 / 5.0) * p
+    p = 1.0 + x * (1.0 / 4.0) * p
+    p = 1.0 + x * (1.0 / 3.0) * p
+    p = 1.0 + x * 0.5 * p
+    return tl.where(tl.abs(x) < 0.5, -x * p, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def _scaled_rows_kernel(x_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr,
+                        n_rows, n_cols, rows_per_group,
+                        SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (g, d): rows [g*rows_per_group, (g+1)*rows_per_group), columns d*BLOCK_D...
+    y = x * (1 - exp(logp)) if SCALE else x; stores y in out's dtype if STORE; writes
+    partial[g] = (sum_rows w_pos y, sum_rows w_neg y) over its columns, float32.
+    x [N, D] (fp32/bf16/fp16), logp/w_pos/w_neg [N] float32, partial [G, 2, D] float32."""
+    pid_g = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < n_cols
+    acc_pos = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_neg = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row0 = pid_g * rows_per_group
+    for start in range(0, rows_per_group, BLOCK_N):
+        rows = row0 + start + tl.arange(0, BLOCK_N).to(tl.int64)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * n_cols + cols[None, :]
+        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALE:
+            lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0)
+            y = y * neg_expm1(lp)[:, None]
+        if STORE:
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if SUMS:
+            wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
+            wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
+            acc_pos += tl.sum(y * wp[:, None], axis=0)
+            acc_neg += tl.sum(y * wn[:, None], axis=0)
+    if SUMS:
+        base = partial_ptr + pid_g * 2 * n_cols
+        tl.store(base + cols, acc_pos, mask=cmask)
+        tl.store(base + n_cols + cols, acc_neg, mask=cmask)
+
+
+@triton.jit
+def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr,
+                        n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
+                        DOT_FP32: tl.constexpr, SUMS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (g, j): z[rows, cols] = (1 - exp(logp)) * (h[rows] @ sign[:, cols]) * scale for
+    the rows of group g, and partial[g] = (sum w_pos z, sum w_neg z) over those columns.
+    The +-1 signs are exact in h's dtype, so for bf16/fp16 the product runs on the tensor
+    cores with float32 accumulation; DOT_FP32 runs it in IEEE float32 instead (float32 inputs:
+    no TF32 rounding; and bf16 under TRITON_INTERPRET, whose tl.dot multiplies bf16 raw bits).
+    h [N, H], z [N, r] in h's dtype; logp/w_pos/w_neg [N] float32; partial [G, 2, r] float32."""
+    pid_g = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    cols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cmask = cols < sketch_dim
+    acc_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_neg = tl.zeros([BLOCK_R], dtype=tl.float32)
+    row0 = pid_g * rows_per_group
+    for start in range(0, rows_per_group, BLOCK_M):
+        rows = row0 + start + tl.arange(0, BLOCK_M).to(tl.int64)
+        rmask = rows < n_rows
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            x = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :],
+                        mask=rmask[:, None] & (ks[None, :] < hidden), other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(x.to(tl.float32), sign_tile(ks, cols, seed_mixed, tl.float32), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(x, sign_tile(ks, cols, seed_mixed, x.dtype), acc)
+        lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0)
+        z = acc * neg_expm1(lp)[:, None] * scale
+        mask = rmask[:, None] & cmask[None, :]
+        tl.store(z_ptr + rows[:, None] * sketch_dim + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+        if SUMS:
+            wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
+            wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
+            acc_pos += tl.sum(z * wp[:, None], axis=0)
+            acc_neg += tl.sum(z * wn[:, None], axis=0)
+    if SUMS:
+        base = partial_ptr + pid_g * 2 * sketch_dim
+        tl.store(base + cols, acc_pos, mask=cmask)
+        tl.store(base + sketch_dim + cols, acc_neg, mask=cmask)
+
+
+def scaled_rows(x: torch.Tensor, logp: Optional[torch.Tensor], w_pos: Optional[torch.Tensor],
+                w_neg: Optional[torch.Tensor], store: bool):
+    """Host side of _scaled_rows_kernel: -> (y [N, D] in x's dtype or None, sums [2, D] float32
+    or None when no weights are given). logp/w_pos/w_neg float32 [N] or None."""
+    n, d = x.shape
+    sums = w_pos is not None
+    rows_per_group, n_groups = row_groups(n, BLOCK_ROWS)
+    block_d = min(BLOCK_COLS, triton.next_power_of_2(d))
+    out = empty(n, d, dtype=x.dtype, device=x.device) if store else None
+    partial = empty(n_groups, 2, d, dtype=torch.float32, device=x.device) if sums else None
+    dummy = x  # pointer for the arguments a constexpr flag switches off (never dereferenced)
+    grid = (n_groups, triton.cdiv(d, block_d))
+    _scaled_rows_kernel[grid](x, dummy if logp is None else logp, dummy if w_pos is None else w_pos,
+                              dummy if w_neg is None else w_neg, dummy if out is None else out,
+                              dummy if partial is None else partial, n, d, rows_per_group,
+                              SCALE=logp is not None, STORE=store, SUMS=sums,
+                              BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
+    return out, sum_partials(partial) if sums else None
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """float32 inputs; and bf16 under the interpreter (triton's interpreter multiplies bf16
+    tiles as their uint16 storage, so there the exact +-1 product is done in float32)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed):
+    f32 = torch.float32
+    logp = logp.to(f32).contiguous()
+    if sketch_dim is None:
+        return scaled_rows(hidden, logp, a_pos, a_neg, store=True)
+    n, h = hidden.shape
+    r = sketch_dim
+    sums = a_pos is not None
+    block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
+    block_k = max(16, min(SKETCH_BLOCK_K, triton.next_power_of_2(h)))
+    rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
+    z = empty(n, r, dtype=hidden.dtype, device=hidden.device)
+    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else z
+    grid = (n_groups, triton.cdiv(r, block_r))
+    _sketch_rows_kernel[grid](hidden, logp, a_pos if sums else logp, a_neg if sums else logp, z, partial, n, h, r,
+                              rows_per_group, seed_argument(seed), sketch_scale(r),
+                              DOT_FP32=_dot_in_fp32(hidden.dtype), SUMS=sums,
+                              BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
+                              num_warps=4 if block_r <= 64 else 8, num_stages=3)
+    return z, sum_partials(partial) if sums else None
+
+
+def token_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: torch.Tensor, a_neg: torch.Tensor,
+                  sketch_dim: Optional[int], seed: int):
+    """Pipeline kernel (see delta_kernels/pipeline.py): one read of hidden, one write of v.
+
+    hidden [N, H] float32/bf16/fp16 contiguous; logp, a_pos, a_neg [N] (cast to float32).
+    Returns v [N, D] in hidden's dtype (D = H, or sketch_dim: z = v @ sketch_matrix(H, r, seed))
+    and sums [2, D] float32 = (sum a_pos v, sum a_neg v), from the float32 values before the
+    cast to hidden's dtype."""
+    f32 = torch.float32
+    return _token_vectors(hidden, logp, a_pos.to(f32).contiguous(), a_neg.to(f32).contiguous(), sketch_dim, seed)
+
+
+def token_sketch(hidden2d: torch.Tensor, logp1d: torch.Tensor, sketch_dim: Optional[int], seed: int):
+    """Backend entry of delta_kernels.token_sketch: v or z [N, D] in hidden's dtype (no sums)."""
+    return _token_vectors(hidden2d, logp1d, None, None, sketch_dim, seed)[0]
