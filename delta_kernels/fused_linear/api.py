@@ -1,0 +1,236 @@
+"""Public API of the fused LM-head kernels: argument checks once, then one backend.
+
+Logits are ``x = (hidden @ weight.T + bias) / temperature`` (the LM head's output divided by
+the sampling temperature, as verl and vLLM apply it); log-probs, entropy and the surrogate
+are those of softmax(x). No [tokens x vocab] tensor is ever held: the vocabulary is
+streamed in tiles (triton) or chunks (torch) with an online log-sum-exp in float32.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import _checks as C
+from .._formulas import side_masks
+from ..reference.surrogate import clipped_surrogate_loss as _surrogate_from_logp
+
+BACKENDS = ("auto", "torch", "triton")
+_LM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _Ops:
+    """The three internal functions of one backend."""
+
+    def __init__(self, name: str, logprob, token_vectors, logprob_backward):
+        self.name, self.logprob, self.token_vectors, self.logprob_backward = name, logprob, token_vectors, logprob_backward
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> _Ops:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if backend == "torch":
+        from . import torch_chunked as T
+        return _Ops("torch", T.logprob, T.token_vectors, T.logprob_backward)
+    if dtype == torch.float64:
+        raise TypeError("backend: 'triton' computes in float32 and takes float16/bfloat16/float32 inputs; "
+                        "use backend='torch' for float64")
+    if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError(f"backend: 'triton' does not run on {device.type} tensors "
+                         "(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)")
+    try:
+        lp = importlib.import_module(".triton_logprob", __package__)
+        ts = importlib.import_module(".triton_token_sketch", __package__)
+        gr = importlib.import_module(".triton_logprob_grad", __package__)
+    except ImportError as e:  # an error, never a silent fallback
+        raise RuntimeError(f"backend: 'triton' is not available here ({type(e).__name__}: {e})") from e
+    return _Ops("triton", lp.logprob, ts.token_vectors, gr.logprob_backward)
+
+
+def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: bool):
+    """-> hidden [N, H], weight [V, H], targets [N] int64, bias [V] or None (all contiguous),
+    and the token shape (targets' shape)."""
+    C.check_tensor("hidden", hidden)
+    if hidden.dim() < 2:
+        C.fail("hidden", f"expected [N, H] or [B, T, H], got shape {list(hidden.shape)}")
+    hdim = hidden.shape[-1]
+    if hdim < 1:
+        C.fail("hidden", "hidden size must be >= 1")
+    C.check_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hdim:
+        C.fail("weight", f"expected [V, H] with H = {hdim} (hidden's last dim), got shape {list(weight.shape)}")
+    vocab = weight.shape[0]
+    if vocab < 1:
+        C.fail("weight", "vocabulary size must be >= 1")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} does not match hidden's {hidden.dtype}")
+    if bias is not None:
+        C.check_tensor("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            C.fail("bias", f"expected shape [{vocab}] (weight's rows), got {list(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} does not match hidden's {hidden.dtype}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets: expected int64 (or int32) token ids, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        C.fail("targets", f"shape {list(targets.shape)} must equal hidden's leading dims {list(hidden.shape[:-1])}")
+    if targets.numel() < 1:
+        C.fail("targets", "no tokens")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        C.fail("temperature", f"must be a finite number > 0, got {temperature!r}")
+    C.check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    if check_values:
+        bad = (targets < 0) | (targets >= vocab)
+        if bool(bad.any()):
+            flat = int(bad.reshape(-1).nonzero()[0, 0])
+            C.fail("targets", f"value {int(targets.reshape(-1)[flat])} at flat index {flat} is out of range "
+                              f"[0, V={vocab})")
+        C.check_finite("hidden", hidden)
+        if bias is not None:
+            C.check_finite("bias", bias)
+    return (hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), targets.reshape(-1).to(torch.int64).contiguous(),
+            None if bias is None else bias.contiguous(), tuple(targets.shape))
+
+
+@torch.no_grad()
+def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                                sketch_dim: Optional[int] = None, seed: int = 0, entropy: bool = False,
+                                advantages: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                                backend: str = "auto", check_values: bool = True):
+    """Phase A from the LM head: log-probs, token vectors (or their sketch) and side sums in one
+    pass over the vocabulary, without [N, V] logits.
+
+    Args:
+        hidden: [N, H] or [B, T, H] hidden states entering the LM head; float16/bfloat16/float32
+            (float64 with backend="torch").
+        weight: [V, H] LM-head matrix, hidden's dtype. bias: optional [V], hidden's dtype.
+        targets: token ids shaped like hidden's leading dims, int64 (or int32), in [0, V).
+        temperature: > 0; logits are (hidden @ weight.T + bias) / temperature.
+        sketch_dim: r; when set, returns z = v @ R with R = sketch_matrix(H, r, seed), else v.
+        seed: seed of R, in [0, 2**32).
+        entropy: also return the entropy of softmax(logits) per token.
+        advantages, mask: give both to get the side sums (advantages shaped like targets, or [B]
+            for [B, T]; mask bool or 0/1 shaped like targets).
+        backend: "auto" (triton on CUDA, torch on CPU), "torch" or "triton".
+        check_values: check target range and finiteness (device syncs).
+    Returns:
+        logp: shaped like targets, float32 (float64 for float64), log p(target) <= 0.
+        entropy: like logp, or None.
+        sketch: [..., D] in hidden's dtype, v = (1 - exp(logp)) hidden (D = H) or z (D = r).
+        side_sums: [2, D] float32 (float64 for float64), (sum a+ v, sum a- v) with
+            a+ = max(adv, 0) * mask, a- = max(-adv, 0) * mask; or None.
+    The outputs feed ``delta_coefficients(None, logp, advantages, mask, vectors=sketch,
+    side_sums=side_sums, sketch_dim=sketch_dim)``.
+    """
+    h, w, y, b, shape = _check_lm_head(hidden, weight, targets, bias, temperature, check_values)
+    C.check_sketch_args(sketch_dim, seed)
+    if (advantages is None) != (mask is None):
+        C.fail("advantages" if advantages is None else "mask", "advantages and mask go together (side sums need both)")
+    a_pos = a_neg = None
+    if advantages is not None:
+        ref = torch.empty(shape, device="meta")
+        adv = C.check_advantages(advantages, ref, False)
+        if check_values:
+            C.check_finite("advantages", advantages)
+        flat_mask = C.check_mask(mask, shape, check_values)
+        C.check_devices(hidden=hidden, advantages=advantages, mask=mask)
+        cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+        _, _, _, a_pos, a_neg = side_masks(adv.contiguous(), flat_mask.contiguous(), cdt)
+        a_pos, a_neg = a_pos.contiguous(), a_neg.contiguous()
+    ops = _resolve(backend, h.device, h.dtype)
+    logp, _, ent = ops.logprob(h, w, b, y, float(temperature), entropy)
+    vec, sums = ops.token_vectors(h, logp, a_pos, a_neg, sketch_dim, seed)
+    return (logp.reshape(shape), None if ent is None else ent.reshape(shape),
+            vec.reshape(*shape, vec.shape[-1]), sums)
+
+
+class _FusedLinearLogprob(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] or None) -> logp [N] (and entropy [N], not
+    differentiable; empty when not asked). Backward recomputes the logits tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ops, want_entropy):
+        logp, lse, ent = ops.logprob(hidden, weight, bias, targets, temperature, want_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.ops = temperature, ops
+        ent = ent if ent is not None else logp.new_empty(0)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None
+        dh, dw, db = ctx.ops.logprob_backward(hidden, weight, bias, targets, ctx.temperature, lse,
+                                              grad_logp.contiguous(), need_h, need_w, need_b and bias is not None)
+        return dh, dw, db, None, None, None, None
+
+
+def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                        old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                                        coef: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                                        temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.28,
+                                        clip_c: float = 10.0, agg: str = "token-mean", return_logp: bool = False,
+                                        entropy: bool = False, backend: str = "auto", check_values: bool = True
+                                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Weighted dual-clip DAPO surrogate straight from the LM head (phase C), no [N, V] logits.
+
+    logp = log_softmax((hidden @ weight.T + bias) / temperature)[targets], then exactly the
+    surrogate of ``clipped_surrogate_loss`` with A = advantages * coef * mask:
+    ratio = exp(clamp(logp - old_logp, -20, 20)), l = max(-A ratio, -A clamp(ratio, 1-clip_low,
+    1+clip_high)), for A < 0 l = min(l, -A clip_c), aggregated by ``agg`` (verl's agg_loss).
+
+    Args:
+        hidden: [N, H] or [B, T, H] (requires grad as needed). weight: [V, H]. bias: [V] or None.
+        targets: int64 token ids shaped like hidden's leading dims, in [0, V).
+        old_logp: like targets. advantages: like targets, or [B] for [B, T].
+        mask: like targets, bool or 0/1. coef: optional per-token coefficients like targets.
+        temperature > 0; clip_low, clip_high, clip_c, agg: as clipped_surrogate_loss.
+        return_logp / entropy: add the detached per-token "logp" / "entropy" to metrics.
+        backend: "auto" (triton on CUDA, torch on CPU), "torch" or "triton".
+    Returns:
+        (loss [], metrics {clip_frac, clip_frac_lower, ppo_kl[, logp][, entropy]}), float32
+        (float64 for float64). loss.backward() gives gradients for hidden, weight and bias
+        (masked tokens contribute none), accumulated in float32.
+    """
+    cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, agg=agg)
+    h, w, y, b, shape = _check_lm_head(hidden, weight, targets, bias, temperature, check_values)
+    ref = torch.empty(shape, device="meta")
+    C.check_tensor("old_logp", old_logp)
+    if tuple(old_logp.shape) != shape:
+        C.fail("old_logp", f"shape {list(old_logp.shape)} does not match targets' {list(shape)}")
+    C.check_logp("old_logp", old_logp, check_values)
+    if agg != "token-mean" and len(shape) != 2:
+        C.fail("agg", f"{agg!r} aggregates per sequence and needs [B, T] inputs, got targets of shape {list(shape)}")
+    adv = C.check_advantages(advantages, ref, False).reshape(shape)
+    if check_values:
+        C.check_finite("advantages", advantages)
+    flat_mask = C.check_mask(mask, shape, check_values)
+    if coef is not None:
+        C.check_tensor("coef", coef)
+        if tuple(coef.shape) != shape:
+            C.fail("coef", f"shape {list(coef.shape)} does not match targets' {list(shape)}")
+        if check_values:
+            C.check_finite("coef", coef)
+    C.check_devices(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef)
+    ops = _resolve(backend, h.device, h.dtype)
+    logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, entropy)
+    logp = logp.reshape(shape)
+    loss, metrics = _surrogate_from_logp(logp, old_logp.detach(), adv.detach(), flat_mask.reshape(shape),
+                                         None if coef is None else coef.detach(), cfg)
+    if return_logp:
+        metrics["logp"] = logp.detach()
+    if entropy:
+        metrics["entropy"] = ent.reshape(shape)
+    return loss, metrics

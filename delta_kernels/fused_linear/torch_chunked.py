@@ -1,0 +1,132 @@
+"""The fused LM-head algorithm in chunked plain torch (CPU tensors; float64-capable).
+
+Same algorithm as the Triton kernels: logits exist only as one [ROWS, COLS] chunk at a time,
+in the compute dtype (float32, or float64 for float64 inputs). Logits are
+``x = (hidden @ weight.T + bias) / temperature``.
+
+Internal functions (validated, contiguous inputs; hidden [N, H], weight [V, H], bias [V] or
+None, targets [N] int64):
+    logprob(...)          -> logp [N], lse [N], entropy [N] or None      one pass over V
+    token_vectors(...)    -> v or z [N, D] in hidden's dtype, side sums [2, D] or None
+    logprob_backward(...) -> d hidden, d weight, d bias from dL/dlogp     recomputes logits
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._alloc import empty
+from ..sketch_matrix import sketch_matrix
+
+ROWS = 2048  # tokens per chunk
+COLS = 4096  # vocabulary columns per chunk
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(h_c: torch.Tensor, weight: torch.Tensor, bias, v0: int, v1: int, temperature: float, cdt):
+    """[rows, v1 - v0] logits chunk in cdt."""
+    x = h_c @ weight[v0:v1].to(cdt).T
+    if bias is not None:
+        x = x + bias[v0:v1].to(cdt)
+    return x / temperature
+
+
+def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool):
+    """Online log-sum-exp over vocabulary chunks.
+
+    Returns logp [N] (clamped to <= 0), lse [N] (of the tempered logits) and entropy [N]
+    (or None), in float32 (float64 for float64 inputs)."""
+    n, cdt = hidden.shape[0], _compute_dtype(hidden.dtype)
+    vocab = weight.shape[0]
+    logp = empty(n, dtype=cdt, device=hidden.device)
+    lse = empty(n, dtype=cdt, device=hidden.device)
+    ent = empty(n, dtype=cdt, device=hidden.device) if want_entropy else None
+    for r0 in range(0, n, ROWS):
+        r1 = min(r0 + ROWS, n)
+        h_c, y = hidden[r0:r1].to(cdt), targets[r0:r1]
+        m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=hidden.device)
+        s = torch.zeros_like(m)
+        t = torch.zeros_like(m)   # sum exp(x - m) (x - m): entropy = log s - t / s
+        x_y = torch.zeros_like(m)
+        for v0 in range(0, vocab, COLS):
+            v1 = min(v0 + COLS, vocab)
+            x = _logits(h_c, weight, bias, v0, v1, temperature, cdt)
+            idx = y - v0
+            inside = (idx >= 0) & (idx < v1 - v0)
+            x_y = x_y + torch.where(inside, x.gather(1, idx.clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
+            m_new = torch.maximum(m, x.max(1).values)
+            alpha = torch.exp(m - m_new)
+            p = torch.exp(x - m_new[:, None])
+            if want_entropy:
+                t = alpha * (t + torch.where(s > 0, s * (m - m_new), 0.0)) + (p * (x - m_new[:, None])).sum(1)
+            s = alpha * s + p.sum(1)
+            m = m_new
+        lse[r0:r1] = m + torch.log(s)
+        logp[r0:r1] = (x_y - lse[r0:r1]).clamp_max(0.0)
+        if want_entropy:
+            ent[r0:r1] = (torch.log(s) - t / s).clamp_min(0.0)
+    return logp, lse, ent
+
+
+def token_vectors(hidden, logp, a_pos: Optional[torch.Tensor], a_neg: Optional[torch.Tensor],
+                  sketch_dim: Optional[int], seed: int):
+    """v = (1 - exp(logp)) h, or z = v @ R; with a_pos/a_neg also (sum a+ v, sum a- v) from
+    the compute-dtype vectors before rounding to hidden's dtype."""
+    n, hdim = hidden.shape
+    cdt = _compute_dtype(hidden.dtype)
+    d = hdim if sketch_dim is None else sketch_dim
+    out = empty(n, d, dtype=hidden.dtype, device=hidden.device)
+    sums = None if a_pos is None else torch.zeros(2, d, dtype=cdt, device=hidden.device)
+    r = None if sketch_dim is None else sketch_matrix(hdim, sketch_dim, seed, dtype=cdt, device=hidden.device)
+    for r0 in range(0, n, ROWS):
+        r1 = min(r0 + ROWS, n)
+        v = -torch.expm1(logp[r0:r1].to(cdt))[:, None] * hidden[r0:r1].to(cdt)
+        if r is not None:
+            v = v @ r
+        out[r0:r1] = v.to(hidden.dtype)
+        if sums is not None:
+            sums += torch.stack([a_pos[r0:r1].to(cdt), a_neg[r0:r1].to(cdt)]) @ v
+    return out, sums
+
+
+def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, grad_logp,
+                     need_hidden: bool, need_weight: bool, need_bias: bool):
+    """d logp[t] / d x[t, j] = onehot(j == y_t) - softmax(x[t])_j, and x = (h W^T + b) / T.
+
+    Recomputes each logits chunk, forms dx = g / T * (onehot - p) in the compute dtype and
+    accumulates dH = dx W, dW = dx^T H, db = sum_t dx (fixed chunk order). Rows with
+    g = 0 (masked tokens) contribute exactly zero."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    dh = empty(n, hdim, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    dw = torch.zeros(vocab, hdim, dtype=cdt, device=hidden.device) if need_weight else None
+    db = torch.zeros(vocab, dtype=cdt, device=hidden.device) if need_bias else None
+    for r0 in range(0, n, ROWS):
+        r1 = min(r0 + ROWS, n)
+        h_c, y = hidden[r0:r1].to(cdt), targets[r0:r1]
+        g = (grad_logp[r0:r1].to(cdt) / temperature)[:, None]
+        dh_c = torch.zeros(r1 - r0, hdim, dtype=cdt, device=hidden.device) if need_hidden else None
+        for v0 in range(0, vocab, COLS):
+            v1 = min(v0 + COLS, vocab)
+            x = _logits(h_c, weight, bias, v0, v1, temperature, cdt)
+            dx = -torch.exp(x - lse[r0:r1, None].to(cdt))
+            idx = y - v0
+            rows = ((idx >= 0) & (idx < v1 - v0)).nonzero()[:, 0]
+            dx[rows, idx[rows]] += 1.0
+            dx = dx * g
+            if need_hidden:
+                dh_c += dx @ weight[v0:v1].to(cdt)
+            if need_weight:
+                dw[v0:v1] += dx.T @ h_c
+            if need_bias:
+                db[v0:v1] += dx.sum(0)
+        if need_hidden:
+            dh[r0:r1] = dh_c.to(hidden.dtype)
+    return (dh,
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))

@@ -1,0 +1,105 @@
+"""Triton: log p of the target, log-sum-exp and entropy of tempered LM-head logits, without
+holding the [N, V] logits.
+
+Kernel ``_logprob_partials_kernel``: one program per (block of BLOCK_N tokens, vocabulary
+split of COLS_PER_SPLIT columns); token blocks vary fastest so that programs running
+together share the same weight tiles through L2. Each program streams its split in
+[BLOCK_N, BLOCK_V] logits tiles (``logits_tile``) and keeps per row, in float32:
+    m   running max,   s = sum exp(x - m),   t = sum exp(x - m) (x - m),   x_y = target logit
+and writes them to ``partials [4, splits, N]``. The host merges the splits in a fixed order
+(torch reductions over a small [splits, N] array), so the result is deterministic and the
+split count depends only on V, never on the GPU.
+
+    lse = M + log S,   logp = min(x_y - lse, 0),   entropy = log S - T / S   (shift-free form,
+    stable for large or all-negative logits)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from .triton_logits_tile import logits_tile
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# GPU: 128 x 128 tiles, 64-wide K steps; a split is 32 tiles (4096 columns).
+# Interpreter (tests): small tiles and 2-tile splits so small shapes cross every boundary.
+BLOCK_N, BLOCK_V, BLOCK_H, TILES_PER_SPLIT = (16, 32, 32, 2) if INTERPRET else (128, 128, 64, 32)
+NUM_WARPS, NUM_STAGES = 8, 3
+
+
+@triton.jit
+def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, temperature, n_blocks,
+                             cols_per_split, n_splits,
+                             HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % n_blocks
+    pid_s = pid // n_blocks
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_lo = pid_s * cols_per_split
+    for j in range(0, cols_per_split, BLOCK_V):
+        cols = v_lo + j + tl.arange(0, BLOCK_V)
+        col_ok = (cols < V) & (cols < v_lo + cols_per_split)
+        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, temperature,
+                        HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+        x_y += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # a tile past V (only in the last split) leaves m at -inf: keep every term finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(x - m_safe[:, None])
+        if ENTROPY:
+            shift = s * tl.where(s > 0, m - m_safe, 0.0)              # no 0 * -inf
+            xs = tl.where(col_ok[None, :], x - m_safe[:, None], 0.0)
+            t = alpha * (t + shift) + tl.sum(p * xs, axis=1)
+        s = alpha * s + tl.sum(p, axis=1)
+        m = m_new
+    out = part_ptr + pid_s * N + rows
+    plane = n_splits * N
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + plane, s, mask=row_ok)
+    tl.store(out + 2 * plane, t, mask=row_ok)
+    tl.store(out + 3 * plane, x_y, mask=row_ok)
+
+
+def _launch_config():
+    return dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES) if not INTERPRET else {}
+
+
+def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool):
+    """hidden [N, H], weight [V, H] (one dtype: fp16/bf16/fp32), bias [V] or None, targets [N]
+    int64 -> logp [N], lse [N], entropy [N] or None, float32."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    cols_per_split = BLOCK_V * TILES_PER_SPLIT
+    n_splits = triton.cdiv(vocab, cols_per_split)
+    n_blocks = triton.cdiv(n, BLOCK_N)
+    part = empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
+    _logprob_partials_kernel[(n_blocks * n_splits,)](
+        hidden, weight, hidden if bias is None else bias, targets, part, n, vocab, hdim, float(temperature),
+        n_blocks, cols_per_split, n_splits,
+        HAS_BIAS=bias is not None, ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32,
+        UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, **_launch_config())
+    m, s, t, x_y = part.unbind(0)            # [splits, N] each
+    big_m = m.max(0).values
+    scale = torch.exp(m - big_m)
+    big_s = (s * scale).sum(0)
+    lse = big_m + torch.log(big_s)
+    logp = (x_y.sum(0) - lse).clamp_max(0.0)  # x_y is 0 in every split but the target's
+    ent = None
+    if want_entropy:
+        big_t = ((t + s * (m - big_m)) * scale).sum(0)
+        ent = (torch.log(big_s) - big_t / big_s).clamp_min(0.0)
+    return logp, lse, ent
