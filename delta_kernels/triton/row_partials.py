@@ -17,12 +17,13 @@ from .._alloc import empty
 MAX_GROUPS = 512  # at most this many partial rows per reduction (bounds the partial buffer)
 
 
-def row_groups(n_rows: int, block_rows: int, max_groups: int = MAX_GROUPS):
-    """-> (rows_per_group, n_groups): consecutive rows per program, a multiple of block_rows.
+def row_groups(n_rows: int, block_rows: int):
+    """-> (rows_per_group, n_groups): consecutive rows per program, a multiple of block_rows,
+    at most MAX_GROUPS groups (read at call time, so tests can force multi-tile groups).
 
     Rows n_groups * rows_per_group >= n_rows; the last group may be partial (kernels mask)."""
     n_blocks = max(1, triton.cdiv(n_rows, block_rows))
-    blocks_per_group = triton.cdiv(n_blocks, max_groups)
+    blocks_per_group = triton.cdiv(n_blocks, MAX_GROUPS)
     rows_per_group = blocks_per_group * block_rows
     return rows_per_group, max(1, triton.cdiv(n_rows, rows_per_group))
 
