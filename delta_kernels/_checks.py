@@ -132,6 +132,8 @@ class DeltaConfig:
                 fail(n, f"must be a finite number, got {v!r}")
         if self.lam_min < 0:
             fail("lam_min", f"must be >= 0, got {self.lam_min}")
+        if not self.lam_max > 0:
+            fail("lam_max", f"must be > 0 (all coefficients would be zero), got {self.lam_max}")
         if self.lam_min > self.lam_max:
             fail("lam_min", f"lam_min={self.lam_min} is greater than lam_max={self.lam_max}")
         if not self.eps > 0:

@@ -47,7 +47,8 @@ def final_coefficients(m, gamma, pos, neg, valid, cfg: DeltaConfig, reduce):
 
     Computed divided by lam_min (when > 0): the factor cancels in the normalisation, and a
     batch with all advantages zero then gets coefficients of exactly 1.
-    Returns (coef [N], scale [], n_valid [])."""
+    Returns (coef [N], scale [], n_valid []); scale is the spec's factor
+    sum(mask) / max(sum(coef before normalisation), eps)."""
     g_pos, g_neg = gates(m, gamma)
     base = cfg.lam_min if cfg.lam_min > 0 else 1.0
     offset, rise = cfg.lam_min / base, (cfg.lam_max - cfg.lam_min) / base
@@ -55,7 +56,7 @@ def final_coefficients(m, gamma, pos, neg, valid, cfg: DeltaConfig, reduce):
     u = (offset + rise * gate) * valid
     totals = reduce(torch.stack([valid.sum(), u.sum()]))
     scale = totals[0] / totals[1].clamp_min(cfg.eps)
-    return u * scale, scale, totals[0]
+    return u * scale, scale / base, totals[0]
 
 
 def side_masks(advantages: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):

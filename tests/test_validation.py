@@ -82,7 +82,7 @@ def test_positive_logp():
 
 
 @pytest.mark.parametrize("kw,name", [(dict(k=-1), "k"), (dict(k=1.5), "k"), (dict(lam_min=1.3), "lam_min"),
-                                     (dict(lam_min=-0.1), "lam_min"), (dict(eps=0.0), "eps"),
+                                     (dict(lam_min=-0.1), "lam_min"), (dict(lam_min=0.0, lam_max=0.0), "lam_max"), (dict(eps=0.0), "eps"),
                                      (dict(sketch_dim=0), "sketch_dim"), (dict(seed=-1), "seed"),
                                      (dict(seed=2**32), "seed"), (dict(lam_max=float("nan")), "lam_max")])
 def test_bad_parameters(kw, name):
