@@ -1,0 +1,302 @@
+"""Benchmark of phase B+A: delta_coefficients from hidden states (not a test).
+
+Providers: "naive" (delta_kernels.naive, the published structure; exact only), "torch"
+(the reference), "cpp", "cuda", "triton" (public API with backend=, when
+delta_kernels.available_backends() lists them). Per size: median (p20, p80) time, peak
+memory beyond the inputs, the bytes the fused pipeline must move and the bandwidth floor
+from a copy bandwidth measured in the same run, and the fraction of that floor reached.
+
+    python benchmarks/bench_coefficients.py                 # GPU grid, or CPU sizes without a GPU
+    python benchmarks/bench_coefficients.py --quick         # tiny sizes
+    python benchmarks/bench_coefficients.py --gpu-budget    # a short GPU configuration (gpu_check.sh)
+    python benchmarks/bench_coefficients.py --providers torch,triton
+
+Writes benchmarks/results/coefficients_<machine>.{csv,json,md}. On the CPU the triton
+provider runs under the interpreter and is skipped unless --providers names it.
+Calls use check_values=False (no validation syncs), so the kernels are what is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # so that an explicitly named triton provider can run
+
+import delta_kernels as dk  # noqa: E402
+
+ALL_PROVIDERS = ("naive", "torch", "cpp", "cuda", "triton")
+SEQ_LEN = 1024
+
+
+def machine_name() -> str:
+    if HAS_GPU:
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu-{platform.machine()}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def _sync():
+    if HAS_GPU:
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, budget_s: float):
+    """-> (median, p20, p80) in ms. GPU: triton.testing.do_bench; CPU: perf_counter loop."""
+    if HAS_GPU:
+        import triton.testing
+        q = triton.testing.do_bench(fn, warmup=max(5, int(budget_s * 50)), rep=max(20, int(budget_s * 500)),
+                                    quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    fn()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or (len(times) < 15 and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def _rss_kib(field: str):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return None
+
+
+def peak_extra_mib(fn):
+    """Peak memory a call allocates beyond what exists before it, MiB. GPU: the caching
+    allocator's peak; CPU: the process's peak RSS (VmHWM, reset through clear_refs)."""
+    gc.collect()
+    if HAS_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS:")
+        fn()
+        return (_rss_kib("VmHWM:") - base) / 1024
+    except OSError:
+        return float("nan")
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device copy bandwidth (read + write bytes / time) of a large tensor copy, GB/s."""
+    n = (1 << 28) if HAS_GPU else (1 << 25)  # 1 GiB / 128 MiB of float32
+    dev = "cuda" if HAS_GPU else "cpu"
+    src = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    med, _, _ = time_ms(lambda: dst.copy_(src), 1.0)
+    del src, dst
+    return 2 * n * 4 / (med * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------- workloads
+
+def pipeline_bytes(n: int, h: int, r, k: int, elem: int):
+    """Bytes of each pass of the fused pipeline (pipeline.py): token_vectors reads hidden and
+    writes v (or z); then k + 2 margin passes read v (1 when k = 0). [N]-sized traffic and the
+    [G, 2, D] partials are left out (< 2% at the GPU sizes)."""
+    d = r or h
+    passes = {"token_vectors": n * h * elem + n * d * elem}
+    reads = 1 if k == 0 else k + 2
+    passes["margin_passes"] = reads * n * d * elem
+    return passes
+
+
+def make_inputs(n: int, h: int, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b = max(1, n // SEQ_LEN)
+    t = n // b
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float32).to(dtype).to(device)
+    logp = (-torch.rand(b, t, generator=g) * 3 - 1e-3).to(device)
+    adv = torch.randn(b, generator=g).to(device)
+    mask = (torch.rand(b, t, generator=g) > 0.1).to(device)
+    return hidden, logp, adv, mask
+
+
+def provider_fn(name, inputs, k, r):
+    hidden, logp, adv, mask = inputs
+    if name == "naive":
+        if r is not None:
+            return None, "the published method has no sketch"
+        try:
+            from delta_kernels.naive import delta_coefficients_naive
+        except ImportError as e:
+            return None, f"delta_kernels.naive missing ({e})"
+        return (lambda: delta_coefficients_naive(hidden, logp, adv, mask, k=k)), ""
+    if name not in dk.available_backends():
+        return None, f"backend {name!r} not available"
+    if name == "cpp" and hidden.is_cuda or name == "cuda" and not hidden.is_cuda:
+        return None, f"{name} does not run on this device"
+    return (lambda: dk.delta_coefficients(hidden, logp, adv, mask, k=k, sketch_dim=r, backend=name,
+                                          check_values=False)), ""
+
+
+def sizes(args):
+    """-> list of (N, H, dtype, k, r)."""
+    if args.quick:
+        return [(2048, 128, torch.float32 if not HAS_GPU else torch.bfloat16, 1, None),
+                (2048, 128, torch.float32 if not HAS_GPU else torch.bfloat16, 1, 32)]
+    if not HAS_GPU:
+        f32 = torch.float32
+        return [(4096, 256, f32, 1, None), (4096, 256, f32, 1, 64), (32768, 1024, f32, 1, None)]
+    bf16 = torch.bfloat16
+    if args.gpu_budget:
+        return [(16384, 4096, bf16, 1, None), (65536, 4096, bf16, 1, None), (65536, 4096, bf16, 1, 256),
+                (65536, 4096, bf16, 1, 1024)]
+    return [(n, h, bf16, 1, r) for n in (16384, 65536, 262144) for h in (2048, 4096, 5120) for r in (None, 256, 1024)]
+
+
+def fits(n, h, dtype):
+    if not HAS_GPU:
+        return True
+    free, _ = torch.cuda.mem_get_info()
+    elem = torch.empty((), dtype=dtype).element_size()
+    need = n * h * (2 * elem + 3 * 4)  # inputs, v, and the reference's float32 intermediates
+    return need < 0.8 * free
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes")
+    ap.add_argument("--gpu-budget", action="store_true", help="short GPU configuration (about 2 minutes)")
+    ap.add_argument("--providers", default=None, help=f"comma list from {','.join(ALL_PROVIDERS)}")
+    ap.add_argument("--budget-s", type=float, default=None, help="timing budget per measurement, seconds")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    if args.providers:
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+        unknown = set(providers) - set(ALL_PROVIDERS)
+        if unknown:
+            ap.error(f"unknown providers {sorted(unknown)}")
+    else:
+        providers = [p for p in ALL_PROVIDERS if HAS_GPU or p != "triton"]
+    budget = args.budget_s or (0.5 if args.gpu_budget or args.quick else (1.0 if HAS_GPU else 8.0))
+    device = "cuda" if HAS_GPU else "cpu"
+    machine, commit = machine_name(), git_commit()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    bw = copy_bandwidth_gbs()
+    print(f"# {machine}, commit {commit}, {date}; copy bandwidth {bw:.1f} GB/s", flush=True)
+
+    rows = []
+    for n, h, dtype, k, r in sizes(args):
+        if not fits(n, h, dtype):
+            print(f"skip N={n} H={h}: does not fit", flush=True)
+            continue
+        inputs = make_inputs(n, h, dtype, device)
+        elem = inputs[0].element_size()
+        passes = pipeline_bytes(n, h, r, k, elem)
+        total = sum(passes.values())
+        floor_ms = total / (bw * 1e9) * 1e3
+        base = dict(machine=machine, date=date, commit=commit, N=n, H=h, dtype=str(dtype).replace("torch.", ""),
+                    k=k, sketch_dim=r or 0, bytes_moved=total,
+                    pass_bytes=";".join(f"{p}={b}" for p, b in passes.items()),
+                    copy_gbs=round(bw, 1), floor_ms=floor_ms)
+        for p in providers:
+            fn, why = provider_fn(p, inputs, k, r)
+            row = dict(base, provider=p, median_ms=None, p20_ms=None, p80_ms=None, peak_mib=None,
+                       frac_of_floor=None, note=why)
+            if fn is not None:
+                try:
+                    med, p20, p80 = time_ms(fn, budget)
+                    peak = peak_extra_mib(fn)
+                    row.update(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peak,
+                               frac_of_floor=floor_ms / med)
+                except torch.cuda.OutOfMemoryError:
+                    row["note"] = "out of memory"
+                except Exception as e:  # noqa: BLE001 - report and keep benchmarking
+                    row["note"] = f"{type(e).__name__}: {str(e)[:120]}"
+                finally:
+                    gc.collect()
+                    if HAS_GPU:
+                        torch.cuda.empty_cache()
+            rows.append(row)
+            ms = "-" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
+            print(f"N={n} H={h} r={r or '-'} {p:7s} {ms} {row['note']}", flush=True)
+        del inputs
+    add_speedups(rows)
+    write(rows, Path(args.out), machine, date, commit, bw)
+
+
+def add_speedups(rows):
+    def key(r):
+        return (r["N"], r["H"], r["dtype"], r["k"], r["sketch_dim"])
+    timed = {(key(r), r["provider"]): r["median_ms"] for r in rows if r["median_ms"]}
+    for r in rows:
+        for ref in ("torch", "naive"):
+            # naive is exact only: sketched rows are compared with the exact naive run of that size
+            base = timed.get((key(r), ref)) or timed.get(((r["N"], r["H"], r["dtype"], r["k"], 0), ref))
+            r[f"speedup_vs_{ref}"] = base / r["median_ms"] if base and r["median_ms"] else None
+
+
+def write(rows, out: Path, machine, date, commit, bw):
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"coefficients_{machine}"
+    fields = ["machine", "date", "commit", "provider", "N", "H", "dtype", "k", "sketch_dim", "median_ms", "p20_ms",
+              "p80_ms", "peak_mib", "bytes_moved", "pass_bytes", "copy_gbs", "floor_ms", "frac_of_floor",
+              "speedup_vs_torch", "speedup_vs_naive", "note"]
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    with open(f"{stem}.json", "w") as f:
+        json.dump(dict(machine=machine, date=date, commit=commit, copy_gbs=bw, rows=rows), f, indent=1)
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+    lines = [f"# delta_coefficients benchmark: {machine}", "",
+             f"Date {date}, commit {commit}, torch {torch.__version__}. Copy bandwidth measured in this run: "
+             f"{bw:.1f} GB/s. Floor = bytes the fused pipeline moves (hidden read once, v written once, "
+             "k + 2 reads of v) / copy bandwidth. Times are medians; peak = memory beyond the inputs.", "",
+             "| N | H | dtype | k | r | provider | median ms (p20-p80) | peak MiB | floor ms | floor/time "
+             "| x torch | x naive | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = "-" if r["median_ms"] is None else f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})"
+        lines.append(f"| {r['N']} | {r['H']} | {r['dtype']} | {r['k']} | {r['sketch_dim'] or '-'} | {r['provider']} "
+                     f"| {t} | {fmt(r['peak_mib'], '.0f')} | {r['floor_ms']:.2f} | {fmt(r['frac_of_floor'], '.2f')} "
+                     f"| {fmt(r['speedup_vs_torch'], '.2f')} | {fmt(r['speedup_vs_naive'], '.2f')} | {r['note']} |")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.csv/.json/.md")
+
+
+if __name__ == "__main__":
+    main()
