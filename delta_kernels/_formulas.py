@@ -27,14 +27,19 @@ def centroids_from_sums(sums: torch.Tensor, weights: torch.Tensor, eps: float, r
 
 def side_std(m: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, eps: float, reduce) -> torch.Tensor:
     """[gamma+, gamma-]: population std of m over P and of -m over Q (counts clamped to 1),
-    floored at sqrt(eps). Two-pass (mean, then squared deviations): two collectives."""
+    floored at sqrt(eps). Two-pass (mean, then squared deviations): two collectives.
+
+    The deviations are divided by the side's mean |m| before squaring, so margins up to the
+    float32 range do not overflow (gamma = scale * sqrt(mean((d / scale)^2)), the same number)."""
     signed = torch.stack([m, -m])
     sides = torch.stack([pos, neg]).to(m.dtype)
-    first = reduce(torch.cat([sides.sum(1), (signed * sides).sum(1)]))
+    first = reduce(torch.cat([sides.sum(1), (signed * sides).sum(1), (signed.abs() * sides).sum(1)]))
     n = first[:2].clamp_min(1)
-    mean = first[2:] / n
-    var = reduce((((signed - mean[:, None]) ** 2) * sides).sum(1)) / n
-    return var.clamp_min(eps).sqrt()
+    mean = first[2:4] / n
+    scale = (first[4:] / n).clamp_min(1e-30)
+    dev = torch.where(sides > 0, (signed - mean[:, None]) / scale[:, None], torch.zeros_like(signed))
+    var_scaled = reduce((dev * dev).sum(1)) / n
+    return torch.maximum(scale * var_scaled.sqrt(), torch.tensor(eps, dtype=m.dtype, device=m.device).sqrt())
 
 
 def gates(m: torch.Tensor, gamma: torch.Tensor):
