@@ -1,0 +1,92 @@
+"""Every knob of a trainer run, with the defaults of the embedded run, and their checks."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+CREDIT_MODES = ("delta", "none")
+
+
+@dataclass
+class TrainerConfig:
+    # credit assignment
+    credit: str = "delta"              # "delta" (DelTA coefficients) or "none" (plain DAPO, coefficients 1)
+    k: int = 1                         # DelTA refinement steps
+    lam_min: float = 0.8
+    lam_max: float = 1.2
+    sketch_dim: Optional[int] = None   # None: exact token vectors; r: sketch of r columns
+    backend: str = "auto"              # delta_kernels backend for coefficients and loss
+    # run
+    seed: int = 0
+    steps: int = 150
+    device: str = "cpu"
+    threads: int = 2                   # torch CPU threads
+    out: Optional[str] = None          # default runs/<timestamp>
+    progress: bool = True
+    html_samples: int = 12
+    # model
+    model: Optional[str] = None        # local checkpoint; None builds the embedded Qwen3-architecture model
+    hidden_size: int = 96
+    num_layers: int = 2
+    num_heads: int = 4
+    # task
+    digits: int = 2
+    heldout_size: int = 256
+    max_new_tokens: int = 0            # 0: answer width + 1 (eos)
+    # RL (DAPO settings)
+    prompts_per_step: int = 32
+    group_size: int = 8
+    minibatches: int = 4
+    lr: float = 5e-4
+    warmup_steps: int = 5
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_c: float = 10.0
+    temperature: float = 1.0
+    max_grad_norm: float = 1.0
+    # supervised warm start (embedded model only unless sft_max_steps is set)
+    sft_max_steps: Optional[int] = None   # None: 600 for the embedded model, 0 with --model
+    sft_target_accuracy: float = 0.3
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 128
+
+
+def validate(cfg: TrainerConfig) -> None:
+    """Raise ValueError / FileNotFoundError with a message naming the bad option."""
+    if cfg.credit not in CREDIT_MODES:
+        raise ValueError(f"--credit: unknown credit mode {cfg.credit!r}; expected one of {', '.join(CREDIT_MODES)}")
+    if cfg.k < 0:
+        raise ValueError(f"--k: refinement steps must be >= 0, got {cfg.k}")
+    if not cfg.lam_min <= cfg.lam_max:
+        raise ValueError(f"--lam-min {cfg.lam_min} must be <= --lam-max {cfg.lam_max}")
+    if cfg.lam_min < 0:
+        raise ValueError(f"--lam-min must be >= 0, got {cfg.lam_min}")
+    if cfg.sketch_dim is not None and cfg.sketch_dim < 1:
+        raise ValueError(f"--sketch-dim must be >= 1, got {cfg.sketch_dim}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
+    if cfg.model is not None and not os.path.exists(cfg.model):
+        raise FileNotFoundError(f"--model: path {cfg.model!r} does not exist (pass a local checkpoint directory; "
+                                "nothing is downloaded)")
+    for name in ("steps", "prompts_per_step", "minibatches", "threads", "heldout_size", "hidden_size",
+                 "num_layers", "num_heads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.group_size < 2:
+        raise ValueError(f"--group-size: GRPO needs at least 2 responses per prompt, got {cfg.group_size}")
+    if cfg.minibatches > cfg.prompts_per_step * cfg.group_size:
+        raise ValueError(f"--minibatches {cfg.minibatches} exceeds the {cfg.prompts_per_step * cfg.group_size} "
+                         "responses of a step")
+    if cfg.lr <= 0 or cfg.sft_lr <= 0:
+        raise ValueError("--lr and --sft-lr must be > 0")
+    if cfg.warmup_steps < 0 or cfg.max_new_tokens < 0 or (cfg.sft_max_steps or 0) < 0:
+        raise ValueError("--warmup-steps, --max-new-tokens and --sft-max-steps must be >= 0")
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if not 0 <= cfg.clip_low < 1 or cfg.clip_high < 0 or cfg.clip_c <= 1:
+        raise ValueError("clip ranges: need 0 <= --clip-low < 1, --clip-high >= 0, --clip-c > 1")
+
+
+def field_names():
+    return [f.name for f in fields(TrainerConfig)]

@@ -1,0 +1,120 @@
+"""A whole run: build task, tokenizer and model, warm start, RL steps, reports."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from .config import TrainerConfig, validate
+from .evaluate import greedy_accuracy
+from .model import ModelSize, build_default_model, count_parameters, load_pretrained
+from .report import MetricsLog, format_summary, plot_curves, write_responses_html
+from .step import CreditConfig, UpdateConfig, rl_step
+from .task import AdditionTask
+from .tokenizer import CharTokenizer, HFTokenizerAdapter
+from .warm_start import WarmStartConfig, supervised_warm_start
+
+TIME_KEYS = ("rollout", "old_logprob", "coefficients", "update")
+
+
+def _is_timing(key: str) -> bool:
+    return key.startswith("time_")
+
+
+def build_policy(cfg: TrainerConfig, device: torch.device):
+    """(model, tokenizer, model name) for the config."""
+    if cfg.model is not None:
+        model, hf_tok = load_pretrained(cfg.model, device)
+        return model, HFTokenizerAdapter(hf_tok), cfg.model
+    tok = CharTokenizer()
+    size = ModelSize(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                     num_kv_heads=max(cfg.num_heads // 2, 1), intermediate_size=cfg.hidden_size * 8 // 3)
+    model, arch = build_default_model(tok.vocab_size, size, cfg.seed, tok.pad_token_id, tok.bos_token_id,
+                                      tok.eos_token_id)
+    name = f"embedded {arch} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, char tokenizer)"
+    return model.to(device), tok, name
+
+
+def run(cfg: TrainerConfig) -> Dict:
+    """Train with ``cfg``; writes metrics.jsonl, curves.png, responses.html and summary.json
+    into cfg.out and returns the summary."""
+    validate(cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    out = cfg.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers 5 renames it to `cache`
+
+    task = AdditionTask(digits=cfg.digits, n_heldout=cfg.heldout_size)
+    model, tok, model_name = build_policy(cfg, device)
+    model.eval()
+    max_new = cfg.max_new_tokens or task.max_answer_chars() + 1
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    t0 = time.perf_counter()
+    sft_steps = cfg.sft_max_steps if cfg.sft_max_steps is not None else (0 if cfg.model else 600)
+    warm = dict(steps=0, history=[])
+    if sft_steps > 0:
+        warm = supervised_warm_start(model, tok, task, WarmStartConfig(
+            max_steps=sft_steps, target_accuracy=cfg.sft_target_accuracy, batch_size=cfg.sft_batch_size,
+            lr=cfg.sft_lr), gen, max_new)
+    time_warm = time.perf_counter() - t0
+    acc_before = greedy_accuracy(model, tok, task.heldout, max_new)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    credit = CreditConfig(credit=cfg.credit, k=cfg.k, lam_min=cfg.lam_min, lam_max=cfg.lam_max,
+                          sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend)
+    update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                          clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature)
+    log = MetricsLog(out)
+    samples = []
+    sample_steps = {0, cfg.steps // 2, cfg.steps - 1}
+    per_sample = max(cfg.html_samples // len(sample_steps), 1)
+    from tqdm.auto import tqdm
+    bar = tqdm(range(cfg.steps), desc=f"RL ({cfg.credit})", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in bar:
+        res = rl_step(model, optimizer, tok, task, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
+                      max_new_tokens=max_new, credit=credit, update=update, generator=gen,
+                      keep_samples=per_sample if step in sample_steps else 0)
+        sched.step()
+        row = dict(step=step, lr=sched.get_last_lr()[0], **res.metrics)
+        log.append(row)
+        samples += [dict(s, step=step) for s in res.samples]
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", ent=f"{row['entropy']:.3f}",
+                        step_s=f"{row['time_step']:.2f}")
+    time_rl = time.perf_counter() - t0
+    acc_after = greedy_accuracy(model, tok, task.heldout, max_new)
+
+    rows = log.rows
+    title = f"DelTA trainer, credit={cfg.credit}, seed={cfg.seed}"
+    plot_curves(rows, os.path.join(out, "curves.png"), title)
+    write_responses_html(samples, os.path.join(out, "responses.html"), title)
+    forwards = {k[len("forwards_"):]: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("forwards_")}
+    summary = dict(
+        credit=cfg.credit, seed=cfg.seed, model=model_name, parameters=count_parameters(model), device=cfg.device,
+        steps=cfg.steps, heldout_size=len(task.heldout), accuracy_before_rl=acc_before, accuracy_after_rl=acc_after,
+        warm_start_steps=warm["steps"], warm_start_history=warm["history"], time_warm_start_s=time_warm,
+        time_rl_s=time_rl, time_split={k: sum(r[f"time_{k}"] for r in rows) for k in TIME_KEYS},
+        forwards_per_step=forwards, out=out, config=vars(cfg).copy())
+    summary["time_total_s"] = time.perf_counter() - t_start
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    if cfg.progress:
+        print(format_summary(summary))
+    return summary
+
+
+def deterministic_view(rows, drop=_is_timing):
+    """Rows without the wall-clock fields (what must match between two runs of one seed)."""
+    return [{k: v for k, v in r.items() if not drop(k)} for r in rows]

@@ -1,0 +1,73 @@
+"""The policy: a small Qwen3-architecture model built from a config (the embedded default,
+no download), or any local causal-LM checkpoint with its tokenizer (``--model PATH``)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden_size: int = 96
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_positions: int = 64
+
+
+def default_config_class():
+    """transformers.Qwen3Config when the installed transformers has it, else LlamaConfig."""
+    try:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        return Qwen3Config, Qwen3ForCausalLM, "qwen3"
+    except ImportError:  # transformers < 4.51
+        from transformers import LlamaConfig, LlamaForCausalLM
+        return LlamaConfig, LlamaForCausalLM, "llama (Qwen3Config missing from this transformers)"
+
+
+def build_default_model(vocab_size: int, size: ModelSize, seed: int, pad_token_id: int,
+                        bos_token_id: int, eos_token_id: int) -> Tuple[torch.nn.Module, str]:
+    """A freshly initialised small causal LM (float32, eager attention). Returns (model, arch)."""
+    config_cls, model_cls, arch = default_config_class()
+    if size.hidden_size % size.num_heads:
+        raise ValueError(f"hidden size {size.hidden_size} is not a multiple of the {size.num_heads} heads")
+    kwargs = dict(vocab_size=vocab_size, hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
+                  num_hidden_layers=size.num_layers, num_attention_heads=size.num_heads,
+                  num_key_value_heads=size.num_kv_heads, max_position_embeddings=size.max_positions,
+                  tie_word_embeddings=True, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                  eos_token_id=eos_token_id, attn_implementation="eager")
+    if arch == "qwen3":
+        kwargs["head_dim"] = size.hidden_size // size.num_heads
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config_cls(**kwargs))
+    return model, arch
+
+
+def load_pretrained(path: str, device: torch.device):
+    """(model, tokenizer) from a local checkpoint directory; a clear error when it is missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--model: path {path!r} does not exist (pass a local checkpoint directory; "
+                                "nothing is downloaded)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    return model.to(device), tok
+
+
+def lm_head_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose input is the hidden state entering the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = getattr(model, "lm_head", None)
+    if head is None:
+        raise ValueError("the model has no output embeddings / lm_head to capture hidden states from")
+    return head
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

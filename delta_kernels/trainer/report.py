@@ -1,0 +1,106 @@
+"""What a run leaves in --out: metrics.jsonl (one JSON object per RL step), curves.png
+(reward / accuracy / entropy), responses.html (tokens coloured by their DelTA coefficient),
+summary.json, and the text summary printed at the end."""
+from __future__ import annotations
+
+import html
+import json
+import os
+from typing import Dict, List
+
+
+class MetricsLog:
+    """Appends one JSON line per step to <out>/metrics.jsonl and keeps the rows in memory."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.rows: List[Dict] = []
+        open(self.path, "w").close()
+
+    def append(self, row: Dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(path: str) -> List[Dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(rows: List[Dict], path: str, title: str = "") -> None:
+    """Reward, sampled accuracy and entropy per step (Agg backend, no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key in zip(axes, ("reward", "accuracy", "entropy")):
+        ax.plot(steps, [r[key] for r in rows], lw=1, alpha=0.5, label="per step")
+        if len(rows) >= 5:
+            w = max(len(rows) // 20, 5)
+            smooth = [sum(r[key] for r in rows[max(0, i - w + 1):i + 1]) / len(rows[max(0, i - w + 1):i + 1])
+                      for i in range(len(rows))]
+            ax.plot(steps, smooth, lw=2, label=f"mean of last {w}")
+        ax.set_title(key)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _colour(c: float, lo: float, hi: float) -> str:
+    """Green for amplified (> 1), red for damped (< 1), white at 1."""
+    if c >= 1.0:
+        t = min((c - 1.0) / max(hi - 1.0, 1e-6), 1.0)
+        return f"rgba(40,167,69,{0.15 + 0.75 * t:.2f})"
+    t = min((1.0 - c) / max(1.0 - lo, 1e-6), 1.0)
+    return f"rgba(220,53,69,{0.15 + 0.75 * t:.2f})"
+
+
+def write_responses_html(samples: List[Dict], path: str, title: str) -> None:
+    """One table row per response: prompt, answer, reward, advantage and each response token
+    on a background coloured by its coefficient (hover shows the value)."""
+    coefs = [c for s in samples for c in s["coef"]] or [1.0]
+    lo, hi = min(coefs + [1.0]), max(coefs + [1.0])
+    rows = []
+    for s in samples:
+        toks = "".join(
+            f'<span class="tok" style="background:{_colour(c, lo, hi)}" title="coef {c:.3f}">{html.escape(t)}</span>'
+            for t, c in zip(s["tokens"], s["coef"]))
+        rows.append(f"<tr><td>{s.get('step', '')}</td><td><code>{html.escape(s['prompt'])}</code></td>"
+                    f"<td><code>{html.escape(s['answer'])}</code></td><td>{s['reward']:.0f}</td>"
+                    f"<td>{s['advantage']:+.2f}</td><td>{toks}</td></tr>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
+.tok{{font-family:monospace;font-size:1.2em;padding:2px 4px;margin:1px;border-radius:3px;display:inline-block}}</style>
+</head><body><h2>{html.escape(title)}</h2>
+<p>Each response token is coloured by its DelTA coefficient (mean 1 over the batch's valid tokens):
+<span class="tok" style="background:{_colour(hi, lo, hi)}">green</span> amplified (&gt; 1),
+<span class="tok" style="background:{_colour(lo, lo, hi)}">red</span> damped (&lt; 1). Range here
+[{lo:.3f}, {hi:.3f}]. Hover a token for its value. Only responses with a non-zero advantage are shown
+(the others carry no gradient).</p>
+<table><tr><th>step</th><th>prompt</th><th>answer</th><th>reward</th><th>advantage</th><th>response tokens</th></tr>
+{''.join(rows)}</table></body></html>"""
+    with open(path, "w") as f:
+        f.write(page)
+
+
+def format_summary(summary: Dict) -> str:
+    t = summary["time_split"]
+    total = sum(t.values()) or 1.0
+    split = ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in t.items())
+    return "\n".join([
+        f"credit={summary['credit']}  model={summary['model']} ({summary['parameters']:,} parameters)  "
+        f"device={summary['device']}",
+        f"held-out greedy accuracy: before RL {summary['accuracy_before_rl']:.3f} -> after RL "
+        f"{summary['accuracy_after_rl']:.3f}  ({summary['heldout_size']} problems)",
+        f"warm start: {summary['warm_start_steps']} SFT steps in {summary['time_warm_start_s']:.1f}s",
+        f"RL: {summary['steps']} steps in {summary['time_rl_s']:.1f}s; time split: {split}",
+        f"model forwards per step (mean): {summary['forwards_per_step']}",
+        f"total wall time {summary['time_total_s']:.1f}s; outputs in {summary['out']}",
+    ])

@@ -1,0 +1,197 @@
+"""The reference trainer: outputs of a run, zero extra forwards, hidden-state capture,
+determinism, GRPO advantages, coefficients against the float64 reference, argument checks."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from delta_kernels.trainer.__main__ import parse_config
+from delta_kernels.trainer.advantages import grpo_advantages
+from delta_kernels.trainer.config import TrainerConfig
+from delta_kernels.trainer.loop import deterministic_view, run
+from delta_kernels.trainer.model import ModelSize, build_default_model, load_pretrained
+from delta_kernels.trainer.report import read_metrics
+from delta_kernels.trainer.rollout import sample_responses
+from delta_kernels.trainer.step import CreditConfig, credit_coefficients, old_logprob_pass
+from delta_kernels.trainer.tokenizer import CharTokenizer
+from helpers import TOL, as64, assert_rel
+
+import delta_kernels
+
+
+def tiny_config(tmp_path, name, **kw) -> TrainerConfig:
+    base = dict(steps=3, prompts_per_step=4, group_size=4, minibatches=2, hidden_size=32, num_layers=1,
+                num_heads=2, sft_max_steps=25, heldout_size=16, html_samples=6, progress=False, threads=1,
+                out=str(tmp_path / name), lr=1e-3, warmup_steps=1)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def tiny_model(seed=0, hidden=32):
+    tok = CharTokenizer()
+    model, _ = build_default_model(tok.vocab_size, ModelSize(hidden_size=hidden, num_layers=2, num_heads=2,
+                                                             num_kv_heads=1, intermediate_size=48),
+                                   seed, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    return model.eval(), tok
+
+
+def random_prompts(tok, n, seed):
+    rng = random.Random(seed)
+    return [tok.encode(f"{rng.randrange(0, 10 ** rng.randint(1, 3))}+{rng.randrange(0, 100)}=") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs of one seed with --credit delta, one with --credit none."""
+    tmp = tmp_path_factory.mktemp("trainer")
+    return {name: run(tiny_config(tmp, name, credit=credit, seed=seed))
+            for name, credit, seed in [("delta_a", "delta", 3), ("delta_b", "delta", 3), ("none", "none", 3)]}
+
+
+def test_run_writes_metrics_png_html(runs):
+    s = runs["delta_a"]
+    rows = read_metrics(os.path.join(s["out"], "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for key in ("reward", "accuracy", "entropy", "loss", "clip_frac", "ppo_kl", "time_rollout",
+                    "time_old_logprob", "time_coefficients", "time_update"):
+            assert key in r and r[key] == r[key], key
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["entropy"] > 0
+    with open(os.path.join(s["out"], "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    page = open(os.path.join(s["out"], "responses.html")).read()
+    assert 'class="tok"' in page and "coef " in page
+    summary = json.load(open(os.path.join(s["out"], "summary.json")))
+    assert 0.0 <= summary["accuracy_before_rl"] <= 1.0 and 0.0 <= summary["accuracy_after_rl"] <= 1.0
+    assert set(summary["time_split"]) == {"rollout", "old_logprob", "coefficients", "update"}
+
+
+def test_delta_costs_no_extra_forward(runs):
+    """Per step: one old-log-prob forward, none for the coefficients, one per mini-batch, in both modes."""
+    for name in ("delta_a", "none"):
+        rows = read_metrics(os.path.join(runs[name]["out"], "metrics.jsonl"))
+        for r in rows:
+            assert r["forwards_old_logprob"] == 1 and r["forwards_coefficients"] == 0
+            assert r["forwards_update"] == 2
+    first_delta = read_metrics(os.path.join(runs["delta_a"]["out"], "metrics.jsonl"))[0]
+    first_none = read_metrics(os.path.join(runs["none"]["out"], "metrics.jsonl"))[0]
+    assert first_delta["forwards_total"] == first_none["forwards_total"]  # same rollouts at step 0
+
+
+def test_same_seed_same_metrics(runs, tmp_path):
+    a = read_metrics(os.path.join(runs["delta_a"]["out"], "metrics.jsonl"))
+    b = read_metrics(os.path.join(runs["delta_b"]["out"], "metrics.jsonl"))
+    assert deterministic_view(a) == deterministic_view(b)
+    other = run(tiny_config(tmp_path, "seed4", seed=4, steps=1, sft_max_steps=0))
+    c = read_metrics(os.path.join(other["out"], "metrics.jsonl"))
+    assert deterministic_view(c)[0] != deterministic_view(a)[0]
+
+
+def test_credit_none_gives_unit_coefficients_and_delta_does_not(runs):
+    page_none = open(os.path.join(runs["none"]["out"], "responses.html")).read()
+    assert "Range here\n[1.000, 1.000]" in page_none
+    rows = read_metrics(os.path.join(runs["none"]["out"], "metrics.jsonl"))
+    assert all(r["coef_min"] == 1.0 and r["coef_max"] == 1.0 for r in rows)
+
+
+def test_captured_hidden_equals_hidden_entering_head():
+    model, tok = tiny_model(seed=1)
+    g = torch.Generator().manual_seed(5)
+    roll = sample_responses(model, random_prompts(tok, 9, seed=2), max_new_tokens=5, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, generator=g)
+    assert roll.prompt_len > min(int(m.sum()) for m in roll.attention_mask[:, :roll.prompt_len])  # left padding used
+    old = old_logprob_pass(model, roll)
+    p, t = roll.prompt_len, roll.response_ids.shape[1]
+    with torch.no_grad():
+        full = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=roll.position_ids,
+                     output_hidden_states=True, use_cache=False)
+        normed = model.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+                             position_ids=roll.position_ids, use_cache=False).last_hidden_state
+    cols = slice(p - 1, p + t - 1)
+    valid = roll.response_mask
+    torch.testing.assert_close(old.hidden[valid], normed[:, cols][valid], rtol=0, atol=0)
+    torch.testing.assert_close(old.hidden[valid], full.hidden_states[-1][:, cols][valid], rtol=0, atol=0)
+    ref_logp = torch.log_softmax(full.logits[:, cols].double(), -1).gather(-1, roll.response_ids[..., None])[..., 0]
+    assert_rel(old.logp[valid], ref_logp[valid], TOL[torch.float32], "old logp")
+    probs = torch.softmax(full.logits[:, cols].double(), -1)
+    ref_ent = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+    assert_rel(old.entropy[valid], ref_ent[valid], TOL[torch.float32], "entropy")
+
+
+def test_rollout_masks_after_eos():
+    model, tok = tiny_model(seed=2)
+    g = torch.Generator().manual_seed(0)
+    roll = sample_responses(model, random_prompts(tok, 16, seed=3), max_new_tokens=6, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, generator=g)
+    for ids, mask in zip(roll.response_ids.tolist(), roll.response_mask.tolist()):
+        n = sum(mask)
+        assert mask == [True] * n + [False] * (len(mask) - n)
+        assert all(i == tok.pad_token_id for i in ids[n:])
+        assert tok.eos_token_id not in ids[:max(n - 1, 0)]
+        if n < len(mask):
+            assert ids[n - 1] == tok.eos_token_id
+
+
+def test_delta_coefficients_of_trainer_match_float64_reference():
+    model, tok = tiny_model(seed=3, hidden=48)
+    g = torch.Generator().manual_seed(1)
+    roll = sample_responses(model, random_prompts(tok, 12, seed=4), max_new_tokens=5, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, generator=g)
+    old = old_logprob_pass(model, roll)
+    adv = grpo_advantages(torch.tensor([1., 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1]), group_size=4)
+    for sketch_dim in (None, 16):
+        coef, _ = credit_coefficients(old, adv, roll.response_mask, CreditConfig(k=2, sketch_dim=sketch_dim))
+        h, lp, a = as64(old.hidden, old.logp, adv)
+        ref = delta_kernels.delta_coefficients(h, lp, a, roll.response_mask, k=2, sketch_dim=sketch_dim,
+                                               backend="torch").coef
+        assert_rel(coef, ref, TOL[torch.float32], f"coef sketch_dim={sketch_dim}")
+        assert float(coef[roll.response_mask].mean()) == pytest.approx(1.0, abs=1e-5)
+    none, stats = credit_coefficients(old, adv, roll.response_mask, CreditConfig(credit="none"))
+    assert stats is None and torch.equal(none, roll.response_mask.float())
+
+
+def test_grpo_advantages():
+    g = torch.Generator().manual_seed(0)
+    r = (torch.rand(24, generator=g) > 0.5).float()
+    r[8:12] = 1.0  # one group all correct
+    adv = grpo_advantages(r, group_size=4).view(6, 4)
+    rg = r.view(6, 4).double()
+    ref = (rg - rg.mean(1, keepdim=True)) / (rg.std(1, keepdim=True) + 1e-6)
+    ref[(rg == rg[:, :1]).all(1)] = 0.0
+    assert_rel(adv, ref, 1e-6, "advantages")
+    assert torch.equal(adv[2], torch.zeros(4))
+    with pytest.raises(ValueError, match="rewards"):
+        grpo_advantages(torch.ones(7), group_size=4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--credit", "shapley"], "invalid choice: 'shapley'"),
+    (["--k", "-1"], "--k: refinement steps must be >= 0"),
+    (["--model", "/nonexistent/checkpoint"], "does not exist"),
+    (["--lam-min", "1.5", "--lam-max", "1.2"], "--lam-min 1.5 must be <= --lam-max 1.2"),
+    (["--group-size", "1"], "--group-size"),
+    (["--sketch-dim", "0"], "--sketch-dim"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_refused_by_run(tmp_path):
+    with pytest.raises(ValueError, match="unknown credit mode 'shapley'"):
+        run(tiny_config(tmp_path, "bad", credit="shapley"))
+    with pytest.raises(ValueError, match="--k"):
+        run(tiny_config(tmp_path, "bad", k=-2))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(str(tmp_path / "missing"), torch.device("cpu"))
+
+
+def test_defaults_parse():
+    cfg = parse_config([])
+    assert cfg.credit == "delta" and cfg.k == 1 and cfg.model is None and cfg.clip_high == 0.28
