@@ -1,0 +1,319 @@
+"""Benchmark: fused LM-head DelTA phases against materialised logits and peers (not a test).
+
+GPU (default when CUDA is present): M in {8192, 32768} tokens (sequences of 1024), H = 4096,
+V = 151,936, bf16. Providers for the surrogate forward+backward (gradients for hidden and
+the LM head):
+    torch      logits = h @ W.T materialised, float32 log_softmax, gather, torch surrogate
+    liger      LigerFusedLinearGRPOLoss(beta=0, loss_type="dapo"), per-sequence advantages
+    cce        cut_cross_entropy.linear_cross_entropy(reduction="none") + torch surrogate
+    ours       fused_linear_clipped_surrogate_loss(backend="triton")
+and, forward only, phase A (logp + sketch r = 256 + side sums): torch materialised vs ours.
+The matmul floor is stated from a bf16 GEMM measured in the same run: the fused surrogate
+does 8 M H V flops (forward logits 2 MHV; backward: logits recompute 2 MHV, dH 2 MHV,
+dW 2 MHV); a method that keeps the logits does 6 MHV; phase A does 2 MHV.
+
+CPU (automatic without CUDA): small sizes (M in {1024, 2048}, H = 256, V = 32768), ours (torch chunked path) against torch
+materialised, float32; memory is the analytic size of the largest logits buffer.
+
+Writes benchmarks/results/fused_linear_<device>.{csv,json,md} with machine, date, commit.
+A peer that cannot run is recorded with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from delta_kernels._checks import SurrogateConfig  # noqa: E402
+from delta_kernels.fused_linear import (fused_linear_clipped_surrogate_loss,  # noqa: E402
+                                        fused_linear_logprob_sketch, torch_chunked)
+from delta_kernels.reference.surrogate import clipped_surrogate_loss as torch_surrogate  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SEQ = 1024
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({os.cpu_count()} cores)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_inputs(m, hdim, vocab, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b = max(1, m // SEQ)
+    t = m // b
+    h = (torch.randn(b, t, hdim, generator=g) * 1.0).to(dtype).to(device)
+    w = (torch.randn(vocab, hdim, generator=g) * (1.0 / hdim ** 0.5)).to(dtype).to(device)
+    y = torch.randint(0, vocab, (b, t), generator=g).to(device)
+    adv = torch.randn(b, generator=g).to(device)                     # per sequence (GRPO)
+    mask = (torch.rand(b, t, generator=g) > 0.1).to(device)
+    old_logp = (-torch.rand(b, t, generator=g) * 5 - 3).to(device)  # about log(1/V) scale
+    return h, w, y, adv, mask, old_logp
+
+
+# ---------------------------------------------------------------- providers (one fwd+bwd step each)
+
+def step_torch(h, w, y, adv, mask, old_logp, cfg):
+    logits = (h @ w.T).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
+    loss, _ = torch_surrogate(logp, old_logp, adv[:, None].expand_as(logp), mask, None, cfg)
+    loss.backward()
+
+
+def step_ours(h, w, y, adv, mask, old_logp, cfg, backend):
+    loss, _ = fused_linear_clipped_surrogate_loss(h, w, y, old_logp, adv, mask, clip_low=cfg.clip_low,
+                                                  clip_high=cfg.clip_high, clip_c=cfg.clip_c, agg=cfg.agg,
+                                                  backend=backend, check_values=False)
+    loss.backward()
+
+
+def make_liger(cfg):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    mod = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, epsilon_low=cfg.clip_low,
+                                   epsilon_high=cfg.clip_high, loss_type="dapo")
+
+    def step(h, w, y, adv, mask, old_logp, cfg):
+        out = mod(h, w, y, mask.long(), adv, old_per_token_logps=old_logp)
+        (out[0] if isinstance(out, tuple) else out).backward()
+    return step
+
+
+def make_cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    def step(h, w, y, adv, mask, old_logp, cfg):
+        logp = -linear_cross_entropy(h, w, y, reduction="none").float()
+        loss, _ = torch_surrogate(logp, old_logp, adv[:, None].expand_as(logp), mask, None, cfg)
+        loss.backward()
+    return step
+
+
+def sketch_torch(h, w, y, adv, mask, r):
+    from delta_kernels.sketch_matrix import sketch_matrix
+    hf = h.reshape(-1, h.shape[-1])
+    logp = torch.log_softmax((hf @ w.T).float(), -1).gather(-1, y.reshape(-1, 1))[:, 0]
+    v = -torch.expm1(logp)[:, None] * hf.float()
+    z = v @ sketch_matrix(h.shape[-1], r, 0, device=h.device)
+    valid = mask.reshape(-1).float()
+    a = adv[:, None].expand_as(mask).reshape(-1)
+    sums = torch.stack([a.clamp_min(0) * valid, (-a).clamp_min(0) * valid]) @ z
+    return logp, z.to(h.dtype), sums
+
+
+# ---------------------------------------------------------------- timing
+
+def time_gpu(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def time_cpu(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantiles(times):
+    s = sorted(times)
+    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
+    return statistics.median(s), q(0.2), q(0.8)
+
+
+def matmul_rate(device, dtype):
+    """Measured dense GEMM rate (TFLOP/s) at 8192^3 (GPU) or 1024^3 (CPU)."""
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timer = time_gpu if device == "cuda" else time_cpu
+    times = timer(lambda: a @ b, 10 if device == "cuda" else 3)
+    return 2 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def run(device, sizes, hdim, vocab, dtype, reps, providers, sketch_dim):
+    cfg = SurrogateConfig()
+    rate = matmul_rate(device, dtype)
+    rows = []
+    steps = {"torch": step_torch}
+    unavailable = {}
+    if "liger" in providers:
+        try:
+            steps["liger"] = make_liger(cfg)
+        except Exception as e:  # not installed on the machine, or API drift
+            unavailable["liger"] = f"{type(e).__name__}: {e}"
+    if "cce" in providers:
+        try:
+            steps["cce"] = make_cce()
+        except Exception as e:
+            unavailable["cce"] = f"{type(e).__name__}: {e}"
+    backend = "triton" if device == "cuda" else "torch"
+    steps["ours"] = lambda *a: step_ours(*a, backend=backend)
+    timer = time_gpu if device == "cuda" else time_cpu
+    for m in sizes:
+        h, w, y, adv, mask, old_logp = make_inputs(m, hdim, vocab, dtype, device)
+        mhv = m * hdim * vocab
+        for name in ["torch", "liger", "cce", "ours"]:
+            if name not in providers:
+                continue
+            row = dict(provider=name, mode="surrogate fwd+bwd", tokens=m, hidden=hdim, vocab=vocab, dtype=str(dtype),
+                       flops=(8 if name == "ours" else 6) * mhv)
+            if name in unavailable:
+                rows.append(dict(row, status="not run: " + unavailable[name]))
+                continue
+            hh = h.clone().requires_grad_()
+            ww = w.clone().requires_grad_()
+
+            def fn():
+                hh.grad = None
+                ww.grad = None
+                steps[name](hh, ww, y, adv, mask, old_logp, cfg)
+            rows.append(measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name))
+            del hh, ww
+        for name in ["torch", "ours"]:
+            row = dict(provider=name, mode=f"phase A fwd (sketch r={sketch_dim})", tokens=m, hidden=hdim, vocab=vocab,
+                       dtype=str(dtype), flops=2 * mhv)
+            if name == "torch":
+                fn = lambda: sketch_torch(h, w, y, adv, mask, sketch_dim)  # noqa: E731
+            else:
+                fn = lambda: fused_linear_logprob_sketch(h.reshape(-1, hdim), w, y.reshape(-1),  # noqa: E731
+                                                         sketch_dim=sketch_dim, advantages=adv[:, None].expand_as(mask)
+                                                         .reshape(-1), mask=mask.reshape(-1), backend=backend,
+                                                         check_values=False)
+            with torch.no_grad():
+                rows.append(measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name))
+        del h, w
+    return rows, rate
+
+
+def measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name):
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        times = timer(fn, reps)
+        p50, p20, p80 = quantiles(times)
+        row.update(status="ok", ms_p50=round(p50, 3), ms_p20=round(p20, 3), ms_p80=round(p80, 3),
+                   tflops=round(row["flops"] / (p50 * 1e-3) / 1e12, 1 if device == "cuda" else 4),
+                   floor_ms=round(row["flops"] / (rate * 1e12) * 1e3, 3))
+        row["frac_of_floor"] = round(row["floor_ms"] / p50, 3)
+        if device == "cuda":
+            row["peak_extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+        else:  # analytic: the largest logits buffer the method holds
+            elem = 4
+            held = m * vocab if name == "torch" else (min(m, torch_chunked.ROWS) * min(vocab, torch_chunked.COLS))
+            row["logits_buffer_mib"] = round(held * elem / 2**20, 2)
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status=f"OOM: {str(e).splitlines()[0]}")
+        torch.cuda.empty_cache()
+    return row
+
+
+def write(rows, rate, device, args):
+    os.makedirs(RESULTS, exist_ok=True)
+    meta = dict(machine=machine(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=commit(), torch=torch.__version__, device=device, matmul_tflops=round(rate, 1 if device == "cuda" else 4),
+                flop_count="ours: 8 MHV (fwd logits 2, bwd recompute 2, dH 2, dW 2); methods keeping logits: 6 MHV; "
+                           "phase A: 2 MHV",
+                argv=sys.argv[1:])
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    stem = os.path.join(RESULTS, f"fused_linear_{device}")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+    with open(stem + ".csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    mem_col = "peak_extra_gib" if device == "cuda" else "logits_buffer_mib"
+    lines = [f"# Fused LM-head kernels ({device})", "",
+             f"Machine: {meta['machine']}; date {meta['date']}; commit {meta['commit']}; torch {meta['torch']}, "
+             f"triton {meta['triton']}. Measured dense matmul rate: {meta['matmul_tflops']} TFLOP/s "
+             f"({'bf16' if device == 'cuda' else 'fp32'}). Flop count: {meta['flop_count']}.", "",
+             f"| provider | mode | tokens | H | V | p50 ms (p20-p80) | TFLOP/s | floor ms | of floor | {mem_col} | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | "
+                         f"{r['ms_p50']} ({r['ms_p20']}-{r['ms_p80']}) | {r['tflops']} | {r['floor_ms']} | "
+                         f"{r['frac_of_floor']} | {r.get(mem_col, '')} | ok |")
+        else:
+            lines.append(f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | "
+                         f"| | | | | {r['status']} |")
+    if device != "cuda":
+        lines += ["", "CPU run: ours is the chunked torch path (chunks of "
+                  f"{torch_chunked.ROWS} x {torch_chunked.COLS}); liger and cce are GPU libraries and were not run "
+                  "here. The GPU numbers come from running this script on a CUDA machine."]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--sizes", type=int, nargs="*", help="token counts M")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--reps", type=int)
+    p.add_argument("--sketch-dim", type=int, default=256)
+    p.add_argument("--providers", nargs="*", default=["torch", "liger", "cce", "ours"])
+    args = p.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda":
+        sizes, hdim, vocab, dtype, reps = args.sizes or [8192, 32768], args.hidden or 4096, args.vocab or 151936, \
+            torch.bfloat16, args.reps or 5
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        sizes, hdim, vocab, dtype, reps = args.sizes or [1024, 2048], args.hidden or 256, args.vocab or 32768, \
+            torch.float32, args.reps or 3
+    providers = args.providers if device == "cuda" else [q for q in args.providers if q in ("torch", "ours")]
+    rows, rate = run(device, sizes, hdim, vocab, dtype, reps, providers, args.sketch_dim)
+    write(rows, rate, device, args)
+
+
+if __name__ == "__main__":
+    main()
