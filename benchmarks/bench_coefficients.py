@@ -267,6 +267,13 @@ def add_speedups(rows):
             r[f"speedup_vs_{ref}"] = base / r["median_ms"] if base and r["median_ms"] else None
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
 def write(rows, out: Path, machine, date, commit, bw):
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"coefficients_{machine}"
@@ -285,7 +292,9 @@ def write(rows, out: Path, machine, date, commit, bw):
     lines = [f"# delta_coefficients benchmark: {machine}", "",
              f"Date {date}, commit {commit}, torch {torch.__version__}. Copy bandwidth measured in this run: "
              f"{bw:.1f} GB/s. Floor = bytes the fused pipeline moves (hidden read once, v written once, "
-             "k + 2 reads of v) / copy bandwidth. Times are medians; peak = memory beyond the inputs.", "",
+             "k + 2 reads of v) / copy bandwidth. Times are medians; peak = memory beyond the inputs. "
+             "Sketched rows' x naive compares with the exact naive run (the published method has no sketch). "
+             f"Load average at the end: {_loadavg()}.", "",
              "| N | H | dtype | k | r | provider | median ms (p20-p80) | peak MiB | floor ms | floor/time "
              "| x torch | x naive | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

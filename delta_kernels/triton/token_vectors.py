@@ -21,7 +21,7 @@ from .sketch_hash import seed_argument, sign_tile
 
 BLOCK_ROWS = 16     # rows per tile of the exact kernel
 BLOCK_COLS = 256    # columns per program of the exact kernel
-SKETCH_BLOCK_M = 64
+SKETCH_BLOCK_M = 128   # rows per tile: each tile regenerates its R signs, so taller tiles hash less
 SKETCH_BLOCK_R = 128
 SKETCH_BLOCK_K = 64
 
@@ -80,7 +80,7 @@ def _scaled_rows_kernel(x_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_
         tl.store(base + n_cols + cols, acc_neg, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_mixed"])
 def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr,
                         n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
                         DOT_FP32: tl.constexpr, SUMS: tl.constexpr,
