@@ -15,24 +15,24 @@ PYBIND11_MODULE(_cpp, m) {
     dk::cpu::sketch_matrix(ptr<float>(out), H, r, seed);
   });
   m.def("token_vectors", [](int dtype, uintptr_t hidden, uintptr_t logp, uintptr_t a_pos, uintptr_t a_neg, int64_t N,
-                            int64_t H, int64_t r, uint32_t seed, uintptr_t out, uintptr_t sums) {
+                            int64_t H, int64_t r, uint32_t seed, bool out_f32, uintptr_t out, uintptr_t sums) {
     py::gil_scoped_release nogil;
     dk::cpu::token_vectors(dtype, ptr<const void>(hidden), ptr<const float>(logp), ptr<const float>(a_pos),
-                           ptr<const float>(a_neg), N, H, r, seed, ptr<void>(out), ptr<float>(sums));
+                           ptr<const float>(a_neg), N, H, r, seed, out_f32, ptr<void>(out), ptr<float>(sums));
   });
-  m.def("side_sums", [](int dtype, uintptr_t v, uintptr_t a_pos, uintptr_t a_neg, int64_t N, int64_t D,
+  m.def("side_sums", [](int dtype, uintptr_t v, uintptr_t scale, uintptr_t a_pos, uintptr_t a_neg, int64_t N, int64_t D,
                         uintptr_t sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::side_sums(dtype, ptr<const void>(v), ptr<const float>(a_pos), ptr<const float>(a_neg), N, D,
+    dk::cpu::side_sums(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(a_pos), ptr<const float>(a_neg), N, D,
                        ptr<float>(sums));
   });
-  m.def("margin_pass", [](int dtype, uintptr_t v, uintptr_t w, uintptr_t b, int64_t N, int64_t D, uintptr_t gamma,
+  m.def("margin_pass", [](int dtype, uintptr_t v, uintptr_t scale, uintptr_t w, uintptr_t b, int64_t N, int64_t D, uintptr_t gamma,
                           uintptr_t a_pos, uintptr_t a_neg, uintptr_t m_out, uintptr_t sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::margin_pass(dtype, ptr<const void>(v), ptr<const float>(w), ptr<const float>(b), N, D,
+    dk::cpu::margin_pass(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(w), ptr<const float>(b), N, D,
                          ptr<const float>(gamma), ptr<const float>(a_pos), ptr<const float>(a_neg),
                          ptr<float>(m_out), ptr<float>(sums));
-  }, "gamma = 0 for the plain margins (a_pos, a_neg, sums unused)");
+  }, "scale = 0: v as stored; gamma = 0: plain margins (a_pos, a_neg, sums unused)");
   m.def("clipped_surrogate", [](uintptr_t logp, uintptr_t old_logp, uintptr_t adv, uintptr_t mask, uintptr_t coef,
                                 int64_t B, int64_t T, float clip_low, float clip_high, float clip_c, int agg,
                                 uintptr_t out, uintptr_t grad) {

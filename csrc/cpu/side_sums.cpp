@@ -1,4 +1,5 @@
-// Side sums of stored token vectors: sums [2, D] = (sum_t a_pos[t] v[t], sum_t a_neg[t] v[t]), one read of v.
+// Side sums of token vectors: sums [2, D] = (sum_t a_pos[t] v[t], sum_t a_neg[t] v[t]), one read of v.
+// With scale [N], v[t] = scale[t] x[t] (the vectors of hidden states, not materialised).
 #include <algorithm>
 #include <vector>
 
@@ -10,7 +11,7 @@ namespace cpu {
 namespace {
 
 template <int DT>
-void side_sums_impl(const void* v_, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
+void side_sums_impl(const void* v_, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
   const auto* v = static_cast<const typename Elem<DT>::T*>(v_);
   const int64_t block = reduction_block(N);
   const int64_t n_blocks = (N + block - 1) / block;
@@ -21,8 +22,9 @@ void side_sums_impl(const void* v_, const float* a_pos, const float* a_neg, int6
     float* ns = ps + D;
     const int64_t t_end = std::min(N, (blk + 1) * block);
     for (int64_t t = blk * block; t < t_end; ++t) {
-      if (a_pos[t] != 0.0f) axpy_row<DT>(a_pos[t], v + t * D, ps, D);
-      if (a_neg[t] != 0.0f) axpy_row<DT>(a_neg[t], v + t * D, ns, D);
+      const float st = scale ? scale[t] : 1.0f;
+      if (a_pos[t] != 0.0f) axpy_row<DT>(a_pos[t] * st, v + t * D, ps, D);
+      if (a_neg[t] != 0.0f) axpy_row<DT>(a_neg[t] * st, v + t * D, ns, D);
     }
   }
   combine_partials(partial.data(), n_blocks, 2 * D, sums);
@@ -30,11 +32,11 @@ void side_sums_impl(const void* v_, const float* a_pos, const float* a_neg, int6
 
 }  // namespace
 
-void side_sums(int dtype, const void* v, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
+void side_sums(int dtype, const void* v, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
   switch (dtype) {
-    case kFloat32: return side_sums_impl<kFloat32>(v, a_pos, a_neg, N, D, sums);
-    case kBFloat16: return side_sums_impl<kBFloat16>(v, a_pos, a_neg, N, D, sums);
-    default: return side_sums_impl<kFloat16>(v, a_pos, a_neg, N, D, sums);
+    case kFloat32: return side_sums_impl<kFloat32>(v, scale, a_pos, a_neg, N, D, sums);
+    case kBFloat16: return side_sums_impl<kBFloat16>(v, scale, a_pos, a_neg, N, D, sums);
+    default: return side_sums_impl<kFloat16>(v, scale, a_pos, a_neg, N, D, sums);
   }
 }
 

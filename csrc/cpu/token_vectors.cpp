@@ -31,7 +31,7 @@ constexpr int64_t kSketchGroup = 4;  // tokens that share each read of a row of 
 
 template <int DT>
 void token_vectors_impl(const void* hidden_, const float* logp, const float* a_pos, const float* a_neg, int64_t N,
-                        int64_t H, int64_t r, uint32_t seed, void* out_, float* sums) {
+                        int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out_, float* sums) {
   using E = Elem<DT>;
   const auto* hidden = static_cast<const typename E::T*>(hidden_);
   auto* out = static_cast<typename E::T*>(out_);
@@ -85,8 +85,12 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
         for (int64_t k = 0; k < g; ++k) {
           const int64_t t = t0 + k;
           const float* row = rows + k * D;
-          auto* dst = out + t * D;
-          for (int64_t j = 0; j < D; ++j) E::store(dst, j, row[j]);
+          if (out_f32) {
+            std::copy(row, row + D, static_cast<float*>(out_) + t * D);
+          } else {
+            auto* dst = out + t * D;
+            for (int64_t j = 0; j < D; ++j) E::store(dst, j, row[j]);
+          }
           if (a_pos[t] != 0.0f) axpy_row<kFloat32>(a_pos[t], row, ps, D);
           if (a_neg[t] != 0.0f) axpy_row<kFloat32>(a_neg[t], row, ns, D);
         }
@@ -99,11 +103,11 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
 }  // namespace
 
 void token_vectors(int dtype, const void* hidden, const float* logp, const float* a_pos, const float* a_neg,
-                   int64_t N, int64_t H, int64_t r, uint32_t seed, void* out, float* sums) {
+                   int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out, float* sums) {
   switch (dtype) {
-    case kFloat32: return token_vectors_impl<kFloat32>(hidden, logp, a_pos, a_neg, N, H, r, seed, out, sums);
-    case kBFloat16: return token_vectors_impl<kBFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out, sums);
-    default: return token_vectors_impl<kFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out, sums);
+    case kFloat32: return token_vectors_impl<kFloat32>(hidden, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
+    case kBFloat16: return token_vectors_impl<kBFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
+    default: return token_vectors_impl<kFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
   }
 }
 

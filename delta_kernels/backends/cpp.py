@@ -6,8 +6,8 @@ pipeline is ``delta_kernels.pipeline.run_coefficients`` over this module's three
 """
 from __future__ import annotations
 
-import sys
-from typing import Optional
+from types import SimpleNamespace
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -18,40 +18,71 @@ from ..pipeline import run_coefficients
 from ._native import AGG_CODES, dtype_code, f32, ptr, rows_of, surrogate_with_grad
 
 
-def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int):
-    """hidden [N, H] (f32/bf16/f16), logp, a_pos, a_neg [N] -> (v [N, D] hidden's dtype, sums [2, D] f32)."""
+def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
+    """hidden [N, H] (f32/bf16/f16), logp, a_pos, a_neg [N] -> (v [N, D] in out_dtype (default hidden's;
+    else float32), sums [2, D] f32)."""
     n, h = hidden.shape
     d = sketch_dim or h
-    out = empty(n, d, dtype=hidden.dtype)
+    out_dtype = out_dtype or hidden.dtype
+    assert out_dtype in (hidden.dtype, torch.float32)
+    out = empty(n, d, dtype=out_dtype)
     sums = empty(2, d, dtype=torch.float32)
     logp, a_pos, a_neg = f32(logp), f32(a_pos), f32(a_neg)
     _cpp.token_vectors(dtype_code(hidden), ptr(hidden), ptr(logp), ptr(a_pos), ptr(a_neg), n, h, sketch_dim or 0,
-                       seed, ptr(out), ptr(sums))
+                       seed, out_dtype != hidden.dtype, ptr(out), ptr(sums))
     return out, sums
 
 
+class ScaledRows(NamedTuple):
+    """Token vectors v[t] = scale[t] * rows[t] that are never materialised: the passes read the
+    hidden states and scale each row on the fly (one read of h per pass, no [N, H] write)."""
+    rows: torch.Tensor   # [N, H] hidden states, f32/bf16/f16
+    scale: torch.Tensor  # [N] float32, 1 - exp(logp)
+
+
+def _rows_and_scale(v):
+    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, 0)
+
+
 def side_sums(v, a_pos, a_neg):
-    """v [N, D] -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
-    n, d = v.shape
+    """v [N, D] (a tensor or ScaledRows) -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
+    rows, scale = _rows_and_scale(v)
+    n, d = rows.shape
     sums = empty(2, d, dtype=torch.float32)
     a_pos, a_neg = f32(a_pos), f32(a_neg)
-    _cpp.side_sums(dtype_code(v), ptr(v), ptr(a_pos), ptr(a_neg), n, d, ptr(sums))
+    _cpp.side_sums(dtype_code(rows), ptr(rows), scale, ptr(a_pos), ptr(a_neg), n, d, ptr(sums))
     return sums
 
 
 def margin_pass(v, w, b, gate):
-    """v [N, D], w [D], b [] -> (m [N] f32, gated sums [2, D] f32 or None); gate = (gamma [2], a_pos, a_neg)."""
-    n, d = v.shape
+    """v [N, D] (a tensor or ScaledRows), w [D], b [] -> (m [N] f32, gated sums [2, D] f32 or None);
+    gate = (gamma [2], a_pos, a_neg)."""
+    rows, scale = _rows_and_scale(v)
+    n, d = rows.shape
     w, b = f32(w), f32(b)
     m = empty(n, dtype=torch.float32)
     if gate is None:
-        _cpp.margin_pass(dtype_code(v), ptr(v), ptr(w), ptr(b), n, d, 0, 0, 0, ptr(m), 0)
+        _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(b), n, d, 0, 0, 0, ptr(m), 0)
         return m, None
     gamma, a_pos, a_neg = (f32(x) for x in gate)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.margin_pass(dtype_code(v), ptr(v), ptr(w), ptr(b), n, d, ptr(gamma), ptr(a_pos), ptr(a_neg), ptr(m),
-                     ptr(sums))
+    _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(b), n, d, ptr(gamma), ptr(a_pos), ptr(a_neg),
+                     ptr(m), ptr(sums))
     return m, sums
+
+
+def _pipeline_token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int):
+    """token_vectors for the coefficient pipeline: the sketch z is materialised in float32 ([N, r],
+    small; no rounding to hidden's dtype); exact vectors stay implicit as ScaledRows(hidden,
+    1 - exp(logp)), their side sums from one read of h."""
+    if sketch_dim is not None:
+        return token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_dtype=torch.float32)
+    v = ScaledRows(hidden, f32(-torch.expm1(logp.to(torch.float32))))
+    return v, side_sums(v, a_pos, a_neg)
+
+
+# The three passes of delta_kernels.pipeline's contract, as run_coefficients takes them.
+PIPELINE_KERNELS = SimpleNamespace(token_vectors=_pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
 
 
 def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
@@ -60,7 +91,7 @@ def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
 
 
 def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int, reduce=None):
-    return run_coefficients(sys.modules[__name__], batch, cfg, sketch_dim, seed, reduce)
+    return run_coefficients(PIPELINE_KERNELS, batch, cfg, sketch_dim, seed, reduce)
 
 
 def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, cfg: SurrogateConfig):
