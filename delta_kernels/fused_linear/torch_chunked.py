@@ -58,14 +58,16 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
             idx = y - v0
             inside = (idx >= 0) & (idx < v1 - v0)
             x_y = x_y + torch.where(inside, x.gather(1, idx.clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
+            if not want_entropy:  # running log-sum-exp, one fused torch reduction per chunk
+                m = torch.logaddexp(m, torch.logsumexp(x, 1))
+                continue
             m_new = torch.maximum(m, x.max(1).values)
             alpha = torch.exp(m - m_new)
             p = torch.exp(x - m_new[:, None])
-            if want_entropy:
-                t = alpha * (t + torch.where(s > 0, s * (m - m_new), 0.0)) + (p * (x - m_new[:, None])).sum(1)
+            t = alpha * (t + torch.where(s > 0, s * (m - m_new), 0.0)) + (p * (x - m_new[:, None])).sum(1)
             s = alpha * s + p.sum(1)
             m = m_new
-        lse[r0:r1] = m + torch.log(s)
+        lse[r0:r1] = m + torch.log(s) if want_entropy else m
         logp[r0:r1] = (x_y - lse[r0:r1]).clamp_max(0.0)
         if want_entropy:
             ent[r0:r1] = (torch.log(s) - t / s).clamp_min(0.0)
