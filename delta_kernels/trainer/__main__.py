@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="0: answer width + 1")
     a("--digits", type=int, default=d.digits, help="operand digits of the addition task")
     a("--heldout-size", type=int, default=d.heldout_size)
+    a("--eval-every", type=int, default=d.eval_every, help="held-out greedy accuracy every N RL steps (0: off)")
     a("--hidden-size", type=int, default=d.hidden_size)
     a("--num-layers", type=int, default=d.num_layers)
     a("--num-heads", type=int, default=d.num_heads)

@@ -21,7 +21,7 @@ class TrainerConfig:
     seed: int = 0
     steps: int = 150
     device: str = "cpu"
-    threads: int = 2                   # torch CPU threads
+    threads: int = 1                   # torch CPU threads (the tiny default model gains nothing from more)
     out: Optional[str] = None          # default runs/<timestamp>
     progress: bool = True
     html_samples: int = 12
@@ -33,6 +33,7 @@ class TrainerConfig:
     # task
     digits: int = 2
     heldout_size: int = 256
+    eval_every: int = 25               # held-out greedy accuracy every N RL steps (0: before/after only)
     max_new_tokens: int = 0            # 0: answer width + 1 (eos)
     # RL (DAPO settings)
     prompts_per_step: int = 32
@@ -80,6 +81,8 @@ def validate(cfg: TrainerConfig) -> None:
                          "responses of a step")
     if cfg.lr <= 0 or cfg.sft_lr <= 0:
         raise ValueError("--lr and --sft-lr must be > 0")
+    if cfg.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0, got {cfg.eval_every}")
     if cfg.warmup_steps < 0 or cfg.max_new_tokens < 0 or (cfg.sft_max_steps or 0) < 0:
         raise ValueError("--warmup-steps, --max-new-tokens and --sft-max-steps must be >= 0")
     if cfg.temperature <= 0:

@@ -89,12 +89,14 @@ def run(cfg: TrainerConfig) -> Dict:
                       keep_samples=per_sample if step in sample_steps else 0)
         sched.step()
         row = dict(step=step, lr=sched.get_last_lr()[0], **res.metrics)
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+            row["heldout_accuracy"] = greedy_accuracy(model, tok, task.heldout, max_new)
         log.append(row)
         samples += [dict(s, step=step) for s in res.samples]
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", ent=f"{row['entropy']:.3f}",
                         step_s=f"{row['time_step']:.2f}")
     time_rl = time.perf_counter() - t0
-    acc_after = greedy_accuracy(model, tok, task.heldout, max_new)
+    acc_after = log.rows[-1]["heldout_accuracy"]
 
     rows = log.rows
     title = f"DelTA trainer, credit={cfg.credit}, seed={cfg.seed}"

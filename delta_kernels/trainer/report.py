@@ -42,7 +42,12 @@ def plot_curves(rows: List[Dict], path: str, title: str = "") -> None:
             smooth = [sum(r[key] for r in rows[max(0, i - w + 1):i + 1]) / len(rows[max(0, i - w + 1):i + 1])
                       for i in range(len(rows))]
             ax.plot(steps, smooth, lw=2, label=f"mean of last {w}")
-        ax.set_title(key)
+        if key == "accuracy":
+            held = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
+            if held:
+                ax.plot(*zip(*held), "o-", color="black", lw=1.5, label="held-out greedy")
+            ax.legend(fontsize=8)
+        ax.set_title(key + (" (sampled, T=1)" if key in ("reward", "accuracy") else ""))
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
