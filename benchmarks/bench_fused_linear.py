@@ -254,7 +254,7 @@ def write(rows, rate, device, args):
                 commit=commit(), torch=torch.__version__, device=device, matmul_tflops=round(rate, 1 if device == "cuda" else 4),
                 flop_count="ours: 8 MHV (fwd logits 2, bwd recompute 2, dH 2, dW 2); methods keeping logits: 6 MHV; "
                            "phase A: 2 MHV",
-                argv=sys.argv[1:])
+                argv=sys.argv[1:], load_average_1min=round(os.getloadavg()[0], 2))
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -272,7 +272,8 @@ def write(rows, rate, device, args):
     lines = [f"# Fused LM-head kernels ({device})", "",
              f"Machine: {meta['machine']}; date {meta['date']}; commit {meta['commit']}; torch {meta['torch']}, "
              f"triton {meta['triton']}. Measured dense matmul rate: {meta['matmul_tflops']} TFLOP/s "
-             f"({'bf16' if device == 'cuda' else 'fp32'}). Flop count: {meta['flop_count']}.", "",
+             f"({'bf16' if device == 'cuda' else 'fp32'}). Flop count: {meta['flop_count']}. "
+             f"Load average at the end: {meta['load_average_1min']} on {os.cpu_count()} cores.", "",
              f"| provider | mode | tokens | H | V | p50 ms (p20-p80) | TFLOP/s | floor ms | of floor | {mem_col} | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
