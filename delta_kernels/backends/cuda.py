@@ -1,0 +1,117 @@
+"""backend="cuda": the CUDA kernels of csrc/cuda (delta_kernels._cuda), on CUDA tensors.
+
+Python allocates outputs (``_alloc.empty``) and workspaces and passes data pointers and
+``torch.cuda.current_stream().cuda_stream``; a failed launch raises RuntimeError with the CUDA
+error string. Same structure as backends/cpp.py: exact token vectors stay implicit
+(hidden scaled per token on the fly), the sketch is materialised in float32 for the pipeline.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _cuda
+from .._alloc import empty
+from .._checks import DeltaConfig, SurrogateConfig, TokenBatch
+from ..pipeline import run_coefficients
+from ._native import AGG_CODES, dtype_code, f32, ptr, rows_of, surrogate_with_grad
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+class ScaledRows(NamedTuple):
+    """v[t] = scale[t] * rows[t], never materialised (see backends/cpp.py)."""
+    rows: torch.Tensor
+    scale: torch.Tensor
+
+
+def _partial(n: int, d: int, device) -> torch.Tensor:
+    return torch.empty(max(_cuda.reduction_chunks(n), 1) * 2 * d, dtype=torch.float32, device=device)
+
+
+def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
+    """hidden [N, H] -> (v [N, D] in out_dtype (hidden's, or float32), sums [2, D] f32)."""
+    n, h = hidden.shape
+    d = sketch_dim or h
+    out_dtype = out_dtype or hidden.dtype
+    dev = hidden.device
+    out = empty(n, d, dtype=out_dtype, device=dev)
+    sums = empty(2, d, dtype=torch.float32, device=dev)
+    logp, a_pos, a_neg = f32(logp), f32(a_pos), f32(a_neg)
+    scale_ws = torch.empty(max(n, 1), dtype=torch.float32, device=dev)
+    _cuda.token_vectors(dtype_code(hidden), ptr(hidden), ptr(logp), ptr(a_pos), ptr(a_neg), n, h, sketch_dim or 0,
+                        seed, out_dtype != hidden.dtype, ptr(out), ptr(scale_ws), ptr(_partial(n, d, dev)),
+                        ptr(sums), _stream())
+    return out, sums
+
+
+def _rows_and_scale(v):
+    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, 0)
+
+
+def side_sums(v, a_pos, a_neg):
+    rows, scale = _rows_and_scale(v)
+    n, d = rows.shape
+    sums = empty(2, d, dtype=torch.float32, device=rows.device)
+    a_pos, a_neg = f32(a_pos), f32(a_neg)
+    _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, 0, 0, 0, ptr(a_pos), ptr(a_neg), 0, 0,
+                   ptr(_partial(n, d, rows.device)), ptr(sums), _stream())
+    return sums
+
+
+def margin_pass(v, w, b, gate):
+    rows, scale = _rows_and_scale(v)
+    n, d = rows.shape
+    w, b = f32(w), f32(b)
+    m = empty(n, dtype=torch.float32, device=rows.device)
+    if gate is None:
+        _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(b), 0, 0, 0, ptr(m), 0, 0, 0, _stream())
+        return m, None
+    gamma, a_pos, a_neg = (f32(x) for x in gate)
+    sums = empty(2, d, dtype=torch.float32, device=rows.device)
+    _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(b), ptr(gamma), ptr(a_pos), ptr(a_neg),
+                   ptr(m), 0, ptr(_partial(n, d, rows.device)), ptr(sums), _stream())
+    return m, sums
+
+
+def _pipeline_token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int):
+    if sketch_dim is not None:
+        return token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_dtype=torch.float32)
+    v = ScaledRows(hidden, f32(-torch.expm1(logp.to(torch.float32))))
+    return v, side_sums(v, a_pos, a_neg)
+
+
+PIPELINE_KERNELS = SimpleNamespace(token_vectors=_pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
+
+
+def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
+    zeros = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return token_vectors(hidden, logp, zeros, zeros, sketch_dim, seed)[0]
+
+
+def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int, reduce=None):
+    return run_coefficients(PIPELINE_KERNELS, batch, cfg, sketch_dim, seed, reduce)
+
+
+def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, cfg: SurrogateConfig):
+    rows, cols = rows_of(logp)
+    dev = logp.device
+    old_logp, adv = f32(old_logp), f32(adv)
+    mask = mask.contiguous()
+    coef = None if coef is None else f32(coef)
+
+    def kernel(lp):
+        lp = f32(lp)
+        out = empty(4, dtype=torch.float32, device=dev)
+        grad = empty(*logp.shape, dtype=torch.float32, device=dev)
+        ws = torch.empty(_cuda.surrogate_workspace(rows, cols), dtype=torch.float32, device=dev)
+        _cuda.clipped_surrogate(ptr(lp), ptr(old_logp), ptr(adv), ptr(mask), 0 if coef is None else ptr(coef), rows,
+                                cols, cfg.clip_low, cfg.clip_high, cfg.clip_c, AGG_CODES[cfg.agg], ptr(out),
+                                ptr(grad), ptr(ws), _stream())
+        return out[0], out[1:], grad
+
+    return surrogate_with_grad(logp, kernel)
