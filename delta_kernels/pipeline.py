@@ -13,6 +13,10 @@ Kernel contract (all tensors contiguous, on one device; float32 unless stated):
         m = 2 (v.w + b); with gate = (gamma [2], a_pos, a_neg) also
         sums = (sum sigmoid(m/gamma+) a_pos v, sum sigmoid(-m/gamma-) a_neg v)   one read of v
 
+``v`` is whatever the backend's token_vectors returns and only that backend's side_sums and
+margin_pass read it: a tensor, or a handle such as cpp/cuda's ``ScaledRows(hidden, 1 - exp(logp))``
+that keeps exact vectors implicit (each pass scales the rows of h on the fly; no [N, H] write).
+
 Reads of v per call: 1 when k = 0, else k + 2 (the temperature pass, k fused gate/refine
 passes, the final margins), plus the one read of hidden when v is built here.
 """
