@@ -7,15 +7,22 @@ Data flow of one RL step::
     logp, old_logp, advantages * coef  --clipped_surrogate_loss-->  loss, backward   (phase C)
 
 ``delta_coefficients`` also takes the hidden states directly and runs phase A inside.
+With the LM head fused in (no [tokens x vocab] logits in either phase)::
+
+    h, W_head, targets  --fused_linear_logprob_sketch-->  logp, entropy, z, side sums   (A)
+    z, side sums  --delta_coefficients(None, ..., vectors=z, side_sums=...)-->  coef    (B)
+    h, W_head, targets, old_logp, advantages, coef  --fused_linear_clipped_surrogate_loss-->  loss  (C)
 Every call takes ``backend=``: "torch" (the float64-capable reference), "cpp" (CPU),
 "cuda" and "triton" (GPU), or "auto". ``delta_kernels.naive`` mirrors the published code.
 """
 from ._backends import available_backends
 from .coefficients import DeltaResult, DeltaStats, delta_coefficients
+from .fused_linear import fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch
 from .sketch import token_sketch
 from .sketch_matrix import sketch_matrix
 from .surrogate import clipped_surrogate_loss
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
+           "fused_linear_logprob_sketch", "fused_linear_clipped_surrogate_loss",
            "DeltaResult", "DeltaStats", "available_backends"]
 __version__ = "0.1.0"
