@@ -195,3 +195,25 @@ def test_bad_config_refused_by_run(tmp_path):
 def test_defaults_parse():
     cfg = parse_config([])
     assert cfg.credit == "delta" and cfg.k == 1 and cfg.model is None and cfg.clip_high == 0.28
+
+
+def test_model_path_loads_local_checkpoint_and_trains(tmp_path):
+    """--model PATH: a local checkpoint + tokenizer saved with save_pretrained goes through
+    AutoModelForCausalLM / AutoTokenizer and trains (no warm start by default)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    model, ct = tiny_model(seed=4)
+    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(ct.itos)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    fast.save_pretrained(ckpt)
+    cfg = tiny_config(tmp_path, "from_path", model=str(ckpt), steps=2, sft_max_steps=None)
+    assert parse_config(["--model", str(ckpt)]).model == str(ckpt)
+    s = run(cfg)
+    assert s["model"] == str(ckpt) and s["warm_start_steps"] == 0
+    assert s["parameters"] == sum(p.numel() for p in model.parameters())
+    rows = read_metrics(os.path.join(s["out"], "metrics.jsonl"))
+    assert len(rows) == 2 and all(r["forwards_old_logprob"] == 1 for r in rows)

@@ -19,7 +19,7 @@ class TrainerConfig:
     backend: str = "auto"              # delta_kernels backend for coefficients and loss
     # run
     seed: int = 0
-    steps: int = 150
+    steps: int = 400
     device: str = "cpu"
     threads: int = 1                   # torch CPU threads (the tiny default model gains nothing from more)
     out: Optional[str] = None          # default runs/<timestamp>
@@ -39,7 +39,7 @@ class TrainerConfig:
     prompts_per_step: int = 32
     group_size: int = 8
     minibatches: int = 4
-    lr: float = 5e-4
+    lr: float = 3e-4
     warmup_steps: int = 5
     clip_low: float = 0.2
     clip_high: float = 0.28

@@ -5,7 +5,6 @@ import datetime
 import json
 import os
 import time
-import warnings
 from typing import Dict, Optional
 
 import torch
@@ -52,7 +51,6 @@ def run(cfg: TrainerConfig) -> Dict:
     device = torch.device(cfg.device)
     out = cfg.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers 5 renames it to `cache`
 
     task = AdditionTask(digits=cfg.digits, n_heldout=cfg.heldout_size)
     model, tok, model_name = build_policy(cfg, device)
@@ -100,7 +98,7 @@ def run(cfg: TrainerConfig) -> Dict:
 
     rows = log.rows
     title = f"DelTA trainer, credit={cfg.credit}, seed={cfg.seed}"
-    plot_curves(rows, os.path.join(out, "curves.png"), title)
+    plot_curves(rows, os.path.join(out, "curves.png"), title, heldout_before=acc_before)
     write_responses_html(samples, os.path.join(out, "responses.html"), title)
     forwards = {k[len("forwards_"):]: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("forwards_")}
     summary = dict(

@@ -55,8 +55,8 @@ def load_pretrained(path: str, device: torch.device):
                                 "nothing is downloaded)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
-    return model.to(device), tok
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return model.to(device=device, dtype=torch.float32), tok
 
 
 def lm_head_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 class MetricsLog:
@@ -28,8 +28,9 @@ def read_metrics(path: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(rows: List[Dict], path: str, title: str = "") -> None:
-    """Reward, sampled accuracy and entropy per step (Agg backend, no display needed)."""
+def plot_curves(rows: List[Dict], path: str, title: str = "", heldout_before: Optional[float] = None) -> None:
+    """Reward, sampled accuracy and entropy per step, plus held-out greedy accuracy (before RL at
+    x=0, then after step s at x=s+1) on the accuracy panel. Agg backend, no display needed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -43,7 +44,8 @@ def plot_curves(rows: List[Dict], path: str, title: str = "") -> None:
                       for i in range(len(rows))]
             ax.plot(steps, smooth, lw=2, label=f"mean of last {w}")
         if key == "accuracy":
-            held = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
+            held = ([(0, heldout_before)] if heldout_before is not None else []) + [
+                (r["step"] + 1, r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
             if held:
                 ax.plot(*zip(*held), "o-", color="black", lw=1.5, label="held-out greedy")
             ax.legend(fontsize=8)

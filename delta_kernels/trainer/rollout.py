@@ -6,6 +6,7 @@ The hidden state that predicts it is the one at column P + t - 1.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -40,6 +41,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
     return ids.to(device), mask.to(device)
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """transformers >= 5.2x calls the KV cache ``cache``; earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_responses(model: torch.nn.Module, prompts: List[List[int]], *, max_new_tokens: int, eos_id: int,
                      pad_id: int, generator: Optional[torch.Generator] = None, temperature: float = 1.0,
@@ -53,10 +59,11 @@ def sample_responses(model: torch.nn.Module, prompts: List[List[int]], *, max_ne
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     out_ids, out_mask = [], []
     step_ids, step_pos, past = ids, positions(mask), None
+    cache_arg = _cache_argument(model)
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                    **{cache_arg: past})
+        past = getattr(out, cache_arg)
         logits = out.logits[:, -1, :].float()
         if greedy:
             nxt = logits.argmax(-1)

@@ -158,7 +158,7 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         for name, val in [("loss", loss), ("grad_norm", grad_norm)] + list(metrics.items()):
-            totals[name] = totals.get(name, 0.0) + float(val) / cfg.minibatches
+            totals[name] = totals.get(name, 0.0) + float(val.detach()) / cfg.minibatches
     model.eval()
     return totals
 
