@@ -76,7 +76,8 @@ def main() -> None:
     tok, task = CharTokenizer(), AdditionTask()
     model, arch = build_default_model(tok.vocab_size, size, 0, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     model = model.to(device).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # prompts and mini-batch order
+    sampling_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(0)
     sft = args.sft_steps if args.sft_steps is not None else (100 if args.gpu else 300)
     if sft:
         supervised_warm_start(model, tok, task, WarmStartConfig(max_steps=sft, target_accuracy=0.3,
@@ -87,15 +88,18 @@ def main() -> None:
     phases = {"delta": {p: [] for p in PHASES}, "none": {p: [] for p in PHASES}}
     forwards = {}
     for i in range(args.warmup + steps):
-        snap = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state())
+        snap = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state(),
+                sampling_gen.get_state())
         order = ("delta", "none") if i % 2 == 0 else ("none", "delta")
         for j, mode in enumerate(order):
             if j == 1:  # same starting point, same rollouts
                 model.load_state_dict(snap[0])
                 opt.load_state_dict(snap[1])
                 gen.set_state(snap[2])
+                sampling_gen.set_state(snap[3])
             res = rl_step(model, opt, tok, task, prompts_per_step=prompts, group_size=args.group_size,
-                          max_new_tokens=4, credit=CreditConfig(credit=mode), update=update, generator=gen)
+                          max_new_tokens=4, credit=CreditConfig(credit=mode), update=update, generator=gen,
+                          sampling_generator=sampling_gen)
             if i >= args.warmup:
                 times[mode].append(res.metrics["time_step"])
                 for p in PHASES:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import CREDIT_MODES, TrainerConfig, validate
+from .config import BACKENDS, CREDIT_MODES, TrainerConfig, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lam-min", type=float, default=d.lam_min)
     a("--lam-max", type=float, default=d.lam_max)
     a("--sketch-dim", type=int, default=d.sketch_dim, help="sketch width r (default: exact vectors)")
-    a("--backend", default=d.backend, help="delta_kernels backend: auto, torch, cpp, cuda, triton")
+    a("--backend", choices=BACKENDS, default=d.backend, help="delta_kernels backend of coefficients and loss")
     a("--seed", type=int, default=d.seed)
     a("--steps", type=int, default=d.steps, help="RL steps")
     a("--device", choices=("cpu", "cuda"), default=d.device)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 CREDIT_MODES = ("delta", "none")
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
 
 @dataclass
@@ -65,6 +66,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--lam-min must be >= 0, got {cfg.lam_min}")
     if cfg.sketch_dim is not None and cfg.sketch_dim < 1:
         raise ValueError(f"--sketch-dim must be >= 1, got {cfg.sketch_dim}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"--backend: unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
     if cfg.model is not None and not os.path.exists(cfg.model):

@@ -56,7 +56,8 @@ def run(cfg: TrainerConfig) -> Dict:
     model, tok, model_name = build_policy(cfg, device)
     model.eval()
     max_new = cfg.max_new_tokens or task.max_answer_chars() + 1
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # prompts, mini-batch order (CPU)
+    sampling_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed)
 
     t0 = time.perf_counter()
     sft_steps = cfg.sft_max_steps if cfg.sft_max_steps is not None else (0 if cfg.model else 600)
@@ -84,6 +85,7 @@ def run(cfg: TrainerConfig) -> Dict:
     for step in bar:
         res = rl_step(model, optimizer, tok, task, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                       max_new_tokens=max_new, credit=credit, update=update, generator=gen,
+                      sampling_generator=sampling_gen,
                       keep_samples=per_sample if step in sample_steps else 0)
         sched.step()
         row = dict(step=step, lr=sched.get_last_lr()[0], **res.metrics)

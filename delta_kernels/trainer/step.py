@@ -176,8 +176,11 @@ class StepResult:
 
 def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step: int, group_size: int,
             max_new_tokens: int, credit: CreditConfig, update: UpdateConfig, generator: torch.Generator,
-            keep_samples: int = 0) -> StepResult:
-    """One full step; metrics include the time split (s) and the model forwards of each phase."""
+            sampling_generator: Optional[torch.Generator] = None, keep_samples: int = 0) -> StepResult:
+    """One full step; metrics include the time split (s) and the model forwards of each phase.
+
+    ``generator`` (CPU) draws the prompts and the mini-batch order; ``sampling_generator`` (on the
+    model's device; default ``generator``, which suits a CPU model) draws the response tokens."""
     device = next(model.parameters()).device
     timings: Dict[str, float] = {}
     counter = ForwardCounter(model)
@@ -197,8 +200,8 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
         model.eval()
         rollout = timed("rollout", lambda: sample_responses(
             model, [tokenizer.encode(p.prompt) for p in problems], max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator,
-            temperature=update.temperature))
+            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            generator=sampling_generator or generator, temperature=update.temperature))
         texts = [tokenizer.decode(r) for r in rollout.response_ids.tolist()]
         rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, problems)], device=device)
         adv = grpo_advantages(rewards, group_size)
