@@ -39,37 +39,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=TrainerConfig.steps)
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    args = ap.parse_args()
-    machine = re.sub(r"[^a-z0-9]+", "-", f"cpu-{platform.machine()}-{os.cpu_count()}c".lower())
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for credit in ("delta", "none"):
-                cfg = TrainerConfig(credit=credit, seed=seed, steps=args.steps, eval_every=args.eval_every,
-                                    device=args.device, progress=False, out=os.path.join(tmp, f"{credit}_{seed}"))
-                s = run(cfg)
-                rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
-                runs.append(dict(seed=seed, credit=credit, before=s["accuracy_before_rl"], after=s["accuracy_after_rl"],
-                                 time_rl_s=s["time_rl_s"], time_total_s=s["time_total_s"],
-                                 warm_start_steps=s["warm_start_steps"],
-                                 heldout=[(0, s["accuracy_before_rl"])] + [(r["step"] + 1, r["heldout_accuracy"])
-                                                                         for r in rows if "heldout_accuracy" in r],
-                                 sampled=[r["accuracy"] for r in rows]))
-                print(f"seed {seed} {credit}: held-out {s['accuracy_before_rl']:.3f} -> {s['accuracy_after_rl']:.3f} "
-                      f"({s['time_total_s']:.0f}s)", flush=True)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"trainer_learning_curves_{machine}"
-    meta = dict(machine=machine, date=datetime.datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
-                steps=args.steps, seeds=args.seeds, config={k: v for k, v in vars(TrainerConfig()).items()
-                                                            if k not in ("out", "progress")})
+def write_outputs(runs, meta, stem: Path) -> None:
+    """JSON, CSV, PNG and Markdown of the runs (also used by --replot)."""
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, runs=runs), indent=2))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -99,12 +70,12 @@ def main() -> None:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"DelTA vs DAPO, embedded task ({machine}, commit {meta['commit']})")
+    fig.suptitle(f"DelTA vs DAPO, embedded task ({meta['machine']}, commit {meta['commit']})")
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=100)
 
-    md = [f"# Learning curves: DelTA vs DAPO on the embedded task ({machine})", "",
-          f"{meta['date']}, commit {meta['commit']}; {args.steps} RL steps per run, seeds {args.seeds}; "
+    md = [f"# Learning curves: DelTA vs DAPO on the embedded task ({meta['machine']})", "",
+          f"{meta['date']}, commit {meta['commit']}; {meta['steps']} RL steps per run, seeds {meta['seeds']}; "
           "held-out greedy accuracy (256 problems never trained on).", "",
           "| seed | credit | warm-start steps | before RL | after RL | gain | RL time (s) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -114,9 +85,55 @@ def main() -> None:
         gains = [r["after"] - r["before"] for r in runs if r["credit"] == credit]
         afters = [r["after"] for r in runs if r["credit"] == credit]
         md.append(f"| mean | {credit} | | | {statistics.mean(afters):.3f} | {statistics.mean(gains):+.3f} | |")
+    if meta.get("note"):
+        md += ["", f"Note: {meta['note']}."]
     md += ["", f"![curves]({stem.with_suffix('.png').name})"]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=TrainerConfig.steps)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--replot", metavar="JSON", help="rewrite CSV/PNG/MD from a saved JSON result, no runs")
+    args = ap.parse_args()
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        runs = data.pop("runs")
+        write_outputs(runs, data, Path(args.replot).with_suffix(""))
+        return
+    commit = git_commit()  # the code the runs use (read before they start)
+    machine = re.sub(r"[^a-z0-9]+", "-", f"cpu-{platform.machine()}-{os.cpu_count()}c".lower())
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for credit in ("delta", "none"):
+                cfg = TrainerConfig(credit=credit, seed=seed, steps=args.steps, eval_every=args.eval_every,
+                                    device=args.device, progress=False, out=os.path.join(tmp, f"{credit}_{seed}"))
+                s = run(cfg)
+                rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+                runs.append(dict(seed=seed, credit=credit, before=s["accuracy_before_rl"], after=s["accuracy_after_rl"],
+                                 time_rl_s=s["time_rl_s"], time_total_s=s["time_total_s"],
+                                 warm_start_steps=s["warm_start_steps"],
+                                 heldout=[(0, s["accuracy_before_rl"])] + [(r["step"] + 1, r["heldout_accuracy"])
+                                                                         for r in rows if "heldout_accuracy" in r],
+                                 sampled=[r["accuracy"] for r in rows]))
+                print(f"seed {seed} {credit}: held-out {s['accuracy_before_rl']:.3f} -> {s['accuracy_after_rl']:.3f} "
+                      f"({s['time_total_s']:.0f}s)", flush=True)
+    meta = dict(machine=machine, date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit,
+                steps=args.steps, seeds=args.seeds,
+                config={k: v for k, v in vars(TrainerConfig(steps=args.steps, eval_every=args.eval_every,
+                                                            device=args.device)).items()
+                        if k not in ("out", "progress", "seed", "credit")})
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(runs, meta, out / f"trainer_learning_curves_{machine}")
 
 
 if __name__ == "__main__":

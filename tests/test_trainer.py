@@ -217,3 +217,15 @@ def test_model_path_loads_local_checkpoint_and_trains(tmp_path):
     assert s["parameters"] == sum(p.numel() for p in model.parameters())
     rows = read_metrics(os.path.join(s["out"], "metrics.jsonl"))
     assert len(rows) == 2 and all(r["forwards_old_logprob"] == 1 for r in rows)
+
+
+def test_cli_main_prints_summary(tmp_path, capsys):
+    from delta_kernels.trainer.__main__ import main
+    out = tmp_path / "cli"
+    code = main(["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--minibatches", "2",
+                 "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--sft-max-steps", "0",
+                 "--heldout-size", "8", "--credit", "none", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "held-out greedy accuracy: before RL" in text and "model forwards per step" in text
+    assert (out / "metrics.jsonl").exists() and (out / "curves.png").exists() and (out / "responses.html").exists()

@@ -108,6 +108,7 @@ def format_summary(summary: Dict) -> str:
         f"{summary['accuracy_after_rl']:.3f}  ({summary['heldout_size']} problems)",
         f"warm start: {summary['warm_start_steps']} SFT steps in {summary['time_warm_start_s']:.1f}s",
         f"RL: {summary['steps']} steps in {summary['time_rl_s']:.1f}s; time split: {split}",
-        f"model forwards per step (mean): {summary['forwards_per_step']}",
+        "model forwards per step (mean): " + ", ".join(f"{k} {v:g}" for k, v in summary["forwards_per_step"].items())
+        + " (the same with --credit none: DelTA reuses the old-log-prob pass)",
         f"total wall time {summary['time_total_s']:.1f}s; outputs in {summary['out']}",
     ])
