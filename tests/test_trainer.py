@@ -175,6 +175,8 @@ def test_grpo_advantages():
     (["--lam-min", "1.5", "--lam-max", "1.2"], "--lam-min 1.5 must be <= --lam-max 1.2"),
     (["--group-size", "1"], "--group-size"),
     (["--sketch-dim", "0"], "--sketch-dim"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a CUDA device")),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -70,6 +70,10 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--backend: unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here")
     if cfg.model is not None and not os.path.exists(cfg.model):
         raise FileNotFoundError(f"--model: path {cfg.model!r} does not exist (pass a local checkpoint directory; "
                                 "nothing is downloaded)")

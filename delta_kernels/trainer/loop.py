@@ -43,8 +43,6 @@ def run(cfg: TrainerConfig) -> Dict:
     """Train with ``cfg``; writes metrics.jsonl, curves.png, responses.html and summary.json
     into cfg.out and returns the summary."""
     validate(cfg)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
