@@ -55,7 +55,7 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu", action="store_true", help="CUDA with a ~100M-parameter model (hidden 768, 14 layers)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA with a ~100M-parameter model (hidden 768, 16 layers, ~101M parameters)")
     ap.add_argument("--steps", type=int, default=None, help="measured step pairs (default 40 CPU, 30 GPU)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured step pairs first")
     ap.add_argument("--prompts-per-step", type=int, default=None)
@@ -72,7 +72,7 @@ def main() -> None:
     commit = git_commit()  # the code being measured (read before the run)
     steps = args.steps or (30 if args.gpu else 60)
     prompts = args.prompts_per_step or (64 if args.gpu else 32)
-    size = ModelSize(hidden_size=768, num_layers=14, num_heads=12, num_kv_heads=4, intermediate_size=2048,
+    size = ModelSize(hidden_size=768, num_layers=16, num_heads=12, num_kv_heads=4, intermediate_size=2048,
                      max_positions=64) if args.gpu else ModelSize()
     tok, task = CharTokenizer(), AdditionTask()
     model, arch = build_default_model(tok.vocab_size, size, 0, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
