@@ -8,7 +8,7 @@ time of each mode, the ratio, and the coefficient phase's share of the delta ste
 overhead measured inside one step, less exposed to machine noise).
 
     python benchmarks/bench_trainer_overhead.py            # CPU, the embedded default model
-    python benchmarks/bench_trainer_overhead.py --gpu      # CUDA, a ~100M-parameter model from config
+    python benchmarks/bench_trainer_overhead.py --gpu      # CUDA, a ~101M-parameter model from config
 
 Writes benchmarks/results/trainer_overhead_<machine>.{json,md}.
 """
@@ -55,7 +55,7 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu", action="store_true", help="CUDA with a ~100M-parameter model (hidden 768, 16 layers, ~101M parameters)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA with a ~101M-parameter model (hidden 768, 16 layers)")
     ap.add_argument("--steps", type=int, default=None, help="measured step pairs (default 40 CPU, 30 GPU)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured step pairs first")
     ap.add_argument("--prompts-per-step", type=int, default=None)
