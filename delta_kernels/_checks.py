@@ -120,6 +120,14 @@ def check_sketch_args(sketch_dim: Optional[int], seed: int) -> None:
         fail("seed", f"must be in [0, 2**32), got {seed}")
 
 
+def check_finite_numbers(obj, names) -> None:
+    """Each named attribute of ``obj`` is a finite int or float (not a bool)."""
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
+            fail(n, f"must be a finite number, got {v!r}")
+
+
 @dataclass(frozen=True)
 class DeltaConfig:
     """Scalar parameters of the coefficient pipeline (validated)."""
@@ -133,10 +141,7 @@ class DeltaConfig:
             raise TypeError(f"k: expected an int, got {type(self.k).__name__}")
         if self.k < 0:
             fail("k", f"must be >= 0, got {self.k}")
-        for n in ("lam_min", "lam_max", "eps"):
-            v = getattr(self, n)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
-                fail(n, f"must be a finite number, got {v!r}")
+        check_finite_numbers(self, ("lam_min", "lam_max", "eps"))
         if self.lam_min < 0:
             fail("lam_min", f"must be >= 0, got {self.lam_min}")
         if not self.lam_max > 0:
@@ -157,10 +162,7 @@ class SurrogateConfig:
     def __post_init__(self):
         if self.agg not in AGG_MODES:
             fail("agg", f"unknown aggregation mode {self.agg!r}; expected one of {', '.join(AGG_MODES)}")
-        for n in ("clip_low", "clip_high", "clip_c"):
-            v = getattr(self, n)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
-                fail(n, f"must be a finite number, got {v!r}")
+        check_finite_numbers(self, ("clip_low", "clip_high", "clip_c"))
         if not 0 <= self.clip_low < 1:
             fail("clip_low", f"must be in [0, 1), got {self.clip_low}")
         if self.clip_high < 0:
