@@ -1,4 +1,5 @@
-"""The reference trainer: outputs of a run, zero extra forwards, hidden-state capture,
+"""The reference trainer: outputs of a run, zero extra forwards, the logit-free old-log-prob pass
+and update loss against the float64 logits path (tied and untied heads, temperature),
 determinism, GRPO advantages, coefficients against the float64 reference, argument checks."""
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from delta_kernels.trainer.loop import deterministic_view, run
 from delta_kernels.trainer.model import ModelSize, build_default_model, load_pretrained
 from delta_kernels.trainer.report import read_metrics
 from delta_kernels.trainer.rollout import sample_responses
-from delta_kernels.trainer.step import CreditConfig, credit_coefficients, old_logprob_pass
+from delta_kernels.trainer.step import (CreditConfig, ForwardCounter, UpdateConfig, credit_coefficients,
+                                        old_logprob_pass, policy_loss)
 from delta_kernels.trainer.tokenizer import CharTokenizer
 from helpers import TOL, as64, assert_rel
 
@@ -98,28 +100,100 @@ def test_credit_none_gives_unit_coefficients_and_delta_does_not(runs):
     assert all(r["coef_min"] == 1.0 and r["coef_max"] == 1.0 for r in rows)
 
 
-def test_captured_hidden_equals_hidden_entering_head():
+def _full_forward64(model, roll):
+    """The unfused oracle: the full model's forward (float32, with logits), the last hidden state
+    there, and the logits recomputed from it in float64. Returns (logits64, hidden64) of the
+    columns predicting the response."""
+    with torch.no_grad():
+        full = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=roll.position_ids,
+                     output_hidden_states=True, use_cache=False)
+    p, t = roll.prompt_len, roll.response_ids.shape[1]
+    h64 = full.hidden_states[-1][:, p - 1:p + t - 1].double()
+    head = model.get_output_embeddings()
+    logits64 = h64 @ head.weight.double().T
+    torch.testing.assert_close(logits64.float(), full.logits[:, p - 1:p + t - 1], rtol=1e-5, atol=1e-5)
+    return logits64, h64
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_old_logprob_pass_matches_full_forward(temperature):
+    """The body-only pass + fused LM-head kernel gives the hidden states entering the head, and the
+    log-probs, entropies, token vectors and side sums of the full model's logits / temperature."""
     model, tok = tiny_model(seed=1)
     g = torch.Generator().manual_seed(5)
     roll = sample_responses(model, random_prompts(tok, 9, seed=2), max_new_tokens=5, eos_id=tok.eos_token_id,
                             pad_id=tok.pad_token_id, generator=g)
     assert roll.prompt_len > min(int(m.sum()) for m in roll.attention_mask[:, :roll.prompt_len])  # left padding used
-    old = old_logprob_pass(model, roll)
+    adv = torch.randn(9, generator=g)
+    with ForwardCounter(model) as counter:
+        old = old_logprob_pass(model, roll, temperature, adv, CreditConfig())
+    assert counter.count == 1
     p, t = roll.prompt_len, roll.response_ids.shape[1]
     with torch.no_grad():
         full = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=roll.position_ids,
                      output_hidden_states=True, use_cache=False)
-        normed = model.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
-                             position_ids=roll.position_ids, use_cache=False).last_hidden_state
-    cols = slice(p - 1, p + t - 1)
     valid = roll.response_mask
-    torch.testing.assert_close(old.hidden[valid], normed[:, cols][valid], rtol=0, atol=0)
-    torch.testing.assert_close(old.hidden[valid], full.hidden_states[-1][:, cols][valid], rtol=0, atol=0)
-    ref_logp = torch.log_softmax(full.logits[:, cols].double(), -1).gather(-1, roll.response_ids[..., None])[..., 0]
+    torch.testing.assert_close(old.hidden[valid], full.hidden_states[-1][:, p - 1:p + t - 1][valid], rtol=0, atol=0)
+    logits64, h64 = _full_forward64(model, roll)
+    logprobs = torch.log_softmax(logits64 / temperature, -1)
+    ref_logp = logprobs.gather(-1, roll.response_ids[..., None])[..., 0]
     assert_rel(old.logp[valid], ref_logp[valid], TOL[torch.float32], "old logp")
-    probs = torch.softmax(full.logits[:, cols].double(), -1)
-    ref_ent = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+    ref_ent = -(logprobs.exp() * logprobs).sum(-1)
     assert_rel(old.entropy[valid], ref_ent[valid], TOL[torch.float32], "entropy")
+    ref_v = (1 - ref_logp.exp())[..., None] * h64
+    assert_rel(old.vectors[valid], ref_v[valid], TOL[torch.float32], "token vectors")
+    a = adv.double()[:, None] * valid
+    ref_sums = torch.stack([(a.clamp(min=0)[..., None] * ref_v).sum((0, 1)),
+                            ((-a).clamp(min=0)[..., None] * ref_v).sum((0, 1))])
+    assert_rel(old.side_sums, ref_sums, TOL[torch.float32], "side sums")
+
+
+def _untied(model):
+    """The same model with an LM head that no longer shares the input embedding's weight."""
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() + 0.01)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_policy_loss_gradients_match_logits_reference(tied):
+    """The fused update loss (hidden states + LM head, no logits) gives the loss, metrics and
+    parameter gradients of the logits path: the full model's forward (float32 logits), then
+    log_softmax(logits / T) and the reference clipped surrogate with coefficients in float64."""
+    model, tok = tiny_model(seed=6)
+    if not tied:
+        model = _untied(model)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    g = torch.Generator().manual_seed(7)
+    roll = sample_responses(model, random_prompts(tok, 8, seed=8), max_new_tokens=5, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, generator=g)
+    cfg = UpdateConfig(temperature=0.8)
+    old = old_logprob_pass(model, roll, cfg.temperature)
+    old_logp = (old.logp + 0.3 * torch.randn(old.logp.shape, generator=g)).clamp(max=0)  # some ratios clip
+    adv = torch.randn(8, generator=g)
+    coef = (0.8 + 0.4 * torch.rand(old.logp.shape, generator=g)) * roll.response_mask
+    model.zero_grad()
+    loss, metrics = policy_loss(model, roll, old_logp, adv, coef, cfg)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    logits = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=roll.position_ids,
+                   use_cache=False).logits  # float32 forward, then the logits path in float64
+    p, t = roll.prompt_len, roll.response_ids.shape[1]
+    logp = torch.log_softmax(logits[:, p - 1:p + t - 1].double() / cfg.temperature, -1).gather(
+        -1, roll.response_ids[..., None])[..., 0]
+    ref_loss, ref_metrics = delta_kernels.clipped_surrogate_loss(logp, old_logp.double(), adv.double(),
+                                                                 roll.response_mask, coef=coef.double(),
+                                                                 backend="torch")
+    ref_loss.backward()
+    assert 0.0 < float(ref_metrics["clip_frac"]) < 1.0
+    assert_rel(loss, ref_loss, TOL[torch.float32], "loss")
+    for k in ("clip_frac", "ppo_kl"):
+        assert_rel(metrics[k], ref_metrics[k], TOL[torch.float32], k)
+    for n, param in model.named_parameters():
+        assert float(grads[n].abs().max()) > 0, n
+        assert_rel(grads[n], param.grad, TOL[torch.float32], f"grad {n}")
 
 
 def test_rollout_masks_after_eos():
@@ -141,10 +215,12 @@ def test_delta_coefficients_of_trainer_match_float64_reference():
     g = torch.Generator().manual_seed(1)
     roll = sample_responses(model, random_prompts(tok, 12, seed=4), max_new_tokens=5, eos_id=tok.eos_token_id,
                             pad_id=tok.pad_token_id, generator=g)
-    old = old_logprob_pass(model, roll)
     adv = grpo_advantages(torch.tensor([1., 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1]), group_size=4)
     for sketch_dim in (None, 16):
-        coef, _ = credit_coefficients(old, adv, roll.response_mask, CreditConfig(k=2, sketch_dim=sketch_dim))
+        credit = CreditConfig(k=2, sketch_dim=sketch_dim)
+        old = old_logprob_pass(model, roll, 1.0, adv, credit)
+        assert old.vectors.shape[-1] == (sketch_dim or 48) and old.side_sums.shape == (2, sketch_dim or 48)
+        coef, _ = credit_coefficients(old, adv, roll.response_mask, credit)
         h, lp, a = as64(old.hidden, old.logp, adv)
         ref = delta_kernels.delta_coefficients(h, lp, a, roll.response_mask, k=2, sketch_dim=sketch_dim,
                                                backend="torch").coef

@@ -10,6 +10,8 @@ from typing import Dict, Optional
 import torch
 
 from .config import TrainerConfig, validate
+from .distributed import (broadcast_parameters, gather_objects, init_from_env, parameter_checksum, sampling_seed,
+                          shutdown)
 from .evaluate import greedy_accuracy
 from .model import ModelSize, build_default_model, count_parameters, load_pretrained
 from .report import MetricsLog, format_summary, plot_curves, write_responses_html
@@ -41,21 +43,47 @@ def build_policy(cfg: TrainerConfig, device: torch.device):
 
 def run(cfg: TrainerConfig) -> Dict:
     """Train with ``cfg``; writes metrics.jsonl, curves.png, responses.html and summary.json
-    into cfg.out and returns the summary."""
+    into cfg.out and returns the summary.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this: the process group is initialised from
+    the environment, each rank takes prompts_per_step / world of each step's prompts (whole GRPO
+    groups), DelTA's statistics and the gradients are reduced over the ranks, and only rank 0
+    evaluates, writes the outputs and shows the progress bar. Every rank returns the summary."""
     validate(cfg)
+    device = torch.device(cfg.device)
+    ctx = init_from_env(device)
+    try:
+        return _run(cfg, ctx, device)
+    finally:
+        shutdown(ctx)
+
+
+def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     t_start = time.perf_counter()
+    if cfg.prompts_per_step % ctx.world:
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {ctx.world} ranks")
+    rank_responses = cfg.prompts_per_step // ctx.world * cfg.group_size
+    if cfg.minibatches > rank_responses:
+        raise ValueError(f"--minibatches {cfg.minibatches} exceeds the {rank_responses} responses of a rank's step")
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    out = cfg.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    out = None
+    if ctx.is_main:
+        out = cfg.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(out, exist_ok=True)
+    out = gather_objects(out, ctx)[0]  # rank 0's directory, named in every rank's summary
 
     task = AdditionTask(digits=cfg.digits, n_heldout=cfg.heldout_size)
     model, tok, model_name = build_policy(cfg, device)
     model.eval()
     max_new = cfg.max_new_tokens or task.max_answer_chars() + 1
-    gen = torch.Generator().manual_seed(cfg.seed)  # prompts, mini-batch order (CPU)
-    sampling_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # prompts, mini-batch order (CPU; in step on every rank)
+    if ctx.world > 1:  # each rank samples its responses from its own stream
+        sampling_gen = torch.Generator(device=device).manual_seed(sampling_seed(cfg.seed, ctx.rank))
+    else:
+        sampling_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed)
 
     t0 = time.perf_counter()
     sft_steps = cfg.sft_max_steps if cfg.sft_max_steps is not None else (0 if cfg.model else 600)
@@ -64,8 +92,10 @@ def run(cfg: TrainerConfig) -> Dict:
         warm = supervised_warm_start(model, tok, task, WarmStartConfig(
             max_steps=sft_steps, target_accuracy=cfg.sft_target_accuracy, batch_size=cfg.sft_batch_size,
             lr=cfg.sft_lr), gen, max_new)
+    if ctx.world > 1:  # the warm start ran identically on every rank; make that exact
+        broadcast_parameters(model, ctx.group)
     time_warm = time.perf_counter() - t0
-    acc_before = greedy_accuracy(model, tok, task.heldout, max_new)
+    acc_before = greedy_accuracy(model, tok, task.heldout, max_new) if ctx.is_main else float("nan")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -73,45 +103,51 @@ def run(cfg: TrainerConfig) -> Dict:
                           sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature)
-    log = MetricsLog(out)
+    log = MetricsLog(out if ctx.is_main else None)
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}
     per_sample = max(cfg.html_samples // len(sample_steps), 1)
     from tqdm.auto import tqdm
-    bar = tqdm(range(cfg.steps), desc=f"RL ({cfg.credit})", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc=f"RL ({cfg.credit})", disable=not (cfg.progress and ctx.is_main),
+                dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         res = rl_step(model, optimizer, tok, task, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                       max_new_tokens=max_new, credit=credit, update=update, generator=gen,
                       sampling_generator=sampling_gen,
-                      keep_samples=per_sample if step in sample_steps else 0)
+                      keep_samples=per_sample if step in sample_steps else 0,
+                      process_group=ctx.group)
         sched.step()
         row = dict(step=step, lr=sched.get_last_lr()[0], **res.metrics)
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+        if ctx.is_main and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
             row["heldout_accuracy"] = greedy_accuracy(model, tok, task.heldout, max_new)
         log.append(row)
         samples += [dict(s, step=step) for s in res.samples]
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", ent=f"{row['entropy']:.3f}",
                         step_s=f"{row['time_step']:.2f}")
     time_rl = time.perf_counter() - t0
-    acc_after = log.rows[-1]["heldout_accuracy"]
+    acc_after = log.rows[-1].get("heldout_accuracy", float("nan"))
+    checksums = gather_objects(parameter_checksum(model), ctx)
 
     rows = log.rows
-    title = f"DelTA trainer, credit={cfg.credit}, seed={cfg.seed}"
-    plot_curves(rows, os.path.join(out, "curves.png"), title, heldout_before=acc_before)
-    write_responses_html(samples, os.path.join(out, "responses.html"), title)
+    title = f"DelTA trainer, credit={cfg.credit}, seed={cfg.seed}" + (f", {ctx.world} ranks" if ctx.world > 1 else "")
+    if ctx.is_main:
+        plot_curves(rows, os.path.join(out, "curves.png"), title, heldout_before=acc_before)
+        write_responses_html(samples, os.path.join(out, "responses.html"), title)
     forwards = {k[len("forwards_"):]: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("forwards_")}
     summary = dict(
         credit=cfg.credit, seed=cfg.seed, model=model_name, parameters=count_parameters(model), device=cfg.device,
         steps=cfg.steps, heldout_size=len(task.heldout), accuracy_before_rl=acc_before, accuracy_after_rl=acc_after,
         warm_start_steps=warm["steps"], warm_start_history=warm["history"], time_warm_start_s=time_warm,
         time_rl_s=time_rl, time_split={k: sum(r[f"time_{k}"] for r in rows) for k in TIME_KEYS},
-        forwards_per_step=forwards, out=out, config=vars(cfg).copy())
+        forwards_per_step=forwards, out=out, config=vars(cfg).copy(), world_size=ctx.world,
+        parameter_checksum=checksums[ctx.rank], parameter_checksums_by_rank=checksums)
     summary["time_total_s"] = time.perf_counter() - t_start
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-    if cfg.progress:
-        print(format_summary(summary))
+    if ctx.is_main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        if cfg.progress:
+            print(format_summary(summary))
     return summary
 
 

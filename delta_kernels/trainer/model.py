@@ -71,3 +71,21 @@ def lm_head_of(model: torch.nn.Module) -> torch.nn.Module:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def body_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its LM head (a transformers CausalLM's ``get_decoder()``, e.g.
+    Qwen3ForCausalLM.model): its ``last_hidden_state`` is the input of the LM head, final norm
+    included. Models that transform the head's output (logit soft-capping, logit scaling) are
+    refused, since the fused LM-head kernels compute plain ``hidden @ weight.T + bias``."""
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"the model's config sets {name}={getattr(config, name)!r}: its logits are not "
+                             "hidden @ lm_head.weight.T + bias, which the fused LM-head kernels compute")
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None:
+        body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise ValueError("the model exposes no body (get_decoder() / base_model) to run without its LM head")
+    return body

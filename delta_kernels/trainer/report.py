@@ -12,13 +12,17 @@ from typing import Dict, List, Optional
 class MetricsLog:
     """Appends one JSON line per step to <out>/metrics.jsonl and keeps the rows in memory."""
 
-    def __init__(self, out_dir: str):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+    def __init__(self, out_dir: Optional[str]):
+        """out_dir None: rows kept in memory only (the ranks other than 0 of a data-parallel run)."""
+        self.path = None if out_dir is None else os.path.join(out_dir, "metrics.jsonl")
         self.rows: List[Dict] = []
-        open(self.path, "w").close()
+        if self.path is not None:
+            open(self.path, "w").close()
 
     def append(self, row: Dict) -> None:
         self.rows.append(row)
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 

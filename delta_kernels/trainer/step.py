@@ -1,15 +1,18 @@
-"""One RL step: rollouts, reward, GRPO advantages, the old-log-prob pass (hidden states
-captured on the way into the LM head), DelTA coefficients, and clipped-surrogate updates.
+"""One RL step: rollouts, reward, GRPO advantages, the old-log-prob pass (the model's body, then
+the fused LM-head log-prob/sketch kernel: no logits), DelTA coefficients, and clipped-surrogate
+updates straight from the hidden states and the LM head (no logits either).
 
-Model forwards per step, identical for --credit delta and --credit none:
+Model forwards per step (forwards of the model's body, counted by ForwardCounter), identical
+for --credit delta and --credit none:
     generation: one per generated token (KV cache), at most max_new_tokens;
-    old-log-prob: 1 (the hidden states for DelTA are captured there, no extra forward);
+    old-log-prob: 1 (DelTA's token vectors come from the same hidden states, no extra forward);
     update: one forward + backward per mini-batch.
+
+Data parallel (a torch.distributed process group): each rank holds whole GRPO groups, the DelTA
+statistics are all-reduced (global coefficients), and the gradients are averaged.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -19,16 +22,19 @@ import torch
 import delta_kernels
 
 from .advantages import grpo_advantages
-from .model import lm_head_of
+from .distributed import average_gradients, global_token_share, reduce_metrics
+from .model import body_of, lm_head_of
 from .rollout import Rollout, sample_responses
 from .task import AdditionTask, Problem
 
 
 @dataclass
 class OldLogprobs:
-    logp: torch.Tensor     # [B, T] float32, log-prob of each response token under the behaviour policy
-    entropy: torch.Tensor  # [B, T] float32, entropy of the next-token distribution
+    logp: torch.Tensor     # [B, T] float32, log-prob (<= 0) of each response token under the behaviour policy
+    entropy: torch.Tensor  # [B, T] float32, entropy of the next-token distribution (after temperature)
     hidden: torch.Tensor   # [B, T, H] model dtype, hidden state entering the LM head for each response token
+    vectors: torch.Tensor  # [B, T, D] model dtype: v = (1 - p) h (D = H), or its sketch z = v @ R (D = r)
+    side_sums: Optional[torch.Tensor] = None  # [2, D] float32 (sum a+ v, sum a- v), or None without advantages
 
 
 @dataclass
@@ -54,13 +60,14 @@ class UpdateConfig:
 
 
 class ForwardCounter:
-    """Counts calls of the model's top-level forward while active."""
+    """Counts forwards of the model's body (the transformer below the LM head) while active:
+    the full model's forward runs it once, and so do the logit-free passes of this file."""
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.count, self._h = model, 0, None
 
     def __enter__(self):
-        self._h = self.model.register_forward_pre_hook(self._hook)
+        self._h = body_of(self.model).register_forward_pre_hook(self._hook)
         return self
 
     def _hook(self, module, args):
@@ -70,77 +77,88 @@ class ForwardCounter:
         self._h.remove()
 
 
-@contextlib.contextmanager
-def capture_head_input(model: torch.nn.Module, store: Dict[str, torch.Tensor]):
-    """Forward pre-hook on the LM head: stores its input (the final hidden states) in store["hidden"]."""
-    def hook(module, args):
-        store["hidden"] = args[0]
-    handle = lm_head_of(model).register_forward_pre_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def _response_columns(rollout: Rollout, kept: int) -> slice:
-    """Columns, in a frame holding the last ``kept`` positions, of the states predicting the response."""
+def _response_columns(rollout: Rollout, width: int) -> slice:
+    """Columns, in a frame holding the last ``width`` positions, of the states predicting the response."""
     p, t = rollout.prompt_len, rollout.response_ids.shape[1]
-    offset = rollout.input_ids.shape[1] - kept
+    offset = rollout.input_ids.shape[1] - width
     return slice(p - 1 - offset, p + t - 1 - offset)
 
 
-def _response_forward(model: torch.nn.Module, rollout: Rollout, store: Optional[Dict] = None) -> torch.Tensor:
-    """One model forward over the rollout; returns logits [B, T, V] predicting the response tokens.
-    Only the last T+1 positions go through the LM head when the model supports it."""
-    t = rollout.response_ids.shape[1]
-    kwargs = {"logits_to_keep": t + 1} if _takes_logits_to_keep(model) else {}
-    ctx = capture_head_input(model, store) if store is not None else contextlib.nullcontext()
-    with ctx:
-        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                    position_ids=rollout.position_ids, use_cache=False, **kwargs)
-    cols = _response_columns(rollout, out.logits.shape[1])
-    if store is not None:
-        store["hidden"] = store["hidden"][:, cols]
-    return out.logits[:, cols]
+def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """One forward of the model's body (the transformer without its LM head) over the rollout;
+    returns the hidden states entering the LM head for the response tokens, [B, T, H] in the
+    model's dtype (row b, column t predicts response token t). No logits are computed."""
+    out = body_of(model)(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                         position_ids=rollout.position_ids, use_cache=False)
+    hidden = out.last_hidden_state
+    return hidden[:, _response_columns(rollout, hidden.shape[1])]
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logprobs.gather(-1, targets[..., None]).squeeze(-1), logprobs
+def fused_backend(backend: str) -> str:
+    """The fused LM-head backend for a trainer --backend: "torch"/"triton" as named, else "auto"
+    (triton on CUDA, chunked torch on the CPU)."""
+    return backend if backend in ("torch", "triton") else "auto"
 
 
 @torch.no_grad()
-def old_logprob_pass(model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0) -> OldLogprobs:
-    """The behaviour policy's log-probs of the sampled tokens, their entropies, and the hidden
-    states entering the LM head, all from ONE forward (a pre-hook on the LM head captures h).
+def old_logprob_pass(model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0,
+                     advantages: Optional[torch.Tensor] = None, credit: Optional[CreditConfig] = None) -> OldLogprobs:
+    """The behaviour policy's log-probs of the sampled tokens, their entropies and DelTA's token
+    vectors (or their sketch) with their side sums, from ONE forward of the model's body followed
+    by delta_kernels.fused_linear_logprob_sketch on the LM head: the [B, T, V] logits never exist.
 
-    This is the single place that would switch to delta_kernels.fused_linear_logprob_sketch(
-    hidden, lm_head.weight, targets, ...) to skip the [B, T, V] logits."""
-    store: Dict[str, torch.Tensor] = {}
-    logits = _response_forward(model, rollout, store)
-    logp, logprobs = _token_logprobs(logits, rollout.response_ids, temperature)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return OldLogprobs(logp=logp.clamp(max=0.0), entropy=entropy, hidden=store["hidden"])
+    ``temperature`` is the sampling temperature (logits / temperature, as in sample_responses).
+    ``advantages`` [B] float32 and ``credit`` (sketch width, seed, backend) feed the side sums;
+    without them (or with credit "none") no side sums are computed."""
+    credit = credit or CreditConfig()
+    hidden = response_hidden(model, rollout)
+    head = lm_head_of(model)
+    with_sums = advantages is not None and credit.credit == "delta"
+    logp, entropy, vectors, sums = delta_kernels.fused_linear_logprob_sketch(
+        hidden, head.weight, rollout.response_ids, bias=head.bias, temperature=temperature,
+        sketch_dim=credit.sketch_dim, seed=credit.sketch_seed, entropy=True,
+        advantages=advantages if with_sums else None, mask=rollout.response_mask if with_sums else None,
+        backend=fused_backend(credit.backend))
+    return OldLogprobs(logp=logp, entropy=entropy, hidden=hidden, vectors=vectors, side_sums=sums)
 
 
-def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor, cfg: CreditConfig):
+def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor, cfg: CreditConfig,
+                        process_group=None):
     """Per-token coefficients [B, T] float32 (mean 1 over valid tokens, 0 on padding), and the
-    DelTA stats (None for --credit none, whose coefficients are 1 on valid tokens)."""
+    DelTA stats (None for --credit none, whose coefficients are 1 on valid tokens). The vectors
+    and side sums come from the old-log-prob pass (no pass over the hidden states here); with a
+    ``process_group`` the statistics are those of the global batch over all ranks."""
     if cfg.credit == "none":
         return mask.float(), None
-    res = delta_kernels.delta_coefficients(old.hidden, old.logp, advantages, mask, k=cfg.k, lam_min=cfg.lam_min,
+    res = delta_kernels.delta_coefficients(None, old.logp, advantages, mask, vectors=old.vectors,
+                                           side_sums=old.side_sums, k=cfg.k, lam_min=cfg.lam_min,
                                            lam_max=cfg.lam_max, sketch_dim=cfg.sketch_dim, seed=cfg.sketch_seed,
-                                           backend=cfg.backend)
+                                           process_group=process_group, backend=cfg.backend)
     return res.coef.float(), res.stats
 
 
+def policy_loss(model, mb: Rollout, old_logp: torch.Tensor, advantages: torch.Tensor, coef: torch.Tensor,
+                cfg: UpdateConfig, backend: str = "auto"):
+    """The weighted dual-clip DAPO loss of one mini-batch straight from the LM head:
+    fused_linear_clipped_surrogate_loss on the body's hidden states (no [B, T, V] logits);
+    gradients reach the model through the hidden states and the head weight (tied or not)."""
+    head = lm_head_of(model)
+    hidden = response_hidden(model, mb)
+    return delta_kernels.fused_linear_clipped_surrogate_loss(
+        hidden, head.weight, mb.response_ids, old_logp, advantages, mb.response_mask, coef=coef, bias=head.bias,
+        temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
+        agg=cfg.agg, backend=fused_backend(backend))
+
+
 def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantages: torch.Tensor,
-                  coef: torch.Tensor, cfg: UpdateConfig, generator: torch.Generator, backend: str = "auto") -> Dict:
-    """DAPO updates over shuffled mini-batches; returns the mean loss and clip metrics."""
+                  coef: torch.Tensor, cfg: UpdateConfig, generator: torch.Generator, backend: str = "auto",
+                  process_group=None) -> Dict:
+    """DAPO updates over shuffled mini-batches; returns the mean loss and clip metrics.
+
+    With a ``process_group`` (data parallel, each rank holding its own rollouts), each rank's
+    token-mean loss is scaled by world * local tokens / global tokens and the gradients are
+    averaged over the ranks before clipping and the optimizer step, so every rank takes the
+    step of the token-mean loss over the global mini-batch and the parameters stay identical."""
     b = rollout.input_ids.shape[0]
     order = torch.randperm(b, generator=generator).to(rollout.input_ids.device)
     totals: Dict[str, float] = {}
@@ -148,13 +166,13 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
     for idx in order.chunk(cfg.minibatches):
         mb = Rollout(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len,
                      rollout.response_ids[idx], rollout.response_mask[idx])
-        logits = _response_forward(model, mb)
-        logp, _ = _token_logprobs(logits, mb.response_ids, cfg.temperature)
-        loss, metrics = delta_kernels.clipped_surrogate_loss(
-            logp.clamp(max=0.0), old.logp[idx], advantages[idx], mb.response_mask, coef=coef[idx],
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c, agg=cfg.agg, backend=backend)
+        loss, metrics = policy_loss(model, mb, old.logp[idx], advantages[idx], coef[idx], cfg, backend)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if process_group is None:
+            loss.backward()
+        else:
+            (loss * global_token_share(mb.response_mask, cfg.agg, process_group)).backward()
+            average_gradients(model, process_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         for name, val in [("loss", loss), ("grad_norm", grad_norm)] + list(metrics.items()):
@@ -176,11 +194,18 @@ class StepResult:
 
 def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step: int, group_size: int,
             max_new_tokens: int, credit: CreditConfig, update: UpdateConfig, generator: torch.Generator,
-            sampling_generator: Optional[torch.Generator] = None, keep_samples: int = 0) -> StepResult:
+            sampling_generator: Optional[torch.Generator] = None, keep_samples: int = 0,
+            process_group=None) -> StepResult:
     """One full step; metrics include the time split (s) and the model forwards of each phase.
 
     ``generator`` (CPU) draws the prompts and the mini-batch order; ``sampling_generator`` (on the
-    model's device; default ``generator``, which suits a CPU model) draws the response tokens."""
+    model's device; default ``generator``, which suits a CPU model) draws the response tokens.
+
+    With a ``process_group`` of W ranks, ``prompts_per_step`` is the global count (a multiple of
+    W): every rank draws the same prompts from ``generator`` (which therefore must be seeded alike
+    on all ranks and stays in step) and keeps its own 1/W of them with all their group_size
+    responses, so GRPO groups never straddle ranks; its ``sampling_generator`` must differ per
+    rank. Metrics are then averaged over the ranks (coef_min / coef_max: min / max)."""
     device = next(model.parameters()).device
     timings: Dict[str, float] = {}
     counter = ForwardCounter(model)
@@ -195,7 +220,15 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
         timings[f"forwards_{name}"] = counter.count - n0
         return out
 
-    problems: List[Problem] = [p for p in task.sample(prompts_per_step, generator) for _ in range(group_size)]
+    drawn = task.sample(prompts_per_step, generator)
+    if process_group is not None:
+        import torch.distributed as dist
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        if prompts_per_step % world:
+            raise ValueError(f"prompts_per_step={prompts_per_step} is not a multiple of the {world} ranks")
+        per_rank = prompts_per_step // world
+        drawn = drawn[rank * per_rank:(rank + 1) * per_rank]
+    problems: List[Problem] = [p for p in drawn for _ in range(group_size)]
     with counter:
         model.eval()
         rollout = timed("rollout", lambda: sample_responses(
@@ -205,10 +238,11 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
         texts = [tokenizer.decode(r) for r in rollout.response_ids.tolist()]
         rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, problems)], device=device)
         adv = grpo_advantages(rewards, group_size)
-        old = timed("old_logprob", lambda: old_logprob_pass(model, rollout, update.temperature))
-        coef, stats = timed("coefficients", lambda: credit_coefficients(old, adv, rollout.response_mask, credit))
+        old = timed("old_logprob", lambda: old_logprob_pass(model, rollout, update.temperature, adv, credit))
+        coef, stats = timed("coefficients", lambda: credit_coefficients(old, adv, rollout.response_mask, credit,
+                                                                        process_group))
         upd = timed("update", lambda: policy_update(model, optimizer, rollout, old, adv, coef, update, generator,
-                                                    credit.backend))
+                                                    credit.backend, process_group))
     mask = rollout.response_mask
     n_valid = mask.sum().clamp(min=1)
     metrics = dict(reward=float(rewards.mean()), accuracy=float((rewards == 1).float().mean()),
@@ -221,6 +255,8 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
         metrics.update(delta_gamma_pos=float(stats.gamma_pos), delta_gamma_neg=float(stats.gamma_neg))
     metrics["forwards_total"] = sum(v for k, v in timings.items() if k.startswith("forwards_"))
     metrics["time_step"] = sum(v for k, v in timings.items() if k.startswith("time_"))
+    if process_group is not None:
+        metrics = reduce_metrics(metrics, process_group)
     samples = []
     informative = [i for i in range(len(problems)) if float(adv[i]) != 0.0]  # rows that carry a gradient
     for row in (informative or list(range(len(problems))))[:keep_samples]:
