@@ -42,4 +42,6 @@ PYBIND11_MODULE(_cpp, m) {
                                agg, ptr<float>(out), ptr<float>(grad));
   }, "coef = 0 for no coefficients");
   m.def("reduction_block", &dk::cpu::reduction_block);
+  m.def("simd_level", &dk::cpu::simd_level,
+        "1: the row passes run their AVX2 clones, 0: the SSE2 baseline (DELTA_KERNELS_CPU_SIMD=baseline); same bits");
 }

@@ -9,6 +9,10 @@ namespace cpu {
 
 int64_t reduction_block(int64_t n_tokens);
 
+// 1 when the row passes run their AVX2 clones, 0 for the SSE2 baseline; both give the same bits.
+// DELTA_KERNELS_CPU_SIMD=baseline forces the baseline.
+int simd_level();
+
 // R as float32 [H, r] (delta_kernels/sketch_matrix.py).
 void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed);
 

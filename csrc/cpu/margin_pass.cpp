@@ -1,12 +1,12 @@
 // Margins of a discriminator, m[t] = 2 (v[t].w + b), and optionally the gated side sums
 //   sums = (sum_t sigmoid(m[t]/gamma+) a_pos[t] v[t], sum_t sigmoid(-m[t]/gamma-) a_neg[t] v[t]),
-// in one read of v (each row is dotted, then added while it is still in cache). With scale [N]
-// the vectors are v[t] = scale[t] x[t] and are never materialised.
-#include <algorithm>
+// in one read of v: rows are dotted kGroup at a time (several streams in flight), then the
+// group's nonzero terms are added to the block's partial sums while the rows are still in cache.
+// With scale [N] the vectors are v[t] = scale[t] x[t] and are never materialised.
 #include <cmath>
-#include <vector>
 
 #include "kernels.h"
+#include "pass_blocks.h"
 #include "row_ops.h"
 
 namespace dk {
@@ -15,54 +15,100 @@ namespace {
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// 2 (v[t].w + b) with v[t] = scale[t] x[t] (scale null: v = x).
-template <int DT>
-inline float margin(const typename Elem<DT>::T* row, const float* scale, int64_t t, const float* w, int64_t D,
-                    float bias) {
-  const float dot = dot_row<DT>(row, w, D);
-  return 2.0f * ((scale ? scale[t] * dot : dot) + bias);
+struct MarginArgs {
+  const void* v;
+  const float* scale;  // null: v as stored
+  const float* w;
+  float bias;
+  int64_t D;
+  float gamma_pos, gamma_neg;
+  const float* a_pos;
+  const float* a_neg;
+  float* m;
+};
+
+// Tokens [t0, t1): margins, and with Gated the gated sums added to ps / ns ([D] each).
+template <int DT, bool Gated>
+DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* ps, float* ns) {
+  using T = typename Elem<DT>::T;
+  const T* v = static_cast<const T*>(a.v);
+  const int64_t D = a.D;
+  for (int64_t t = t0; t < t1; t += kGroup) {
+    const int g = static_cast<int>(std::min<int64_t>(kGroup, t1 - t));
+    const T* rows[kGroup];
+    float dot[kGroup];
+    for (int k = 0; k < g; ++k) rows[k] = v + (t + k) * D;
+    if (g == kGroup) {
+      dot_rows<DT, kGroup>(rows, a.w, D, dot, t + 2 * kGroup <= t1 ? rows[0] + kGroup * D : nullptr);
+    } else {
+      for (int k = 0; k < g; ++k) dot_rows<DT, 1>(rows + k, a.w, D, dot + k);
+    }
+    float mt[kGroup];
+    for (int k = 0; k < g; ++k) {
+      mt[k] = 2.0f * ((a.scale ? a.scale[t + k] * dot[k] : dot[k]) + a.bias);
+      a.m[t + k] = mt[k];
+    }
+    if constexpr (Gated) {
+      // The group's terms of each side, in token order (the same bits as one axpy per token).
+      const T* prow[kGroup];
+      const T* nrow[kGroup];
+      float pc[kGroup], nc[kGroup];
+      int np = 0, nn = 0;
+      for (int k = 0; k < g; ++k) {
+        const int64_t tk = t + k;
+        const float st = a.scale ? a.scale[tk] : 1.0f;
+        if (a.a_pos[tk] != 0.0f) {
+          pc[np] = sigmoid(mt[k] / a.gamma_pos) * a.a_pos[tk] * st;
+          prow[np++] = rows[k];
+        }
+        if (a.a_neg[tk] != 0.0f) {
+          nc[nn] = sigmoid(-mt[k] / a.gamma_neg) * a.a_neg[tk] * st;
+          nrow[nn++] = rows[k];
+        }
+      }
+      axpy_rows<DT>(np, pc, prow, ps, D);
+      axpy_rows<DT>(nn, nc, nrow, ns, D);
+    }
+  }
+}
+
+template <int DT, bool Gated>
+void margin_block_base(const MarginArgs& a, int64_t t0, int64_t t1, float* ps, float* ns) {
+  margin_block<DT, Gated>(a, t0, t1, ps, ns);
+}
+template <int DT, bool Gated>
+DK_AVX2 void margin_block_avx2(const MarginArgs& a, int64_t t0, int64_t t1, float* ps, float* ns) {
+  margin_block<DT, Gated>(a, t0, t1, ps, ns);
 }
 
 template <int DT>
-void margin_pass_impl(const void* v_, const float* scale, const float* w, const float* b, int64_t N, int64_t D,
-                      const float* gamma,
-                      const float* a_pos, const float* a_neg, float* m, float* sums) {
-  const auto* v = static_cast<const typename Elem<DT>::T*>(v_);
-  const float bias = *b;
-  if (gamma == nullptr) {
+void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
+  const bool avx2 = simd_level() == 1;
+  if (!gated) {
+    auto* fn = avx2 ? margin_block_avx2<DT, false> : margin_block_base<DT, false>;
+    // Per-token results only: any split is exact; blocks of kGroup-aligned token ranges.
+    const int64_t block = reduction_block(N);
+    const int64_t n_blocks = (N + block - 1) / block;
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; ++t) m[t] = margin<DT>(v + t * D, scale, t, w, D, bias);
+    for (int64_t blk = 0; blk < n_blocks; ++blk) fn(a, blk * block, std::min(N, (blk + 1) * block), nullptr, nullptr);
     return;
   }
-  const float gp = gamma[0], gn = gamma[1];
-  const int64_t block = reduction_block(N);
-  const int64_t n_blocks = (N + block - 1) / block;
-  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_blocks, 1) * 2 * D), 0.0f);
-#pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    float* ps = partial.data() + blk * 2 * D;
-    float* ns = ps + D;
-    const int64_t t_end = std::min(N, (blk + 1) * block);
-    for (int64_t t = blk * block; t < t_end; ++t) {
-      const auto* row = v + t * D;
-      const float mt = margin<DT>(row, scale, t, w, D, bias);
-      m[t] = mt;
-      const float st = scale ? scale[t] : 1.0f;
-      if (a_pos[t] != 0.0f) axpy_row<DT>(sigmoid(mt / gp) * a_pos[t] * st, row, ps, D);
-      if (a_neg[t] != 0.0f) axpy_row<DT>(sigmoid(-mt / gn) * a_neg[t] * st, row, ns, D);
-    }
-  }
-  combine_partials(partial.data(), n_blocks, 2 * D, sums);
+  auto* fn = avx2 ? margin_block_avx2<DT, true> : margin_block_base<DT, true>;
+  run_reduction_blocks(N, 2, a.D, sums, [&](int64_t t0, int64_t t1, float* partial) {
+    fn(a, t0, t1, partial, partial + a.D + kSidePad);
+  });
 }
 
 }  // namespace
 
-void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* b, int64_t N, int64_t D, const float* gamma,
-                 const float* a_pos, const float* a_neg, float* m, float* sums) {
+void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* b, int64_t N, int64_t D,
+                 const float* gamma, const float* a_pos, const float* a_neg, float* m, float* sums) {
+  const bool gated = gamma != nullptr;
+  const MarginArgs a{v, scale, w, *b, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m};
   switch (dtype) {
-    case kFloat32: return margin_pass_impl<kFloat32>(v, scale, w, b, N, D, gamma, a_pos, a_neg, m, sums);
-    case kBFloat16: return margin_pass_impl<kBFloat16>(v, scale, w, b, N, D, gamma, a_pos, a_neg, m, sums);
-    default: return margin_pass_impl<kFloat16>(v, scale, w, b, N, D, gamma, a_pos, a_neg, m, sums);
+    case kFloat32: return margin_pass_impl<kFloat32>(a, N, gated, sums);
+    case kBFloat16: return margin_pass_impl<kBFloat16>(a, N, gated, sums);
+    default: return margin_pass_impl<kFloat16>(a, N, gated, sums);
   }
 }
 

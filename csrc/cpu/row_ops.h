@@ -1,86 +1,162 @@
-// Row helpers of the CPU kernels: loads of a row chunk to float32, a lane-split dot product and
-// an axpy, written so that -O3 vectorises them without -ffast-math (each lane is independent;
-// the lanes are combined in one fixed order, so the result does not depend on the thread).
+// Row helpers of the CPU kernels: loads of a row chunk to float32, a lane-split dot product of a
+// group of rows and a multi-row axpy, written with GCC vector types so that one source compiles
+// to SSE2 (the baseline build) and to AVX2 (the hot block functions are compiled twice, see
+// DK_AVX2 and simd_level()). No -ffast-math and no FMA: every target computes each lane as a
+// multiply then an add, so the AVX2 and SSE2 paths give the same bits, and the lanes are combined
+// in one fixed order, so the result depends on neither the thread nor the group a row is in.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
 
 #include "../common/dtypes.h"
+
+// F8 values never cross a non-inlined call, so the AVX ABI note for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace dk {
 namespace cpu {
 
-constexpr int64_t kLanes = 16;   // independent accumulators of dot()
-constexpr int64_t kChunk = 256;  // row elements converted to float32 at a time
+constexpr int64_t kLanes = 16;   // independent accumulators of a dot product (lane = i mod 16)
+constexpr int64_t kChunk = 256;  // row elements converted to float32 at a time (a multiple of kLanes)
+constexpr int kGroup = 4;        // rows read together: 4 streams of h in flight per thread
+
+#define DK_INLINE inline __attribute__((always_inline))
+// The block functions' AVX2 clones. avx2 only (no fma): the compiler cannot contract a*b+c.
+#define DK_AVX2 __attribute__((target("avx2")))
+
+// 1 when the block functions run their AVX2 clones, 0 for the SSE2 baseline (the same bits).
+// DELTA_KERNELS_CPU_SIMD=baseline forces the baseline (tests compare the two).
+int simd_level();
+
+typedef float F8 __attribute__((vector_size(32)));  // 8 lanes: one ymm (AVX2) or two xmm (SSE2)
+
+DK_INLINE F8 load8(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+DK_INLINE void store8(float* p, F8 v) { std::memcpy(p, &v, sizeof v); }
+DK_INLINE F8 splat8(float a) { return F8{a, a, a, a, a, a, a, a}; }
 
 // dst[0:n] = float(src[0:n]), n <= kChunk.
 template <int DT>
-inline void load_chunk(const typename Elem<DT>::T* src, int64_t n, float* dst) {
+DK_INLINE void load_chunk(const typename Elem<DT>::T* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = Elem<DT>::load(src, i);
 }
 template <>
-inline void load_chunk<kBFloat16>(const uint16_t* src, int64_t n, float* dst) {
+DK_INLINE void load_chunk<kBFloat16>(const uint16_t* src, int64_t n, float* dst) {
   uint32_t bits[kChunk];
   for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(src[i]) << 16;
   std::memcpy(dst, bits, static_cast<size_t>(n) * 4);
 }
 
-// sum_i x[i] * w[i] over 16 lanes (lane = i mod 16), lanes added as a fixed pairwise tree.
-// x is a row of dtype DT, w float32. Never inlined, so every caller gets the same bits.
-template <int DT>
-__attribute__((noinline)) float dot_row(const typename Elem<DT>::T* x, const float* w, int64_t n) {
-  float acc[kLanes] = {0};
-  alignas(64) float buf[kChunk];
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, n - c0);
-    const float* xs;
-    if constexpr (DT == kFloat32) {
-      xs = x + c0;
-    } else {
-      load_chunk<DT>(x + c0, len, buf);
-      xs = buf;
-    }
-    const float* ws = w + c0;
-    const int64_t full = len - len % kLanes;
-#ifdef __SSE2__
-    // The same lanes as the portable loop below, kept in four registers.
-    __m128 a0 = _mm_loadu_ps(acc), a1 = _mm_loadu_ps(acc + 4), a2 = _mm_loadu_ps(acc + 8), a3 = _mm_loadu_ps(acc + 12);
-    for (int64_t i = 0; i < full; i += kLanes) {
-      a0 = _mm_add_ps(a0, _mm_mul_ps(_mm_loadu_ps(xs + i), _mm_loadu_ps(ws + i)));
-      a1 = _mm_add_ps(a1, _mm_mul_ps(_mm_loadu_ps(xs + i + 4), _mm_loadu_ps(ws + i + 4)));
-      a2 = _mm_add_ps(a2, _mm_mul_ps(_mm_loadu_ps(xs + i + 8), _mm_loadu_ps(ws + i + 8)));
-      a3 = _mm_add_ps(a3, _mm_mul_ps(_mm_loadu_ps(xs + i + 12), _mm_loadu_ps(ws + i + 12)));
-    }
-    _mm_storeu_ps(acc, a0), _mm_storeu_ps(acc + 4, a1), _mm_storeu_ps(acc + 8, a2), _mm_storeu_ps(acc + 12, a3);
-#else
-    for (int64_t i = 0; i < full; i += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) acc[l] += xs[i + l] * ws[i + l];
-#endif
-    for (int64_t i = full; i < len; ++i) acc[i - full] += xs[i] * ws[i];
-  }
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
-    for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
-  return acc[0];
+// out[g] = sum_i x[g][i] * w[i] for G rows read together. Each row has its own 16 lanes
+// (lane = i mod 16, accumulated in increasing i), added as a fixed pairwise tree: a row's result
+// does not depend on G or on the rows beside it. x rows of dtype DT, w float32.
+// Software prefetch of element i of G rows (row stride n) from next: the rows of the next group,
+// fetched while this group is read. The hardware prefetcher stops at every 4 KiB page (one row
+// of H = 1024 floats), so without this each row starts with a stall. next null: nothing.
+template <int DT, int G>
+DK_INLINE void prefetch_rows(const typename Elem<DT>::T* next, int64_t n, int64_t i) {
+  if (next != nullptr)
+    for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * n + i, 0, 3);
 }
 
-// y[0:n] += a * x[0:n], x of dtype DT.
-template <int DT>
-inline void axpy_row(float a, const typename Elem<DT>::T* x, float* y, int64_t n) {
-  if constexpr (DT == kFloat32) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-  } else {
-    alignas(64) float buf[kChunk];
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-      const int64_t len = std::min(kChunk, n - c0);
-      load_chunk<DT>(x + c0, len, buf);
-      float* ys = y + c0;
-      for (int64_t i = 0; i < len; ++i) ys[i] += a * buf[i];
+// next: the rows to prefetch (see prefetch_rows), or null.
+template <int DT, int G>
+DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, int64_t n, float* out,
+                        const typename Elem<DT>::T* next = nullptr) {
+  F8 acc[G][2];
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = splat8(0.0f);
+  alignas(64) float buf[DT == kFloat32 ? 1 : G][kChunk];
+  const int64_t full = n - n % kLanes;
+  for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, full - c0);
+    const float* xs[G];
+    for (int g = 0; g < G; ++g) {
+      if constexpr (DT == kFloat32) {
+        xs[g] = x[g] + c0;
+      } else {
+        load_chunk<DT>(x[g] + c0, len, buf[g]);
+        xs[g] = buf[g];
+      }
+    }
+    const float* ws = w + c0;
+    for (int64_t i = 0; i < len; i += kLanes) {
+      const F8 w0 = load8(ws + i), w1 = load8(ws + i + 8);
+      prefetch_rows<DT, G>(next, n, c0 + i);
+      for (int g = 0; g < G; ++g) {
+        acc[g][0] += load8(xs[g] + i) * w0;
+        acc[g][1] += load8(xs[g] + i + 8) * w1;
+      }
     }
   }
+  for (int g = 0; g < G; ++g) {
+    alignas(32) float lanes[kLanes];
+    store8(lanes, acc[g][0]);
+    store8(lanes + 8, acc[g][1]);
+    for (int64_t i = full; i < n; ++i) lanes[i - full] += Elem<DT>::load(x[g], i) * w[i];
+    for (int64_t width = kLanes / 2; width >= 1; width /= 2)
+      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    out[g] = lanes[0];
+  }
+}
+
+// y[0:n] += c[0] x[0][0:n], then += c[1] x[1][0:n], ... (the same bits as K axpys in row order),
+// with y loaded and stored once per 8 elements. x rows of dtype DT; next: kGroup rows to
+// prefetch (see prefetch_rows), or null.
+template <int DT, int K>
+DK_INLINE void axpy_rows_k(const float* c, const typename Elem<DT>::T* const* x, float* y, int64_t n,
+                           const typename Elem<DT>::T* next = nullptr) {
+  alignas(64) float buf[DT == kFloat32 ? 1 : K][kChunk];
+  F8 cv[K];
+  for (int k = 0; k < K; ++k) cv[k] = splat8(c[k]);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    const float* xs[K];
+    for (int k = 0; k < K; ++k) {
+      if constexpr (DT == kFloat32) {
+        xs[k] = x[k] + c0;
+      } else {
+        load_chunk<DT>(x[k] + c0, len, buf[k]);
+        xs[k] = buf[k];
+      }
+    }
+    float* ys = y + c0;
+    const int64_t full = len - len % 8;
+    for (int64_t i = 0; i < full; i += 8) {
+      if (i % 16 == 0) prefetch_rows<DT, kGroup>(next, n, c0 + i);
+      F8 acc = load8(ys + i);
+      for (int k = 0; k < K; ++k) acc += cv[k] * load8(xs[k] + i);
+      store8(ys + i, acc);
+    }
+    for (int64_t i = full; i < len; ++i) {
+      float acc = ys[i];
+      for (int k = 0; k < K; ++k) acc += c[k] * xs[k][i];
+      ys[i] = acc;
+    }
+  }
+}
+
+// axpy_rows_k for a run-time count k <= kGroup.
+template <int DT>
+DK_INLINE void axpy_rows(int k, const float* c, const typename Elem<DT>::T* const* x, float* y, int64_t n,
+                         const typename Elem<DT>::T* next = nullptr) {
+  static_assert(kGroup == 4, "axpy_rows dispatches counts 1..4");
+  switch (k) {
+    case 1: return axpy_rows_k<DT, 1>(c, x, y, n, next);
+    case 2: return axpy_rows_k<DT, 2>(c, x, y, n, next);
+    case 3: return axpy_rows_k<DT, 3>(c, x, y, n, next);
+    case 4: return axpy_rows_k<DT, 4>(c, x, y, n, next);
+    default: return;
+  }
+}
+
+// y[0:n] += a * x[0:n] (one row).
+template <int DT>
+DK_INLINE void axpy_row(float a, const typename Elem<DT>::T* x, float* y, int64_t n) {
+  axpy_rows_k<DT, 1>(&a, &x, y, n);
 }
 
 // Blocks of reduction_block(N) tokens: out[j] = sum over blocks, in block order, of partial[blk][j].

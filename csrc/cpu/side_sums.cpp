@@ -1,42 +1,89 @@
 // Side sums of token vectors: sums [2, D] = (sum_t a_pos[t] v[t], sum_t a_neg[t] v[t]), one read of v.
-// With scale [N], v[t] = scale[t] x[t] (the vectors of hidden states, not materialised).
-#include <algorithm>
-#include <vector>
+// With scale [N], v[t] = scale[t] x[t] (the vectors of hidden states, not materialised). Rows are
+// taken kGroup at a time and each side's nonzero terms added in token order.
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels.h"
+#include "pass_blocks.h"
 #include "row_ops.h"
 
 namespace dk {
 namespace cpu {
+
+int simd_level() {
+  static const int level = [] {
+    const char* env = std::getenv("DELTA_KERNELS_CPU_SIMD");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return 0;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+  }();
+  return level;
+}
+
 namespace {
 
+struct SideArgs {
+  const void* v;
+  const float* scale;  // null: v as stored
+  const float* a_pos;
+  const float* a_neg;
+  int64_t D;
+};
+
 template <int DT>
-void side_sums_impl(const void* v_, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
-  const auto* v = static_cast<const typename Elem<DT>::T*>(v_);
-  const int64_t block = reduction_block(N);
-  const int64_t n_blocks = (N + block - 1) / block;
-  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_blocks, 1) * 2 * D), 0.0f);
-#pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    float* ps = partial.data() + blk * 2 * D;
-    float* ns = ps + D;
-    const int64_t t_end = std::min(N, (blk + 1) * block);
-    for (int64_t t = blk * block; t < t_end; ++t) {
-      const float st = scale ? scale[t] : 1.0f;
-      if (a_pos[t] != 0.0f) axpy_row<DT>(a_pos[t] * st, v + t * D, ps, D);
-      if (a_neg[t] != 0.0f) axpy_row<DT>(a_neg[t] * st, v + t * D, ns, D);
+DK_INLINE void side_block(const SideArgs& a, int64_t t0, int64_t t1, float* ps, float* ns) {
+  using T = typename Elem<DT>::T;
+  const T* v = static_cast<const T*>(a.v);
+  for (int64_t t = t0; t < t1; t += kGroup) {
+    const int g = static_cast<int>(std::min<int64_t>(kGroup, t1 - t));
+    const T* prow[kGroup];
+    const T* nrow[kGroup];
+    float pc[kGroup], nc[kGroup];
+    int np = 0, nn = 0;
+    for (int k = 0; k < g; ++k) {
+      const int64_t tk = t + k;
+      const float st = a.scale ? a.scale[tk] : 1.0f;
+      if (a.a_pos[tk] != 0.0f) {
+        pc[np] = a.a_pos[tk] * st;
+        prow[np++] = v + tk * a.D;
+      }
+      if (a.a_neg[tk] != 0.0f) {
+        nc[nn] = a.a_neg[tk] * st;
+        nrow[nn++] = v + tk * a.D;
+      }
     }
+    // Prefetch the next group while this one is added (by the first nonempty side's axpy).
+    const T* next = t + 2 * kGroup <= t1 ? v + (t + kGroup) * a.D : nullptr;
+    axpy_rows<DT>(np, pc, prow, ps, a.D, next);
+    axpy_rows<DT>(nn, nc, nrow, ns, a.D, np > 0 ? nullptr : next);
   }
-  combine_partials(partial.data(), n_blocks, 2 * D, sums);
+}
+
+template <int DT>
+void side_block_base(const SideArgs& a, int64_t t0, int64_t t1, float* ps, float* ns) {
+  side_block<DT>(a, t0, t1, ps, ns);
+}
+template <int DT>
+DK_AVX2 void side_block_avx2(const SideArgs& a, int64_t t0, int64_t t1, float* ps, float* ns) {
+  side_block<DT>(a, t0, t1, ps, ns);
+}
+
+template <int DT>
+void side_sums_impl(const SideArgs& a, int64_t N, float* sums) {
+  auto* fn = simd_level() == 1 ? side_block_avx2<DT> : side_block_base<DT>;
+  run_reduction_blocks(N, 2, a.D, sums, [&](int64_t t0, int64_t t1, float* partial) {
+    fn(a, t0, t1, partial, partial + a.D + kSidePad);
+  });
 }
 
 }  // namespace
 
 void side_sums(int dtype, const void* v, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
+  const SideArgs a{v, scale, a_pos, a_neg, D};
   switch (dtype) {
-    case kFloat32: return side_sums_impl<kFloat32>(v, scale, a_pos, a_neg, N, D, sums);
-    case kBFloat16: return side_sums_impl<kBFloat16>(v, scale, a_pos, a_neg, N, D, sums);
-    default: return side_sums_impl<kFloat16>(v, scale, a_pos, a_neg, N, D, sums);
+    case kFloat32: return side_sums_impl<kFloat32>(a, N, sums);
+    case kBFloat16: return side_sums_impl<kBFloat16>(a, N, sums);
+    default: return side_sums_impl<kFloat16>(a, N, sums);
   }
 }
 
