@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="delta-train",
         description="Reference RLVR loop (GRPO advantages, DAPO loss) with DelTA token credit assignment. "
                     "Default: an embedded Qwen3-architecture model and 2-digit addition, warm-started then "
-                    "trained with RL on the CPU in a few minutes.")
+                    "trained with RL on the CPU in a few minutes. Data parallel: torchrun --nproc_per_node=N -m "
+                    "delta_kernels.trainer ... (--prompts-per-step is the global count, split between the ranks).")
     a = p.add_argument
     a("--credit", choices=CREDIT_MODES, default=d.credit,
       help="delta: DelTA coefficients; none: plain DAPO (coefficients 1, same forwards)")
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=d.threads, help="torch CPU threads")
     a("--model", default=d.model, help="local causal-LM checkpoint directory (with its tokenizer)")
     a("--out", default=d.out, help="output directory (default runs/<timestamp>)")
-    a("--prompts-per-step", type=int, default=d.prompts_per_step)
+    a("--prompts-per-step", type=int, default=d.prompts_per_step,
+      help="prompts per RL step over all ranks (a multiple of the number of ranks)")
     a("--group-size", type=int, default=d.group_size, help="responses per prompt (G)")
     a("--minibatches", type=int, default=d.minibatches, help="policy updates per step")
     a("--lr", type=float, default=d.lr)
