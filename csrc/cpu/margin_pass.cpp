@@ -25,6 +25,7 @@ struct MarginArgs {
   const float* a_pos;
   const float* a_neg;
   float* m;
+  int64_t N;
 };
 
 // Tokens [t0, t1): margins, and with Gated the gated sums added to ps / ns ([D] each).
@@ -39,7 +40,8 @@ DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* 
     float dot[kGroup];
     for (int k = 0; k < g; ++k) rows[k] = v + (t + k) * D;
     if (g == kGroup) {
-      dot_rows<DT, kGroup>(rows, a.w, D, dot, t + 2 * kGroup <= t1 ? rows[0] + kGroup * D : nullptr);
+      const int64_t ahead = t + kPrefetchGroups * kGroup;  // first row to prefetch (within v)
+      dot_rows<DT, kGroup>(rows, a.w, D, dot, ahead + kGroup <= a.N ? v + ahead * D : nullptr);
     } else {
       for (int k = 0; k < g; ++k) dot_rows<DT, 1>(rows + k, a.w, D, dot + k);
     }
@@ -86,10 +88,10 @@ void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
   const bool avx2 = simd_level() == 1;
   if (!gated) {
     auto* fn = avx2 ? margin_block_avx2<DT, false> : margin_block_base<DT, false>;
-    // Per-token results only: any split is exact; blocks of kGroup-aligned token ranges.
+    // Per-token results only: any split and schedule give the same bits.
     const int64_t block = reduction_block(N);
     const int64_t n_blocks = (N + block - 1) / block;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) fn(a, blk * block, std::min(N, (blk + 1) * block), nullptr, nullptr);
     return;
   }
@@ -104,7 +106,7 @@ void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
 void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* b, int64_t N, int64_t D,
                  const float* gamma, const float* a_pos, const float* a_neg, float* m, float* sums) {
   const bool gated = gamma != nullptr;
-  const MarginArgs a{v, scale, w, *b, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m};
+  const MarginArgs a{v, scale, w, *b, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m, N};
   switch (dtype) {
     case kFloat32: return margin_pass_impl<kFloat32>(a, N, gated, sums);
     case kBFloat16: return margin_pass_impl<kBFloat16>(a, N, gated, sums);

@@ -1,7 +1,7 @@
 // The fixed-block reduction shared by the CPU passes: tokens split into blocks of
 // reduction_block(N) (a function of N only), each block's [width] partial sum accumulated by one
 // thread in token order, the partials combined in block order. The result does not depend on the
-// number of threads. The partial buffer is reused across calls (one per calling thread) and each
+// number of threads or on the schedule. The partial buffer is reused across calls (one per calling thread) and each
 // block zeroes its own slice, so a call neither allocates nor faults in fresh pages.
 #pragma once
 #include <algorithm>
@@ -33,7 +33,9 @@ void run_reduction_blocks(int64_t N, int sides, int64_t D, float* out, const Blo
   thread_local std::vector<float> partial;
   if (partial.size() < static_cast<size_t>(n_blocks * stride)) partial.resize(static_cast<size_t>(n_blocks * stride));
   float* base = partial.data();
-#pragma omp parallel for schedule(static)
+  // Dynamic: a block's partial does not depend on which thread ran it, and a thread that the OS
+  // preempts (a busy 2-core machine) does not hold up half of the pass.
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     float* p = base + blk * stride;
     std::fill(p, p + stride, 0.0f);

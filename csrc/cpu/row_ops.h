@@ -20,6 +20,7 @@ namespace cpu {
 constexpr int64_t kLanes = 16;   // independent accumulators of a dot product (lane = i mod 16)
 constexpr int64_t kChunk = 256;  // row elements converted to float32 at a time (a multiple of kLanes)
 constexpr int kGroup = 4;        // rows read together: 4 streams of h in flight per thread
+constexpr int kPrefetchGroups = 1;  // software prefetch runs this many groups ahead
 
 #define DK_INLINE inline __attribute__((always_inline))
 // The block functions' AVX2 clones. avx2 only (no fma): the compiler cannot contract a*b+c.
@@ -36,7 +37,7 @@ DK_INLINE F8 load8(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-DK_INLINE void store8(float* p, F8 v) { std::memcpy(p, &v, sizeof v); }
+DK_INLINE void store8(float* p, const F8& v) { std::memcpy(p, &v, sizeof v); }
 DK_INLINE F8 splat8(float a) { return F8{a, a, a, a, a, a, a, a}; }
 
 // dst[0:n] = float(src[0:n]), n <= kChunk.

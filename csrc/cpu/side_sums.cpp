@@ -28,6 +28,7 @@ struct SideArgs {
   const float* a_pos;
   const float* a_neg;
   int64_t D;
+  int64_t N;
 };
 
 template <int DT>
@@ -53,7 +54,8 @@ DK_INLINE void side_block(const SideArgs& a, int64_t t0, int64_t t1, float* ps, 
       }
     }
     // Prefetch the next group while this one is added (by the first nonempty side's axpy).
-    const T* next = t + 2 * kGroup <= t1 ? v + (t + kGroup) * a.D : nullptr;
+    const int64_t ahead = t + kPrefetchGroups * kGroup;
+    const T* next = ahead + kGroup <= a.N ? v + ahead * a.D : nullptr;
     axpy_rows<DT>(np, pc, prow, ps, a.D, next);
     axpy_rows<DT>(nn, nc, nrow, ns, a.D, np > 0 ? nullptr : next);
   }
@@ -79,7 +81,7 @@ void side_sums_impl(const SideArgs& a, int64_t N, float* sums) {
 }  // namespace
 
 void side_sums(int dtype, const void* v, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
-  const SideArgs a{v, scale, a_pos, a_neg, D};
+  const SideArgs a{v, scale, a_pos, a_neg, D, N};
   switch (dtype) {
     case kFloat32: return side_sums_impl<kFloat32>(a, N, sums);
     case kBFloat16: return side_sums_impl<kBFloat16>(a, N, sums);
