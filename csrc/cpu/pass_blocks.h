@@ -1,8 +1,8 @@
 // The fixed-block reduction shared by the CPU passes: tokens split into blocks of
-// reduction_block(N) (a function of N only), each block's [width] partial sum accumulated by one
-// thread in token order, the partials combined in block order. The result does not depend on the
-// number of threads or on the schedule. The partial buffer is reused across calls (one per calling thread) and each
-// block zeroes its own slice, so a call neither allocates nor faults in fresh pages.
+// reduction_block(N) (a function of N only), each block's partial sums accumulated by one thread
+// in token order, the partials combined in block order. The result depends neither on the number
+// of threads nor on the schedule. The partial buffer (up to 16 MiB) is kept per calling thread
+// and each block zeroes its own slice, so a call neither allocates nor faults in fresh pages.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -30,8 +30,13 @@ void run_reduction_blocks(int64_t N, int sides, int64_t D, float* out, const Blo
     std::fill(out, out + sides * D, 0.0f);
     return;
   }
-  thread_local std::vector<float> partial;
-  if (partial.size() < static_cast<size_t>(n_blocks * stride)) partial.resize(static_cast<size_t>(n_blocks * stride));
+  // Reused up to kKeepFloats (16 MiB); a larger call uses a buffer of its own.
+  constexpr size_t kKeepFloats = size_t{1} << 22;
+  const size_t need = static_cast<size_t>(n_blocks * stride);
+  thread_local std::vector<float> kept;
+  std::vector<float> own;
+  std::vector<float>& partial = need <= kKeepFloats ? kept : own;
+  if (partial.size() < need) partial.resize(need);
   float* base = partial.data();
   // Dynamic: a block's partial does not depend on which thread ran it, and a thread that the OS
   // preempts (a busy 2-core machine) does not hold up half of the pass.
