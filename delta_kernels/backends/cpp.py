@@ -6,8 +6,7 @@ pipeline is ``delta_kernels.pipeline.run_coefficients`` over this module's three
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -15,7 +14,8 @@ from .. import _cpp
 from .._alloc import empty
 from .._checks import DeltaConfig, SurrogateConfig, TokenBatch
 from ..pipeline import run_coefficients
-from ._native import AGG_CODES, dtype_code, f32, ptr, rows_of, surrogate_with_grad
+from ._native import (AGG_CODES, ScaledRows, dtype_code, f32, pipeline_kernels, ptr, rows_and_scale, rows_of,  # noqa: F401
+                      surrogate_with_grad)
 
 
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
@@ -33,20 +33,9 @@ def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: i
     return out, sums
 
 
-class ScaledRows(NamedTuple):
-    """Token vectors v[t] = scale[t] * rows[t] that are never materialised: the passes read the
-    hidden states and scale each row on the fly (one read of h per pass, no [N, H] write)."""
-    rows: torch.Tensor   # [N, H] hidden states, f32/bf16/f16
-    scale: torch.Tensor  # [N] float32, 1 - exp(logp)
-
-
-def _rows_and_scale(v):
-    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, 0)
-
-
 def side_sums(v, a_pos, a_neg):
     """v [N, D] (a tensor or ScaledRows) -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
-    rows, scale = _rows_and_scale(v)
+    rows, scale = rows_and_scale(v)
     n, d = rows.shape
     sums = empty(2, d, dtype=torch.float32)
     a_pos, a_neg = f32(a_pos), f32(a_neg)
@@ -57,7 +46,7 @@ def side_sums(v, a_pos, a_neg):
 def margin_pass(v, w, b, gate):
     """v [N, D] (a tensor or ScaledRows), w [D], b [] -> (m [N] f32, gated sums [2, D] f32 or None);
     gate = (gamma [2], a_pos, a_neg)."""
-    rows, scale = _rows_and_scale(v)
+    rows, scale = rows_and_scale(v)
     n, d = rows.shape
     w, b = f32(w), f32(b)
     m = empty(n, dtype=torch.float32)
@@ -71,18 +60,7 @@ def margin_pass(v, w, b, gate):
     return m, sums
 
 
-def _pipeline_token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int):
-    """token_vectors for the coefficient pipeline: the sketch z is materialised in float32 ([N, r],
-    small; no rounding to hidden's dtype); exact vectors stay implicit as ScaledRows(hidden,
-    1 - exp(logp)), their side sums from one read of h."""
-    if sketch_dim is not None:
-        return token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_dtype=torch.float32)
-    v = ScaledRows(hidden, f32(-torch.expm1(logp.to(torch.float32))))
-    return v, side_sums(v, a_pos, a_neg)
-
-
-# The three passes of delta_kernels.pipeline's contract, as run_coefficients takes them.
-PIPELINE_KERNELS = SimpleNamespace(token_vectors=_pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
+PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 
 
 def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):

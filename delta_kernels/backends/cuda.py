@@ -7,8 +7,7 @@ error string. Same structure as backends/cpp.py: exact token vectors stay implic
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -16,17 +15,12 @@ from .. import _cuda
 from .._alloc import empty
 from .._checks import DeltaConfig, SurrogateConfig, TokenBatch
 from ..pipeline import run_coefficients
-from ._native import AGG_CODES, dtype_code, f32, ptr, rows_of, surrogate_with_grad
+from ._native import (AGG_CODES, ScaledRows, dtype_code, f32, pipeline_kernels, ptr, rows_and_scale, rows_of,  # noqa: F401
+                      surrogate_with_grad)
 
 
 def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
-
-
-class ScaledRows(NamedTuple):
-    """v[t] = scale[t] * rows[t], never materialised (see backends/cpp.py)."""
-    rows: torch.Tensor
-    scale: torch.Tensor
 
 
 def _partial(n: int, d: int, device) -> torch.Tensor:
@@ -49,12 +43,8 @@ def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: i
     return out, sums
 
 
-def _rows_and_scale(v):
-    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, 0)
-
-
 def side_sums(v, a_pos, a_neg):
-    rows, scale = _rows_and_scale(v)
+    rows, scale = rows_and_scale(v)
     n, d = rows.shape
     sums = empty(2, d, dtype=torch.float32, device=rows.device)
     a_pos, a_neg = f32(a_pos), f32(a_neg)
@@ -64,7 +54,7 @@ def side_sums(v, a_pos, a_neg):
 
 
 def margin_pass(v, w, b, gate):
-    rows, scale = _rows_and_scale(v)
+    rows, scale = rows_and_scale(v)
     n, d = rows.shape
     w, b = f32(w), f32(b)
     m = empty(n, dtype=torch.float32, device=rows.device)
@@ -78,14 +68,7 @@ def margin_pass(v, w, b, gate):
     return m, sums
 
 
-def _pipeline_token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int):
-    if sketch_dim is not None:
-        return token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_dtype=torch.float32)
-    v = ScaledRows(hidden, f32(-torch.expm1(logp.to(torch.float32))))
-    return v, side_sums(v, a_pos, a_neg)
-
-
-PIPELINE_KERNELS = SimpleNamespace(token_vectors=_pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
+PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 
 
 def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
