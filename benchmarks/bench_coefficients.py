@@ -23,10 +23,7 @@ import datetime
 import gc
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,24 +38,16 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # so that an explicitly named triton provider can run
 
 import delta_kernels as dk  # noqa: E402
+from bench_info import git_commit, machine_name  # noqa: E402
 
 ALL_PROVIDERS = ("naive", "torch", "cpp", "cuda", "triton")
 SEQ_LEN = 1024
 
 
-def machine_name() -> str:
-    if HAS_GPU:
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"cpu-{platform.machine()}-{os.cpu_count()}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
+
+
 
 
 # ---------------------------------------------------------------- timing and memory

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_info import git_commit  # noqa: E402
 from delta_kernels._checks import SurrogateConfig  # noqa: E402
 from delta_kernels.fused_linear import (fused_linear_clipped_surrogate_loss,  # noqa: E402
                                         fused_linear_logprob_sketch, torch_chunked)
@@ -54,14 +54,6 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu} ({os.cpu_count()} cores)"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_inputs(m, hdim, vocab, dtype, device, seed=0):
@@ -251,7 +243,7 @@ def measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name):
 def write(rows, rate, device, args):
     os.makedirs(RESULTS, exist_ok=True)
     meta = dict(machine=machine(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=commit(), torch=torch.__version__, device=device, matmul_tflops=round(rate, 1 if device == "cuda" else 4),
+                commit=git_commit(), torch=torch.__version__, device=device, matmul_tflops=round(rate, 1 if device == "cuda" else 4),
                 flop_count="ours: 8 MHV (fwd logits 2, bwd recompute 2, dH 2, dW 2); methods keeping logits: 6 MHV; "
                            "phase A: 2 MHV",
                 argv=sys.argv[1:], load_average_1min=round(os.getloadavg()[0], 2))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_coefficients import git_commit, machine_name  # noqa: E402
+from bench_info import git_commit, machine_name  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.naive import delta_coefficients_naive  # noqa: E402

@@ -18,11 +18,7 @@ import argparse
 import copy
 import datetime
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -38,19 +34,15 @@ from delta_kernels.trainer.task import AdditionTask  # noqa: E402
 from delta_kernels.trainer.tokenizer import CharTokenizer  # noqa: E402
 from delta_kernels.trainer.warm_start import WarmStartConfig, supervised_warm_start  # noqa: E402
 
+from bench_info import git_commit, machine_name  # noqa: E402
+
 PHASES = ("rollout", "old_logprob", "coefficients", "update")
 
 
-def machine_name(device: torch.device) -> str:
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}-{os.cpu_count()}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
+
+
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,13 +29,10 @@ sys.path.insert(0, str(ROOT))
 from delta_kernels.trainer.config import TrainerConfig  # noqa: E402
 from delta_kernels.trainer.loop import run  # noqa: E402
 from delta_kernels.trainer.report import read_metrics  # noqa: E402
+from bench_info import git_commit  # noqa: E402
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
+
 
 
 def write_outputs(runs, meta, stem: Path) -> None:

@@ -1,7 +1,6 @@
 """backend="cpp" (csrc/cpu via delta_kernels._cpp) against the float64 reference."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
