@@ -185,6 +185,8 @@ _THREAD_SCRIPT = textwrap.dedent("""
         r = dk.delta_coefficients(h, logp, adv, mask, k=2, sketch_dim=sk, backend="cpp")
         out[f"coef{{sk}}"] = r.coef
         out[f"mu{{sk}}"] = r.stats.mu_pos
+    out["z37"] = dk.token_sketch(h, logp, sketch_dim=37, backend="cpp")  # several panels and a remainder
+    out["z37_bf16"] = dk.token_sketch(h.bfloat16(), logp, sketch_dim=37, backend="cpp")
     flat_h = h.reshape(-1, 72)
     a = adv[:, None].expand_as(logp).reshape(-1) * mask.reshape(-1)
     v, sums = cpp.token_vectors(flat_h, logp.reshape(-1), a.clamp_min(0), (-a).clamp_min(0), None, 0)

@@ -28,6 +28,58 @@ void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed) {
 namespace {
 
 constexpr int64_t kSketchGroup = 4;  // tokens that share each read of a row of R
+constexpr int64_t kPanel = 8;        // sketch columns accumulated in registers at a time
+
+// R [H, r] row-major -> column panels of kPanel columns, each [H, kPanel] contiguous.
+std::vector<float> pack_panels(const float* R, int64_t H, int64_t r) {
+  const int64_t n_panels = (r + kPanel - 1) / kPanel;
+  std::vector<float> out(static_cast<size_t>(n_panels * H * kPanel), 0.0f);
+  for (int64_t p = 0; p < n_panels; ++p)
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < r; ++c) out[(p * H + i) * kPanel + c] = R[i * r + p * kPanel + c];
+  return out;
+}
+
+// z[k][j] = sum_i v[k][i] R[i][j] for g <= kSketchGroup rows of v ([g, H] float32), summed in i
+// order with one accumulator per (k, j) (a multiply then an add, as every target computes it): the
+// same bits as the plain triple loop, with kSketchGroup x kPanel accumulators in registers and R
+// streamed once per token group. Compiled for SSE2 and AVX2 like the row passes (row_ops.h).
+DK_INLINE void sketch_group(const float* __restrict__ v, int64_t g, int64_t H, const float* __restrict__ panels,
+                            int64_t r, float* __restrict__ z) {
+  const int64_t n_panels = (r + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const float* __restrict__ P = panels + p * H * kPanel;
+    alignas(32) float acc[kSketchGroup][kPanel] = {};
+    if (g == kSketchGroup) {
+      F8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      const float *v0 = v, *v1 = v + H, *v2 = v + 2 * H, *v3 = v + 3 * H;
+      for (int64_t i = 0; i < H; ++i) {
+        const F8 pi = load8(P + i * kPanel);
+        a0 += v0[i] * pi;
+        a1 += v1[i] * pi;
+        a2 += v2[i] * pi;
+        a3 += v3[i] * pi;
+      }
+      store8(acc[0], a0), store8(acc[1], a1), store8(acc[2], a2), store8(acc[3], a3);
+    } else {
+      for (int64_t i = 0; i < H; ++i) {
+        const float* pi = P + i * kPanel;
+        for (int64_t k = 0; k < g; ++k)
+          for (int64_t c = 0; c < kPanel; ++c) acc[k][c] += v[k * H + i] * pi[c];
+      }
+    }
+    const int64_t cols = std::min(kPanel, r - p * kPanel);
+    for (int64_t k = 0; k < g; ++k)
+      for (int64_t c = 0; c < cols; ++c) z[k * r + p * kPanel + c] = acc[k][c];
+  }
+}
+
+void sketch_group_base(const float* v, int64_t g, int64_t H, const float* panels, int64_t r, float* z) {
+  sketch_group(v, g, H, panels, r, z);
+}
+DK_AVX2 void sketch_group_avx2(const float* v, int64_t g, int64_t H, const float* panels, int64_t r, float* z) {
+  sketch_group(v, g, H, panels, r, z);
+}
 
 template <int DT>
 void token_vectors_impl(const void* hidden_, const float* logp, const float* a_pos, const float* a_neg, int64_t N,
@@ -36,11 +88,13 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
   const auto* hidden = static_cast<const typename E::T*>(hidden_);
   auto* out = static_cast<typename E::T*>(out_);
   const int64_t D = r > 0 ? r : H;
-  std::vector<float> R;
+  std::vector<float> panels;  // R in column panels of kPanel: panels[p][i][0:kPanel], zero-padded
   if (r > 0) {
-    R.resize(static_cast<size_t>(H * r));
+    std::vector<float> R(static_cast<size_t>(H * r));
     sketch_matrix(R.data(), H, r, seed);
+    panels = pack_panels(R.data(), H, r);
   }
+  auto* sketch_fn = simd_level() == 1 ? sketch_group_avx2 : sketch_group_base;
   const int64_t block = reduction_block(N);
   const int64_t n_blocks = (N + block - 1) / block;
   std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_blocks, 1) * 2 * D), 0.0f);
@@ -71,15 +125,7 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
         }
         const float* rows = vrow.data();
         if (r > 0) {
-          std::fill(zrow.begin(), zrow.begin() + g * D, 0.0f);
-          for (int64_t i = 0; i < H; ++i) {
-            const float* Ri = R.data() + i * r;
-            for (int64_t k = 0; k < g; ++k) {
-              const float vi = vrow[k * H + i];
-              float* zk = zrow.data() + k * D;
-              for (int64_t j = 0; j < r; ++j) zk[j] += vi * Ri[j];
-            }
-          }
+          sketch_fn(vrow.data(), g, H, panels.data(), r, zrow.data());
           rows = zrow.data();
         }
         for (int64_t k = 0; k < g; ++k) {
