@@ -13,28 +13,31 @@ constexpr int kStats = 5;  // loss, valid, clipped, clipped_lower, kl
 
 __global__ void token_kernel(const float* __restrict__ logp, const float* __restrict__ old_logp,
                              const float* __restrict__ adv, const uint8_t* __restrict__ mask,
-                             const float* __restrict__ coef, int64_t T, int64_t tiles, float clip_low,
+                             const float* __restrict__ coef, int64_t B, int64_t T, int64_t tiles, float clip_low,
                              float clip_high, float clip_c, float* __restrict__ grad, float* __restrict__ partial) {
   __shared__ float red[kThreads / 32];
-  const int64_t row = blockIdx.y, tile = blockIdx.x;
-  float acc[kStats] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  const int64_t c_end = (tile + 1) * kTile < T ? (tile + 1) * kTile : T;
-  for (int64_t c = tile * kTile + threadIdx.x; c < c_end; c += kThreads) {
-    const int64_t t = row * T + c;
-    const float valid = mask[t] ? 1.0f : 0.0f;
-    float A = adv[t] * valid;
-    if (coef != nullptr) A *= coef[t];
-    const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
-    grad[t] = r.dloss * valid;
-    acc[0] += r.loss * valid;
-    acc[1] += valid;
-    acc[2] += (r.clipped && mask[t]) ? 1.0f : 0.0f;
-    acc[3] += (r.clipped_lower && mask[t]) ? 1.0f : 0.0f;
-    acc[4] += -r.log_ratio * valid;
-  }
-  for (int s = 0; s < kStats; ++s) {
-    const float total = block_sum(acc[s], red);
-    if (threadIdx.x == 0) partial[(row * tiles + tile) * kStats + s] = total;
+  const int64_t tile = blockIdx.x;
+  // grid.y is capped at 65535: each block walks rows blockIdx.y, blockIdx.y + gridDim.y, ...
+  for (int64_t row = blockIdx.y; row < B; row += gridDim.y) {
+    float acc[kStats] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    const int64_t c_end = (tile + 1) * kTile < T ? (tile + 1) * kTile : T;
+    for (int64_t c = tile * kTile + threadIdx.x; c < c_end; c += kThreads) {
+      const int64_t t = row * T + c;
+      const float valid = mask[t] ? 1.0f : 0.0f;
+      float A = adv[t] * valid;
+      if (coef != nullptr) A *= coef[t];
+      const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
+      grad[t] = r.dloss * valid;
+      acc[0] += r.loss * valid;
+      acc[1] += valid;
+      acc[2] += (r.clipped && mask[t]) ? 1.0f : 0.0f;
+      acc[3] += (r.clipped_lower && mask[t]) ? 1.0f : 0.0f;
+      acc[4] += -r.log_ratio * valid;
+    }
+    for (int s = 0; s < kStats; ++s) {
+      const float total = block_sum(acc[s], red);
+      if (threadIdx.x == 0) partial[(row * tiles + tile) * kStats + s] = total;
+    }
   }
 }
 
@@ -83,8 +86,9 @@ cudaError_t clipped_surrogate(const float* logp, const float* old_logp, const fl
   float* partial = workspace;
   float* row_weight = workspace + B * tiles * kStats;
   if (B * T > 0) {
-    token_kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(B)), kThreads, 0, stream>>>(
-        logp, old_logp, adv, mask, coef, T, tiles, clip_low, clip_high, clip_c, grad, partial);
+    const unsigned rows_y = static_cast<unsigned>(B < 65535 ? B : 65535);
+    token_kernel<<<dim3(static_cast<unsigned>(tiles), rows_y), kThreads, 0, stream>>>(
+        logp, old_logp, adv, mask, coef, B, T, tiles, clip_low, clip_high, clip_c, grad, partial);
   } else {
     cudaError_t err = cudaMemsetAsync(partial, 0, static_cast<size_t>(B * tiles * kStats) * 4, stream);
     if (err != cudaSuccess) return err;
