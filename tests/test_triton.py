@@ -114,6 +114,60 @@ def test_margin_pass_kernel():
     assert none is None and torch.equal(m2, m)
 
 
+@pytest.mark.parametrize("dtype,d,wide", [(torch.bfloat16, 33, False), (torch.float32, 100, True)])
+def test_scaled_rows_passes(monkeypatch, dtype, d, wide):
+    """side_sums and margin_pass on ScaledRows(x, scale) against float64 scale[:, None] * x (not
+    rounded to x's dtype), every path: whole rows, and wide rows (gated sums in a second read)."""
+    if wide:
+        monkeypatch.setattr(margin_mod, "MAX_BLOCK_D", 64)
+        monkeypatch.setattr(margin_mod, "CHUNK_D", 32)
+    g = torch.Generator().manual_seed(4)
+    n = 91
+    x = torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
+    scale = (0.1 + torch.rand(n, generator=g)).to(DEVICE)
+    v = triton_backend.ScaledRows(x, scale)
+    v64 = scale.double()[:, None] * x.double()
+    w, b = torch.randn(d, generator=g).to(DEVICE), torch.tensor(-0.3, device=DEVICE)
+    gamma = torch.tensor([0.8, 1.7], device=DEVICE)
+    a_pos, a_neg = torch.rand(n, generator=g).to(DEVICE), torch.rand(n, generator=g).to(DEVICE)
+    sums = triton_backend.side_sums(v, a_pos, a_neg)
+    assert_rel(sums, torch.stack([a_pos.double() @ v64, a_neg.double() @ v64]), 1e-6, "side sums")
+    m, gsums = triton_backend.margin_pass(v, w, b, (gamma, a_pos, a_neg))
+    m64 = 2 * (v64 @ w.double() - 0.3)
+    assert_rel(m, m64, 1e-6, "m")
+    gp = torch.sigmoid(m64 / 0.8) * a_pos.double()
+    gn = torch.sigmoid(-m64 / 1.7) * a_neg.double()
+    assert_rel(gsums, torch.stack([gp @ v64, gn @ v64]), 1e-6, "gated sums")
+    m2, none = triton_backend.margin_pass(v, w, b, None)
+    assert none is None and torch.equal(m2, m)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
+    """From bf16 hidden states, exact mode: v = (1 - exp(logp)) h stays implicit (float32 scale,
+    never rounded to bf16), so the coefficients meet the float32 tolerance, and no [N, H] tensor
+    is allocated by the backend."""
+    h, lp, adv, mask = _batch((6, 47), 100, torch.bfloat16, seed=21 + k, seq_level=False)
+    n, hid = h.shape[0] * h.shape[1], h.shape[2]
+    shapes = []
+    for name in ("token_vectors", "margin_pass", "row_partials"):
+        mod = importlib.import_module("delta_kernels.triton." + name)
+        real = mod.empty
+
+        def record(*shape, _real=real, **kw):
+            shapes.append(tuple(shape))
+            return _real(*shape, **kw)
+        monkeypatch.setattr(mod, "empty", record)
+    out = dk.delta_coefficients(h, lp, adv, mask, k=k, backend="triton")
+    assert shapes, "the backend allocated nothing through _alloc.empty"
+    assert all(torch.Size(s).numel() < n * hid for s in shapes), shapes
+    ref = dk.delta_coefficients(*as64(h, lp, adv), mask, k=k, backend="torch")
+    _compare(out, ref, torch.float32)
+    # the public op still materialises v in hidden's dtype
+    v = dk.token_sketch(h, lp, backend="triton")
+    assert v.dtype == torch.bfloat16 and v.shape == h.shape
+
+
 @pytest.mark.parametrize("dtype,shape,hidden,sketch_dim,seed", [
     (torch.float32, (129,), 257, 24, 0),
     (torch.float32, (3, 43), 100, 129, 2**32 - 1),
@@ -309,14 +363,17 @@ for dt, fp32 in (("bf16", False), ("fp16", False), ("fp32", True)):
     comp(tv._sketch_rows_kernel, {"h_ptr": P(dt), **rows, "z_ptr": P(dt), "partial_ptr": P("fp32"), "n_rows": "i32",
          "hidden": "i32", "sketch_dim": "i32", "rows_per_group": "i32", "seed_mixed": "i32", "scale": "fp32"},
          dict(DOT_FP32=fp32, SUMS=True, BLOCK_M=128, BLOCK_R=128, BLOCK_K=64))
-comp(tv._scaled_rows_kernel, {"x_ptr": P("bf16"), **rows, "out_ptr": P("bf16"), "partial_ptr": P("fp32"),
-     "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
-     dict(SCALE=True, STORE=True, SUMS=True, BLOCK_N=16, BLOCK_D=256))
-comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("w_ptr", "b_ptr", "m_ptr", "gamma_ptr",
-     "a_pos_ptr", "a_neg_ptr", "partial_ptr")}, "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
-     dict(GATED=True, BLOCK_N=2, BLOCK_D=4096))
-comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "w_ptr": P("fp32"), "b_ptr": P("fp32"), "m_ptr": P("fp32"),
-     "n_rows": "i32", "n_cols": "i32"}, dict(BLOCK_N=4, BLOCK_D=4096))
+srows = {"scale_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
+for store, sums in ((True, False), (False, True)):  # token_sketch; the side sums of ScaledRows
+    comp(tv._scaled_rows_kernel, {"x_ptr": P("bf16"), **srows, "out_ptr": P("bf16"), "partial_ptr": P("fp32"),
+         "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
+         dict(HAS_SCALE=True, STORE=store, SUMS=sums, BLOCK_N=16, BLOCK_D=256))
+for has_scale in (True, False):
+    comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "b_ptr",
+         "m_ptr", "gamma_ptr", "a_pos_ptr", "a_neg_ptr", "partial_ptr")}, "n_rows": "i32", "n_cols": "i32",
+         "rows_per_group": "i32"}, dict(HAS_SCALE=has_scale, GATED=True, BLOCK_N=2, BLOCK_D=4096))
+comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr": P("fp32"), "b_ptr": P("fp32"),
+     "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32"}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
 comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "n_groups": "i32", "n_cols": "i32"},
      dict(BLOCK_G=32, BLOCK_C=256))
 tok = {"logp_ptr": P("bf16"), "old_ptr": P("bf16"), "adv_ptr": P("bf16"), "mask_ptr": P("u8"), "coef_ptr": P("bf16")}

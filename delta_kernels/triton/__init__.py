@@ -1,17 +1,23 @@
 """backend="triton": the main GPU path (runs on the CPU under TRITON_INTERPRET=1 for tests).
 
 One file per kernel:
-    token_vectors.py  phase A: v = (1 - exp(logp)) h or z = v @ R (signs hashed in-kernel) and
-                      the side sums, one read of hidden
-    side_sums.py      side sums of precomputed vectors, one read of v
-    margin_pass.py    m = 2 (v.w + b) and the gated side sums, one read of v
+    token_vectors.py  phase A: exact vectors kept implicit as ScaledRows(h, 1 - exp(logp)), or
+                      z = v @ R (signs hashed in-kernel), and the side sums, one read of hidden;
+                      token_sketch writes v or z
+    side_sums.py      side sums of vectors (a tensor or ScaledRows), one read
+    margin_pass.py    m = 2 (v.w + b) and the gated side sums, one read of v (ScaledRows: of h,
+                      each row scaled on the fly)
     surrogate.py      phase C: dual-clip surrogate forward + backward (torch.autograd.Function)
     row_partials.py   the deterministic two-stage (per-group partials, fixed-order) reduction
     sketch_hash.py    the sketch matrix's hash in Triton
 
-``delta_coefficients`` is delta_kernels.pipeline.run_coefficients over these kernels. Reads
-per call: hidden once (when given), then v once for k = 0, else k + 2 times (the temperature
-pass, k fused gate-and-refine passes, the final margins); no host synchronisation.
+``delta_coefficients`` is delta_kernels.pipeline.run_coefficients over these kernels. Exact
+mode from hidden states: v = (1 - exp(logp)) h is never written; hidden is read 2 times for
+k = 0 and k + 3 times for k > 0 (the side sums, the temperature pass, k fused gate-and-refine
+passes, the final margins), each pass scaling the rows by the float32 1 - exp(logp), and
+nothing [N, H] is written. Sketched: hidden once, z [N, r] written once, then z read once for
+k = 0, else k + 2 times. From given vectors: v read as for z (plus once for the side sums when
+not given). No host synchronisation.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from ..pipeline import run_coefficients
 from .margin_pass import margin_pass
 from .side_sums import side_sums
 from .surrogate import clipped_surrogate_loss
-from .token_vectors import token_sketch, token_vectors
+from .token_vectors import ScaledRows, token_sketch, token_vectors
 
 
 def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
@@ -30,4 +36,4 @@ def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
 
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "token_vectors", "side_sums",
-           "margin_pass"]
+           "margin_pass", "ScaledRows"]

@@ -1,14 +1,19 @@
 """Phase A in Triton: token-gradient vectors v = (1 - exp(logp)) h, or their sketch z = v @ R,
 with the side sums (sum a+ v, sum a- v) fused into the same single read of ``hidden``.
 
-Memory traffic per call: hidden is read once; v (or z) is written once; the side sums go
-through [G, 2, D] float32 partials (G <= 512 row groups, see row_partials) reduced in a fixed
-order. R is never read: its +-1 signs are hashed inside the kernel (sketch_hash).
+Exact vectors stay implicit in the coefficient pipeline: ``token_vectors`` returns
+``ScaledRows(hidden, 1 - exp(logp))`` and every later pass (side_sums, margin_pass) reads the
+rows of h and scales each by its float32 scale on the fly, so v is never written (nor rounded
+to hidden's dtype). Memory traffic per call: hidden is read once; exact mode writes nothing
+[N, H]; the sketch writes z [N, r] once; ``token_sketch`` (the public op) writes v or z once.
+The side sums go through [G, 2, D] float32 partials (G <= 512 row groups, see row_partials)
+reduced in a fixed order. R is never read: its +-1 signs are hashed inside the kernel
+(sketch_hash).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -24,6 +29,18 @@ BLOCK_COLS = 256    # columns per program of the exact kernel
 SKETCH_BLOCK_M = 128   # rows per tile: each tile regenerates its R signs, so taller tiles hash less
 SKETCH_BLOCK_R = 128
 SKETCH_BLOCK_K = 64
+
+
+class ScaledRows(NamedTuple):
+    """Token vectors v[t] = scale[t] * rows[t] that are never materialised: side_sums and
+    margin_pass read the rows and scale each on the fly (one read of the rows per pass)."""
+    rows: torch.Tensor   # [N, D] float32/bf16/fp16 contiguous (the hidden states)
+    scale: torch.Tensor  # [N] float32 contiguous, 1 - exp(logp)
+
+
+def rows_and_scale(v):
+    """v: a tensor [N, D] or ScaledRows -> (rows [N, D], scale [N] float32 or None)."""
+    return (v.rows, v.scale) if isinstance(v, ScaledRows) else (v, None)
 
 
 @triton.jit
@@ -43,14 +60,14 @@ def neg_expm1(x):
 
 
 @triton.jit
-def _scaled_rows_kernel(x_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr,
+def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr,
                         n_rows, n_cols, rows_per_group,
-                        SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (g, d): rows [g*rows_per_group, (g+1)*rows_per_group), columns d*BLOCK_D...
-    y = x * (1 - exp(logp)) if SCALE else x; stores y in out's dtype if STORE; writes
-    partial[g] = (sum_rows w_pos y, sum_rows w_neg y) over its columns, float32.
-    x [N, D] (fp32/bf16/fp16), logp/w_pos/w_neg [N] float32, partial [G, 2, D] float32."""
+    With s = scale[row] if HAS_SCALE else 1: stores y = s x in out's dtype if STORE; writes
+    partial[g] = (sum_rows (w_pos s) x, sum_rows (w_neg s) x) over its columns, float32.
+    x [N, D] (fp32/bf16/fp16), scale/w_pos/w_neg [N] float32, partial [G, 2, D] float32."""
     pid_g = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -63,17 +80,22 @@ def _scaled_rows_kernel(x_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_
         rmask = rows < n_rows
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
-        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if SCALE:
-            lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0)
-            y = y * neg_expm1(lp)[:, None]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
         if STORE:
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+            if HAS_SCALE:
+                tl.store(out_ptr + offs, (x * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
         if SUMS:
             wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
             wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
-            acc_pos += tl.sum(y * wp[:, None], axis=0)
-            acc_neg += tl.sum(y * wn[:, None], axis=0)
+            if HAS_SCALE:
+                wp = wp * s
+                wn = wn * s
+            acc_pos += tl.sum(x * wp[:, None], axis=0)
+            acc_neg += tl.sum(x * wn[:, None], axis=0)
     if SUMS:
         base = partial_ptr + pid_g * 2 * n_cols
         tl.store(base + cols, acc_pos, mask=cmask)
@@ -126,10 +148,11 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
         tl.store(base + sketch_dim + cols, acc_neg, mask=cmask)
 
 
-def scaled_rows(x: torch.Tensor, logp: Optional[torch.Tensor], w_pos: Optional[torch.Tensor],
+def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[torch.Tensor],
                 w_neg: Optional[torch.Tensor], store: bool):
-    """Host side of _scaled_rows_kernel: -> (y [N, D] in x's dtype or None, sums [2, D] float32
-    or None when no weights are given). logp/w_pos/w_neg float32 [N] or None."""
+    """Host side of _scaled_rows_kernel, one read of x: -> (y = scale x [N, D] in x's dtype or
+    None, sums [2, D] float32 = (sum w_pos scale x, sum w_neg scale x) or None when no weights
+    are given). scale/w_pos/w_neg float32 [N] contiguous or None (scale None: 1)."""
     n, d = x.shape
     sums = w_pos is not None
     rows_per_group, n_groups = row_groups(n, BLOCK_ROWS)
@@ -138,12 +161,17 @@ def scaled_rows(x: torch.Tensor, logp: Optional[torch.Tensor], w_pos: Optional[t
     partial = empty(n_groups, 2, d, dtype=torch.float32, device=x.device) if sums else None
     dummy = x  # pointer for the arguments a constexpr flag switches off (never dereferenced)
     grid = (n_groups, triton.cdiv(d, block_d))
-    _scaled_rows_kernel[grid](x, dummy if logp is None else logp, dummy if w_pos is None else w_pos,
+    _scaled_rows_kernel[grid](x, dummy if scale is None else scale, dummy if w_pos is None else w_pos,
                               dummy if w_neg is None else w_neg, dummy if out is None else out,
                               dummy if partial is None else partial, n, d, rows_per_group,
-                              SCALE=logp is not None, STORE=store, SUMS=sums,
+                              HAS_SCALE=scale is not None, STORE=store, SUMS=sums,
                               BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
     return out, sum_partials(partial) if sums else None
+
+
+def row_scale(logp: torch.Tensor) -> torch.Tensor:
+    """logp [N] -> scale [N] float32 contiguous = 1 - exp(logp) = -expm1(logp) (accurate near 0)."""
+    return (-torch.expm1(logp.to(torch.float32))).contiguous()
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -156,7 +184,7 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed):
     f32 = torch.float32
     logp = logp.to(f32).contiguous()
     if sketch_dim is None:
-        return scaled_rows(hidden, logp, a_pos, a_neg, store=True)
+        return scaled_rows(hidden, row_scale(logp), a_pos, a_neg, store=True)
     n, h = hidden.shape
     r = sketch_dim
     sums = a_pos is not None
@@ -176,14 +204,19 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed):
 
 def token_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: torch.Tensor, a_neg: torch.Tensor,
                   sketch_dim: Optional[int], seed: int):
-    """Pipeline kernel (see delta_kernels/pipeline.py): one read of hidden, one write of v.
+    """Pipeline kernel (see delta_kernels/pipeline.py): one read of hidden.
 
     hidden [N, H] float32/bf16/fp16 contiguous; logp, a_pos, a_neg [N] (cast to float32).
-    Returns v [N, D] in hidden's dtype (D = H, or sketch_dim: z = v @ sketch_matrix(H, r, seed))
-    and sums [2, D] float32 = (sum a_pos v, sum a_neg v), from the float32 values before the
-    cast to hidden's dtype."""
+    Returns (v, sums [2, D] float32 = (sum a_pos v, sum a_neg v)). Exact (sketch_dim None):
+    v = ScaledRows(hidden, 1 - exp(logp)), nothing [N, H] written, v never rounded to hidden's
+    dtype. Sketched: v = z = (1 - exp(logp)) h @ sketch_matrix(H, r, seed) [N, r] in hidden's
+    dtype (written once), its sums from the float32 values before the cast."""
     f32 = torch.float32
-    return _token_vectors(hidden, logp, a_pos.to(f32).contiguous(), a_neg.to(f32).contiguous(), sketch_dim, seed)
+    a_pos, a_neg = a_pos.to(f32).contiguous(), a_neg.to(f32).contiguous()
+    if sketch_dim is None:
+        v = ScaledRows(hidden, row_scale(logp))
+        return v, scaled_rows(hidden, v.scale, a_pos, a_neg, store=False)[1]
+    return _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed)
 
 
 def token_sketch(hidden2d: torch.Tensor, logp1d: torch.Tensor, sketch_dim: Optional[int], seed: int):
