@@ -118,14 +118,15 @@ def copy_bandwidth_gbs() -> float:
 # ---------------------------------------------------------------- workloads
 
 def pipeline_bytes(n: int, h: int, r, k: int, elem: int):
-    """Bytes of each pass of the fused pipeline (pipeline.py): token_vectors reads hidden and
-    writes v (or z); then k + 2 margin passes read v (1 when k = 0). [N]-sized traffic and the
-    [G, 2, D] partials are left out (< 2% at the GPU sizes)."""
-    d = r or h
-    passes = {"token_vectors": n * h * elem + n * d * elem}
+    """Bytes of each pass of the fused pipeline (pipeline.py). Exact (r None): the vectors stay
+    implicit (every fast backend scales rows of hidden on the fly), so the side sums read hidden
+    once and the margin passes read hidden again: 1 more read when k = 0, k + 2 more otherwise;
+    nothing [N, H] is written. Sketched: token_vectors reads hidden and writes z, then the margin
+    passes read z. [N]-sized traffic and the [G, 2, D] partials are left out (< 2% at GPU sizes)."""
     reads = 1 if k == 0 else k + 2
-    passes["margin_passes"] = reads * n * d * elem
-    return passes
+    if r is None:
+        return {"side_sums": n * h * elem, "margin_passes": reads * n * h * elem}
+    return {"token_vectors": n * h * elem + n * r * elem, "margin_passes": reads * n * r * elem}
 
 
 def make_inputs(n: int, h: int, dtype, device, seed=0):
@@ -280,8 +281,9 @@ def write(rows, out: Path, machine, date, commit, bw):
         return "-" if x is None else format(x, spec)
     lines = [f"# delta_coefficients benchmark: {machine}", "",
              f"Date {date}, commit {commit}, torch {torch.__version__}. Copy bandwidth measured in this run: "
-             f"{bw:.1f} GB/s. Floor = bytes the fused pipeline moves (hidden read once, v written once, "
-             "k + 2 reads of v) / copy bandwidth. Times are medians; peak = memory beyond the inputs. "
+             f"{bw:.1f} GB/s. Floor = bytes the fused pipeline moves (exact: k + 3 reads "
+             "of hidden, 2 when k = 0, nothing written; sketched: read hidden, write z, k + 2 reads of z) / copy "
+             "bandwidth. Times are medians; peak = memory beyond the inputs. "
              "Sketched rows' x naive compares with the exact naive run (the published method has no sketch). "
              f"Load average at the end: {_loadavg()}.", "",
              "| N | H | dtype | k | r | provider | median ms (p20-p80) | peak MiB | floor ms | floor/time "

@@ -18,7 +18,9 @@ margin_pass read it: a tensor, or a handle such as cpp/cuda's ``ScaledRows(hidde
 that keeps exact vectors implicit (each pass scales the rows of h on the fly; no [N, H] write).
 
 Reads of v per call: 1 when k = 0, else k + 2 (the temperature pass, k fused gate/refine
-passes, the final margins), plus the one read of hidden when v is built here.
+passes, the final margins), plus the one read of hidden when v is built here. With exact
+vectors kept implicit (all three fast backends), "v" is hidden itself: hidden is read k + 3
+times (2 when k = 0), the first read being the side sums, and nothing [N, H] is written.
 """
 from __future__ import annotations
 
