@@ -3,6 +3,7 @@
 // maximum/minimum split it in halves on ties.
 #pragma once
 #include <math.h>
+#include <stdint.h>
 
 #include "sketch_hash.h"  // DK_HD
 
@@ -45,6 +46,27 @@ DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_
   r.clipped = pg2 > pg1;
   r.clipped_lower = (clip1 > pg3) && (A < 0.0f);
   return r;
+}
+
+// The per-token statistics both backends sum: loss, valid count, clipped, clipped_lower, -log_ratio.
+enum SurrogateStat : int { kStatLoss = 0, kStatValid, kStatClip, kStatClipLower, kStatKl, kStats };
+
+// One token of row-major [B, T] at flat index t: writes d l / d logp (0 where masked) to grad[t]
+// and adds its masked statistics to acc[kStats] (float on the GPU, double on the CPU).
+template <typename Acc>
+DK_HD void surrogate_accumulate(int64_t t, const float* logp, const float* old_logp, const float* adv,
+                                const uint8_t* mask, const float* coef, float clip_low, float clip_high, float clip_c,
+                                float* grad, Acc* acc) {
+  const float valid = mask[t] ? 1.0f : 0.0f;
+  float A = adv[t] * valid;
+  if (coef != nullptr) A *= coef[t];
+  const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
+  grad[t] = r.dloss * valid;
+  acc[kStatLoss] += static_cast<Acc>(r.loss * valid);
+  acc[kStatValid] += static_cast<Acc>(valid);
+  acc[kStatClip] += (r.clipped && mask[t]) ? Acc(1) : Acc(0);
+  acc[kStatClipLower] += (r.clipped_lower && mask[t]) ? Acc(1) : Acc(0);
+  acc[kStatKl] += static_cast<Acc>(-r.log_ratio * valid);
 }
 
 // d(aggregated loss)/d(per-token loss) of a valid token in row b: token-mean 1/max(n_valid, 1),

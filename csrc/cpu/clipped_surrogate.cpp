@@ -11,7 +11,6 @@ namespace dk {
 namespace cpu {
 namespace {
 constexpr int64_t kTile = 1024;
-enum { kLoss, kValid, kClip, kClipLower, kKl, kStats };
 }  // namespace
 
 void clipped_surrogate(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask,
@@ -24,19 +23,8 @@ void clipped_surrogate(const float* logp, const float* old_logp, const float* ad
     const int64_t row = job / tiles, tile = job % tiles;
     double acc[kStats] = {0, 0, 0, 0, 0};
     const int64_t t_end = std::min(T, (tile + 1) * kTile);
-    for (int64_t c = tile * kTile; c < t_end; ++c) {
-      const int64_t t = row * T + c;
-      const float valid = mask[t] ? 1.0f : 0.0f;
-      float A = adv[t] * valid;
-      if (coef != nullptr) A *= coef[t];
-      const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
-      grad[t] = r.dloss * valid;
-      acc[kLoss] += static_cast<double>(r.loss * valid);
-      acc[kValid] += valid;
-      acc[kClip] += (r.clipped && mask[t]) ? 1.0 : 0.0;
-      acc[kClipLower] += (r.clipped_lower && mask[t]) ? 1.0 : 0.0;
-      acc[kKl] += static_cast<double>(-r.log_ratio * valid);
-    }
+    for (int64_t c = tile * kTile; c < t_end; ++c)
+      surrogate_accumulate(row * T + c, logp, old_logp, adv, mask, coef, clip_low, clip_high, clip_c, grad, acc);
     std::copy(acc, acc + kStats, partial.data() + job * kStats);
   }
   // Rows in order: row sums from their tiles, then the totals.
@@ -47,26 +35,26 @@ void clipped_surrogate(const float* logp, const float* old_logp, const float* ad
     for (int64_t tile = 0; tile < tiles; ++tile)
       for (int s = 0; s < kStats; ++s) rs[s] += partial[(row * tiles + tile) * kStats + s];
     for (int s = 0; s < kStats; ++s) total[s] += rs[s];
-    row_loss[row] = rs[kLoss];
-    row_valid[row] = rs[kValid];
+    row_loss[row] = rs[kStatLoss];
+    row_valid[row] = rs[kStatValid];
   }
-  const double n = std::max(total[kValid], 1.0);
+  const double n = std::max(total[kStatValid], 1.0);
   double loss = 0.0;
   if (agg == kTokenMean) {
-    loss = total[kLoss] / n;
+    loss = total[kStatLoss] / n;
   } else if (agg == kSeqMeanTokenMean) {
     for (int64_t row = 0; row < B; ++row) loss += row_loss[row] / std::max(row_valid[row], 1.0);
     loss /= static_cast<double>(B);
   } else {
-    loss = total[kLoss] / static_cast<double>(agg == kSeqMeanTokenSum ? B : T);
+    loss = total[kStatLoss] / static_cast<double>(agg == kSeqMeanTokenSum ? B : T);
   }
   out[0] = static_cast<float>(loss);
-  out[1] = static_cast<float>(total[kClip] / n);
-  out[2] = static_cast<float>(total[kClipLower] / n);
-  out[3] = static_cast<float>(total[kKl] / n);
+  out[1] = static_cast<float>(total[kStatClip] / n);
+  out[2] = static_cast<float>(total[kStatClipLower] / n);
+  out[3] = static_cast<float>(total[kStatKl] / n);
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < B; ++row) {
-    const float w = surrogate_row_weight(agg, static_cast<float>(total[kValid]), static_cast<float>(row_valid[row]), B, T);
+    const float w = surrogate_row_weight(agg, static_cast<float>(total[kStatValid]), static_cast<float>(row_valid[row]), B, T);
     float* g = grad + row * T;
     for (int64_t c = 0; c < T; ++c) g[c] *= w;
   }

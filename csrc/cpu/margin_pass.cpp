@@ -52,24 +52,14 @@ DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* 
     }
     if constexpr (Gated) {
       // The group's terms of each side, in token order (the same bits as one axpy per token).
-      const T* prow[kGroup];
-      const T* nrow[kGroup];
-      float pc[kGroup], nc[kGroup];
-      int np = 0, nn = 0;
+      float gp[kGroup], gn[kGroup];
       for (int k = 0; k < g; ++k) {
-        const int64_t tk = t + k;
-        const float st = a.scale ? a.scale[tk] : 1.0f;
-        if (a.a_pos[tk] != 0.0f) {
-          pc[np] = sigmoid(mt[k] / a.gamma_pos) * a.a_pos[tk] * st;
-          prow[np++] = rows[k];
-        }
-        if (a.a_neg[tk] != 0.0f) {
-          nc[nn] = sigmoid(-mt[k] / a.gamma_neg) * a.a_neg[tk] * st;
-          nrow[nn++] = rows[k];
-        }
+        gp[k] = a.a_pos[t + k] != 0.0f ? sigmoid(mt[k] / a.gamma_pos) : 0.0f;  // only the terms side_terms keeps
+        gn[k] = a.a_neg[t + k] != 0.0f ? sigmoid(-mt[k] / a.gamma_neg) : 0.0f;
       }
-      axpy_rows<DT>(np, pc, prow, ps, D);
-      axpy_rows<DT>(nn, nc, nrow, ns, D);
+      const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, gp, gn);
+      axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_rows, ps, D);
+      axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_rows, ns, D);
     }
   }
 }

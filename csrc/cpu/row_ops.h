@@ -170,5 +170,35 @@ inline void combine_partials(const float* partial, int64_t n_blocks, int64_t wid
   }
 }
 
+// The nonzero terms of each side among a group of g <= kGroup rows starting at token t, in token
+// order, as the side-sum axpys take them: coefficient (gate[k] * a[t+k]) * scale[t+k], where a null
+// gate or scale stands for 1 (so the side sums and the gated sums share the same rounding order).
+template <typename T>
+struct SideTerms {
+  const T* pos_rows[kGroup];
+  const T* neg_rows[kGroup];
+  float pos_coef[kGroup], neg_coef[kGroup];
+  int n_pos = 0, n_neg = 0;
+};
+
+template <typename T>
+DK_INLINE SideTerms<T> side_terms(int g, int64_t t, const T* const* rows, const float* a_pos, const float* a_neg,
+                                  const float* scale, const float* gate_pos, const float* gate_neg) {
+  SideTerms<T> s;
+  for (int k = 0; k < g; ++k) {
+    const int64_t tk = t + k;
+    const float st = scale ? scale[tk] : 1.0f;
+    if (a_pos[tk] != 0.0f) {
+      s.pos_coef[s.n_pos] = (gate_pos ? gate_pos[k] * a_pos[tk] : a_pos[tk]) * st;
+      s.pos_rows[s.n_pos++] = rows[k];
+    }
+    if (a_neg[tk] != 0.0f) {
+      s.neg_coef[s.n_neg] = (gate_neg ? gate_neg[k] * a_neg[tk] : a_neg[tk]) * st;
+      s.neg_rows[s.n_neg++] = rows[k];
+    }
+  }
+  return s;
+}
+
 }  // namespace cpu
 }  // namespace dk

@@ -37,27 +37,14 @@ DK_INLINE void side_block(const SideArgs& a, int64_t t0, int64_t t1, float* ps, 
   const T* v = static_cast<const T*>(a.v);
   for (int64_t t = t0; t < t1; t += kGroup) {
     const int g = static_cast<int>(std::min<int64_t>(kGroup, t1 - t));
-    const T* prow[kGroup];
-    const T* nrow[kGroup];
-    float pc[kGroup], nc[kGroup];
-    int np = 0, nn = 0;
-    for (int k = 0; k < g; ++k) {
-      const int64_t tk = t + k;
-      const float st = a.scale ? a.scale[tk] : 1.0f;
-      if (a.a_pos[tk] != 0.0f) {
-        pc[np] = a.a_pos[tk] * st;
-        prow[np++] = v + tk * a.D;
-      }
-      if (a.a_neg[tk] != 0.0f) {
-        nc[nn] = a.a_neg[tk] * st;
-        nrow[nn++] = v + tk * a.D;
-      }
-    }
+    const T* rows[kGroup];
+    for (int k = 0; k < g; ++k) rows[k] = v + (t + k) * a.D;
+    const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, nullptr, nullptr);
     // Prefetch the next group while this one is added (by the first nonempty side's axpy).
     const int64_t ahead = t + kPrefetchGroups * kGroup;
     const T* next = ahead + kGroup <= a.N ? v + ahead * a.D : nullptr;
-    axpy_rows<DT>(np, pc, prow, ps, a.D, next);
-    axpy_rows<DT>(nn, nc, nrow, ns, a.D, np > 0 ? nullptr : next);
+    axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_rows, ps, a.D, next);
+    axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_rows, ns, a.D, st.n_pos > 0 ? nullptr : next);
   }
 }
 

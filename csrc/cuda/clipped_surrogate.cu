@@ -9,7 +9,6 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kTile = 1024;
-constexpr int kStats = 5;  // loss, valid, clipped, clipped_lower, kl
 
 __global__ void token_kernel(const float* __restrict__ logp, const float* __restrict__ old_logp,
                              const float* __restrict__ adv, const uint8_t* __restrict__ mask,
@@ -21,19 +20,8 @@ __global__ void token_kernel(const float* __restrict__ logp, const float* __rest
   for (int64_t row = blockIdx.y; row < B; row += gridDim.y) {
     float acc[kStats] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     const int64_t c_end = (tile + 1) * kTile < T ? (tile + 1) * kTile : T;
-    for (int64_t c = tile * kTile + threadIdx.x; c < c_end; c += kThreads) {
-      const int64_t t = row * T + c;
-      const float valid = mask[t] ? 1.0f : 0.0f;
-      float A = adv[t] * valid;
-      if (coef != nullptr) A *= coef[t];
-      const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
-      grad[t] = r.dloss * valid;
-      acc[0] += r.loss * valid;
-      acc[1] += valid;
-      acc[2] += (r.clipped && mask[t]) ? 1.0f : 0.0f;
-      acc[3] += (r.clipped_lower && mask[t]) ? 1.0f : 0.0f;
-      acc[4] += -r.log_ratio * valid;
-    }
+    for (int64_t c = tile * kTile + threadIdx.x; c < c_end; c += kThreads)
+      surrogate_accumulate(row * T + c, logp, old_logp, adv, mask, coef, clip_low, clip_high, clip_c, grad, acc);
     for (int s = 0; s < kStats; ++s) {
       const float total = block_sum(acc[s], red);
       if (threadIdx.x == 0) partial[(row * tiles + tile) * kStats + s] = total;
