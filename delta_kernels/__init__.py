@@ -13,9 +13,11 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
     z, side sums  --delta_coefficients(None, ..., vectors=z, side_sums=...)-->  coef    (B)
     h, W_head, targets, old_logp, advantages, coef  --fused_linear_clipped_surrogate_loss-->  loss  (C)
 Every call takes ``backend=``: "torch" (the float64-capable reference), "cpp" (CPU),
-"cuda" and "triton" (GPU), or "auto". ``delta_kernels.naive`` mirrors the published code.
+"cuda" and "triton" (GPU), or "auto". ``DeltaAccumulator`` runs phase B over micro-batches
+(add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.
 """
 from ._backends import available_backends
+from .accumulator import DeltaAccumulator
 from .coefficients import DeltaResult, DeltaStats, delta_coefficients
 from .fused_linear import fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch
 from .sketch import token_sketch
@@ -24,5 +26,5 @@ from .surrogate import clipped_surrogate_loss
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
            "fused_linear_logprob_sketch", "fused_linear_clipped_surrogate_loss",
-           "DeltaResult", "DeltaStats", "available_backends"]
+           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends"]
 __version__ = "0.1.0"

@@ -2,7 +2,9 @@
 
 A backend (cpp, cuda, triton) supplies the passes over the big [N, H] / [N, D] arrays;
 everything else is a handful of [N]- and [D]-sized torch ops on the same device (no host
-synchronisation). Kernels keep v in its input dtype and accumulate in float32.
+synchronisation). Kernels keep v in its input dtype and accumulate in float32. The [N]- and
+[D]-sized arithmetic runs in ``kernels.compute_dtype`` when the kernel set has one (the plain-torch
+passes of reference/passes.py compute in float64 for float64 inputs), else in float32.
 
 Kernel contract (all tensors contiguous, on one device; float32 unless stated):
     token_vectors(hidden [N,H], logp [N], a_pos [N], a_neg [N], sketch_dim, seed)
@@ -40,13 +42,13 @@ def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: O
                      reduce=None):
     """The fast backends' ``delta_coefficients``: same contract as the reference's."""
     reduce = reduce or _identity
-    f32 = torch.float32
-    pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, f32)
+    dtype = getattr(kernels, "compute_dtype", torch.float32)
+    pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, dtype)
     if batch.vectors is None:
-        v, sums = kernels.token_vectors(batch.hidden, batch.logp.to(f32), a_pos, a_neg, sketch_dim, seed)
+        v, sums = kernels.token_vectors(batch.hidden, batch.logp.to(dtype), a_pos, a_neg, sketch_dim, seed)
     else:
         v = batch.vectors
-        sums = batch.side_sums.to(f32) if batch.side_sums is not None else kernels.side_sums(v, a_pos, a_neg)
+        sums = batch.side_sums.to(dtype) if batch.side_sums is not None else kernels.side_sums(v, a_pos, a_neg)
     mu = centroids_from_sums(sums, torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
     w, b = discriminator(mu)
     m, _ = kernels.margin_pass(v, w, b, None)
@@ -62,8 +64,8 @@ def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: O
     if cfg.k > 0:
         m, _ = kernels.margin_pass(v, w, b, None)
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
-    counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(f32))
+    counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(dtype))
     stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b,
-                 pred=torch.sign(batch.advantages.to(f32)) * (m / 2) * valid, n_pos=counts[0], n_neg=counts[1],
+                 pred=torch.sign(batch.advantages.to(dtype)) * (m / 2) * valid, n_pos=counts[0], n_neg=counts[1],
                  n_valid=n_valid, scale=scale)
     return coef, stats

@@ -4,7 +4,10 @@ Written straight from the spec in DESIGN.md, with no attention to speed. Compute
 float64 when any input is float64, else in float32.
 """
 from .coefficients import delta_coefficients
+from .passes import TorchPasses
 from .sketch import token_sketch
 from .surrogate import clipped_surrogate_loss
 
-__all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss"]
+PIPELINE_KERNELS = TorchPasses()  # the pipeline's passes, for DeltaAccumulator
+
+__all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "PIPELINE_KERNELS"]

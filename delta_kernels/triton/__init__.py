@@ -30,10 +30,13 @@ from .surrogate import clipped_surrogate_loss
 from .token_vectors import ScaledRows, token_sketch, token_vectors
 
 
+PIPELINE_KERNELS = sys.modules[__name__]  # token_vectors, side_sums, margin_pass (for DeltaAccumulator)
+
+
 def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
     """Same contract as delta_kernels.reference.delta_coefficients (float32 results)."""
     return run_coefficients(sys.modules[__name__], batch, cfg, sketch_dim, seed, reduce)
 
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "token_vectors", "side_sums",
-           "margin_pass", "ScaledRows"]
+           "margin_pass", "ScaledRows", "PIPELINE_KERNELS"]
