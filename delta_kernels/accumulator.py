@@ -143,6 +143,14 @@ class DeltaAccumulator:
             C.fail("hidden", "pass exactly one of hidden and vectors")
         kind, src = ("hidden", hidden) if vectors is None else ("vectors", vectors)
         device = C.check_devices(**{kind: src}, logp=logp, mask=mask, advantages=advantages)
+        C.check_tensor(kind, src)
+        C.check_tensor("logp", logp)
+        if advantages is not None:
+            C.check_tensor("advantages", advantages)
+        now = dict(kind=kind, device=device, dtype=src.dtype, logp_dtype=logp.dtype, width=src.shape[-1],
+                   early=advantages is not None, adv_dtype=None if advantages is None else advantages.dtype)
+        if self._first is not None:
+            self._check_like_first(now)
         C.check_logp("logp", logp, True)
         flat_src = C.check_hidden(kind, src, logp, True)
         if logp.numel() == 0:
@@ -151,12 +159,8 @@ class DeltaAccumulator:
         adv = None if advantages is None else C.check_advantages(advantages, logp, True)
         if kind == "vectors" and self.sketch_dim is not None and src.shape[-1] != self.sketch_dim:
             C.fail("vectors", f"last dim {src.shape[-1]} differs from sketch_dim={self.sketch_dim}")
-        first = dict(kind=kind, device=device, dtype=src.dtype, logp_dtype=logp.dtype, width=src.shape[-1],
-                     early=adv is not None, adv_dtype=None if adv is None else adv.dtype)
         if self._first is None:
-            self._start(first)
-        else:
-            self._check_like_first(first)
+            self._start(now)
         return _Add(tuple(logp.shape), logp.reshape(-1), flat_mask, adv), src, flat_src
 
     def _check_like_first(self, now) -> None:

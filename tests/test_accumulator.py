@@ -1,0 +1,223 @@
+"""DeltaAccumulator: random splits into micro-batches give delta_coefficients on the concatenation."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import delta_kernels as dk
+import delta_kernels.reference as reference
+from delta_kernels.reference.passes import TorchPasses
+from helpers import TOL, assert_rel
+
+H = 12
+BACKENDS = {"torch": torch.float64, "cpp": torch.float32, "triton": torch.float32}
+
+
+def make_adds(shapes, seed, width=H, dtype=torch.float32):
+    """One micro-batch per shape ((n,) or (b, T)): fresh random hidden, logp, per-token or per-row
+    advantages, mask; and the flat concatenation (hidden [N, H], logp, advantages, mask [N])."""
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.randn(width, generator=g)
+    adds = []
+    for shape in shapes:
+        h = torch.randn(*shape, width, generator=g) + offset
+        logp = -torch.rand(*shape, generator=g) * 3 - 1e-3
+        per_row = len(shape) == 2 and bool(torch.rand(1, generator=g) < 0.5)
+        adv = torch.randn(shape[0] if per_row else shape, generator=g)
+        adv[torch.rand(adv.shape, generator=g) < 0.15] = 0
+        mask = torch.rand(*shape, generator=g) >= 0.2
+        adds.append(dict(hidden=h.to(dtype), logp=logp.to(dtype), advantages=adv.to(dtype), mask=mask))
+    flat = dict(hidden=torch.cat([a["hidden"].reshape(-1, width) for a in adds]),
+                logp=torch.cat([a["logp"].reshape(-1) for a in adds]),
+                advantages=torch.cat([(a["advantages"][:, None].expand(a["logp"].shape) if a["advantages"].shape
+                                       != a["logp"].shape else a["advantages"]).reshape(-1) for a in adds]),
+                mask=torch.cat([a["mask"].reshape(-1) for a in adds]))
+    return adds, flat
+
+
+def accumulate(adds, *, early, vectors=None, concat_adv=False, **kw):
+    acc = dk.DeltaAccumulator(**kw)
+    for i, a in enumerate(adds):
+        src = dict(hidden=a["hidden"]) if vectors is None else dict(vectors=vectors[i])
+        acc.add(**src, logp=a["logp"], mask=a["mask"], advantages=a["advantages"] if early else None)
+    if early:
+        return acc.finalize()
+    if concat_adv:
+        return acc.finalize(torch.cat([a["advantages"].reshape(-1) if a["advantages"].shape == a["logp"].shape
+                                       else a["advantages"][:, None].expand(a["logp"].shape).reshape(-1)
+                                       for a in adds]))
+    return acc.finalize([a["advantages"] for a in adds])
+
+
+shapes_st = st.lists(st.one_of(st.tuples(st.integers(1, 7)), st.tuples(st.integers(1, 3), st.integers(1, 5))),
+                     min_size=1, max_size=4)
+
+
+def check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors):
+    dtype = BACKENDS[backend]
+    adds, flat = make_adds(shapes, seed, dtype=dtype)
+    kw = dict(k=k, sketch_dim=sketch_dim, seed=seed % 7, backend=backend)
+    vectors = None
+    if use_vectors:
+        vectors = [dk.token_sketch(a["hidden"], a["logp"], sketch_dim=sketch_dim, seed=seed % 7, backend="torch")
+                   for a in adds]
+        one = dk.delta_coefficients(None, flat["logp"], flat["advantages"], flat["mask"],
+                                    vectors=torch.cat([v.reshape(-1, v.shape[-1]) for v in vectors]), **kw)
+    else:
+        one = dk.delta_coefficients(flat["hidden"], flat["logp"], flat["advantages"], flat["mask"], **kw)
+    res = accumulate(adds, early=early, vectors=vectors, concat_adv=concat_adv, store=store, **kw)
+    assert len(res) == len(adds)
+    for r, a in zip(res, adds):
+        assert r.coef.shape == a["logp"].shape and r.stats.pred.shape == a["logp"].shape
+    tol = 1e-10 if dtype == torch.float64 else TOL[torch.float32]
+    assert_rel(torch.cat([r.coef.reshape(-1) for r in res]), one.coef, tol, "coef")
+    assert_rel(torch.cat([r.weighted_advantages.reshape(-1) for r in res]), one.weighted_advantages, tol, "weighted")
+    assert_rel(torch.cat([r.stats.pred.reshape(-1) for r in res]), one.stats.pred, tol * 10, "pred")
+    for name in ("mu_pos", "mu_neg", "gamma_pos", "gamma_neg", "scale"):
+        assert_rel(getattr(res[-1].stats, name), getattr(one.stats, name), tol * 10, name)
+    assert res[0].stats.n_valid.item() == flat["mask"].sum().item()
+
+
+split_args = dict(shapes=shapes_st, seed=st.integers(0, 10**6), k=st.integers(0, 3),
+                  sketch_dim=st.sampled_from([None, 5]), early=st.booleans(), store=st.sampled_from(["device", "host"]),
+                  concat_adv=st.booleans(), use_vectors=st.booleans())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**split_args)
+def test_random_splits_match_one_call(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors):
+    check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors)
+
+
+@settings(max_examples=15, deadline=None)
+@given(**split_args)
+def test_random_splits_match_one_call_triton(shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors):
+    check_split("triton", shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors)
+
+
+def test_bitwise_repeatable_for_a_fixed_split():
+    adds, _ = make_adds([(3, 4), (5,), (2, 6)], seed=4)
+    runs = [accumulate(adds, early=False, k=2, backend="cpp", store=s) for s in ("device", "host", "device")]
+    for other in runs[1:]:
+        for r, o in zip(runs[0], other):
+            assert torch.equal(r.coef, o.coef) and torch.equal(r.stats.mu_pos, o.stats.mu_pos)
+
+
+class CountingPasses(TorchPasses):
+    """Counts kernel calls per stored chunk (one call per chunk per pass; token_vectors reads
+    through side_sums)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def side_sums(self, v, a_pos, a_neg):
+        self.calls += 1
+        return super().side_sums(v, a_pos, a_neg)
+
+    def margin_pass(self, v, *args):
+        self.calls += 1
+        return super().margin_pass(v, *args)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("sketch_dim", [None, 4])
+def test_reads_per_finalize(monkeypatch, k, early, sketch_dim):
+    """The read count of the docstring: 1 (k = 0) or k + 2 passes, plus 1 with late advantages;
+    host mode copies each chunk back once per read."""
+    counting = CountingPasses()
+    monkeypatch.setattr(reference, "PIPELINE_KERNELS", counting)
+    adds, _ = make_adds([(2, 3), (4,), (1, 5)], seed=k)
+    acc = dk.DeltaAccumulator(k=k, sketch_dim=sketch_dim, store="host", backend="torch")
+    for a in adds:
+        acc.add(a["hidden"], a["logp"], a["mask"], advantages=a["advantages"] if early else None)
+    counting.calls = 0
+    acc.finalize(None if early else [a["advantages"] for a in adds])
+    reads = (1 if k == 0 else k + 2) + (0 if early else 1)
+    assert counting.calls == reads * len(adds)
+    assert acc._chunk_store.transfers == reads * len(adds)
+
+
+def test_bad_use_errors():
+    adds, _ = make_adds([(2, 3), (4,)], seed=9)
+    a, b = adds
+    acc = dk.DeltaAccumulator(backend="torch")
+    acc.add(a["hidden"], a["logp"], a["mask"])
+    with pytest.raises(ValueError, match="add 1: vectors: add 0 passed hidden"):
+        acc.add(vectors=b["hidden"], logp=b["logp"], mask=b["mask"])
+    with pytest.raises(ValueError, match="add 1: advantages: give advantages at every add or at none"):
+        acc.add(b["hidden"], b["logp"], b["mask"], advantages=b["advantages"])
+    with pytest.raises(ValueError, match=r"add 1: mask: shape \[3\]"):
+        acc.add(b["hidden"], b["logp"], b["mask"][:3])
+    with pytest.raises(ValueError, match=r"add 1: hidden: shape"):
+        acc.add(b["hidden"][:3], b["logp"], b["mask"])
+    with pytest.raises(ValueError, match="add 1: hidden: last dim 5 differs from add 0's 12"):
+        acc.add(b["hidden"][:, :5], b["logp"], b["mask"])
+    with pytest.raises(ValueError, match="add 1: hidden: dtype torch.float64 differs"):
+        acc.add(b["hidden"].double(), b["logp"], b["mask"])
+    with pytest.raises(ValueError, match="add 1: logp: dtype torch.float64 differs"):
+        acc.add(b["hidden"], b["logp"].double(), b["mask"])
+    with pytest.raises(ValueError, match="add 1: hidden: device meta differs"):
+        acc.add(b["hidden"].to("meta"), b["logp"].to("meta"), b["mask"].to("meta"))
+    with pytest.raises(ValueError, match="advantages: missing"):
+        acc.finalize()
+    with pytest.raises(ValueError, match="advantages: 1 tensors for 1 adds|add 0: advantages: shape"):
+        acc.finalize([b["advantages"]])
+    acc.add(b["hidden"], b["logp"], b["mask"])  # still usable after every error above
+    with pytest.raises(ValueError, match=r"add 1: advantages: shape \[3\]"):
+        acc.finalize([a["advantages"], b["advantages"][:3]])
+    with pytest.raises(ValueError, match="advantages: 1 tensors for 2 adds"):
+        acc.finalize([a["advantages"]])
+    with pytest.raises(ValueError, match=r"advantages: shape \[5\]"):
+        acc.finalize(torch.randn(5))
+    res = acc.finalize([a["advantages"], b["advantages"]])
+    assert len(res) == 2
+    with pytest.raises(RuntimeError, match="add: this DeltaAccumulator is spent"):
+        acc.add(a["hidden"], a["logp"], a["mask"])
+    with pytest.raises(RuntimeError, match="finalize: this DeltaAccumulator is spent"):
+        acc.finalize([a["advantages"], b["advantages"]])
+
+
+def test_bad_use_errors_early_advantages_and_sketch_widths():
+    adds, _ = make_adds([(2, 3), (4,)], seed=2)
+    a, b = adds
+    acc = dk.DeltaAccumulator(backend="torch", sketch_dim=4)
+    with pytest.raises(ValueError, match="add 0: vectors: last dim 5 differs from sketch_dim=4"):
+        acc.add(vectors=torch.randn(2, 3, 5), logp=a["logp"], mask=a["mask"], advantages=a["advantages"])
+    acc.add(vectors=torch.randn(2, 3, 4), logp=a["logp"], mask=a["mask"], advantages=a["advantages"])
+    with pytest.raises(ValueError, match="add 1: vectors: last dim 5 differs from add 0's 4"):
+        acc.add(vectors=torch.randn(4, 5), logp=b["logp"], mask=b["mask"], advantages=b["advantages"])
+    with pytest.raises(ValueError, match="add 1: advantages: .*add 0 had them"):
+        acc.add(vectors=torch.randn(4, 4), logp=b["logp"], mask=b["mask"])
+    with pytest.raises(ValueError, match="advantages: given twice"):
+        acc.finalize([a["advantages"]])
+    assert len(acc.finalize()) == 1
+    with pytest.raises(RuntimeError, match="finalize: nothing was added"):
+        dk.DeltaAccumulator().finalize(torch.zeros(1))
+    exact = dk.DeltaAccumulator(backend="torch")
+    exact.add(vectors=torch.randn(2, 3, 4), logp=a["logp"], mask=a["mask"])
+    with pytest.raises(ValueError, match="add 1: vectors: last dim 6 differs from add 0's 4"):
+        exact.add(vectors=torch.randn(4, 6), logp=b["logp"], mask=b["mask"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(store="disk"), "store: unknown store 'disk'"),
+    (dict(store="sketch"), "store: 'sketch' keeps z"),
+    (dict(backend="gpu"), "backend: unknown backend 'gpu'"),
+    (dict(k=-1), "k: must be >= 0"),
+    (dict(sketch_dim=0), "sketch_dim: must be >= 1"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dk.DeltaAccumulator(**kwargs)
+
+
+def test_missing_logp_and_mask_are_named():
+    acc = dk.DeltaAccumulator()
+    with pytest.raises(TypeError, match="add 0: logp: required"):
+        acc.add(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="add 0: mask: required"):
+        acc.add(torch.randn(3, 4), -torch.rand(3))
+    with pytest.raises(ValueError, match="add 0: hidden: pass exactly one of hidden and vectors"):
+        acc.add(torch.randn(3, 4), -torch.rand(3), torch.ones(3, dtype=torch.bool), vectors=torch.randn(3, 4))
