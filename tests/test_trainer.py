@@ -18,7 +18,7 @@ from delta_kernels.trainer.model import ModelSize, build_default_model, load_pre
 from delta_kernels.trainer.report import read_metrics
 from delta_kernels.trainer.rollout import sample_responses
 from delta_kernels.trainer.step import (CreditConfig, ForwardCounter, UpdateConfig, credit_coefficients,
-                                        old_logprob_pass, policy_loss)
+                                        old_logprob_micro_batches, old_logprob_pass, policy_loss)
 from delta_kernels.trainer.tokenizer import CharTokenizer
 from helpers import TOL, as64, assert_rel
 
@@ -82,6 +82,17 @@ def test_delta_costs_no_extra_forward(runs):
     first_delta = read_metrics(os.path.join(runs["delta_a"]["out"], "metrics.jsonl"))[0]
     first_none = read_metrics(os.path.join(runs["none"]["out"], "metrics.jsonl"))[0]
     assert first_delta["forwards_total"] == first_none["forwards_total"]  # same rollouts at step 0
+
+
+def test_micro_batched_run_matches_the_one_pass_run(runs, tmp_path):
+    """--micro-batch 4: one old-log-prob forward per micro-batch, and the first step (same
+    rollouts, same model) gets the coefficients of the one-pass run."""
+    mb = run(tiny_config(tmp_path, "micro", credit="delta", seed=3, steps=1, micro_batch=4))
+    row = read_metrics(os.path.join(mb["out"], "metrics.jsonl"))[0]
+    ref = read_metrics(os.path.join(runs["delta_a"]["out"], "metrics.jsonl"))[0]
+    assert row["forwards_old_logprob"] == 4 and row["reward"] == ref["reward"]
+    for key in ("delta_gamma_pos", "delta_gamma_neg", "coef_min", "coef_max", "coef_std"):
+        assert row[key] == pytest.approx(ref[key], rel=1e-4), key
 
 
 def test_same_seed_same_metrics(runs, tmp_path):
@@ -230,6 +241,30 @@ def test_delta_coefficients_of_trainer_match_float64_reference():
     assert stats is None and torch.equal(none, roll.response_mask.float())
 
 
+@pytest.mark.parametrize("sketch_dim", [None, 16])
+def test_micro_batched_old_logprob_pass_gives_the_same_coefficients(sketch_dim):
+    """--micro-batch: the old-log-prob pass in micro-batches with a DeltaAccumulator (advantages at
+    finalize) gives the coefficients of the one-pass run."""
+    model, tok = tiny_model(seed=5, hidden=40)
+    g = torch.Generator().manual_seed(2)
+    roll = sample_responses(model, random_prompts(tok, 12, seed=6), max_new_tokens=5, eos_id=tok.eos_token_id,
+                            pad_id=tok.pad_token_id, generator=g)
+    adv = grpo_advantages(torch.tensor([1., 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0]), group_size=4)
+    one_pass = CreditConfig(k=2, sketch_dim=sketch_dim)
+    old = old_logprob_pass(model, roll, 1.0, adv, one_pass)
+    coef, stats = credit_coefficients(old, adv, roll.response_mask, one_pass)
+    for micro_batch in (1, 5, 12):
+        credit = CreditConfig(k=2, sketch_dim=sketch_dim, micro_batch=micro_batch)
+        with ForwardCounter(model) as counter:
+            mb_old = old_logprob_micro_batches(model, roll, 1.0, credit)
+        assert counter.count == -(-12 // micro_batch) and mb_old.vectors is None
+        assert_rel(mb_old.logp, old.logp, TOL[torch.float32], "logp")
+        mb_coef, mb_stats = credit_coefficients(mb_old, adv, roll.response_mask, credit)
+        assert_rel(mb_coef, coef, TOL[torch.float32], f"coef micro_batch={micro_batch}")
+        assert_rel(mb_stats.pred, stats.pred, TOL[torch.float32], "pred")
+        assert_rel(mb_stats.gamma_pos, stats.gamma_pos, TOL[torch.float32], "gamma_pos")
+
+
 def test_grpo_advantages():
     g = torch.Generator().manual_seed(0)
     r = (torch.rand(24, generator=g) > 0.5).float()
@@ -251,6 +286,7 @@ def test_grpo_advantages():
     (["--lam-min", "1.5", "--lam-max", "1.2"], "--lam-min 1.5 must be <= --lam-max 1.2"),
     (["--group-size", "1"], "--group-size"),
     (["--sketch-dim", "0"], "--sketch-dim"),
+    (["--micro-batch", "-1"], "--micro-batch: must be >= 0"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a CUDA device")),
 ])

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lam-max", type=float, default=d.lam_max)
     a("--sketch-dim", type=int, default=d.sketch_dim, help="sketch width r (default: exact vectors)")
     a("--backend", choices=BACKENDS, default=d.backend, help="delta_kernels backend of coefficients and loss")
+    a("--micro-batch", type=int, default=d.micro_batch,
+      help="old-log-prob pass in micro-batches of this many responses, coefficients from a DeltaAccumulator "
+           "(0: one pass)")
     a("--seed", type=int, default=d.seed)
     a("--steps", type=int, default=d.steps, help="RL steps")
     a("--device", choices=("cpu", "cuda"), default=d.device)

@@ -18,6 +18,7 @@ class TrainerConfig:
     lam_max: float = 1.2
     sketch_dim: Optional[int] = None   # None: exact token vectors; r: sketch of r columns
     backend: str = "auto"              # delta_kernels backend for coefficients and loss
+    micro_batch: int = 0               # 0: one old-log-prob pass; n: micro-batches of n responses (DeltaAccumulator)
     # run
     seed: int = 0
     steps: int = 400
@@ -66,6 +67,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--lam-min must be >= 0, got {cfg.lam_min}")
     if cfg.sketch_dim is not None and cfg.sketch_dim < 1:
         raise ValueError(f"--sketch-dim must be >= 1, got {cfg.sketch_dim}")
+    if cfg.micro_batch < 0:
+        raise ValueError(f"--micro-batch: must be >= 0 (0: no micro-batches), got {cfg.micro_batch}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
     if cfg.device not in ("cpu", "cuda"):

@@ -100,7 +100,8 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     credit = CreditConfig(credit=cfg.credit, k=cfg.k, lam_min=cfg.lam_min, lam_max=cfg.lam_max,
-                          sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend)
+                          sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend,
+                          micro_batch=cfg.micro_batch)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature)
     log = MetricsLog(out if ctx.is_main else None)

@@ -5,7 +5,8 @@ updates straight from the hidden states and the LM head (no logits either).
 Model forwards per step (forwards of the model's body, counted by ForwardCounter), identical
 for --credit delta and --credit none:
     generation: one per generated token (KV cache), at most max_new_tokens;
-    old-log-prob: 1 (DelTA's token vectors come from the same hidden states, no extra forward);
+    old-log-prob: 1 (DelTA's token vectors come from the same hidden states, no extra forward),
+        or one per micro-batch with --micro-batch;
     update: one forward + backward per mini-batch.
 
 Data parallel (a torch.distributed process group): each rank holds whole GRPO groups, the DelTA
@@ -13,6 +14,7 @@ statistics are all-reduced (global coefficients), and the gradients are averaged
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -32,9 +34,12 @@ from .task import AdditionTask, Problem
 class OldLogprobs:
     logp: torch.Tensor     # [B, T] float32, log-prob (<= 0) of each response token under the behaviour policy
     entropy: torch.Tensor  # [B, T] float32, entropy of the next-token distribution (after temperature)
-    hidden: torch.Tensor   # [B, T, H] model dtype, hidden state entering the LM head for each response token
-    vectors: torch.Tensor  # [B, T, D] model dtype: v = (1 - p) h (D = H), or its sketch z = v @ R (D = r)
+    hidden: Optional[torch.Tensor]   # [B, T, H] model dtype, hidden state entering the LM head for each
+                                     # response token (None in micro-batches: not kept)
+    vectors: Optional[torch.Tensor]  # [B, T, D] model dtype: v = (1 - p) h (D = H), or its sketch z = v @ R
+                                     # (D = r); None in micro-batches: they are in ``accumulator``
     side_sums: Optional[torch.Tensor] = None  # [2, D] float32 (sum a+ v, sum a- v), or None without advantages
+    accumulator: Optional[delta_kernels.DeltaAccumulator] = None  # micro-batched pass: one add per micro-batch
 
 
 @dataclass
@@ -46,6 +51,7 @@ class CreditConfig:
     sketch_dim: Optional[int] = None
     sketch_seed: int = 0
     backend: str = "auto"
+    micro_batch: int = 0           # > 0: old-log-prob pass in micro-batches of this many responses
 
 
 @dataclass
@@ -122,14 +128,45 @@ def old_logprob_pass(model: torch.nn.Module, rollout: Rollout, temperature: floa
     return OldLogprobs(logp=logp, entropy=entropy, hidden=hidden, vectors=vectors, side_sums=sums)
 
 
+@torch.no_grad()
+def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0,
+                              credit: Optional[CreditConfig] = None, process_group=None) -> OldLogprobs:
+    """old_logprob_pass in micro-batches of ``credit.micro_batch`` responses, as verl's actor and
+    TRL run it: one forward of the body per micro-batch, and (credit "delta") each micro-batch's
+    vectors added to a DeltaAccumulator without advantages (they come to credit_coefficients).
+    Neither hidden states nor vectors are kept here: logp and entropy are [B, T] as before."""
+    credit = credit or CreditConfig()
+    acc = None
+    if credit.credit == "delta":
+        acc = delta_kernels.DeltaAccumulator(k=credit.k, lam_min=credit.lam_min, lam_max=credit.lam_max,
+                                             sketch_dim=credit.sketch_dim, seed=credit.sketch_seed,
+                                             process_group=process_group, backend=credit.backend)
+    logps, entropies = [], []
+    for rows in torch.arange(rollout.input_ids.shape[0]).split(credit.micro_batch):
+        mb = Rollout(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len,
+                     rollout.response_ids[rows], rollout.response_mask[rows])
+        old = old_logprob_pass(model, mb, temperature, None, credit)
+        if acc is not None:
+            acc.add(vectors=old.vectors, logp=old.logp, mask=mb.response_mask)
+        logps.append(old.logp)
+        entropies.append(old.entropy)
+    return OldLogprobs(logp=torch.cat(logps), entropy=torch.cat(entropies), hidden=None, vectors=None,
+                       accumulator=acc)
+
+
 def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor, cfg: CreditConfig,
                         process_group=None):
     """Per-token coefficients [B, T] float32 (mean 1 over valid tokens, 0 on padding), and the
     DelTA stats (None for --credit none, whose coefficients are 1 on valid tokens). The vectors
-    and side sums come from the old-log-prob pass (no pass over the hidden states here); with a
+    and side sums come from the old-log-prob pass (no pass over the hidden states here), or its
+    accumulator is finalized (micro-batched pass; ``process_group`` was given to it there); with a
     ``process_group`` the statistics are those of the global batch over all ranks."""
     if cfg.credit == "none":
         return mask.float(), None
+    if old.accumulator is not None:  # micro-batched pass: the accumulator holds the vectors
+        parts = old.accumulator.finalize(advantages)
+        pred = torch.cat([r.stats.pred for r in parts])
+        return torch.cat([r.coef for r in parts]).float(), dataclasses.replace(parts[0].stats, pred=pred)
     res = delta_kernels.delta_coefficients(None, old.logp, advantages, mask, vectors=old.vectors,
                                            side_sums=old.side_sums, k=cfg.k, lam_min=cfg.lam_min,
                                            lam_max=cfg.lam_max, sketch_dim=cfg.sketch_dim, seed=cfg.sketch_seed,
@@ -238,7 +275,11 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
         texts = [tokenizer.decode(r) for r in rollout.response_ids.tolist()]
         rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, problems)], device=device)
         adv = grpo_advantages(rewards, group_size)
-        old = timed("old_logprob", lambda: old_logprob_pass(model, rollout, update.temperature, adv, credit))
+        if credit.micro_batch:
+            old = timed("old_logprob", lambda: old_logprob_micro_batches(model, rollout, update.temperature, credit,
+                                                                         process_group))
+        else:
+            old = timed("old_logprob", lambda: old_logprob_pass(model, rollout, update.temperature, adv, credit))
         coef, stats = timed("coefficients", lambda: credit_coefficients(old, adv, rollout.response_mask, credit,
                                                                         process_group))
         upd = timed("update", lambda: policy_update(model, optimizer, rollout, old, adv, coef, update, generator,
