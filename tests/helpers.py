@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from delta_kernels.reference.passes import TorchPasses
+
 # DESIGN.md: relative error ||out - ref|| / ||ref|| against the float64 reference.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-12}
 
@@ -48,3 +50,18 @@ def make_batch(n_seq: int, seq_len: int, hidden: int, *, dtype=torch.float32, se
 
 def as64(*ts):
     return tuple(t.double() if t.is_floating_point() else t for t in ts)
+
+
+class CountingPasses(TorchPasses):
+    """The plain-torch pass kernels, counting the reads of v (token_vectors reads through side_sums)."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def side_sums(self, v, a_pos, a_neg):
+        self.reads += 1
+        return super().side_sums(v, a_pos, a_neg)
+
+    def margin_pass(self, v, *args):
+        self.reads += 1
+        return super().margin_pass(v, *args)

@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 
 import delta_kernels as dk
 import delta_kernels.reference as reference
-from delta_kernels.reference.passes import TorchPasses
-from helpers import TOL, assert_rel
+from helpers import TOL, CountingPasses, assert_rel
 
 H = 12
 BACKENDS = {"torch": torch.float64, "cpp": torch.float32, "triton": torch.float32}
@@ -104,22 +103,6 @@ def test_bitwise_repeatable_for_a_fixed_split():
             assert torch.equal(r.coef, o.coef) and torch.equal(r.stats.mu_pos, o.stats.mu_pos)
 
 
-class CountingPasses(TorchPasses):
-    """Counts kernel calls per stored chunk (one call per chunk per pass; token_vectors reads
-    through side_sums)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def side_sums(self, v, a_pos, a_neg):
-        self.calls += 1
-        return super().side_sums(v, a_pos, a_neg)
-
-    def margin_pass(self, v, *args):
-        self.calls += 1
-        return super().margin_pass(v, *args)
-
-
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 @pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("sketch_dim", [None, 4])
@@ -132,10 +115,10 @@ def test_reads_per_finalize(monkeypatch, k, early, sketch_dim):
     acc = dk.DeltaAccumulator(k=k, sketch_dim=sketch_dim, store="host", backend="torch")
     for a in adds:
         acc.add(a["hidden"], a["logp"], a["mask"], advantages=a["advantages"] if early else None)
-    counting.calls = 0
+    counting.reads = 0
     acc.finalize(None if early else [a["advantages"] for a in adds])
     reads = (1 if k == 0 else k + 2) + (0 if early else 1)
-    assert counting.calls == reads * len(adds)
+    assert counting.reads == reads * len(adds)
     assert acc._chunk_store.transfers == reads * len(adds)
 
 
