@@ -55,8 +55,8 @@ class DeltaAccumulator:
             "device": kept where they came from (exact mode from hidden states: the hidden
                 states themselves, referenced, not copied; do not overwrite them before
                 finalize). Device memory: the inputs, N x D.
-            "host": copied to host memory at ``add`` (pinned, on a side stream, on CUDA; a
-                plain copy on the CPU) and copied back one chunk (one add) at a time per pass,
+            "host": copied to host memory at ``add`` (pinned, on a side stream, on CUDA, so
+                do not write into an added tensor in place afterwards; a plain copy on the CPU) and copied back one chunk (one add) at a time per pass,
                 the next chunk's copy overlapping the current pass. Device memory: two
                 micro-batches x H, plus O(N) scalars, whatever N. Host memory: N x D.
             "sketch": only z = v @ R is kept, [N, sketch_dim] float32 on the device (needs
@@ -129,7 +129,12 @@ class DeltaAccumulator:
             record, src, flat_src = self._check_add(hidden, logp, mask, vectors, advantages)
         except (ValueError, TypeError) as e:
             raise type(e)(f"add {i}: {e}") from None
-        item, sums = self._ingest(record, src, flat_src)
+        try:
+            item, sums = self._ingest(record, src, flat_src)
+        except BaseException:
+            if i == 0:          # nothing was added: the next add may start afresh
+                self._first = None
+            raise
         self._items.append(item)
         self._side_sums = sums if self._side_sums is None or sums is None else self._side_sums + sums
         self._adds.append(record)
