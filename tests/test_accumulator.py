@@ -78,7 +78,7 @@ def check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, 
 
 
 split_args = dict(shapes=shapes_st, seed=st.integers(0, 10**6), k=st.integers(0, 3),
-                  sketch_dim=st.sampled_from([None, 5]), early=st.booleans(), store=st.sampled_from(["device", "host"]),
+                  sketch_dim=st.sampled_from([None, 5]), early=st.booleans(), store=st.sampled_from(["device", "host", "auto"]),
                   concat_adv=st.booleans(), use_vectors=st.booleans())
 
 
@@ -120,6 +120,37 @@ def test_reads_per_finalize(monkeypatch, k, early, sketch_dim):
     reads = (1 if k == 0 else k + 2) + (0 if early else 1)
     assert counting.reads == reads * len(adds)
     assert acc._chunk_store.transfers == reads * len(adds)
+
+
+def test_sketch_store_keeps_z_and_host_store_keeps_a_copy():
+    adds, flat = make_adds([(2, 4), (3,)], seed=11)
+    one = dk.delta_coefficients(flat["hidden"], flat["logp"], flat["advantages"], flat["mask"], k=1, sketch_dim=6,
+                                backend="cpp")
+    sketch = accumulate(adds, early=True, store="sketch", sketch_dim=6, k=1, backend="cpp")
+    assert_rel(torch.cat([r.coef.reshape(-1) for r in sketch]), one.coef, TOL[torch.float32], "sketch coef")
+    exact = accumulate(adds, early=False, store="device", k=1, backend="cpp")
+    acc = dk.DeltaAccumulator(k=1, store="host", backend="cpp")
+    for a in adds:
+        acc.add(a["hidden"], a["logp"], a["mask"])
+        a["hidden"].mul_(-3.0)  # the caller reuses its buffer: host mode kept a copy
+    host = acc.finalize([a["advantages"] for a in adds])
+    for r, e in zip(host, exact):
+        assert torch.equal(r.coef, e.coef)
+
+
+def test_an_error_inside_finalize_spends_the_accumulator(monkeypatch):
+    class Failing(CountingPasses):
+        def margin_pass(self, v, *args):
+            raise MemoryError("out of memory in a pass")
+
+    monkeypatch.setattr(reference, "PIPELINE_KERNELS", Failing())
+    adds, _ = make_adds([(2, 3)], seed=1)
+    acc = dk.DeltaAccumulator(backend="torch")
+    acc.add(adds[0]["hidden"], adds[0]["logp"], adds[0]["mask"])
+    with pytest.raises(MemoryError):
+        acc.finalize([adds[0]["advantages"]])
+    with pytest.raises(RuntimeError, match=r"spent \(an error while finalize ran\)"):
+        acc.finalize([adds[0]["advantages"]])
 
 
 def test_bad_use_errors():
