@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def micro_batch(i, rows, seq, width, dtype):
     """Micro-batch i drawn on the device (as an old-log-prob pass hands it over)."""
     g = torch.Generator(device="cuda").manual_seed(i)
-    h = torch.randn(rows, seq, width, generator=g, device="cuda").to(dtype) + 0.5
+    h = torch.randn(rows, seq, width, generator=g, device="cuda", dtype=dtype).add_(0.5)
     logp = -torch.rand(rows, seq, generator=g, device="cuda") * 3 - 1e-3
     adv = torch.randn(rows, generator=g, device="cuda")
     mask = torch.rand(rows, seq, generator=g, device="cuda") > 0.2
@@ -54,7 +54,9 @@ def test_host_mode_peak_device_memory_is_two_micro_batches():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     n_tokens = n_adds * rows * seq
-    assert extra < 3 * mb_bytes + 64 * n_tokens, (extra, mb_bytes)
+    # two micro-batches (the one drawn next to the one just added; in finalize the chunk in use and
+    # the one prefetched), O(N) per-token arrays, the kernels' [G, 2, D] partials
+    assert extra < 3 * mb_bytes + 128 * n_tokens + 8 * 2**20, (extra, mb_bytes)
 
 
 def test_auto_spills_to_host_past_the_budget(monkeypatch):
