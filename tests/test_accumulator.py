@@ -138,6 +138,27 @@ def test_sketch_store_keeps_z_and_host_store_keeps_a_copy():
         assert torch.equal(r.coef, e.coef)
 
 
+def test_concatenated_advantages_per_row_and_per_token():
+    adds, flat = make_adds([(2, 3), (1, 3), (4, 3)], seed=8)
+    per_token = [a["advantages"] if a["advantages"].shape == a["logp"].shape
+                 else a["advantages"][:, None].expand(a["logp"].shape) for a in adds]
+    one = dk.delta_coefficients(flat["hidden"].double(), flat["logp"].double(), flat["advantages"].double(),
+                                flat["mask"], k=1, backend="torch")
+    for adv in (torch.cat(per_token), torch.cat(per_token).reshape(-1), [t.clone() for t in per_token]):
+        acc = dk.DeltaAccumulator(k=1, backend="torch")
+        for a in adds:
+            acc.add(a["hidden"].double(), a["logp"].double(), a["mask"])
+        res = acc.finalize(adv if isinstance(adv, list) else adv.double())
+        assert_rel(torch.cat([r.coef.reshape(-1) for r in res]), one.coef, 1e-10, f"coef {type(adv)}")
+    acc = dk.DeltaAccumulator(backend="torch")
+    with pytest.raises(ValueError, match="add 0: logp: an add needs at least one token"):
+        acc.add(torch.randn(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    acc.add(adds[0]["hidden"], adds[0]["logp"], adds[0]["mask"])
+    acc.add(torch.randn(2, 5, H), -torch.rand(2, 5), torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"add 1: advantages: shape \[2, 3\]"):
+        acc.finalize(torch.randn(4, 3))
+
+
 def test_an_error_inside_finalize_spends_the_accumulator(monkeypatch):
     class Failing(CountingPasses):
         def margin_pass(self, v, *args):
