@@ -1,8 +1,8 @@
 """Benchmark of DeltaAccumulator against one delta_coefficients call (not a test).
 
-One RL batch of N tokens arrives in micro-batches of MICRO tokens (the old-log-prob pass); value checks on in every row (the accumulator always checks);
-advantages come at finalize. Rows: the one-shot call on the whole batch (exact and sketched),
-and the accumulator with store="device", "host" and "sketch". Per row: median (p20, p80) time
+One RL batch of N tokens arrives in micro-batches of MICRO tokens (the old-log-prob pass);
+advantages come at finalize; value checks are on in every row (the accumulator always checks).
+Rows: the one-shot call on the whole batch (exact and sketched), and the accumulator with store="device", "host" and "sketch". Per row: median (p20, p80) time
 of all adds plus finalize, peak memory beyond the inputs (CPU: process RSS; GPU: device
 memory, with the micro-batches produced on the device one at a time so the stored batch shows),
 and for store="host" the floor: the bytes host mode moves (one copy out at add, one copy back
@@ -122,7 +122,8 @@ def main():
         rows.append(row)
         print(row, flush=True)
     load = os.getloadavg()
-    meta = dict(machine=machine_name(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = dict(machine=machine_name(), date=now.strftime("%Y-%m-%d %H:%M UTC"),
                 commit=git_commit(), torch=torch.__version__, n=n, hidden=h, dtype=str(dtype).replace("torch.", ""),
                 micro_batch_tokens=micro, k=K, reads_per_finalize=READS, copy_gbs=copy_gbs, host_link_gbs=link_gbs,
                 batch_mib=batch_bytes / 2**20, load_avg=list(load), cpu_count=os.cpu_count(),

@@ -56,9 +56,10 @@ class DeltaAccumulator:
                 states themselves, referenced, not copied; do not overwrite them before
                 finalize). Device memory: the inputs, N x D.
             "host": copied to host memory at ``add`` (pinned, on a side stream, on CUDA, so
-                do not write into an added tensor in place afterwards; a plain copy on the CPU) and copied back one chunk (one add) at a time per pass,
-                the next chunk's copy overlapping the current pass. Device memory: two
-                micro-batches x H, plus O(N) scalars, whatever N. Host memory: N x D.
+                do not write into an added tensor in place afterwards; a plain copy on the
+                CPU) and copied back one chunk (one add) at a time per pass, the next chunk's
+                copy overlapping the current pass. Device memory: two micro-batches x H,
+                plus O(N) scalars, whatever N. Host memory: N x D.
             "sketch": only z = v @ R is kept, [N, sketch_dim] float32 on the device (needs
                 ``sketch_dim``); hidden states are read once, at ``add``.
             "auto": "sketch" when ``sketch_dim`` is set; else "device" while the stored chunks
@@ -285,7 +286,8 @@ class DeltaAccumulator:
                              advantages=torch.cat(adv), mask=torch.cat([a.mask for a in adds]),
                              hidden=chunks if from_hidden else None, vectors=None if from_hidden else chunks,
                              side_sums=self._side_sums)
-        coef, st = run_coefficients(ChunkedPasses(self._kernels, self._dtype), batch, self._cfg, None, self.seed, self._reduce)
+        coef, st = run_coefficients(ChunkedPasses(self._kernels, self._dtype), batch, self._cfg, None, self.seed,
+                                    self._reduce)
         pred = st.pop("pred")
         results = []
         for i, (a, flat_adv) in enumerate(zip(adds, adv)):

@@ -78,7 +78,8 @@ def check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, 
 
 
 split_args = dict(shapes=shapes_st, seed=st.integers(0, 10**6), k=st.integers(0, 3),
-                  sketch_dim=st.sampled_from([None, 5]), early=st.booleans(), store=st.sampled_from(["device", "host", "auto"]),
+                  sketch_dim=st.sampled_from([None, 5]), early=st.booleans(),
+                  store=st.sampled_from(["device", "host", "auto"]),
                   concat_adv=st.booleans(), use_vectors=st.booleans())
 
 
