@@ -3,8 +3,9 @@
 One RL batch of N tokens arrives in micro-batches of MICRO tokens (the old-log-prob pass);
 advantages come at finalize; value checks are on in every row (the accumulator always checks).
 Rows: the one-shot call on the whole batch (exact and sketched), and the accumulator with
-store="device", "host" and "sketch". Per row: median (p20, p80) time of all adds plus finalize, peak memory beyond the inputs (CPU: process RSS; GPU: device
-memory, with the micro-batches produced on the device one at a time so the stored batch shows),
+store="device", "host" and "sketch". Per row: median (p20, p80) time of all adds plus
+finalize, peak memory beyond the inputs (CPU: process RSS; GPU: device memory, with the
+micro-batches produced on the device one at a time so the stored batch shows),
 and for store="host" the floor: the bytes host mode moves (one copy out at add, one copy back
 per read) over the copy bandwidth measured in the same run, and the ratio to it.
 
