@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels.aggregation import AGG_MODES as AGGS
 from helpers import TOL, as64, assert_rel, make_batch
 
 triton_backend = pytest.importorskip("delta_kernels.triton")
@@ -14,7 +15,6 @@ margin_mod = importlib.import_module("delta_kernels.triton.margin_pass")  # the 
 row_partials = importlib.import_module("delta_kernels.triton.row_partials")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _batch(shape, hidden, dtype, seed, seq_level=True, **kw):
