@@ -14,6 +14,8 @@ from helpers import assert_rel
 BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("cpp", torch.float32)]
 if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
     BACKENDS.append(("triton", torch.float32))
+if torch.cuda.is_available():
+    BACKENDS.append(("cuda", torch.float32))
 IDS = [f"{b}-{str(d)[6:]}" for b, d in BACKENDS]
 
 
@@ -31,10 +33,14 @@ def batch(seed, shape=(6, 11), dtype=torch.float64):
 
 
 def loss_and_grad(logp, *args, **kw):
-    x = logp.clone().requires_grad_()
-    loss, metrics = dk.clipped_surrogate_loss(x, *args, **kw)
+    """-> (loss, metrics, d loss / d logp) on the CPU; cuda and (with a GPU) triton run on CUDA tensors."""
+    backend = kw.get("backend")
+    dev = "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    to = (lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+    x = logp.clone().to(dev).requires_grad_()
+    loss, metrics = dk.clipped_surrogate_loss(x, *map(to, args), **{k: to(v) for k, v in kw.items()})
     loss.backward()
-    return loss.detach(), metrics, x.grad
+    return loss.detach().cpu(), {k: v.cpu() for k, v in metrics.items()}, x.grad.cpu()
 
 
 # ---------------------------------------------------------------- data-parallel invariance
@@ -94,18 +100,21 @@ def test_fused_padding_is_never_read(backend):
     h, w = torch.randn(3, 5, 16, generator=g), torch.randn(40, 16, generator=g) * 0.3
     y = torch.randint(0, 40, (3, 5), generator=g)
     _, old, adv, coef, isw, mask = batch(seed=1, shape=(3, 5), dtype=torch.float32)
+    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
     runs = []
     for poison in (False, True):
         args = [t.clone() for t in (old, adv, coef, isw)]
         if poison:
             for t in args:
                 t[~mask] = float("nan")
-        hh = h.clone().requires_grad_()
-        loss, _ = dk.fused_linear_clipped_surrogate_loss(hh, w, y, args[0], args[1], mask, coef=args[2],
-                                                         rollout_is_weights=args[3], agg="seq-mean-token-mean",
-                                                         backend=backend, check_values=False)
+        hh = h.clone().to(dev).requires_grad_()
+        args = [t.to(dev) for t in args]
+        loss, _ = dk.fused_linear_clipped_surrogate_loss(hh, w.to(dev), y.to(dev), args[0], args[1], mask.to(dev),
+                                                         coef=args[2], rollout_is_weights=args[3],
+                                                         agg="seq-mean-token-mean", backend=backend,
+                                                         check_values=False)
         loss.backward()
-        runs.append((loss.detach(), hh.grad))
+        runs.append((loss.detach().cpu(), hh.grad.cpu()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert bool((runs[1][1][~mask] == 0).all())
 

@@ -27,6 +27,13 @@ NORMALISERS = {
 BACKENDS = [("torch", torch.float64, 1e-7), ("torch", torch.float32, 3e-5), ("cpp", torch.float32, 3e-5)]
 if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
     BACKENDS.append(("triton", torch.float32, 3e-5))
+if torch.cuda.is_available():
+    BACKENDS.append(("cuda", torch.float32, 3e-5))
+
+
+def device_of(backend):
+    """cuda and (with a GPU) triton run on CUDA tensors; the rest on the CPU."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
 METRICS = {"clip_frac": "actor/pg_clipfrac", "clip_frac_lower": "actor/pg_clipfrac_lower", "ppo_kl": "actor/ppo_kl"}
 
 
@@ -64,10 +71,12 @@ def test_matches_verl(backend, dtype, tol, mode, norm, weighted):
     logp, old, adv, coef, isw, mask = (t.to(dtype) if t.is_floating_point() else t
                                        for t in surrogate_inputs(seed=len(mode) + 7 * len(norm)))
     isw = isw if weighted else None
-    x = logp.clone().requires_grad_()
-    loss, metrics = dk.clipped_surrogate_loss(x, old, adv, mask, coef=coef, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
-                                              clip_c=CLIP_C, agg=mode, rollout_is_weights=isw, backend=backend,
-                                              **NORMALISERS[norm])
+    dev = device_of(backend)
+    x = logp.clone().to(dev).requires_grad_()
+    loss, metrics = dk.clipped_surrogate_loss(x, old.to(dev), adv.to(dev), mask.to(dev), coef=coef.to(dev),
+                                              clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C, agg=mode,
+                                              rollout_is_weights=None if isw is None else isw.to(dev),
+                                              backend=backend, **NORMALISERS[norm])
     loss.backward()
     x64 = logp.double().requires_grad_()
     ref, ref_metrics = verl_loss(x64, old.double(), adv.double() * coef.double(), mask, mode, NORMALISERS[norm],
@@ -77,7 +86,7 @@ def test_matches_verl(backend, dtype, tol, mode, norm, weighted):
     assert ref_metrics["actor/pg_clipfrac"] > 0 and ref_metrics["actor/pg_clipfrac_lower"] > 0  # both clips reached
     assert_rel(loss, ref, tol, f"{mode} loss")
     assert_rel(x.grad, x64.grad, tol, f"{mode} d loss / d logp")
-    assert bool((x.grad[~mask] == 0).all())
+    assert bool((x.grad.cpu()[~mask] == 0).all())
     for ours, theirs in METRICS.items():
         assert metrics[ours].item() == pytest.approx(ref_metrics[theirs], rel=tol, abs=1e-7), ours
 
@@ -105,11 +114,12 @@ def test_fused_matches_verl(backend, dtype, tol, mode, norm, weighted):
     h, w, y = _lm(shape, 24, 97, dtype, seed=len(mode))
     _, old, adv, coef, isw, mask = surrogate_inputs(seed=len(mode) + 3, shape=shape)
     isw = isw if weighted else None
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    dev = device_of(backend)
+    hh, ww = h.clone().to(dev).requires_grad_(), w.clone().to(dev).requires_grad_()
     loss, metrics = dk.fused_linear_clipped_surrogate_loss(
-        hh, ww, y, old.to(dtype), adv.to(dtype), mask, coef=coef.to(dtype), temperature=temperature,
-        clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C, agg=mode,
-        rollout_is_weights=None if isw is None else isw.to(dtype), backend=backend, **NORMALISERS[norm])
+        hh, ww, y.to(dev), old.to(dev, dtype), adv.to(dev, dtype), mask.to(dev), coef=coef.to(dev, dtype),
+        temperature=temperature, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C, agg=mode,
+        rollout_is_weights=None if isw is None else isw.to(dev, dtype), backend=backend, **NORMALISERS[norm])
     loss.backward()
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     logp = torch.log_softmax(h64 @ w64.T / temperature, -1).gather(-1, y[..., None])[..., 0]
