@@ -20,7 +20,7 @@ backward of every backend is d loss / d logp[t] = row_weight[row(t)] * w_t * d l
     seq-mean-token-mean      dp * sum_{r in R} (loss_r / n_r) / (global_batch_size or |R|)
     seq-mean-token-sum-norm  dp * sum_r loss_r / (global_batch_size or |R|) / (loss_scale_factor or T)
 
-A local denominator (token count, |R|) of zero is taken as 1: an all-masked batch gives loss
+A local denominator (token count, |R|, T) of zero is taken as 1: an all-masked batch gives loss
 0 and zero gradients, where verl divides 0 by 0. The metrics are means over the call's valid
 tokens, as in verl's compute_policy_loss_vanilla, whatever the mode.
 """
@@ -99,7 +99,7 @@ def _seq_mean_token_mean(n: torch.Tensor, seq_len: int, a: Aggregation) -> torch
 
 
 def _seq_mean_token_sum_norm(n: torch.Tensor, seq_len: int, a: Aggregation) -> torch.Tensor:
-    scale = seq_len if a.loss_scale_factor is None else a.loss_scale_factor
+    scale = max(seq_len, 1) if a.loss_scale_factor is None else a.loss_scale_factor
     return (a.dp_size / (_sequences(n, a) * scale)) * torch.ones_like(n)
 
 

@@ -119,6 +119,18 @@ def test_fused_padding_is_never_read(backend):
     assert bool((runs[1][1][~mask] == 0).all())
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0,)])
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=IDS)
+def test_empty_batches_give_zero(backend, dtype, shape):
+    """No rows or no tokens: loss and metrics 0, a zero gradient of logp's shape (verl: 0 / 0)."""
+    modes = AGG_MODES if len(shape) == 2 else [m for m in AGG_MODES if m not in SEQUENCE_MODES]
+    z = torch.zeros(shape, dtype=dtype)
+    for mode in modes:
+        loss, metrics, grad = loss_and_grad(z, z, z, torch.zeros(shape, dtype=torch.bool), agg=mode, backend=backend)
+        assert float(loss) == 0 and all(float(v) == 0 for v in metrics.values()), mode
+        assert grad.shape == z.shape
+
+
 def test_value_checks_ignore_padding_of_the_weights():
     """coef and rollout_is_weights are checked for finiteness at valid positions only."""
     logp, old, adv, coef, isw, mask = batch(seed=2)
