@@ -171,7 +171,8 @@ def test_bad_aggregation_arguments(kw, match):
     (dict(dp_size=1.5), TypeError, r"^dp_size: expected an int"),
     (dict(dp_size=True), TypeError, r"^dp_size: expected an int"),
     (dict(batch_num_tokens="40"), TypeError, r"^batch_num_tokens: expected a number"),
-    (dict(rollout_is_weights=torch.ones(6, 11, dtype=torch.int64)), TypeError, r"^rollout_is_weights: expected a float"),
+    (dict(rollout_is_weights=torch.ones(6, 11, dtype=torch.int64)), TypeError,
+     r"^rollout_is_weights: expected a float"),
 ])
 def test_bad_aggregation_types(kw, exc, match):
     _bad(match, exc, **kw)

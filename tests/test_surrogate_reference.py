@@ -83,8 +83,9 @@ def test_gradcheck(agg):
     adv, coef = torch.randn(3, generator=g, dtype=F64), torch.rand(3, 5, generator=g, dtype=F64) + 0.5
     isw = torch.rand(3, 5, generator=g, dtype=F64) + 0.5
     mask = torch.rand(3, 5, generator=g) > 0.2
-    f = lambda lp: dk.clipped_surrogate_loss(lp, old, adv, mask, coef=coef, agg=agg, rollout_is_weights=isw,  # noqa: E731
-                                             backend="torch", check_values=False)[0]
+    def f(lp):
+        return dk.clipped_surrogate_loss(lp, old, adv, mask, coef=coef, agg=agg, rollout_is_weights=isw,
+                                         backend="torch", check_values=False)[0]
     assert torch.autograd.gradcheck(f, (logp,))
 
 
