@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_info import git_commit  # noqa: E402
 from delta_kernels._checks import SurrogateConfig  # noqa: E402
+from delta_kernels.aggregation import Aggregation  # noqa: E402
 from delta_kernels.fused_linear import (fused_linear_clipped_surrogate_loss,  # noqa: E402
                                         fused_linear_logprob_sketch, torch_chunked)
 from delta_kernels.reference.surrogate import clipped_surrogate_loss as torch_surrogate  # noqa: E402
@@ -71,16 +72,18 @@ def make_inputs(m, hdim, vocab, dtype, device, seed=0):
 
 # ---------------------------------------------------------------- providers (one fwd+bwd step each)
 
+TOKEN_MEAN = Aggregation("token-mean")
+
 def step_torch(h, w, y, adv, mask, old_logp, cfg):
     logits = (h @ w.T).float()
     logp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
-    loss, _ = torch_surrogate(logp, old_logp, adv[:, None].expand_as(logp), mask, None, cfg)
+    loss, _ = torch_surrogate(logp, old_logp, adv[:, None].expand_as(logp), mask, None, None, cfg, TOKEN_MEAN)
     loss.backward()
 
 
 def step_ours(h, w, y, adv, mask, old_logp, cfg, backend):
     loss, _ = fused_linear_clipped_surrogate_loss(h, w, y, old_logp, adv, mask, clip_low=cfg.clip_low,
-                                                  clip_high=cfg.clip_high, clip_c=cfg.clip_c, agg=cfg.agg,
+                                                  clip_high=cfg.clip_high, clip_c=cfg.clip_c, agg=TOKEN_MEAN.mode,
                                                   backend=backend, check_values=False)
     loss.backward()
 
@@ -101,7 +104,7 @@ def make_cce():
 
     def step(h, w, y, adv, mask, old_logp, cfg):
         logp = -linear_cross_entropy(h, w, y, reduction="none").float()
-        loss, _ = torch_surrogate(logp, old_logp, adv[:, None].expand_as(logp), mask, None, cfg)
+        loss, _ = torch_surrogate(logp, old_logp, adv[:, None].expand_as(logp), mask, None, None, cfg, TOKEN_MEAN)
         loss.backward()
     return step
 

@@ -12,6 +12,8 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
     h, W_head, targets  --fused_linear_logprob_sketch-->  logp, entropy, z, side sums   (A)
     z, side sums  --delta_coefficients(None, ..., vectors=z, side_sums=...)-->  coef    (B)
     h, W_head, targets, old_logp, advantages, coef  --fused_linear_clipped_surrogate_loss-->  loss  (C)
+Phase C aggregates exactly as verl 0.9.1's agg_loss (``agg=`` and verl's normalisers); the
+rules, and ``trl_loss_aggregation`` for TRL's loss types, are in ``delta_kernels.aggregation``.
 Every call takes ``backend=``: "torch" (the float64-capable reference), "cpp" (CPU),
 "cuda" and "triton" (GPU), or "auto". ``DeltaAccumulator`` runs phase B over micro-batches
 (add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.

@@ -11,7 +11,6 @@ from typing import Optional, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def fail(name: str, msg: str) -> None:
@@ -95,6 +94,18 @@ def check_advantages(advantages, logp: torch.Tensor, check_values: bool) -> torc
     return adv.reshape(-1)
 
 
+def check_token_weights(name: str, x, shape, mask: torch.Tensor, check_values: bool) -> None:
+    """Optional per-token factors (coef, rollout_is_weights) shaped like logp; finite at the
+    valid positions (mask: bool, flat or shaped like logp). Padding is not read."""
+    if x is None:
+        return
+    check_tensor(name, x)
+    if tuple(x.shape) != tuple(shape):
+        fail(name, f"shape {list(x.shape)} does not match logp's {list(shape)}")
+    if check_values:
+        check_finite(name, torch.where(mask.reshape(x.shape), x, 0))
+
+
 def check_hidden(name: str, hidden, logp: torch.Tensor, check_values: bool) -> torch.Tensor:
     """[..., H] with leading dims equal to logp's; returns [N, H]."""
     check_tensor(name, hidden)
@@ -153,14 +164,12 @@ class DeltaConfig:
 
 @dataclass(frozen=True)
 class SurrogateConfig:
+    """The per-token clip parameters (the aggregation is delta_kernels.aggregation.Aggregation)."""
     clip_low: float = 0.2
     clip_high: float = 0.28
     clip_c: float = 10.0
-    agg: str = "token-mean"
 
     def __post_init__(self):
-        if self.agg not in AGG_MODES:
-            fail("agg", f"unknown aggregation mode {self.agg!r}; expected one of {', '.join(AGG_MODES)}")
         check_finite_numbers(self, ("clip_low", "clip_high", "clip_c"))
         if not 0 <= self.clip_low < 1:
             fail("clip_low", f"must be in [0, 1), got {self.clip_low}")

@@ -7,45 +7,62 @@ import torch
 
 from . import _checks as C
 from ._backends import resolve
+from .aggregation import SEQUENCE_MODES, Aggregation
+
+
+def surrogate_aggregation(agg: str, shape, dp_size: int, batch_num_tokens, global_batch_size,
+                          loss_scale_factor) -> Aggregation:
+    """The validated Aggregation of a surrogate call whose tokens have ``shape`` ([N] or [B, T])."""
+    a = Aggregation(agg, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    if agg in SEQUENCE_MODES and len(shape) != 2:
+        C.fail("agg", f"{agg!r} aggregates per sequence and needs [B, T] inputs, got shape {list(shape)}")
+    return a
 
 
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                            *, coef: Optional[torch.Tensor] = None, clip_low: float = 0.2, clip_high: float = 0.28,
-                           clip_c: float = 10.0, agg: str = "token-mean", backend: str = "auto",
+                           clip_c: float = 10.0, agg: str = "token-mean", dp_size: int = 1,
+                           batch_num_tokens: Optional[float] = None, global_batch_size: Optional[float] = None,
+                           loss_scale_factor: Optional[float] = None,
+                           rollout_is_weights: Optional[torch.Tensor] = None, backend: str = "auto",
                            check_values: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """DAPO dual-clip surrogate with per-token advantages ``A = advantages * coef * mask``.
+    """DAPO dual-clip surrogate with per-token advantages ``A = advantages * coef`` on valid tokens.
 
     ratio = exp(clamp(logp - old_logp, -20, 20)); l = max(-A ratio, -A clamp(ratio, 1-clip_low,
-    1+clip_high)); for A < 0, l = min(l, -A clip_c). Aggregated as verl's agg_loss:
-    "token-mean" (sum over valid tokens / their count), "seq-mean-token-sum",
-    "seq-mean-token-mean", "seq-mean-token-sum-norm" (seq-* modes need [B, T] inputs).
+    1+clip_high)); for A < 0, l = min(l, -A clip_c); l is multiplied by rollout_is_weights.
+    Aggregated exactly as verl 0.9.1's agg_loss (delta_kernels.aggregation): agg is one of
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+    "seq-mean-token-sum-norm" (seq-* modes need [B, T] inputs; fully masked rows are left out
+    of their mean). Padding is don't-care: values at masked positions are never read.
 
     Args:
         logp: [N] or [B, T] current log-probs (differentiable). old_logp: same shape.
         advantages: shaped like logp, or [B] per sequence. mask: like logp, bool or 0/1.
         coef: optional per-token coefficients shaped like logp (delta_coefficients(...).coef).
+        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: verl's normalisers
+            (see delta_kernels.aggregation.Aggregation); dp_size > 1 needs the global count.
+        rollout_is_weights: optional per-token weights on the loss, shaped like logp
+            (verl's off-policy correction; not applied to the metrics).
     Returns:
         (loss [] , metrics {clip_frac, clip_frac_lower, ppo_kl}), float32 (float64 for float64).
-        The loss is differentiable in logp.
+        The metrics are means over this call's valid tokens. The loss is differentiable in logp.
     """
-    cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, agg=agg)
-    device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef)
+    cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
+    device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
+                             rollout_is_weights=rollout_is_weights)
     C.check_logp("logp", logp, check_values)
     C.check_tensor("old_logp", old_logp)
     if tuple(old_logp.shape) != tuple(logp.shape):
         C.fail("old_logp", f"shape {list(old_logp.shape)} does not match logp's {list(logp.shape)}")
     C.check_logp("old_logp", old_logp, check_values)
-    if agg != "token-mean" and logp.dim() != 2:
-        C.fail("agg", f"{agg!r} aggregates per sequence and needs [B, T] inputs, got logp of shape {list(logp.shape)}")
+    aggregation = surrogate_aggregation(agg, logp.shape, dp_size, batch_num_tokens, global_batch_size,
+                                        loss_scale_factor)
     adv = C.check_advantages(advantages, logp, check_values).reshape(logp.shape)
-    flat_mask = C.check_mask(mask, logp.shape, check_values)
-    if coef is not None:
-        C.check_tensor("coef", coef)
-        if tuple(coef.shape) != tuple(logp.shape):
-            C.fail("coef", f"shape {list(coef.shape)} does not match logp's {list(logp.shape)}")
-        if check_values:
-            C.check_finite("coef", coef)
-    dtypes = [t.dtype for t in (logp, old_logp, advantages, coef) if t is not None]
+    valid = C.check_mask(mask, logp.shape, check_values).reshape(logp.shape)
+    C.check_token_weights("coef", coef, logp.shape, valid, check_values)
+    C.check_token_weights("rollout_is_weights", rollout_is_weights, logp.shape, valid, check_values)
+    dtypes = [t.dtype for t in (logp, old_logp, advantages, coef, rollout_is_weights) if t is not None]
     impl = resolve(backend, device, C.compute_dtype(*dtypes), "clipped_surrogate_loss")
-    return impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), flat_mask.reshape(logp.shape),
-                                       None if coef is None else coef.detach(), cfg)
+    detach = (lambda t: None if t is None else t.detach())  # noqa: E731
+    return impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
+                                       detach(rollout_is_weights), cfg, aggregation)

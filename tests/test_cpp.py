@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels.aggregation import AGG_MODES as AGGS
 from delta_kernels import _backends
 from delta_kernels.sketch_matrix import sketch_matrix
 from helpers import TOL, as64, assert_rel, make_batch
 
 cpp = pytest.importorskip("delta_kernels.backends.cpp")
 
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # (B, T, H): N = 1, 7, 129, 1000 tokens with H = 3, 64, 100, 257
 SHAPES = [(1, 1, 3), (1, 7, 64), (3, 43, 100), (8, 125, 257)]
 STAT_NAMES = ("mu_pos", "mu_neg", "gamma_pos", "gamma_neg", "pred", "scale", "n_pos", "n_neg", "n_valid")

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels.aggregation import AGG_MODES as AGGS
 from delta_kernels import _backends
 from helpers import TOL, as64, assert_rel, make_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SHAPES = [(1, 1, 3), (1, 7, 64), (3, 43, 100), (8, 125, 257), (4, 300, 1024)]
 STATS = ("mu_pos", "mu_neg", "gamma_pos", "gamma_neg", "pred", "scale", "n_pos", "n_neg", "n_valid")
 

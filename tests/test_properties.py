@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import delta_kernels as dk
+from delta_kernels.aggregation import AGG_MODES
 from helpers import TOL, assert_rel
 
 CPU_BACKENDS = [b for b in ("torch", "cpp") if b in dk.available_backends()]
@@ -113,7 +114,7 @@ def test_sketch_properties(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_surrogate_properties(backend):
-    aggs = st.sampled_from(["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    aggs = st.sampled_from(AGG_MODES)
 
     @FAST
     @given(batches(), aggs, st.sampled_from([0.0, 0.05, 1.0]))

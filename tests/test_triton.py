@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels.aggregation import AGG_MODES as AGGS
 from helpers import TOL, as64, assert_rel, make_batch
 
 triton_backend = pytest.importorskip("delta_kernels.triton")
@@ -14,7 +15,6 @@ margin_mod = importlib.import_module("delta_kernels.triton.margin_pass")  # the 
 row_partials = importlib.import_module("delta_kernels.triton.row_partials")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _batch(shape, hidden, dtype, seed, seq_level=True, **kw):
@@ -376,11 +376,13 @@ comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr
      "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32"}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
 comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "n_groups": "i32", "n_cols": "i32"},
      dict(BLOCK_G=32, BLOCK_C=256))
-tok = {"logp_ptr": P("bf16"), "old_ptr": P("bf16"), "adv_ptr": P("bf16"), "mask_ptr": P("u8"), "coef_ptr": P("bf16")}
-scal = {"n_tokens": "i32", "row_len": "i32", "lo": "fp32", "hi": "fp32", "clip_c": "fp32"}
-comp(su._surrogate_fwd_kernel, {**tok, "partial_ptr": P("fp32"), **scal}, dict(HAS_COEF=True, BLOCK=1024))
-comp(su._surrogate_bwd_kernel, {**tok, "row_scale_ptr": P("fp32"), "grad_out_ptr": P("fp32"), "grad_ptr": P("bf16"),
-     **scal}, dict(HAS_COEF=True, BLOCK=1024))
+tok = {"logp_ptr": P("bf16"), "old_ptr": P("bf16"), "adv_ptr": P("bf16"), "mask_ptr": P("u8"), "coef_ptr": P("bf16"),
+       "isw_ptr": P("bf16")}
+clips = {"lo": "fp32", "hi": "fp32", "clip_c": "fp32"}
+flags = dict(HAS_COEF=True, HAS_ISW=True, BLOCK=1024)
+comp(su._surrogate_fwd_kernel, {**tok, "partial_ptr": P("fp32"), "row_len": "i32", "tiles": "i32", **clips}, flags)
+comp(su._surrogate_bwd_kernel, {**tok, "row_weight_ptr": P("fp32"), "grad_out_ptr": P("fp32"), "grad_ptr": P("bf16"),
+     "n_tokens": "i32", "row_len": "i32", **clips}, flags)
 print("compiled")
 '''
 

@@ -123,8 +123,16 @@ def test_surrogate_bad_inputs():
     raises("old_logp", lambda: dk.clipped_surrogate_loss(logp, old[:, :3], adv, mask))
     raises("coef", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, coef=torch.ones(3, 3)))
     bad = torch.ones(3, 4)
-    bad[1, 1] = float("nan")
+    bad[tuple(mask.nonzero()[0])] = float("nan")  # at a valid token (padding is not read)
     raises("coef", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, coef=bad))
+    raises("rollout_is_weights", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, rollout_is_weights=bad))
+    raises("rollout_is_weights", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask,
+                                                                   rollout_is_weights=torch.ones(4, 3)))
+    raises("dp_size", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, dp_size=0))
+    raises("batch_num_tokens", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, dp_size=2))
+    raises("global_batch_size", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, dp_size=2,
+                                                                  agg="seq-mean-token-sum"))
+    raises("loss_scale_factor", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, loss_scale_factor=-2))
     raises("clip_low", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, clip_low=1.5))
     raises("clip_c", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask, clip_c=0.5))
     raises("mask", lambda: dk.clipped_surrogate_loss(logp, old, adv, mask[:, :2]))

@@ -9,8 +9,6 @@
 
 namespace dk {
 
-enum SurrogateAgg : int { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSumNorm = 3 };
-
 struct TokenLoss {
   float loss;       // l
   float dloss;      // d l / d logp
@@ -19,7 +17,7 @@ struct TokenLoss {
   bool clipped_lower;  // A < 0 and clip1 > pg3
 };
 
-// A is the weighted advantage (advantages * mask * coef).
+// A is the weighted advantage (advantages * coef) of a valid token.
 DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_low, float clip_high, float clip_c) {
   TokenLoss r;
   const float diff = logp - old_logp;
@@ -48,36 +46,31 @@ DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_
   return r;
 }
 
-// The per-token statistics both backends sum: loss, valid count, clipped, clipped_lower, -log_ratio.
+// The per-row statistics both backends sum (delta_kernels/aggregation.py STATS, same order):
+// w l, valid count, clipped, clipped_lower, -log_ratio.
 enum SurrogateStat : int { kStatLoss = 0, kStatValid, kStatClip, kStatClipLower, kStatKl, kStats };
 
-// One token of row-major [B, T] at flat index t: writes d l / d logp (0 where masked) to grad[t]
-// and adds its masked statistics to acc[kStats] (float on the GPU, double on the CPU).
+// One token of row-major [B, T] at flat index t: writes w d l / d logp to grad[t] and adds its
+// statistics to acc[kStats] (float on the GPU, double on the CPU). w = is_weight[t], or 1 when
+// is_weight is null. Padding is don't-care: a masked token writes grad 0 and reads nothing else.
 template <typename Acc>
 DK_HD void surrogate_accumulate(int64_t t, const float* logp, const float* old_logp, const float* adv,
-                                const uint8_t* mask, const float* coef, float clip_low, float clip_high, float clip_c,
-                                float* grad, Acc* acc) {
-  const float valid = mask[t] ? 1.0f : 0.0f;
-  float A = adv[t] * valid;
+                                const uint8_t* mask, const float* coef, const float* is_weight, float clip_low,
+                                float clip_high, float clip_c, float* grad, Acc* acc) {
+  if (!mask[t]) {
+    grad[t] = 0.0f;
+    return;
+  }
+  float A = adv[t];
   if (coef != nullptr) A *= coef[t];
   const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
-  grad[t] = r.dloss * valid;
-  acc[kStatLoss] += static_cast<Acc>(r.loss * valid);
-  acc[kStatValid] += static_cast<Acc>(valid);
-  acc[kStatClip] += (r.clipped && mask[t]) ? Acc(1) : Acc(0);
-  acc[kStatClipLower] += (r.clipped_lower && mask[t]) ? Acc(1) : Acc(0);
-  acc[kStatKl] += static_cast<Acc>(-r.log_ratio * valid);
-}
-
-// d(aggregated loss)/d(per-token loss) of a valid token in row b: token-mean 1/max(n_valid, 1),
-// seq-mean-token-sum 1/B, seq-mean-token-mean 1/(B max(n_valid_b, 1)), seq-mean-token-sum-norm 1/T.
-DK_HD float surrogate_row_weight(int agg, float n_valid, float row_valid, int64_t B, int64_t T) {
-  switch (agg) {
-    case kTokenMean: return 1.0f / (n_valid > 1.0f ? n_valid : 1.0f);
-    case kSeqMeanTokenSum: return 1.0f / static_cast<float>(B);
-    case kSeqMeanTokenMean: return 1.0f / (static_cast<float>(B) * (row_valid > 1.0f ? row_valid : 1.0f));
-    default: return 1.0f / static_cast<float>(T);
-  }
+  const float w = is_weight != nullptr ? is_weight[t] : 1.0f;
+  grad[t] = r.dloss * w;
+  acc[kStatLoss] += static_cast<Acc>(r.loss * w);
+  acc[kStatValid] += Acc(1);
+  acc[kStatClip] += r.clipped ? Acc(1) : Acc(0);
+  acc[kStatClipLower] += r.clipped_lower ? Acc(1) : Acc(0);
+  acc[kStatKl] += static_cast<Acc>(-r.log_ratio);
 }
 
 }  // namespace dk

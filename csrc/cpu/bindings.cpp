@@ -34,13 +34,13 @@ PYBIND11_MODULE(_cpp, m) {
                          ptr<float>(m_out), ptr<float>(sums));
   }, "scale = 0: v as stored; gamma = 0: plain margins (a_pos, a_neg, sums unused)");
   m.def("clipped_surrogate", [](uintptr_t logp, uintptr_t old_logp, uintptr_t adv, uintptr_t mask, uintptr_t coef,
-                                int64_t B, int64_t T, float clip_low, float clip_high, float clip_c, int agg,
-                                uintptr_t out, uintptr_t grad) {
+                                uintptr_t is_weight, int64_t B, int64_t T, float clip_low, float clip_high,
+                                float clip_c, uintptr_t rows, uintptr_t grad) {
     py::gil_scoped_release nogil;
     dk::cpu::clipped_surrogate(ptr<const float>(logp), ptr<const float>(old_logp), ptr<const float>(adv),
-                               ptr<const uint8_t>(mask), ptr<const float>(coef), B, T, clip_low, clip_high, clip_c,
-                               agg, ptr<float>(out), ptr<float>(grad));
-  }, "coef = 0 for no coefficients");
+                               ptr<const uint8_t>(mask), ptr<const float>(coef), ptr<const float>(is_weight), B, T,
+                               clip_low, clip_high, clip_c, ptr<double>(rows), ptr<float>(grad));
+  }, "coef = 0, is_weight = 0: none");
   m.def("reduction_block", &dk::cpu::reduction_block);
   m.def("simd_level", &dk::cpu::simd_level,
         "1: the row passes run their AVX2 clones, 0: the SSE2 baseline (DELTA_KERNELS_CPU_SIMD=baseline); same bits");

@@ -31,12 +31,12 @@ void side_sums(int dtype, const void* v, const float* scale, const float* a_pos,
 void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* b, int64_t N, int64_t D, const float* gamma,
                  const float* a_pos, const float* a_neg, float* m, float* sums);
 
-// Weighted dual-clip surrogate over [B, T] float32 inputs (mask as bytes, coef may be null):
-// out [4] = (aggregated loss, clip_frac, clip_frac_lower, ppo_kl); grad [B, T] = d loss / d logp.
-// agg: common/surrogate_math.h SurrogateAgg.
+// Weighted dual-clip surrogate over [B, T] float32 inputs (mask as bytes; coef and is_weight
+// may be null): rows [B, kStats] (common/surrogate_math.h SurrogateStat) = per-row partial sums,
+// grad [B, T] = is_weight d l / d logp per token (0 at padding). Masked tokens are never read.
 void clipped_surrogate(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask,
-                       const float* coef, int64_t B, int64_t T, float clip_low, float clip_high, float clip_c,
-                       int agg, float* out, float* grad);
+                       const float* coef, const float* is_weight, int64_t B, int64_t T, float clip_low,
+                       float clip_high, float clip_c, double* rows, float* grad);
 
 }  // namespace cpu
 }  // namespace dk

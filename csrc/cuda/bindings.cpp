@@ -28,7 +28,7 @@ PYBIND11_MODULE(_cuda, m) {
     return n;
   });
   m.def("reduction_chunks", &dk::cuda::reduction_chunks);
-  m.def("surrogate_workspace", &dk::cuda::surrogate_workspace);
+  m.def("surrogate_tiles", &dk::cuda::surrogate_tiles);
   m.def("row_pass", [](int dtype, uintptr_t x, uintptr_t scale, int64_t N, int64_t D, uintptr_t w, uintptr_t b,
                        uintptr_t gamma, uintptr_t a_pos, uintptr_t a_neg, uintptr_t m_out, uintptr_t out,
                        uintptr_t partial, uintptr_t sums, uintptr_t stream) {
@@ -47,11 +47,11 @@ PYBIND11_MODULE(_cuda, m) {
           "token_vectors");
   });
   m.def("clipped_surrogate", [](uintptr_t logp, uintptr_t old_logp, uintptr_t adv, uintptr_t mask, uintptr_t coef,
-                                int64_t B, int64_t T, float clip_low, float clip_high, float clip_c, int agg,
-                                uintptr_t out, uintptr_t grad, uintptr_t workspace, uintptr_t stream) {
+                                uintptr_t is_weight, int64_t B, int64_t T, float clip_low, float clip_high,
+                                float clip_c, uintptr_t partial, uintptr_t grad, uintptr_t stream) {
     check(dk::cuda::clipped_surrogate(ptr<const float>(logp), ptr<const float>(old_logp), ptr<const float>(adv),
-                                      ptr<const uint8_t>(mask), ptr<const float>(coef), B, T, clip_low, clip_high,
-                                      clip_c, agg, ptr<float>(out), ptr<float>(grad), ptr<float>(workspace),
+                                      ptr<const uint8_t>(mask), ptr<const float>(coef), ptr<const float>(is_weight), B,
+                                      T, clip_low, clip_high, clip_c, ptr<float>(partial), ptr<float>(grad),
                                       stream_of(stream)),
           "clipped_surrogate");
   });

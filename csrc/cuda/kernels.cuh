@@ -29,14 +29,15 @@ cudaError_t token_vectors(int dtype, const void* hidden, const float* logp, cons
                           int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out, float* scale_ws,
                           float* partial, float* sums, cudaStream_t stream);
 
-// Floats of workspace clipped_surrogate needs for [B, T].
-int64_t surrogate_workspace(int64_t B, int64_t T);
+// Tiles per row of clipped_surrogate's partial sums, for rows of T tokens.
+int64_t surrogate_tiles(int64_t T);
 
-// Weighted dual-clip surrogate over [B, T] float32 inputs (mask bytes, coef may be null):
-// out [4] = (loss, clip_frac, clip_frac_lower, ppo_kl), grad [B, T] = d loss / d logp.
+// Weighted dual-clip surrogate over [B, T] float32 inputs (mask bytes; coef and is_weight may be
+// null): partial [B, surrogate_tiles(T), kStats] (common/surrogate_math.h SurrogateStat) = per-
+// (row, tile) partial sums; grad [B, T] = is_weight d l / d logp per token (0 at padding).
 cudaError_t clipped_surrogate(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask,
-                              const float* coef, int64_t B, int64_t T, float clip_low, float clip_high, float clip_c,
-                              int agg, float* out, float* grad, float* workspace, cudaStream_t stream);
+                              const float* coef, const float* is_weight, int64_t B, int64_t T, float clip_low,
+                              float clip_high, float clip_c, float* partial, float* grad, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dk

@@ -1,5 +1,6 @@
-"""Helpers shared by the native wrappers: dtype and aggregation codes, raw pointers, the
-surrogate's autograd Function (the kernels compute d loss / d logp in the forward pass)."""
+"""Helpers shared by the native wrappers: dtype codes, raw pointers, the surrogate's autograd
+Function (the kernels compute the row partials and each token's d l / d logp in the forward
+pass; delta_kernels.aggregation turns the partials into the loss and the row weights)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,9 +8,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..aggregation import aggregate
+
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# csrc/common/surrogate_math.h SurrogateAgg
-AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -24,6 +25,11 @@ def ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def opt_ptr(t) -> int:
+    """ptr(t), or 0 (a null pointer) for None."""
+    return 0 if t is None else ptr(t)
+
+
 def f32(t: torch.Tensor) -> torch.Tensor:
     """float32, contiguous (a no-op for contiguous float32)."""
     return t.to(torch.float32).contiguous()
@@ -35,26 +41,35 @@ def rows_of(logp: torch.Tensor):
 
 
 class SurrogateFunction(torch.autograd.Function):
-    """loss = kernel(logp, ...): forward runs ``kernel`` which returns (loss [], metrics [3],
-    dloss_dlogp like logp, float32); backward scales the saved derivative."""
+    """loss = aggregate(rows): ``kernel(logp)`` returns (rows [B, 5] of aggregation.STATS,
+    token_grad [B, T] = w_t d l_t / d logp_t, 0 at padding); backward scales each row of the
+    saved token gradient by its row weight."""
 
     @staticmethod
-    def forward(ctx, logp, kernel):
-        loss, metrics, grad = kernel(logp.detach())
-        ctx.save_for_backward(grad)
-        ctx.logp_dtype = logp.dtype
+    def forward(ctx, logp, kernel, agg):
+        rows, token_grad = kernel(logp.detach())
+        loss, metrics, row_weight = aggregate(rows, agg, token_grad.shape[1])
+        ctx.save_for_backward(token_grad, row_weight.to(token_grad.dtype))
+        ctx.logp_shape, ctx.logp_dtype = logp.shape, logp.dtype
+        metrics = torch.stack([metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"]]).float()
         ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        return loss.float(), metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.logp_dtype), None
+        token_grad, row_weight = ctx.saved_tensors
+        grad = token_grad * (row_weight * grad_loss)[:, None]
+        return grad.reshape(ctx.logp_shape).to(ctx.logp_dtype), None, None
 
 
-def surrogate_with_grad(logp, kernel):
-    """-> (loss, {clip_frac, clip_frac_lower, ppo_kl}), differentiable in logp."""
-    loss, metrics = SurrogateFunction.apply(logp, kernel)
+def native_surrogate(logp, old_logp, adv, mask, coef, rollout_is_weights, agg, launch):
+    """-> (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32, differentiable in logp.
+    ``launch(logp, old_logp, adv, mask, coef, is_weight, B, T)`` runs the kernel on float32
+    contiguous inputs (mask bool; coef, is_weight or None) and returns (rows [B, 5], token_grad [B, T])."""
+    rows, cols = rows_of(logp)
+    inputs = [f32(old_logp), f32(adv), mask.contiguous()] + [None if t is None else f32(t)
+                                                            for t in (coef, rollout_is_weights)]
+    loss, metrics = SurrogateFunction.apply(logp, lambda lp: launch(f32(lp), *inputs, rows, cols), agg)
     return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
 
 

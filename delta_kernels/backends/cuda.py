@@ -14,9 +14,10 @@ import torch
 from .. import _cuda
 from .._alloc import empty
 from .._checks import DeltaConfig, SurrogateConfig, TokenBatch
+from ..aggregation import STATS, Aggregation
 from ..pipeline import run_coefficients
-from ._native import (AGG_CODES, ScaledRows, dtype_code, f32, pipeline_kernels, ptr, rows_and_scale, rows_of,  # noqa: F401
-                      surrogate_with_grad)
+from ._native import (ScaledRows, dtype_code, f32, native_surrogate, opt_ptr, pipeline_kernels, ptr,  # noqa: F401
+                      rows_and_scale)
 
 
 def _stream() -> int:
@@ -80,21 +81,13 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
     return run_coefficients(PIPELINE_KERNELS, batch, cfg, sketch_dim, seed, reduce)
 
 
-def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, cfg: SurrogateConfig):
-    rows, cols = rows_of(logp)
-    dev = logp.device
-    old_logp, adv = f32(old_logp), f32(adv)
-    mask = mask.contiguous()
-    coef = None if coef is None else f32(coef)
+def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg: SurrogateConfig,
+                           agg: Aggregation):
+    def launch(lp, old, a, m, c, w, rows, cols):
+        partial = empty(rows, _cuda.surrogate_tiles(cols), len(STATS), dtype=torch.float32, device=lp.device)
+        grad = empty(rows, cols, dtype=torch.float32, device=lp.device)
+        _cuda.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
+                                cfg.clip_high, cfg.clip_c, ptr(partial), ptr(grad), _stream())
+        return partial.sum(1), grad
 
-    def kernel(lp):
-        lp = f32(lp)
-        out = empty(4, dtype=torch.float32, device=dev)
-        grad = empty(*logp.shape, dtype=torch.float32, device=dev)
-        ws = torch.empty(_cuda.surrogate_workspace(rows, cols), dtype=torch.float32, device=dev)
-        _cuda.clipped_surrogate(ptr(lp), ptr(old_logp), ptr(adv), ptr(mask), 0 if coef is None else ptr(coef), rows,
-                                cols, cfg.clip_low, cfg.clip_high, cfg.clip_c, AGG_CODES[cfg.agg], ptr(out),
-                                ptr(grad), ptr(ws), _stream())
-        return out[0], out[1:], grad
-
-    return surrogate_with_grad(logp, kernel)
+    return native_surrogate(logp, old_logp, adv, mask, coef, rollout_is_weights, agg, launch)

@@ -17,6 +17,7 @@ import torch
 from .. import _checks as C
 from .._formulas import side_masks
 from ..reference.surrogate import clipped_surrogate_loss as _surrogate_from_logp
+from ..surrogate import surrogate_aggregation
 
 BACKENDS = ("auto", "torch", "triton")
 _LM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -181,22 +182,28 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
                                         old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                                         coef: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                                         temperature: float = 1.0, clip_low: float = 0.2, clip_high: float = 0.28,
-                                        clip_c: float = 10.0, agg: str = "token-mean", return_logp: bool = False,
-                                        entropy: bool = False, backend: str = "auto", check_values: bool = True
-                                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                                        clip_c: float = 10.0, agg: str = "token-mean", dp_size: int = 1,
+                                        batch_num_tokens: Optional[float] = None,
+                                        global_batch_size: Optional[float] = None,
+                                        loss_scale_factor: Optional[float] = None,
+                                        rollout_is_weights: Optional[torch.Tensor] = None,
+                                        return_logp: bool = False, entropy: bool = False, backend: str = "auto",
+                                        check_values: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Weighted dual-clip DAPO surrogate straight from the LM head (phase C), no [N, V] logits.
 
     logp = log_softmax((hidden @ weight.T + bias) / temperature)[targets], then exactly the
-    surrogate of ``clipped_surrogate_loss`` with A = advantages * coef * mask:
+    surrogate of ``clipped_surrogate_loss`` with A = advantages * coef on valid tokens:
     ratio = exp(clamp(logp - old_logp, -20, 20)), l = max(-A ratio, -A clamp(ratio, 1-clip_low,
-    1+clip_high)), for A < 0 l = min(l, -A clip_c), aggregated by ``agg`` (verl's agg_loss).
+    1+clip_high)), for A < 0 l = min(l, -A clip_c), times rollout_is_weights, aggregated by
+    ``agg`` and verl's normalisers (delta_kernels.aggregation, verl 0.9.1's agg_loss).
 
     Args:
         hidden: [N, H] or [B, T, H] (requires grad as needed). weight: [V, H]. bias: [V] or None.
         targets: int64 token ids shaped like hidden's leading dims, in [0, V).
         old_logp: like targets. advantages: like targets, or [B] for [B, T].
         mask: like targets, bool or 0/1. coef: optional per-token coefficients like targets.
-        temperature > 0; clip_low, clip_high, clip_c, agg: as clipped_surrogate_loss.
+        temperature > 0; clip_low, clip_high, clip_c, agg, dp_size, batch_num_tokens,
+        global_batch_size, loss_scale_factor, rollout_is_weights: as clipped_surrogate_loss.
         return_logp / entropy: add the detached per-token "logp" / "entropy" to metrics.
         backend: "auto" (triton on CUDA, torch on CPU), "torch" or "triton".
     Returns:
@@ -204,31 +211,28 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
         (float64 for float64). loss.backward() gives gradients for hidden, weight and bias
         (masked tokens contribute none), accumulated in float32.
     """
-    cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, agg=agg)
+    cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
     h, w, y, b, shape = _check_lm_head(hidden, weight, targets, bias, temperature, check_values)
     ref = torch.empty(shape, device="meta")
+    C.check_devices(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
+                    rollout_is_weights=rollout_is_weights)
     C.check_tensor("old_logp", old_logp)
     if tuple(old_logp.shape) != shape:
         C.fail("old_logp", f"shape {list(old_logp.shape)} does not match targets' {list(shape)}")
     C.check_logp("old_logp", old_logp, check_values)
-    if agg != "token-mean" and len(shape) != 2:
-        C.fail("agg", f"{agg!r} aggregates per sequence and needs [B, T] inputs, got targets of shape {list(shape)}")
+    aggregation = surrogate_aggregation(agg, shape, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
     adv = C.check_advantages(advantages, ref, False).reshape(shape)
     if check_values:
         C.check_finite("advantages", advantages)
-    flat_mask = C.check_mask(mask, shape, check_values)
-    if coef is not None:
-        C.check_tensor("coef", coef)
-        if tuple(coef.shape) != shape:
-            C.fail("coef", f"shape {list(coef.shape)} does not match targets' {list(shape)}")
-        if check_values:
-            C.check_finite("coef", coef)
-    C.check_devices(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef)
+    valid = C.check_mask(mask, shape, check_values).reshape(shape)
+    C.check_token_weights("coef", coef, shape, valid, check_values)
+    C.check_token_weights("rollout_is_weights", rollout_is_weights, shape, valid, check_values)
     ops = _resolve(backend, h.device, h.dtype)
     logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, entropy)
     logp = logp.reshape(shape)
-    loss, metrics = _surrogate_from_logp(logp, old_logp.detach(), adv.detach(), flat_mask.reshape(shape),
-                                         None if coef is None else coef.detach(), cfg)
+    detach = (lambda t: None if t is None else t.detach())  # noqa: E731
+    loss, metrics = _surrogate_from_logp(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
+                                         detach(rollout_is_weights), cfg, aggregation)
     if return_logp:
         metrics["logp"] = logp.detach()
     if entropy:

@@ -1,4 +1,5 @@
-"""Reference dual-clip DAPO surrogate (verl's compute_policy_loss_vanilla + agg_loss)."""
+"""Reference dual-clip DAPO surrogate (verl's compute_policy_loss_vanilla), aggregated by
+delta_kernels.aggregation (verl's agg_loss)."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -6,6 +7,7 @@ from typing import Dict, Tuple
 import torch
 
 from .._checks import SurrogateConfig, compute_dtype
+from ..aggregation import Aggregation, aggregate
 
 
 def token_losses(logp, old_logp, adv, cfg: SurrogateConfig):
@@ -22,30 +24,26 @@ def token_losses(logp, old_logp, adv, cfg: SurrogateConfig):
     return loss, clipped, clipped_lower, log_ratio
 
 
-def aggregate(loss, valid, agg: str):
-    """verl's agg_loss. ``valid`` is 0/1 of loss's dtype; seq-* modes need [B, T]."""
-    if agg == "token-mean":
-        return (loss * valid).sum() / valid.sum().clamp_min(1)
-    seq_sum = (loss * valid).sum(-1)
-    if agg == "seq-mean-token-sum":
-        return seq_sum.mean()
-    if agg == "seq-mean-token-mean":
-        return (seq_sum / valid.sum(-1).clamp_min(1)).mean()
-    return seq_sum.sum() / loss.shape[-1]  # seq-mean-token-sum-norm: divide by T
+def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg: SurrogateConfig,
+                           agg: Aggregation) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """All inputs shaped like logp ([N] or [B, T]); mask bool. Differentiable in logp.
+    Padding is selected away before any arithmetic, so its values never reach a result."""
+    extra = tuple(t.dtype for t in (coef, rollout_is_weights) if t is not None)
+    dtype = compute_dtype(logp.dtype, old_logp.dtype, adv.dtype, *extra)
+    rows_shape = (1, logp.shape[0]) if logp.dim() == 1 else tuple(logp.shape)
+    valid = mask.reshape(rows_shape)
 
+    def take(t, fill=0.0):
+        return torch.where(valid, t.reshape(rows_shape).to(dtype), fill)
 
-def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, cfg: SurrogateConfig
-                           ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """All inputs shaped like logp ([N] or [B, T]); mask bool. Differentiable in logp."""
-    dtype = compute_dtype(logp.dtype, old_logp.dtype, adv.dtype, *(() if coef is None else (coef.dtype,)))
-    valid = mask.to(dtype)
-    a = adv.to(dtype) * valid
-    if coef is not None:
-        a = a * coef.to(dtype)
-    loss, clipped, clipped_lower, log_ratio = token_losses(logp.to(dtype), old_logp.to(dtype), a, cfg)
-    n = valid.sum().clamp_min(1)
+    a = take(adv) if coef is None else take(adv) * take(coef)
+    loss, clipped, clipped_lower, log_ratio = token_losses(take(logp), take(old_logp), a, cfg)
+    if rollout_is_weights is not None:
+        loss = loss * take(rollout_is_weights)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
     with torch.no_grad():
-        metrics = dict(clip_frac=(clipped.to(dtype) * valid).sum() / n,
-                       clip_frac_lower=(clipped_lower.to(dtype) * valid).sum() / n,
-                       ppo_kl=(-log_ratio * valid).sum() / n)
-    return aggregate(loss, valid, cfg.agg), metrics
+        stats = [valid.to(dtype).sum(-1), (clipped & valid).to(dtype).sum(-1),
+                 (clipped_lower & valid).to(dtype).sum(-1), torch.where(valid, -log_ratio, zero).sum(-1)]
+    rows = torch.stack([torch.where(valid, loss, zero).sum(-1), *stats], dim=-1)
+    loss, metrics, _ = aggregate(rows, agg, rows_shape[1])
+    return loss, metrics

@@ -68,13 +68,14 @@ def broadcast_parameters(model: torch.nn.Module, group) -> None:
 
 def global_token_share(mask: torch.Tensor, agg: str, group) -> torch.Tensor:
     """world * local / global count of the aggregation's units (valid tokens for token-mean;
-    sequences for seq-mean-token-sum / seq-mean-token-mean). Multiplying each rank's loss by it
-    before the gradient average gives the gradient of the loss over the concatenated batch."""
+    non-empty sequences for seq-mean-token-sum / seq-mean-token-mean, as delta_kernels.aggregation
+    leaves fully masked rows out). Multiplying each rank's loss by it before the gradient average
+    gives the gradient of the loss over the concatenated batch."""
     import torch.distributed as dist
     if agg == "token-mean":
         local = mask.sum()
     elif agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        local = torch.tensor(mask.shape[0], device=mask.device)
+        local = mask.reshape(mask.shape[0], -1).any(-1).sum()
     else:
         raise ValueError(f"agg {agg!r}: data-parallel updates support token-mean, seq-mean-token-sum and "
                          "seq-mean-token-mean")
