@@ -26,16 +26,17 @@ def install_hint(extra: str) -> str:
 
 
 def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` (dotted names allowed) or raise MissingExtra naming ``extra``.
-
-    Only a missing top-level package becomes MissingExtra; a package that is installed but
-    fails to import raises its own error, which says more."""
+    """Import ``module`` (dotted names allowed) or raise MissingExtra naming ``extra``: when its
+    top-level package is missing, or installed without one of its own dependencies (as verl is,
+    installed with --no-deps). Other import errors, such as a submodule missing from another
+    version of the package, propagate as they are."""
     top = module.split(".")[0]
     try:
         importlib.import_module(top)
+        return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name != top:
+        missing = (e.name or "").split(".")[0]
+        if not missing or (missing == top and e.name != top):
             raise
-        raise MissingExtra(f"{top} is not installed; it comes with the '{extra}' extra: "
-                           f"{install_hint(extra)}") from None
-    return importlib.import_module(module)
+        what = f"{top} is not installed" if missing == top else f"{top} needs {missing}, which is not installed"
+        raise MissingExtra(f"{what}; it comes with the '{extra}' extra: {install_hint(extra)}") from None

@@ -22,7 +22,7 @@ from .tokenizer import CharTokenizer, HFTokenizerAdapter
 from .warm_start import WarmStartConfig, supervised_warm_start
 
 TIME_KEYS = ("rollout", "old_logprob", "coefficients", "update")
-EXTRA_MODULES = ("tqdm", "matplotlib", "transformers")  # the 'trainer' extra (tqdm first: transformers imports it)
+EXTRA_MODULES = ("transformers", "matplotlib", "tqdm")  # the 'trainer' extra
 
 
 def require_trainer_extra() -> None:
