@@ -91,6 +91,15 @@ def test_delta_train_help_names_the_trainer_extra(module):
     assert one_line_naming(res.stderr, module, "trainer").startswith("delta-train: ")
 
 
+def test_delta_train_help_once_the_extra_is_installed(capsys):
+    from delta_kernels.trainer.__main__ import main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: delta-train") and "--credit" in out
+
+
 def test_python_m_trainer_names_the_trainer_extra():
     res = run_python("import runpy; sys.argv = ['trainer', '--steps', '1']\n"
                      "runpy.run_module('delta_kernels.trainer', run_name='__main__')", "matplotlib")
