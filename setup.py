@@ -1,4 +1,5 @@
 """Builds delta_kernels._cpp (always) and delta_kernels._cuda (when nvcc is found) with CMake + Ninja.
+The package metadata (version, dependencies, extras, entry points) lives in pyproject.toml.
 
 Environment: DELTA_KERNELS_CUDA=auto|1|0 (default auto; 1 fails loudly without nvcc),
 DELTA_KERNELS_BUILD_JOBS (default: all cores).
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -37,17 +38,4 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 
 
-setup(
-    name="delta-kernels",
-    version="0.1.0",
-    description="Fused kernels for DelTA token credit assignment in PyTorch RL loops",
-    packages=find_packages(include=["delta_kernels", "delta_kernels.*"]),
-    ext_modules=[CMakeExtension("delta_kernels._cpp")],
-    cmdclass={"build_ext": CMakeBuild},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "trainer": ["transformers", "matplotlib", "tqdm"],
-                    "test": ["pytest", "hypothesis"]},
-    entry_points={"console_scripts": ["delta-train=delta_kernels.trainer.__main__:main"]},
-    zip_safe=False,
-)
+setup(ext_modules=[CMakeExtension("delta_kernels._cpp")], cmdclass={"build_ext": CMakeBuild}, zip_safe=False)

@@ -1,4 +1,4 @@
-"""The small formulas of DESIGN.md that touch only [N]- or [D]-sized tensors.
+"""The small formulas of docs/design.md that touch only [N]- or [D]-sized tensors.
 
 Shared by the reference and the fast pipeline so that the degenerate-batch rules (eps
 clamps, empty sides, normalisation) live in one place. The passes over [N, D] arrays are

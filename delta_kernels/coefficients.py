@@ -1,4 +1,4 @@
-"""Phase B: DelTA per-token coefficients (steps 2-7 of DESIGN.md)."""
+"""Phase B: DelTA per-token coefficients (steps 2-7 of docs/design.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,7 +16,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-"$VPY" -m pip install -q setuptools wheel pybind11 ninja cmake numpy triton pytest hypothesis \
+"$VPY" -m pip install -q setuptools wheel pybind11 ninja cmake numpy triton pytest hypothesis build \
   transformers matplotlib tqdm "trl==1.16.0" peft
 # verl 0.9.1 pins transformers<5.11 and pulls a GPU stack; the tests need only its algorithm and data
 # modules (core_algos, DataProto), so it is installed without its dependency list plus what those import.

@@ -5,7 +5,7 @@ import torch
 
 from delta_kernels.reference.passes import TorchPasses
 
-# DESIGN.md: relative error ||out - ref|| / ||ref|| against the float64 reference.
+# docs/design.md: relative error ||out - ref|| / ||ref|| against the float64 reference.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-12}
 
 

@@ -76,7 +76,7 @@ def check_coefficients(b, backend):
         assert (coef[mask] >= b["lam_min"] * scale * (1 - 1e-5) - 1e-6).all()
         assert (coef[mask] <= b["lam_max"] * scale * (1 + 1e-5) + 1e-6).all()
     ref = reference(b)
-    # DESIGN.md's tolerance for the input dtype (backends may keep v in bf16: v rounds there).
+    # docs/design.md's tolerance for the input dtype (backends may keep v in bf16: v rounds there).
     assert_rel(coef, ref.coef, TOL[b["h"].dtype], f"{backend} coef")
     return res
 

@@ -1,4 +1,4 @@
-"""The float64 reference against hand-worked cases and the spec's identities (DESIGN.md)."""
+"""The float64 reference against hand-worked cases and the spec's identities (docs/design.md)."""
 import math
 
 import pytest

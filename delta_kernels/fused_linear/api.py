@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import _checks as C
+from .._optional import require
 from .._formulas import side_masks
 from ..reference.surrogate import clipped_surrogate_loss as _surrogate_from_logp
 from ..surrogate import surrogate_aggregation
@@ -44,6 +45,7 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> _Ops:
     if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError(f"backend: 'triton' does not run on {device.type} tensors "
                          "(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)")
+    require("triton", "triton")
     try:
         lp = importlib.import_module(".triton_logprob", __package__)
         ts = importlib.import_module(".triton_token_sketch", __package__)

@@ -1,6 +1,6 @@
 """The float64-capable plain-PyTorch reference: the oracle every backend is tested against.
 
-Written straight from the spec in DESIGN.md, with no attention to speed. Computes in
+Written straight from the spec in docs/design.md, with no attention to speed. Computes in
 float64 when any input is float64, else in float32.
 """
 from .coefficients import delta_coefficients

@@ -1,4 +1,4 @@
-"""Reference DelTA coefficients, steps 2-7 of DESIGN.md, one line of torch per line of spec.
+"""Reference DelTA coefficients, steps 2-7 of docs/design.md, one line of torch per line of spec.
 
 ``reduce`` sums a tensor over the data-parallel group (identity for one process); every
 statistic goes through it, so several ranks get the answer of one process over the

@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .._optional import MissingExtra
 from .config import BACKENDS, CREDIT_MODES, TrainerConfig, validate
 
 
@@ -68,9 +69,15 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainerConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    cfg = parse_config(argv)
-    from .loop import run
-    run(cfg)
+    """The CLI. A missing 'trainer' extra ends it at once, --help included, with one line on
+    stderr that says what to install (exit status 1)."""
+    from .loop import require_trainer_extra, run
+    try:
+        require_trainer_extra()
+    except MissingExtra as e:
+        print(f"delta-train: {e}", file=sys.stderr)
+        return 1
+    run(parse_config(argv))
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .._optional import require
 from .config import TrainerConfig, validate
 from .distributed import (broadcast_parameters, gather_objects, init_from_env, parameter_checksum, sampling_seed,
                           shutdown)
@@ -21,6 +22,14 @@ from .tokenizer import CharTokenizer, HFTokenizerAdapter
 from .warm_start import WarmStartConfig, supervised_warm_start
 
 TIME_KEYS = ("rollout", "old_logprob", "coefficients", "update")
+EXTRA_MODULES = ("transformers", "matplotlib", "tqdm")  # the 'trainer' extra
+
+
+def require_trainer_extra() -> None:
+    """Raise delta_kernels._optional.MissingExtra (one line naming the extra) when a module of the
+    'trainer' extra is missing, before a run spends minutes and fails at its plots."""
+    for name in EXTRA_MODULES:
+        require(name, "trainer")
 
 
 def _is_timing(key: str) -> bool:
@@ -50,6 +59,7 @@ def run(cfg: TrainerConfig) -> Dict:
     groups), DelTA's statistics and the gradients are reduced over the ranks, and only rank 0
     evaluates, writes the outputs and shows the progress bar. Every rank returns the summary."""
     validate(cfg)
+    require_trainer_extra()
     device = torch.device(cfg.device)
     ctx = init_from_env(device)
     try:
@@ -108,7 +118,7 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}
     per_sample = max(cfg.html_samples // len(sample_steps), 1)
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "trainer").tqdm
     bar = tqdm(range(cfg.steps), desc=f"RL ({cfg.credit})", disable=not (cfg.progress and ctx.is_main),
                 dynamic_ncols=True)
     t0 = time.perf_counter()

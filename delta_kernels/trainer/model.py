@@ -8,6 +8,8 @@ from typing import Tuple
 
 import torch
 
+from .._optional import require
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -21,12 +23,11 @@ class ModelSize:
 
 def default_config_class():
     """transformers.Qwen3Config when the installed transformers has it, else LlamaConfig."""
-    try:
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        return Qwen3Config, Qwen3ForCausalLM, "qwen3"
-    except ImportError:  # transformers < 4.51
-        from transformers import LlamaConfig, LlamaForCausalLM
-        return LlamaConfig, LlamaForCausalLM, "llama (Qwen3Config missing from this transformers)"
+    transformers = require("transformers", "trainer")
+    if hasattr(transformers, "Qwen3Config"):
+        return transformers.Qwen3Config, transformers.Qwen3ForCausalLM, "qwen3"
+    # transformers < 4.51
+    return transformers.LlamaConfig, transformers.LlamaForCausalLM, "llama (Qwen3Config missing from this transformers)"
 
 
 def build_default_model(vocab_size: int, size: ModelSize, seed: int, pad_token_id: int,
@@ -53,9 +54,9 @@ def load_pretrained(path: str, device: torch.device):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--model: path {path!r} does not exist (pass a local checkpoint directory; "
                                 "nothing is downloaded)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    transformers = require("transformers", "trainer")
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model.to(device=device, dtype=torch.float32), tok
 
 

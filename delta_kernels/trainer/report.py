@@ -8,6 +8,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from .._optional import require
+
 
 class MetricsLog:
     """Appends one JSON line per step to <out>/metrics.jsonl and keeps the rows in memory."""
@@ -35,9 +37,8 @@ def read_metrics(path: str) -> List[Dict]:
 def plot_curves(rows: List[Dict], path: str, title: str = "", heldout_before: Optional[float] = None) -> None:
     """Reward, sampled accuracy and entropy per step, plus held-out greedy accuracy (before RL at
     x=0, then after step s at x=s+1) on the accuracy panel. Agg backend, no display needed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "trainer").use("Agg")
+    plt = require("matplotlib.pyplot", "trainer")
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key in zip(axes, ("reward", "accuracy", "entropy")):

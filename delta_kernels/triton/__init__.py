@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import sys
 
-from ..pipeline import run_coefficients
-from .margin_pass import margin_pass
-from .side_sums import side_sums
-from .surrogate import clipped_surrogate_loss
-from .token_vectors import ScaledRows, token_sketch, token_vectors
+from .._optional import require
+
+require("triton", "triton")  # before the kernel modules: a missing triton names its extra
+
+from ..pipeline import run_coefficients  # noqa: E402
+from .margin_pass import margin_pass  # noqa: E402
+from .side_sums import side_sums  # noqa: E402
+from .surrogate import clipped_surrogate_loss  # noqa: E402
+from .token_vectors import ScaledRows, token_sketch, token_vectors  # noqa: E402
 
 
 PIPELINE_KERNELS = sys.modules[__name__]  # token_vectors, side_sums, margin_pass (for DeltaAccumulator)

@@ -1,0 +1,42 @@
+"""Optional dependencies: a missing one fails with one line that names the extra to install.
+
+The extras are declared in pyproject.toml ([project.optional-dependencies]); the core package
+needs only torch and numpy. Use ``require`` at the point where an optional module is first
+needed::
+
+    transformers = require("transformers", "trainer")
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# verl 0.9.1's own dependency pins (transformers < 5.11, a GPU stack) conflict with the rest, so
+# its extra lists only what its algorithm modules import, and verl is installed without its pins.
+_AFTER = {"verl": " && pip install --no-deps 'verl==0.9.1'"}
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message says which extra brings it."""
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs ``extra``, e.g. ``pip install 'delta-kernels[trainer]'``."""
+    return f"pip install 'delta-kernels[{extra}]'" + _AFTER.get(extra, "")
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import ``module`` (dotted names allowed) or raise MissingExtra naming ``extra``: when its
+    top-level package is missing, or installed without one of its own dependencies (as verl is,
+    installed with --no-deps). Other import errors, such as a submodule missing from another
+    version of the package, propagate as they are."""
+    top = module.split(".")[0]
+    try:
+        importlib.import_module(top)
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if not missing or (missing == top and e.name != top):
+            raise
+        what = f"{top} is not installed" if missing == top else f"{top} needs {missing}, which is not installed"
+        raise MissingExtra(f"{what}; it comes with the '{extra}' extra: {install_hint(extra)}") from None

@@ -1,0 +1,139 @@
+"""A missing optional dependency fails with one line naming the extra that brings it.
+
+A missing module is simulated with sys.modules[name] = None (import then raises
+ModuleNotFoundError for that name), in a subprocess where the module may already be imported.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from delta_kernels._optional import MissingExtra, install_hint, require
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER_MODULES = ("transformers", "matplotlib", "tqdm")
+
+
+def run_python(code: str, hide: str, **env):
+    """Run ``code`` in a fresh interpreter where importing ``hide`` fails."""
+    prelude = f"import sys; sys.modules[{hide!r}] = None\n"
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=120)
+
+
+def one_line_naming(stderr: str, module: str, extra: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert module in lines[0] and f"pip install 'delta-kernels[{extra}]'" in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("module,extra", [("matplotlib", "trainer"), ("tqdm.auto", "trainer"),
+                                          ("transformers", "trainer"), ("triton", "triton"), ("trl", "trl"),
+                                          ("verl", "verl")])
+def test_require_names_the_extra(module, extra, monkeypatch):
+    monkeypatch.setitem(sys.modules, module.split(".")[0], None)
+    with pytest.raises(MissingExtra) as info:
+        require(module, extra)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(module.split(".")[0] + " is not installed")
+    assert msg.endswith(install_hint(extra)) and f"'delta-kernels[{extra}]'" in msg
+    assert isinstance(info.value, ImportError)
+
+
+def test_verl_hint_installs_verl_without_its_pins():
+    assert install_hint("verl") == "pip install 'delta-kernels[verl]' && pip install --no-deps 'verl==0.9.1'"
+
+
+def test_require_returns_the_module():
+    import json
+    assert require("json", "trainer") is json
+
+
+def test_missing_dependency_of_an_installed_package_names_the_extra(tmp_path, monkeypatch):
+    # verl is installed with --no-deps: a dependency that its extra brings may be missing.
+    (tmp_path / "needsdep").mkdir()
+    (tmp_path / "needsdep" / "__init__.py").write_text("import no_such_dependency_of_needsdep.core\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "needsdep" / "algos.py").write_text("import another_missing_dependency\n")
+    expected = ("needsdep needs {}, which is not installed; it comes with the 'verl' extra: " + install_hint("verl"))
+    with pytest.raises(MissingExtra) as info:
+        require("needsdep", "verl")
+    assert str(info.value) == expected.format("no_such_dependency_of_needsdep")
+    (tmp_path / "needsdep" / "__init__.py").write_text("")
+    with pytest.raises(MissingExtra) as info:  # the top-level package imports; the submodule's dependency is missing
+        require("needsdep.algos", "verl")
+    assert str(info.value) == expected.format("another_missing_dependency")
+    with pytest.raises(ModuleNotFoundError) as info:  # a submodule this version lacks: not an extra's fault
+        require("needsdep.no_such_submodule", "verl")
+    assert not isinstance(info.value, MissingExtra)
+
+
+def test_other_import_errors_propagate(tmp_path, monkeypatch):
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("from json import no_such_name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="no_such_name") as info:
+        require("brokenpkg", "trainer")
+    assert not isinstance(info.value, MissingExtra)
+
+
+@pytest.mark.parametrize("module", TRAINER_MODULES)
+def test_delta_train_help_names_the_trainer_extra(module):
+    res = run_python("from delta_kernels.trainer.__main__ import main; sys.exit(main(['--help']))", module)
+    assert res.returncode == 1 and res.stdout == ""
+    assert one_line_naming(res.stderr, module, "trainer").startswith("delta-train: ")
+
+
+def test_delta_train_help_once_the_extra_is_installed(capsys):
+    from delta_kernels.trainer.__main__ import main
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: delta-train") and "--credit" in out
+
+
+def test_python_m_trainer_names_the_trainer_extra():
+    res = run_python("import runpy; sys.argv = ['trainer', '--steps', '1']\n"
+                     "runpy.run_module('delta_kernels.trainer', run_name='__main__')", "matplotlib")
+    assert res.returncode == 1
+    one_line_naming(res.stderr, "matplotlib", "trainer")
+
+
+def test_trainer_run_checks_the_extra_before_any_work(tmp_path, monkeypatch):
+    from delta_kernels.trainer import TrainerConfig, run
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    out = tmp_path / "run"
+    with pytest.raises(MissingExtra, match=r"tqdm.*not installed.*delta-kernels\[trainer\]"):
+        run(TrainerConfig(steps=1, out=str(out), progress=False))
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_triton_backend_names_the_triton_extra():
+    code = """
+        import torch, delta_kernels as dk
+        assert "triton" not in dk.available_backends(), dk.available_backends()
+        h, logp = torch.randn(5, 8), -torch.rand(5) - 0.1
+        for call in (lambda: dk.token_sketch(h, logp, backend="triton"),
+                     lambda: dk.fused_linear_logprob_sketch(h, torch.randn(11, 8), torch.randint(0, 11, (5,)),
+                                                            backend="triton")):
+            try:
+                call()
+            except (RuntimeError, ImportError) as e:
+                print(type(e).__name__, e, file=sys.stderr)
+            else:
+                raise SystemExit("no error")
+    """
+    res = run_python(code, "triton", TRITON_INTERPRET="1")
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2, res.stderr
+    for line in lines:
+        assert "triton is not installed" in line and "pip install 'delta-kernels[triton]'" in line, line
