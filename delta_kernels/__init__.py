@@ -14,8 +14,8 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
     h, W_head, targets, old_logp, advantages, coef  --fused_linear_clipped_surrogate_loss-->  loss  (C)
 Phase C aggregates exactly as verl 0.9.1's agg_loss (``agg=`` and verl's normalisers); the
 rules, and ``trl_loss_aggregation`` for TRL's loss types, are in ``delta_kernels.aggregation``.
-Every call takes ``backend=``: "torch" (the float64-capable reference), "cpp" (CPU),
-"cuda" and "triton" (GPU), or "auto". ``DeltaAccumulator`` runs phase B over micro-batches
+Every call takes ``backend=``: "auto" or a name from ``available_backends()`` (the
+registry of delta_kernels._backends; "torch" is the float64-capable reference). ``DeltaAccumulator`` runs phase B over micro-batches
 (add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.
 """
 from ._backends import available_backends

@@ -1,74 +1,150 @@
-"""Backend registry and selection. Backends never call each other; the API picks one.
+"""The backend registry: one declaration per backend, and the selection every public call uses.
 
-Each backend module exposes the same three internal functions on validated, flat inputs:
-``token_sketch``, ``delta_coefficients`` and ``clipped_surrogate_loss`` (see reference/).
+A backend is a module of internal functions on validated, flat inputs (see reference/ for the
+contract): ``token_sketch``, ``delta_coefficients``, ``clipped_surrogate_loss`` and
+``PIPELINE_KERNELS`` (the passes DeltaAccumulator drives), and optionally a second module with
+the fused LM-head functions ``logprob``, ``token_vectors`` and ``logprob_backward``. Backends
+never call each other. docs/backends.md says how to add one.
 """
 from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
-_MODULES = {
-    "torch": "delta_kernels.reference",
-    "cpp": "delta_kernels.backends.cpp",
-    "cuda": "delta_kernels.backends.cuda",
-    "triton": "delta_kernels.triton",
-}
+PHASES = ("token_sketch", "delta_coefficients", "clipped_surrogate_loss", "PIPELINE_KERNELS")
+LM_HEAD = "lm_head"  # the op name of the fused LM-head functions
+LM_HEAD_FUNCTIONS = ("logprob", "token_vectors", "logprob_backward")
+_FAST = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's declaration.
+
+    name: what ``backend=`` takes. module: dotted path of the module with the ``ops`` in PHASES.
+    devices: tensor device types it takes. dtypes: input compute dtypes it takes (float64 only on
+    a backend that computes in float64). ops: what it implements (names from PHASES, and LM_HEAD
+    when ``lm_head`` names the fused LM-head module). priority: ``auto`` takes the highest that
+    runs on the call's device and dtype and implements the op. interpreted: also runs on CPU
+    tensors when TRITON_INTERPRET=1 (tests only: ``auto`` never picks the interpreter).
+    """
+
+    name: str
+    module: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    ops: Tuple[str, ...]
+    priority: int
+    lm_head: Optional[str] = None
+    interpreted: bool = False
+
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether it takes tensors on ``device`` (under the interpreter too)."""
+        return device.type in self.devices or (self.interpreted and device.type == "cpu"
+                                                and os.environ.get("TRITON_INTERPRET") == "1")
+
+    def device_text(self) -> str:
+        text = " or ".join(d.upper() for d in self.devices) + " tensors"
+        return text + (", or CPU tensors under TRITON_INTERPRET=1" if self.interpreted else "")
+
+
+_REGISTRY: Dict[str, Backend] = {}
 _errors: Dict[str, str] = {}
 
 
-def _load(name: str):
+def register(backend: Backend) -> Backend:
+    """Add (or replace) a backend; it takes part in ``resolve``, ``auto`` and the test suites."""
+    if backend.name == "auto":
+        raise ValueError("backend: 'auto' is reserved")
+    if backend.lm_head is not None and LM_HEAD not in backend.ops:
+        raise ValueError(f"backend: {backend.name!r} names an lm_head module but does not list {LM_HEAD!r} in ops")
+    _REGISTRY[backend.name] = backend
+    _errors.pop(backend.name, None)
+    return backend
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name)
+
+
+def registered() -> List[Backend]:
+    """Every declared backend, highest priority first (built or not)."""
+    return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+
+
+def lm_head_backends() -> Tuple[str, ...]:
+    """The declared backends with the fused LM-head op."""
+    return tuple(b.name for b in registered() if LM_HEAD in b.ops)
+
+
+def names() -> Tuple[str, ...]:
+    """What ``backend=`` accepts: "auto" and every declared name."""
+    return ("auto",) + tuple(b.name for b in registered())
+
+
+register(Backend("triton", "delta_kernels.triton", ("cuda",), _FAST, PHASES + (LM_HEAD,), 30,
+                 lm_head="delta_kernels.fused_linear.triton_ops", interpreted=True))
+register(Backend("cuda", "delta_kernels.backends.cuda", ("cuda",), _FAST, PHASES, 20))
+register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES, 10))
+register(Backend("torch", "delta_kernels.reference", ("cpu", "cuda"), _FAST + (torch.float64,), PHASES + (LM_HEAD,),
+                 0, lm_head="delta_kernels.fused_linear.torch_chunked"))
+
+
+def _load(b: Backend, op: str) -> Optional[ModuleType]:
+    path = b.lm_head if op == LM_HEAD else b.module
     try:
-        return importlib.import_module(_MODULES[name])
+        return importlib.import_module(path)
     except ImportError as e:  # not built, or triton missing
-        _errors[name] = f"{type(e).__name__}: {e}"
+        _errors[b.name] = f"{type(e).__name__}: {e}"
         return None
 
 
-def _runs_on(name: str, device: torch.device) -> bool:
-    if name == "torch":
-        return True
-    if name == "cpp":
-        return device.type == "cpu"
-    if name == "cuda":
-        return device.type == "cuda"
-    # triton: CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1)
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+def _serves(mod: ModuleType, op: str) -> bool:
+    return all(hasattr(mod, f) for f in LM_HEAD_FUNCTIONS) if op == LM_HEAD else hasattr(mod, op)
 
 
 def available_backends() -> List[str]:
-    """Names of the backends that import on this machine (whatever the device)."""
-    return [n for n in _MODULES if _load(n) is not None]
+    """Names of the declared backends whose module imports here (whatever the device)."""
+    return [b.name for b in registered() if _load(b, PHASES[0]) is not None]
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> ModuleType:
-    """The backend module for a call. ``auto``: CUDA tensors take triton, else cuda, else
-    torch (triton first: it is the main GPU path and the fused LM-head kernels live there);
-    CPU tensors take cpp when built, else torch. float64 inputs always take torch (the fast
-    backends compute in float32). ``op`` is the function the call needs; auto skips a
-    backend that lacks it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        order = ["torch"] if dtype == torch.float64 else (
-            ["triton", "cuda", "torch"] if device.type == "cuda" else ["cpp", "torch"])
-        for name in order:
-            mod = _load(name)
-            if mod is not None and hasattr(mod, op):
-                return mod
-    if not _runs_on(backend, device):
-        raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
-    if backend != "torch" and dtype == torch.float64:
-        raise TypeError(f"backend: {backend!r} computes in float32 and takes float16/bfloat16/float32 "
-                        "inputs; use backend='torch' for float64")
-    mod = _load(backend)
+    """The module that serves ``op`` (a name from PHASES, or LM_HEAD) for a call on ``device``
+    with compute dtype ``dtype``. ``auto`` takes the highest-priority declared backend whose
+    devices include ``device`` (the interpreter does not count), whose dtypes include ``dtype``
+    and that implements ``op`` and imports; a named backend that cannot serve the call raises,
+    naming why (never a silent fallback)."""
+    if backend not in _REGISTRY:
+        if backend != "auto":
+            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(names())}")
+        for b in registered():
+            if device.type in b.devices and dtype in b.dtypes and op in b.ops:
+                mod = _load(b, op)
+                if mod is not None and _serves(mod, op):
+                    return mod
+        raise RuntimeError(f"backend: no backend serves {op} on {device.type} tensors of {dtype}")
+    b = _REGISTRY[backend]
+    if op == LM_HEAD and op not in b.ops:  # the fused calls know only the backends that have the op
+        raise ValueError(f"backend: unknown backend {backend!r} for the fused LM head; expected one of "
+                         f"{', '.join(('auto',) + lm_head_backends())}")
+    if not b.runs_on(device):
+        raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors ({b.device_text()})")
+    if dtype not in b.dtypes:
+        takes = "/".join(str(d).replace("torch.", "") for d in b.dtypes)
+        if dtype == torch.float64:
+            raise TypeError(f"backend: {backend!r} computes in float32 and takes {takes} inputs; "
+                            "use backend='torch' for float64")
+        raise TypeError(f"backend: {backend!r} takes {takes} inputs, not {dtype}")
+    if op not in b.ops:
+        raise NotImplementedError(f"backend: {backend!r} does not implement {op}")
+    mod = _load(b, op)
     if mod is None:
         raise RuntimeError(f"backend: {backend!r} is not available here ({_errors.get(backend)})")
-    if not hasattr(mod, op):
+    if not _serves(mod, op):
         raise NotImplementedError(f"backend: {backend!r} does not implement {op}")
     return mod

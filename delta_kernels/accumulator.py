@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from . import _checks as C
-from ._backends import BACKENDS, resolve
+from ._backends import names, resolve
 from ._formulas import side_masks
 from .chunked import ChunkedPasses, Chunks, ChunkStore, big_array, with_big_array
 from .coefficients import DeltaResult, DeltaStats
@@ -89,8 +89,8 @@ class DeltaAccumulator:
             C.fail("store", f"unknown store {store!r}; expected one of {', '.join(STORES)}")
         if store == "sketch" and sketch_dim is None:
             C.fail("store", "'sketch' keeps z = v @ R and needs sketch_dim")
-        if backend not in BACKENDS:
-            C.fail("backend", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if backend not in names():
+            C.fail("backend", f"unknown backend {backend!r}; expected one of {', '.join(names())}")
         self.sketch_dim, self.seed, self.store, self.backend = sketch_dim, seed, store, backend
         self._reduce = group_sum(process_group)
         self._adds: List[_Add] = []

@@ -54,7 +54,7 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
             gets the coefficients of one process over the concatenated batch: 3k + 5 all_reduce
             calls per call (each packs the sums of one reduction point into one buffer: centroids
             k+1, temperatures 2(k+1), normalisation 1, side counts 1). None: per-call statistics.
-        backend: "auto", "torch", "cpp", "cuda" or "triton".
+        backend: "auto" or a registered name (delta_kernels._backends; "torch": float64 too).
         vectors: [..., D] precomputed token vectors (token_sketch's output) used instead of hidden.
         side_sums: [2, D] float, with ``vectors``: their side sums (sum a+ v, sum a- v), as the
             fused LM-head pass returns them; saves one read of ``vectors``.

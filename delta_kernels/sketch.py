@@ -19,7 +19,7 @@ def token_sketch(hidden: torch.Tensor, logp: torch.Tensor, *, sketch_dim: Option
         sketch_dim: r; when set, returns z = v @ R with R = ``sketch_matrix(H, r, seed)``
             (Rademacher, scaled 1/sqrt(r); see delta_kernels.sketch_matrix for the exact hash).
         seed: in [0, 2**32).
-        backend: "auto", "torch", "cpp", "cuda" or "triton".
+        backend: "auto" or a registered name (delta_kernels._backends; "torch": float64 too).
         check_values: check finiteness and logp <= 0 (one device sync each).
     Returns:
         [..., H] or [..., r], hidden's dtype (accumulated in float32, or float64 for float64).

@@ -7,52 +7,16 @@ streamed in tiles (triton) or chunks (torch) with an online log-sum-exp in float
 """
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from .. import _checks as C
-from .._optional import require
+from .._backends import LM_HEAD, resolve
 from .._formulas import side_masks
 from ..reference.surrogate import clipped_surrogate_loss as _surrogate_from_logp
 from ..surrogate import surrogate_aggregation
-
-BACKENDS = ("auto", "torch", "triton")
-_LM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class _Ops:
-    """The three internal functions of one backend."""
-
-    def __init__(self, name: str, logprob, token_vectors, logprob_backward):
-        self.name, self.logprob, self.token_vectors, self.logprob_backward = name, logprob, token_vectors, logprob_backward
-
-
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> _Ops:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
-    if backend == "torch":
-        from . import torch_chunked as T
-        return _Ops("torch", T.logprob, T.token_vectors, T.logprob_backward)
-    if dtype == torch.float64:
-        raise TypeError("backend: 'triton' computes in float32 and takes float16/bfloat16/float32 inputs; "
-                        "use backend='torch' for float64")
-    if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-        raise ValueError(f"backend: 'triton' does not run on {device.type} tensors "
-                         "(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)")
-    require("triton", "triton")
-    try:
-        lp = importlib.import_module(".triton_logprob", __package__)
-        ts = importlib.import_module(".triton_token_sketch", __package__)
-        gr = importlib.import_module(".triton_logprob_grad", __package__)
-    except ImportError as e:  # an error, never a silent fallback
-        raise RuntimeError(f"backend: 'triton' is not available here ({type(e).__name__}: {e})") from e
-    return _Ops("triton", lp.logprob, ts.token_vectors, gr.logprob_backward)
 
 
 def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: bool):
@@ -123,7 +87,8 @@ def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targ
         entropy: also return the entropy of softmax(logits) per token.
         advantages, mask: give both to get the side sums (advantages shaped like targets, or [B]
             for [B, T]; mask bool or 0/1 shaped like targets).
-        backend: "auto" (triton on CUDA, torch on CPU), "torch" or "triton".
+        backend: "auto" or a registered backend that lists the lm_head op (see
+            delta_kernels._backends; "auto" takes the highest priority one for the device).
         check_values: check target range and finiteness (device syncs).
     Returns:
         logp: shaped like targets, float32 (float64 for float64), log p(target) <= 0.
@@ -149,7 +114,7 @@ def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targ
         cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
         _, _, _, a_pos, a_neg = side_masks(adv.contiguous(), flat_mask.contiguous(), cdt)
         a_pos, a_neg = a_pos.contiguous(), a_neg.contiguous()
-    ops = _resolve(backend, h.device, h.dtype)
+    ops = resolve(backend, h.device, h.dtype, LM_HEAD)
     logp, _, ent = ops.logprob(h, w, b, y, float(temperature), entropy)
     vec, sums = ops.token_vectors(h, logp, a_pos, a_neg, sketch_dim, seed)
     return (logp.reshape(shape), None if ent is None else ent.reshape(shape),
@@ -207,7 +172,8 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
         temperature > 0; clip_low, clip_high, clip_c, agg, dp_size, batch_num_tokens,
         global_batch_size, loss_scale_factor, rollout_is_weights: as clipped_surrogate_loss.
         return_logp / entropy: add the detached per-token "logp" / "entropy" to metrics.
-        backend: "auto" (triton on CUDA, torch on CPU), "torch" or "triton".
+        backend: "auto" or a registered backend that lists the lm_head op (see
+            delta_kernels._backends; "auto" takes the highest priority one for the device).
     Returns:
         (loss [], metrics {clip_frac, clip_frac_lower, ppo_kl[, logp][, entropy]}), float32
         (float64 for float64). loss.backward() gives gradients for hidden, weight and bias
@@ -229,7 +195,7 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
     valid = C.check_mask(mask, shape, check_values).reshape(shape)
     C.check_token_weights("coef", coef, shape, valid, check_values)
     C.check_token_weights("rollout_is_weights", rollout_is_weights, shape, valid, check_values)
-    ops = _resolve(backend, h.device, h.dtype)
+    ops = resolve(backend, h.device, h.dtype, LM_HEAD)
     logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, entropy)
     logp = logp.reshape(shape)
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731

@@ -5,8 +5,10 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .._backends import names
+
 CREDIT_MODES = ("delta", "none")
-BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+BACKENDS = names()
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 
 import delta_kernels
 
+from .._backends import lm_head_backends
 from .advantages import grpo_advantages
 from .distributed import average_gradients, global_token_share, reduce_metrics
 from .model import body_of, lm_head_of
@@ -101,9 +102,9 @@ def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
 
 
 def fused_backend(backend: str) -> str:
-    """The fused LM-head backend for a trainer --backend: "torch"/"triton" as named, else "auto"
-    (triton on CUDA, chunked torch on the CPU)."""
-    return backend if backend in ("torch", "triton") else "auto"
+    """The fused LM-head backend for a trainer --backend: the one named when it has the
+    LM-head op, else "auto" (the registry's pick for the device)."""
+    return backend if backend in lm_head_backends() else "auto"
 
 
 @torch.no_grad()
