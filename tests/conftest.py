@@ -16,3 +16,9 @@ def poison_outputs():
     """Every kernel output starts as NaN (or -1) in every test."""
     with poisoned():
         yield
+
+
+def pytest_generate_tests(metafunc):
+    """Every test with a ``backend`` argument runs on each backend of the registry."""
+    from backend_cases import generate
+    generate(metafunc)

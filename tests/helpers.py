@@ -65,3 +65,39 @@ class CountingPasses(TorchPasses):
     def margin_pass(self, v, *args):
         self.reads += 1
         return super().margin_pass(v, *args)
+
+
+def make_flat_or_batched(shape, hidden: int, dtype, seed: int, seq_level: bool = True, device="cpu"):
+    """``make_batch`` for a token shape (B, T) or (N,): hidden, logp, advantages, mask on ``device``.
+    Flat shapes take per-token advantages."""
+    b, t = (1, shape[0]) if len(shape) == 1 else shape
+    h, lp, adv, mask = make_batch(b, t, hidden, dtype=dtype, seed=seed, seq_level=seq_level or len(shape) == 1,
+                                  device=device)
+    if len(shape) == 1:
+        h, lp, mask = h[0], lp[0], mask[0]
+        adv = adv.reshape(1).expand(t).contiguous()
+        if not seq_level:
+            adv = torch.randn(t, generator=torch.Generator().manual_seed(seed + 7)).to(dtype).to(device)
+    return h, lp, adv, mask
+
+
+STAT_NAMES = ("mu_pos", "mu_neg", "gamma_pos", "gamma_neg", "pred", "scale", "n_pos", "n_neg", "n_valid")
+
+
+def assert_matches_reference(out, ref, tol: float) -> None:
+    """A DeltaResult against the float64 reference's: coef, weighted advantages and every
+    statistic within ``tol`` (relative); W and b within ``tol`` of the centroid scale."""
+    assert out.coef.dtype == torch.float32, f"coef dtype {out.coef.dtype}"
+    assert_rel(out.coef, ref.coef, tol, "coef")
+    assert_rel(out.weighted_advantages, ref.weighted_advantages, tol, "weighted_advantages")
+    for name in STAT_NAMES:
+        assert_rel(getattr(out.stats, name), getattr(ref.stats, name), tol, name)
+    # W = mu+ - mu- and b (a difference of squared norms) cancel: their error is judged against
+    # the size of the terms they are made of (docs/design.md, tolerances).
+    mu_p, mu_n = ref.stats.mu_pos.double().cpu(), ref.stats.mu_neg.double().cpu()
+    w_err = float((out.stats.W.double().cpu() - ref.stats.W.double().cpu()).norm())
+    w_scale = float(mu_p.norm() + mu_n.norm())
+    assert w_err <= tol * max(w_scale, 1e-30), f"W: error {w_err:.3e} > {tol:.1e} x centroid scale {w_scale:.3e}"
+    b_err = abs(float(out.stats.b) - float(ref.stats.b))
+    b_scale = 0.5 * float(mu_p.dot(mu_p) + mu_n.dot(mu_n))
+    assert b_err <= tol * max(b_scale, 1e-30), f"b: error {b_err:.3e} > {tol:.1e} x centroid scale {b_scale:.3e}"
