@@ -43,6 +43,13 @@ class Backend:
     lm_head: Optional[str] = None
     interpreted: bool = False
 
+    def __post_init__(self):
+        unknown = set(self.ops) - set(PHASES + (LM_HEAD,))
+        if unknown:
+            raise ValueError(f"backend: {self.name!r} declares unknown ops {sorted(unknown)}")
+        if (self.lm_head is None) == (LM_HEAD in self.ops):
+            raise ValueError(f"backend: {self.name!r}: {LM_HEAD!r} in ops and an lm_head module go together")
+
     def runs_on(self, device: torch.device) -> bool:
         """Whether it takes tensors on ``device`` (under the interpreter too)."""
         return device.type in self.devices or (self.interpreted and device.type == "cpu"
@@ -61,15 +68,9 @@ def register(backend: Backend) -> Backend:
     """Add (or replace) a backend; it takes part in ``resolve``, ``auto`` and the test suites."""
     if backend.name == "auto":
         raise ValueError("backend: 'auto' is reserved")
-    if backend.lm_head is not None and LM_HEAD not in backend.ops:
-        raise ValueError(f"backend: {backend.name!r} names an lm_head module but does not list {LM_HEAD!r} in ops")
     _REGISTRY[backend.name] = backend
     _errors.pop(backend.name, None)
     return backend
-
-
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name)
 
 
 def registered() -> List[Backend]:

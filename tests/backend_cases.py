@@ -51,10 +51,10 @@ def backend_params(op: str = "delta_coefficients") -> List:
     return out
 
 
-def backend_dtype_params() -> List:
-    """(backend, dtype): float32 on every backend, and float64 where one declares it."""
+def backend_dtype_params(op: str = "clipped_surrogate_loss") -> List:
+    """(backend, dtype) of the backends with ``op``: float32 on each, float64 where declared."""
     out = []
-    for p in backend_params():
+    for p in backend_params(op):
         ut = p.values[0]
         for dt in (torch.float64, torch.float32):
             if dt in ut.declaration.dtypes:
@@ -92,3 +92,9 @@ def generate(metafunc) -> None:
             label = ids(*case) if ids else "-".join(map(str, case))
             rows.append(pytest.param(ut, *case, id=f"{ut}-{label}", marks=p.marks))
     metafunc.parametrize(["backend"] + names, rows)
+
+
+def cpu_backend_params(op: str = "delta_coefficients") -> List:
+    """backend_params(op) of the backends that take CPU tensors here (the interpreter included),
+    for tests whose inputs are built on the CPU."""
+    return [p for p in backend_params(op) if p.values[0].device == "cpu"]

@@ -2,21 +2,16 @@
 backend, bad normalisers and weights named, and TRL 1.16's loss types through the mapping."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels._backends import LM_HEAD
 from delta_kernels.aggregation import AGG_MODES, SEQUENCE_MODES, trl_loss_aggregation
+from backend_cases import backend_dtype_params, backend_params
 from helpers import assert_rel
 
-BACKENDS = [("torch", torch.float64), ("torch", torch.float32), ("cpp", torch.float32)]
-if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-    BACKENDS.append(("triton", torch.float32))
-if torch.cuda.is_available():
-    BACKENDS.append(("cuda", torch.float32))
-IDS = [f"{b}-{str(d)[6:]}" for b, d in BACKENDS]
+BACKENDS = backend_dtype_params()
 
 
 def batch(seed, shape=(6, 11), dtype=torch.float64):
@@ -33,9 +28,9 @@ def batch(seed, shape=(6, 11), dtype=torch.float64):
 
 
 def loss_and_grad(logp, *args, **kw):
-    """-> (loss, metrics, d loss / d logp) on the CPU; cuda and (with a GPU) triton run on CUDA tensors."""
+    """-> (loss, metrics, d loss / d logp) on the CPU; the inputs go to the backend's device."""
     backend = kw.get("backend")
-    dev = "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    dev = getattr(backend, "device", "cpu")
     to = (lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t)  # noqa: E731
     x = logp.clone().to(dev).requires_grad_()
     loss, metrics = dk.clipped_surrogate_loss(x, *map(to, args), **{k: to(v) for k, v in kw.items()})
@@ -75,7 +70,7 @@ def test_local_token_mean_of_micro_batches_is_not_the_batch_token_mean():
 # ---------------------------------------------------------------- padding is don't-care
 
 @pytest.mark.parametrize("mode", AGG_MODES)
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_padding_is_never_read(backend, dtype, mode):
     """NaN, inf and positive log-probs at masked positions change nothing (bitwise) and the
     gradient there is exactly 0."""
@@ -94,13 +89,13 @@ def test_padding_is_never_read(backend, dtype, mode):
     assert bool((out[2][pad] == 0).all()) and bool(torch.isfinite(out[2]).all())
 
 
-@pytest.mark.parametrize("backend", ["torch"] + [b for b, _ in BACKENDS if b == "triton"])
+@pytest.mark.parametrize("backend", backend_params(LM_HEAD))
 def test_fused_padding_is_never_read(backend):
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(3, 5, 16, generator=g), torch.randn(40, 16, generator=g) * 0.3
     y = torch.randint(0, 40, (3, 5), generator=g)
     _, old, adv, coef, isw, mask = batch(seed=1, shape=(3, 5), dtype=torch.float32)
-    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    dev = backend.device
     runs = []
     for poison in (False, True):
         args = [t.clone() for t in (old, adv, coef, isw)]
@@ -120,7 +115,7 @@ def test_fused_padding_is_never_read(backend):
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0,)])
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_empty_batches_give_zero(backend, dtype, shape):
     """No rows or no tokens: loss and metrics 0, a zero gradient of logp's shape (verl: 0 / 0)."""
     modes = AGG_MODES if len(shape) == 2 else [m for m in AGG_MODES if m not in SEQUENCE_MODES]

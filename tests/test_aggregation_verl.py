@@ -5,13 +5,14 @@ x {with, without rollout_is_weights}, with a fully masked row: loss, d loss / d 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels._backends import LM_HEAD
 from delta_kernels.aggregation import AGG_MODES
+from backend_cases import backend_dtype_params
 from helpers import assert_rel
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
@@ -23,17 +24,7 @@ NORMALISERS = {
     "loss_scale_factor": dict(loss_scale_factor=13),
     "dp2_global": dict(dp_size=2, batch_num_tokens=61, global_batch_size=11),
 }
-# (backend, dtype, relative tolerance): float64 on torch, float32 everywhere
-BACKENDS = [("torch", torch.float64, 1e-7), ("torch", torch.float32, 3e-5), ("cpp", torch.float32, 3e-5)]
-if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-    BACKENDS.append(("triton", torch.float32, 3e-5))
-if torch.cuda.is_available():
-    BACKENDS.append(("cuda", torch.float32, 3e-5))
-
-
-def device_of(backend):
-    """cuda and (with a GPU) triton run on CUDA tensors; the rest on the CPU."""
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+TOL = {torch.float64: 1e-7, torch.float32: 3e-5}  # relative, per input dtype
 METRICS = {"clip_frac": "actor/pg_clipfrac", "clip_frac_lower": "actor/pg_clipfrac_lower", "ppo_kl": "actor/ppo_kl"}
 
 
@@ -66,12 +57,13 @@ def surrogate_inputs(seed, shape=(6, 9)):
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_is", "is_weights"])
 @pytest.mark.parametrize("norm", list(NORMALISERS))
 @pytest.mark.parametrize("mode", AGG_MODES)
-@pytest.mark.parametrize("backend,dtype,tol", BACKENDS, ids=[f"{b}-{str(d)[6:]}" for b, d, _ in BACKENDS])
-def test_matches_verl(backend, dtype, tol, mode, norm, weighted):
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_matches_verl(backend, dtype, mode, norm, weighted):
+    tol = TOL[dtype]
     logp, old, adv, coef, isw, mask = (t.to(dtype) if t.is_floating_point() else t
                                        for t in surrogate_inputs(seed=len(mode) + 7 * len(norm)))
     isw = isw if weighted else None
-    dev = device_of(backend)
+    dev = backend.device
     x = logp.clone().to(dev).requires_grad_()
     loss, metrics = dk.clipped_surrogate_loss(x, old.to(dev), adv.to(dev), mask.to(dev), coef=coef.to(dev),
                                               clip_low=CLIP_LOW, clip_high=CLIP_HIGH, clip_c=CLIP_C, agg=mode,
@@ -99,22 +91,19 @@ def _lm(shape, hdim, vocab, dtype, seed):
     return h.to(dtype), w.to(dtype), y
 
 
-FUSED = [("torch", torch.float64, 1e-7), ("torch", torch.float32, 3e-5)] + [
-    ("triton", torch.float32, 3e-5) for b, _, _ in BACKENDS if b == "triton"]
-
-
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_is", "is_weights"])
 @pytest.mark.parametrize("norm", list(NORMALISERS))
 @pytest.mark.parametrize("mode", AGG_MODES)
-@pytest.mark.parametrize("backend,dtype,tol", FUSED, ids=[f"{b}-{str(d)[6:]}" for b, d, _ in FUSED])
-def test_fused_matches_verl(backend, dtype, tol, mode, norm, weighted):
-    if backend == "triton" and norm == "loss_scale_factor":
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(LM_HEAD))
+def test_fused_matches_verl(backend, dtype, mode, norm, weighted):
+    tol = TOL[dtype]
+    if backend != "torch" and norm == "loss_scale_factor":
         pytest.skip("the aggregation is the torch path's on every fused backend: two normalisers suffice here")
     shape, temperature = (4, 7), 0.9
     h, w, y = _lm(shape, 24, 97, dtype, seed=len(mode))
     _, old, adv, coef, isw, mask = surrogate_inputs(seed=len(mode) + 3, shape=shape)
     isw = isw if weighted else None
-    dev = device_of(backend)
+    dev = backend.device
     hh, ww = h.clone().to(dev).requires_grad_(), w.clone().to(dev).requires_grad_()
     loss, metrics = dk.fused_linear_clipped_surrogate_loss(
         hh, ww, y.to(dev), old.to(dev, dtype), adv.to(dev, dtype), mask.to(dev), coef=coef.to(dev, dtype),

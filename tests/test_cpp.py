@@ -1,4 +1,5 @@
-"""backend="cpp" (csrc/cpu via delta_kernels._cpp) against the float64 reference."""
+"""backend="cpp" (csrc/cpu via delta_kernels._cpp): what only the C++ backend has. The phases
+against the float64 reference: tests/test_conformance.py."""
 from __future__ import annotations
 
 import os
@@ -9,161 +10,17 @@ import textwrap
 import pytest
 import torch
 
-import delta_kernels as dk
 from delta_kernels.aggregation import AGG_MODES as AGGS
 from delta_kernels import _backends
 from delta_kernels.sketch_matrix import sketch_matrix
-from helpers import TOL, as64, assert_rel, make_batch
+from helpers import assert_rel
 
 cpp = pytest.importorskip("delta_kernels.backends.cpp")
-
-# (B, T, H): N = 1, 7, 129, 1000 tokens with H = 3, 64, 100, 257
-SHAPES = [(1, 1, 3), (1, 7, 64), (3, 43, 100), (8, 125, 257)]
-STAT_NAMES = ("mu_pos", "mu_neg", "gamma_pos", "gamma_neg", "pred", "scale", "n_pos", "n_neg", "n_valid")
-
-
-def reference(h, logp, adv, mask, **kw):
-    return dk.delta_coefficients(*as64(h, logp, adv, mask), backend="torch", **kw)
-
-
-def assert_result(out, ref, tol):
-    assert out.coef.dtype == torch.float32
-    assert_rel(out.coef, ref.coef, tol, "coef")
-    assert_rel(out.weighted_advantages, ref.weighted_advantages, tol, "weighted_advantages")
-    for name in STAT_NAMES:
-        assert_rel(getattr(out.stats, name), getattr(ref.stats, name), tol, name)
-    # W and b are differences (of centroids, of squared norms) and cancel: their error is judged
-    # against the size of the terms they are made of.
-    mu_p, mu_n = ref.stats.mu_pos, ref.stats.mu_neg
-    w_scale = float(mu_p.norm() + mu_n.norm())
-    assert float((out.stats.W.double() - ref.stats.W).norm()) <= tol * max(w_scale, 1e-30), "W"
-    b_scale = 0.5 * float(mu_p.dot(mu_p) + mu_n.dot(mu_n))
-    assert abs(float(out.stats.b) - float(ref.stats.b)) <= tol * max(b_scale, 1e-30), "b"
-
-
-@pytest.mark.parametrize("sketch_dim", [None, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_token_sketch(shape, dtype, sketch_dim):
-    h, logp, _, _ = make_batch(*shape, dtype=dtype, seed=sum(shape))
-    out = dk.token_sketch(h, logp, sketch_dim=sketch_dim, seed=7, backend="cpp")
-    ref = dk.token_sketch(*as64(h, logp), sketch_dim=sketch_dim, seed=7, backend="torch")
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert_rel(out, ref, TOL[dtype], "vectors")
-
-
-@pytest.mark.parametrize("seq_level", [True, False])
-@pytest.mark.parametrize("sketch_dim", [None, 8])
-@pytest.mark.parametrize("k", [0, 1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_delta_coefficients(shape, dtype, k, sketch_dim, seq_level):
-    h, logp, adv, mask = make_batch(*shape, dtype=dtype, seed=k + 10 * shape[2], seq_level=seq_level)
-    out = dk.delta_coefficients(h, logp, adv, mask, k=k, sketch_dim=sketch_dim, seed=3, backend="cpp")
-    assert_result(out, reference(h, logp, adv, mask, k=k, sketch_dim=sketch_dim, seed=3), TOL[dtype])
-
-
-@pytest.mark.parametrize("with_sums", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_delta_coefficients_from_vectors(dtype, with_sums):
-    h, logp, adv, mask = make_batch(4, 37, 96, dtype=dtype, seed=5)
-    v = dk.token_sketch(h, logp, backend="cpp")
-    a = adv[:, None].expand_as(logp) * mask
-    sums = torch.stack([(a.clamp_min(0)[..., None] * v.float()).sum((0, 1)),
-                        ((-a).clamp_min(0)[..., None] * v.float()).sum((0, 1))]) if with_sums else None
-    out = dk.delta_coefficients(None, logp, adv, mask, vectors=v, side_sums=sums, k=2, backend="cpp")
-    ref = dk.delta_coefficients(None, *as64(logp, adv, mask), vectors=v.double(),
-                                side_sums=None if sums is None else sums.double(), k=2, backend="torch")
-    assert_result(out, ref, TOL[torch.float32])  # same vectors on both sides: only fp32 arithmetic differs
 
 
 @pytest.mark.parametrize("hidden_size,sketch_dim,seed", [(1, 1, 0), (3, 5, 1), (64, 16, 12345), (257, 33, 2**32 - 1)])
 def test_sketch_matrix_bitwise(hidden_size, sketch_dim, seed):
     assert torch.equal(cpp.sketch_matrix(hidden_size, sketch_dim, seed), sketch_matrix(hidden_size, sketch_dim, seed))
-
-
-@pytest.mark.parametrize("sketch_dim", [None, 8])
-def test_one_side_empty(sketch_dim):
-    h, logp, adv, mask = make_batch(6, 20, 32, seed=1)
-    adv = adv.abs() + 0.1  # no negative side
-    out = dk.delta_coefficients(h, logp, adv, mask, sketch_dim=sketch_dim, backend="cpp")
-    ref = reference(h, logp, adv, mask, sketch_dim=sketch_dim)
-    assert_result(out, ref, TOL[torch.float32])
-    assert torch.all(out.stats.mu_neg == 0) and float(out.stats.n_neg) == 0
-
-
-def test_all_advantages_zero_gives_exactly_one():
-    h, logp, adv, mask = make_batch(5, 11, 24, seed=2)
-    out = dk.delta_coefficients(h, logp, torch.zeros_like(adv), mask, backend="cpp")
-    assert torch.equal(out.coef, mask.float())
-    assert torch.equal(out.weighted_advantages, torch.zeros_like(out.coef))
-
-
-def test_all_masked_gives_zeros():
-    h, logp, adv, mask = make_batch(3, 9, 16, seed=3)
-    out = dk.delta_coefficients(h, logp, adv, torch.zeros_like(mask), backend="cpp")
-    assert torch.equal(out.coef, torch.zeros_like(out.coef))
-    assert torch.isfinite(out.stats.gamma_pos) and torch.isfinite(out.stats.gamma_neg)
-
-
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_single_token(sign):
-    h = torch.randn(1, 5)
-    logp, adv, mask = torch.tensor([-0.7]), torch.tensor([sign]), torch.tensor([True])
-    out = dk.delta_coefficients(h, logp, adv, mask, backend="cpp")
-    assert_result(out, reference(h, logp, adv, mask), TOL[torch.float32])
-    assert torch.allclose(out.coef, torch.ones(1))
-
-
-def _surrogate_inputs(shape, dtype, seed, seq_level=True):
-    h, old, adv, mask = make_batch(*shape, 1, dtype=torch.float32, seed=seed, seq_level=seq_level)
-    g = torch.Generator().manual_seed(seed + 1)
-    logp = (old + 0.4 * torch.randn(old.shape, generator=g)).clamp_max(0)
-    coef = 0.5 + torch.rand(old.shape, generator=g)
-    return logp.to(dtype), old.to(dtype), adv.to(dtype), mask, coef.to(dtype)
-
-
-@pytest.mark.parametrize("with_coef", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (8, 125), (2, 1500)])
-def test_clipped_surrogate(shape, agg, dtype, with_coef):
-    logp, old, adv, mask, coef = _surrogate_inputs(shape, dtype, seed=shape[1])
-    coef = coef if with_coef else None
-    x = logp.clone().requires_grad_()
-    loss, metrics = dk.clipped_surrogate_loss(x, old, adv, mask, coef=coef, agg=agg, clip_c=3.0, backend="cpp")
-    loss.backward()
-    x64 = logp.double().requires_grad_()
-    ref, ref_metrics = dk.clipped_surrogate_loss(x64, *as64(old, adv, mask), coef=None if coef is None else coef.double(),
-                                                 agg=agg, clip_c=3.0, backend="torch")
-    ref.backward()
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_rel(loss, ref, TOL[torch.float32], "loss")  # bf16 inputs are exact in float32: fp32 arithmetic only
-    for name in ("clip_frac", "clip_frac_lower", "ppo_kl"):
-        assert_rel(metrics[name], ref_metrics[name], TOL[torch.float32], name)
-    assert x.grad.dtype == dtype
-    assert_rel(x.grad, x64.grad, TOL[dtype], "d loss / d logp")
-
-
-def test_clipped_surrogate_flat_and_clipping_paths():
-    """[N] inputs; ratios far outside the clip range, past the dual clip, and past the +-20 clamp."""
-    g = torch.Generator().manual_seed(4)
-    old = -torch.rand(999, generator=g) * 4
-    old[::50] = -30.0  # log-ratio clamped at 20
-    logp = (old + torch.randn(999, generator=g) * 3).clamp_max(0)
-    adv = torch.randn(999, generator=g)
-    mask = torch.rand(999, generator=g) > 0.1
-    x = logp.clone().requires_grad_()
-    loss, metrics = dk.clipped_surrogate_loss(x, old, adv, mask, clip_c=3.0, backend="cpp")
-    (loss * 2.5).backward()
-    x64 = logp.double().requires_grad_()
-    ref, ref_metrics = dk.clipped_surrogate_loss(x64, *as64(old, adv, mask), clip_c=3.0, backend="torch")
-    (ref * 2.5).backward()
-    assert float(ref_metrics["clip_frac_lower"]) > 0 and float(ref_metrics["clip_frac"]) > 0
-    assert_rel(loss, ref, 1e-5, "loss")
-    for name in metrics:
-        assert_rel(metrics[name], ref_metrics[name], 1e-5, name)
-    assert_rel(x.grad, x64.grad, 1e-5, "grad")
 
 
 def test_auto_picks_cpp_on_cpu():

@@ -1,8 +1,8 @@
 """Fused LM-head kernels against float64 torch with materialised logits.
 
-Both backends run here: "torch" (chunked, with chunks shrunk so small shapes cross every
-chunk boundary) and "triton" under TRITON_INTERPRET=1 (its interpreter tile sizes are small
-for the same reason). Outputs are poisoned (tests/conftest.py).
+The backends of the registry with the LM-head op that take CPU tensors here: "torch" (chunked,
+with chunks shrunk so small shapes cross every chunk boundary) and "triton" under
+TRITON_INTERPRET=1 (its interpreter tile sizes are small for the same reason). Outputs are poisoned (tests/conftest.py).
 """
 import math
 
@@ -12,10 +12,12 @@ import torch
 import delta_kernels
 from delta_kernels.fused_linear import (fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch,
                                         torch_chunked, triton_logprob_grad)
+from delta_kernels._backends import LM_HEAD
 from delta_kernels.sketch_matrix import sketch_matrix
+from backend_cases import cpu_backend_params
 from helpers import TOL, assert_rel, rel_err
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = cpu_backend_params(LM_HEAD)  # the inputs here are CPU tensors
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,10 @@
 """Property tests (hypothesis): random shapes, dtypes, masks and advantage patterns.
 
-For every backend that runs on the CPU here (torch, cpp; triton under the interpreter on a
-few cases): coefficients are finite, non-negative, zero where masked, mean 1 over valid
+For every backend of the registry (tests/backend_cases.py; fewer examples under the Triton
+interpreter): coefficients are finite, non-negative, zero where masked, mean 1 over valid
 tokens, within [lam_min, lam_max] x the normalisation factor, and equal to the float64
 reference; the sketch and the surrogate agree with the reference too.
 """
-import os
-
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,8 +13,6 @@ import delta_kernels as dk
 from delta_kernels.aggregation import AGG_MODES
 from helpers import TOL, assert_rel
 
-CPU_BACKENDS = [b for b in ("torch", "cpp") if b in dk.available_backends()]
-TRITON = "triton" in dk.available_backends() and os.environ.get("TRITON_INTERPRET") == "1"
 FAST = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FEW = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -57,6 +52,15 @@ def batches(draw):
                 lam_max=lam_max, sketch_dim=sketch_dim, seed=seed % 2**32)
 
 
+def examples(backend):
+    """How many examples a backend runs: fewer under the interpreter."""
+    return FEW if backend.interpreted else FAST
+
+
+def on_device(b, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+
+
 def reference(b):
     return dk.delta_coefficients(b["h"].double(), b["logp"].double(), b["adv"].double(), b["mask"], k=b["k"],
                                  lam_min=b["lam_min"], lam_max=b["lam_max"], sketch_dim=b["sketch_dim"],
@@ -81,48 +85,35 @@ def check_coefficients(b, backend):
     return res
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_coefficient_properties(backend):
-    @FAST
     @given(batches())
     def run(b):
-        check_coefficients(b, backend)
-    run()
+        check_coefficients(on_device(b, backend.device), backend)
+    examples(backend)(run)()
 
 
-@pytest.mark.skipif(not TRITON, reason="triton interpreter not available")
-def test_coefficient_properties_triton():
-    @FEW
-    @given(batches())
-    def run(b):
-        check_coefficients(b, "triton")
-    run()
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_sketch_properties(backend):
-    @FAST
     @given(batches())
     def run(b):
+        b = on_device(b, backend.device)
         z = dk.token_sketch(b["h"], b["logp"], sketch_dim=b["sketch_dim"], seed=b["seed"], backend=backend)
         ref = dk.token_sketch(b["h"].double(), b["logp"].double(), sketch_dim=b["sketch_dim"], seed=b["seed"],
                               backend="torch")
         assert z.dtype == b["h"].dtype
         assert_rel(z, ref, TOL[b["h"].dtype], f"{backend} sketch")
-    run()
+    examples(backend)(run)()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_surrogate_properties(backend):
     aggs = st.sampled_from(AGG_MODES)
 
-    @FAST
     @given(batches(), aggs, st.sampled_from([0.0, 0.05, 1.0]))
     def run(b, agg, noise):
+        b = on_device(b, backend.device)
         g = torch.Generator().manual_seed(b["seed"])
         old = b["logp"]
-        new = (old.float() + noise * torch.randn(old.shape, generator=g)).clamp(max=0).to(old.dtype)
-        coef = torch.rand(old.shape, generator=g) + 0.5
+        new = (old.float() + noise * torch.randn(old.shape, generator=g).to(old.device)).clamp(max=0).to(old.dtype)
+        coef = (torch.rand(old.shape, generator=g) + 0.5).to(old.device)
         lp = new.clone().requires_grad_(True)
         loss, metrics = dk.clipped_surrogate_loss(lp, old, b["adv"], b["mask"], coef=coef, agg=agg, backend=backend)
         loss.backward()
@@ -136,4 +127,4 @@ def test_surrogate_properties(backend):
         assert_rel(lp.grad, lp64.grad, tol if new.dtype == torch.float32 else TOL[new.dtype], f"{backend} grad")
         for name in ("clip_frac", "clip_frac_lower", "ppo_kl"):
             assert_rel(metrics[name].reshape(1), ref_metrics[name].reshape(1), tol, name)
-    run()
+    examples(backend)(run)()
