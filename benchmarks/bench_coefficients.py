@@ -1,8 +1,8 @@
 """Benchmark of phase B+A: delta_coefficients from hidden states (not a test).
 
-Providers: "naive" (delta_kernels.naive, the published structure; exact only), "torch"
-(the reference), "cpp", "cuda", "triton" (public API with backend=, when
-delta_kernels.available_backends() lists them). Per size: median (p20, p80) time, peak
+Providers: "naive" (delta_kernels.naive, the published structure; exact only) and every
+backend of the registry (delta_kernels._backends; public API with backend=, when
+delta_kernels.available_backends() lists it). Per size: median (p20, p80) time, peak
 memory beyond the inputs, the bytes the fused pipeline must move and the bandwidth floor
 from a copy bandwidth measured in the same run, and the fraction of that floor reached.
 
@@ -11,8 +11,8 @@ from a copy bandwidth measured in the same run, and the fraction of that floor r
     python benchmarks/bench_coefficients.py --gpu-budget    # a short GPU configuration (gpu_check.sh)
     python benchmarks/bench_coefficients.py --providers torch,triton
 
-Writes benchmarks/results/coefficients_<machine>.{csv,json,md}. On the CPU the triton
-provider runs under the interpreter and is skipped unless --providers names it.
+Writes benchmarks/results/coefficients_<machine>.{csv,json,md}. On the CPU an interpreted
+backend (triton) is skipped unless --providers names it.
 Calls use check_values=False (no validation syncs), so the kernels are what is timed.
 """
 from __future__ import annotations
@@ -38,9 +38,11 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # so that an explicitly named triton provider can run
 
 import delta_kernels as dk  # noqa: E402
+from delta_kernels import _backends  # noqa: E402
 from bench_info import git_commit, machine_name  # noqa: E402
 
-ALL_PROVIDERS = ("naive", "torch", "cpp", "cuda", "triton")
+BACKENDS = {b.name: b for b in reversed(_backends.registered())}  # the registry, lowest priority first
+ALL_PROVIDERS = ("naive",) + tuple(BACKENDS)
 SEQ_LEN = 1024
 
 
@@ -152,7 +154,7 @@ def provider_fn(name, inputs, k, r):
         return (lambda: delta_coefficients_naive(hidden, logp, adv, mask, k=k)), ""
     if name not in dk.available_backends():
         return None, f"backend {name!r} not available"
-    if name == "cpp" and hidden.is_cuda or name == "cuda" and not hidden.is_cuda:
+    if not BACKENDS[name].runs_on(hidden.device):
         return None, f"{name} does not run on this device"
     return (lambda: dk.delta_coefficients(hidden, logp, adv, mask, k=k, sketch_dim=r, backend=name,
                                           check_values=False)), ""
@@ -198,7 +200,7 @@ def main():
         if unknown:
             ap.error(f"unknown providers {sorted(unknown)}")
     else:
-        providers = [p for p in ALL_PROVIDERS if HAS_GPU or p != "triton"]
+        providers = [p for p in ALL_PROVIDERS if HAS_GPU or p == "naive" or not BACKENDS[p].interpreted]
     budget = args.budget_s or (0.5 if args.gpu_budget or args.quick else (1.0 if HAS_GPU else 8.0))
     device = "cuda" if HAS_GPU else "cpu"
     machine, commit = machine_name(), git_commit()

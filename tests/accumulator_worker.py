@@ -11,15 +11,12 @@ import torch
 import torch.distributed as dist
 
 import delta_kernels as dk
+from dist_worker import join
 
 
 def main():
-    rank, world, init_file, case_file, out_file = sys.argv[1:6]
-    rank, world = int(rank), int(world)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    case = torch.load(case_file)
-    lo, hi = case["bounds"][rank], case["bounds"][rank + 1]
-    h, logp, adv, mask = (case[k][lo:hi] for k in ("hidden", "logp", "advantages", "mask"))
+    out_file = sys.argv[5]
+    rank, case, (h, logp, adv, mask) = join(*sys.argv[1:5])
     outs = []
     for run in case["runs"]:
         acc = dk.DeltaAccumulator(k=run["k"], sketch_dim=run["sketch_dim"], store=run["store"],

@@ -11,13 +11,18 @@ import torch.distributed as dist
 import delta_kernels as dk
 
 
-def main():
-    rank, world, init_file, case_file, out_file, backend = sys.argv[1:7]
+def join(rank, world, init_file, case_file):
+    """Join the gloo group -> (rank, the case, this rank's shard: hidden, logp, advantages, mask)."""
     rank, world = int(rank), int(world)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     case = torch.load(case_file)
     lo, hi = case["bounds"][rank], case["bounds"][rank + 1]
-    h, logp, adv, mask = (case[k][lo:hi] for k in ("hidden", "logp", "advantages", "mask"))
+    return rank, case, tuple(case[k][lo:hi] for k in ("hidden", "logp", "advantages", "mask"))
+
+
+def main():
+    out_file, backend = sys.argv[5:7]
+    _, case, (h, logp, adv, mask) = join(*sys.argv[1:5])
     outs = []
     for k, sketch_dim in case["configs"]:
         res = dk.delta_coefficients(h, logp, adv, mask, k=k, sketch_dim=sketch_dim, process_group=dist.group.WORLD,

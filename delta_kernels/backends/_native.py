@@ -4,11 +4,13 @@ pass; delta_kernels.aggregation turns the partials into the loss and the row wei
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
+from .._checks import DeltaConfig, TokenBatch
 from ..aggregation import aggregate
+from ..pipeline import run_coefficients
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -96,3 +98,16 @@ def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:
         return v, side_sums(v, a_pos, a_neg)
 
     return SimpleNamespace(token_vectors=pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
+
+
+def native_phases(token_vectors, pipeline: SimpleNamespace):
+    """-> (token_sketch, delta_coefficients) of a native backend, from its token_vectors kernel
+    and its pipeline_kernels (the contract of delta_kernels.reference)."""
+    def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
+        zeros = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        return token_vectors(hidden, logp, zeros, zeros, sketch_dim, seed)[0]
+
+    def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int, reduce=None):
+        return run_coefficients(pipeline, batch, cfg, sketch_dim, seed, reduce)
+
+    return token_sketch, delta_coefficients

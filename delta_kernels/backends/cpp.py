@@ -12,11 +12,10 @@ import torch
 
 from .. import _cpp
 from .._alloc import empty
-from .._checks import DeltaConfig, SurrogateConfig, TokenBatch
+from .._checks import SurrogateConfig
 from ..aggregation import STATS, Aggregation
-from ..pipeline import run_coefficients
-from ._native import (ScaledRows, dtype_code, f32, native_surrogate, opt_ptr, pipeline_kernels, ptr,  # noqa: F401
-                      rows_and_scale)
+from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
+                      pipeline_kernels, ptr, rows_and_scale)
 
 
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
@@ -64,13 +63,7 @@ def margin_pass(v, w, b, gate):
 PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 
 
-def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
-    zeros = torch.zeros(hidden.shape[0], dtype=torch.float32)
-    return token_vectors(hidden, logp, zeros, zeros, sketch_dim, seed)[0]
-
-
-def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int, reduce=None):
-    return run_coefficients(PIPELINE_KERNELS, batch, cfg, sketch_dim, seed, reduce)
+token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS)
 
 
 def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg: SurrogateConfig,
