@@ -64,15 +64,19 @@ class SurrogateFunction(torch.autograd.Function):
         return grad.reshape(ctx.logp_shape).to(ctx.logp_dtype), None, None
 
 
-def native_surrogate(logp, old_logp, adv, mask, coef, rollout_is_weights, agg, launch):
-    """-> (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32, differentiable in logp.
-    ``launch(logp, old_logp, adv, mask, coef, is_weight, B, T)`` runs the kernel on float32
+def native_surrogate(launch):
+    """-> the backend's clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights,
+    cfg, agg) = (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32, differentiable in logp.
+    ``launch(cfg, logp, old_logp, adv, mask, coef, is_weight, B, T)`` runs the kernel on float32
     contiguous inputs (mask bool; coef, is_weight or None) and returns (rows [B, 5], token_grad [B, T])."""
-    rows, cols = rows_of(logp)
-    inputs = [f32(old_logp), f32(adv), mask.contiguous()] + [None if t is None else f32(t)
-                                                            for t in (coef, rollout_is_weights)]
-    loss, metrics = SurrogateFunction.apply(logp, lambda lp: launch(f32(lp), *inputs, rows, cols), agg)
-    return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
+    def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg):
+        rows, cols = rows_of(logp)
+        inputs = [f32(old_logp), f32(adv), mask.contiguous()] + [None if t is None else f32(t)
+                                                                for t in (coef, rollout_is_weights)]
+        loss, metrics = SurrogateFunction.apply(logp, lambda lp: launch(cfg, f32(lp), *inputs, rows, cols), agg)
+        return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
+
+    return clipped_surrogate_loss
 
 
 class ScaledRows(NamedTuple):

@@ -13,7 +13,7 @@ import torch
 from .. import _cpp
 from .._alloc import empty
 from .._checks import SurrogateConfig
-from ..aggregation import STATS, Aggregation
+from ..aggregation import STATS
 from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
                       pipeline_kernels, ptr, rows_and_scale)
 
@@ -66,17 +66,15 @@ PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS)
 
 
-def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg: SurrogateConfig,
-                           agg: Aggregation):
-    def launch(lp, old, a, m, c, w, rows, cols):
-        row_stats = empty(rows, len(STATS), dtype=torch.float64)
-        grad = empty(rows, cols, dtype=torch.float32)
-        _cpp.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
-                               cfg.clip_high, cfg.clip_c, ptr(row_stats), ptr(grad))
-        return row_stats, grad
+def _surrogate_launch(cfg: SurrogateConfig, lp, old, a, m, c, w, rows, cols):
+    row_stats = empty(rows, len(STATS), dtype=torch.float64)
+    grad = empty(rows, cols, dtype=torch.float32)
+    _cpp.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
+                           cfg.clip_high, cfg.clip_c, ptr(row_stats), ptr(grad))
+    return row_stats, grad
 
-    return native_surrogate(logp, old_logp, adv, mask, coef, rollout_is_weights, agg, launch)
 
+clipped_surrogate_loss = native_surrogate(_surrogate_launch)
 
 
 def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:

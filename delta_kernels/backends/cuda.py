@@ -14,7 +14,7 @@ import torch
 from .. import _cuda
 from .._alloc import empty
 from .._checks import SurrogateConfig
-from ..aggregation import STATS, Aggregation
+from ..aggregation import STATS
 from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
                       pipeline_kernels, ptr, rows_and_scale)
 
@@ -74,13 +74,12 @@ PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS)
 
 
-def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg: SurrogateConfig,
-                           agg: Aggregation):
-    def launch(lp, old, a, m, c, w, rows, cols):
-        partial = empty(rows, _cuda.surrogate_tiles(cols), len(STATS), dtype=torch.float32, device=lp.device)
-        grad = empty(rows, cols, dtype=torch.float32, device=lp.device)
-        _cuda.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
-                                cfg.clip_high, cfg.clip_c, ptr(partial), ptr(grad), _stream())
-        return partial.sum(1), grad
+def _surrogate_launch(cfg: SurrogateConfig, lp, old, a, m, c, w, rows, cols):
+    partial = empty(rows, _cuda.surrogate_tiles(cols), len(STATS), dtype=torch.float32, device=lp.device)
+    grad = empty(rows, cols, dtype=torch.float32, device=lp.device)
+    _cuda.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
+                            cfg.clip_high, cfg.clip_c, ptr(partial), ptr(grad), _stream())
+    return partial.sum(1), grad
 
-    return native_surrogate(logp, old_logp, adv, mask, coef, rollout_is_weights, agg, launch)
+
+clipped_surrogate_loss = native_surrogate(_surrogate_launch)
