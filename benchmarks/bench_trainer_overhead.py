@@ -9,6 +9,7 @@ overhead measured inside one step, less exposed to machine noise).
 
     python benchmarks/bench_trainer_overhead.py            # CPU, the embedded default model
     python benchmarks/bench_trainer_overhead.py --gpu      # CUDA, a ~101M-parameter model from config
+    python benchmarks/bench_trainer_overhead.py --quick    # short run (either device)
 
 Writes benchmarks/results/trainer_overhead_<machine>.{json,md}.
 """
@@ -38,13 +39,6 @@ from bench_info import git_commit, machine_name  # noqa: E402
 
 PHASES = ("rollout", "old_logprob", "coefficients", "update")
 
-
-
-
-
-
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA with a ~101M-parameter model (hidden 768, 16 layers)")
@@ -54,8 +48,12 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sft-steps", type=int, default=None, help="warm start before timing (mixed rewards)")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out-dir", "--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--quick", action="store_true", help="short run: 4 step pairs, 1 warm-up pair, 10 warm-start steps")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup = args.steps or 4, 1
+        args.sft_steps = 10 if args.sft_steps is None else args.sft_steps
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
