@@ -12,7 +12,8 @@
 #   env       versions; the build's needs (Python.h, nvcc, CUDA headers, pybind11, cmake, ninja)
 #   wheels    pip install --no-index --no-deps --target from .whl (peers; build tools if missing)
 #   build     the native modules in place (cpp + cuda)          [dry: cpp only]
-#   tests     test_triton, test_cuda, test_fused_linear on the GPU [dry: the sm_90 compile tests]
+#   tests     test_triton, test_cuda, test_fused_linear on the GPU, one JUnit file each
+#             [dry: the sm_90 compile tests]
 #   bench_*   coefficients (+ the CUDA-graph variant), per-pass timings, fused LM head, trainer,
 #             each in its short mode, writing its rows as it goes  [dry: CPU short modes]
 #   verdicts  each target against its floor -> $OUT/results/verdicts.md
@@ -118,8 +119,11 @@ if (( DRY )); then
   step tests 240 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$RES/tests.xml" \
     tests/test_triton.py tests/test_fused_linear.py tests/test_cuda.py -k "compile_for_sm90 or test_cuda"
 else
-  step tests 110 "$PY" -m pytest -q -p no:cacheprovider --durations=10 --junitxml="$RES/tests.xml" \
-    tests/test_triton.py tests/test_cuda.py tests/test_fused_linear.py
+  # one step per file: a file that runs out of time loses only its own JUnit report
+  for t in triton:60 cuda:30 fused_linear:50; do
+    step "tests" "${t#*:}" "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
+      --junitxml="$RES/test_${t%%:*}.xml" "tests/test_${t%%:*}.py"
+  done
 fi
 
 # ---------------------------------------------------------------- benchmarks (short modes, rows written as they go)
@@ -138,6 +142,7 @@ skip bench_public_call "a CPU benchmark of the cpp backend; its short mode is --
 
 # ---------------------------------------------------------------- verdicts
 DEADLINE=$((DEADLINE + 10))
-step verdicts 10 "$PY" benchmarks/verdicts.py "$RES" --junit "$RES/tests.xml"
+if (( DRY )); then JUNIT=("$RES/tests.xml"); else JUNIT=("$RES"/test_triton.xml "$RES"/test_cuda.xml "$RES"/test_fused_linear.xml); fi
+step verdicts 10 "$PY" benchmarks/verdicts.py "$RES" --junit "${JUNIT[@]}"
 [[ -f $RES/verdicts.md ]] && cat "$RES/verdicts.md"
 say "== done in ${SECONDS}s"
