@@ -59,8 +59,11 @@ def profile_call(fn, iters: int):
             torch.cuda.synchronize()
     out = defaultdict(lambda: [0, 0.0])
     for e in prof.key_averages():
-        us = e.self_device_time_total if HAS_GPU else e.self_cpu_time_total
-        if us <= 0 or (not HAS_GPU and not e.key.startswith("aten::")):
+        if HAS_GPU:  # the device's own events (kernels, memsets, copies), not the ops that launched them
+            us = e.self_device_time_total if e.device_type == torch.autograd.DeviceType.CUDA else 0
+        else:
+            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0
+        if us <= 0:
             continue
         out[e.key][0] += e.count
         out[e.key][1] += us
