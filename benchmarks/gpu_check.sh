@@ -10,7 +10,8 @@
 # .whl travels with the run. Steps, in order of what the verdicts need; each has a time cap, the
 # whole run a deadline, and a failing step does not stop the next:
 #   env       versions; the build's needs (Python.h, nvcc, CUDA headers, pybind11, cmake, ninja)
-#   wheels    pip install --no-index --no-deps --target from .whl (peers; build tools if missing)
+#   wheels    pip install --no-index --no-deps --target /tmp/gpu_check_site from .whl (the peers;
+#             the build and test tools only where the machine lacks them)
 #   build     the native modules in place (cpp + cuda)          [dry: cpp only]
 #   tests     test_triton, test_cuda, test_fused_linear on the GPU, one JUnit file each
 #             [dry: the sm_90 compile tests]
@@ -78,7 +79,7 @@ homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/c
          nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
 found = [h for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))]
 print("cuda_runtime.h:", f"ok in {found[0]}/include" if found else f"MISSING (looked in {[h for h in homes if h]})")
-for mod in ("pybind11",):
+for mod in ("pybind11", "pytest", "hypothesis"):
     try:
         print(mod + ":", __import__(mod).__version__)
     except ImportError:
@@ -97,13 +98,15 @@ install_wheels() {
   command -v cmake >/dev/null || tools+=(.whl/cmake-*.whl)
   command -v ninja >/dev/null || tools+=(.whl/ninja-*.whl)
   (( ${#peers[@]} )) || { echo "no peer wheels in .whl (run benchmarks/fetch_peer_wheels.sh on a networked machine)"; return 1; }
-  "$PY" -m pip install --quiet --no-index --no-deps --target .whl/site "${peers[@]}" || return 1
-  if (( ${#tools[@]} )); then "$PY" -m pip install --quiet --no-index --no-deps --target .whl/tools "${tools[@]}" || return 1; fi
-  PYTHONPATH=.whl/site "$PY" -c "import liger_kernel.chunked_loss, cut_cross_entropy; print('peers import')"
+  "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE/peers" "${peers[@]}" || return 1
+  "$PY" -c "import pytest, hypothesis" 2>/dev/null || tools+=(.whl/test/*.whl)
+  PYTHONPATH="$SITE/peers" "$PY" -c "import liger_kernel.chunked_loss, cut_cross_entropy; print('peers import')"
+  if (( ${#tools[@]} )); then "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE/tools" "${tools[@]}"; fi
 }
-step wheels 60 env PY="$PY" bash -c "$(declare -f install_wheels); install_wheels"
-export PYTHONPATH="$PWD:$PWD/.whl/site:$PWD/.whl/tools${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$PATH:$PWD/.whl/tools/bin"
+SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}  # installed wheels: outside the repo and $OUT
+step wheels 60 env PY="$PY" SITE="$SITE" bash -c "$(declare -f install_wheels); install_wheels"
+export PYTHONPATH="$PWD:$SITE/peers:$SITE/tools${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$PATH:$SITE/tools/bin"
 
 # ---------------------------------------------------------------- build
 if (( DRY )); then
