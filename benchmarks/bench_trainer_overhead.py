@@ -11,7 +11,8 @@ overhead measured inside one step, less exposed to machine noise).
     python benchmarks/bench_trainer_overhead.py --gpu      # CUDA, a ~101M-parameter model from config
     python benchmarks/bench_trainer_overhead.py --quick    # short run (either device)
 
-Writes benchmarks/results/trainer_overhead_<machine>.{json,md}.
+Writes benchmarks/results/trainer_overhead_<machine>.{json,md}, rewritten after every measured
+step pair from the second on (an interrupted run keeps the pairs it measured).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def main() -> None:
     times = {"delta": [], "none": []}
     phases = {"delta": {p: [] for p in PHASES}, "none": {p: [] for p in PHASES}}
     forwards = {}
+    md = "fewer than 2 measured step pairs: nothing written"
     for i in range(args.warmup + steps):
         snap = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state(),
                 sampling_gen.get_state())
@@ -96,6 +98,14 @@ def main() -> None:
                 for p in PHASES:
                     phases[mode][p].append(res.metrics[f"time_{p}"])
                 forwards[mode] = res.metrics["forwards_total"]
+            if i >= args.warmup + 1 and j == 1:  # after every measured pair (from the second on): a timeout keeps them
+                md = write_result(args, device, commit, arch, model, size, prompts, times, phases, forwards)
+    print(md)
+
+
+def write_result(args, device, commit, arch, model, size, prompts, times, phases, forwards) -> str:
+    """Writes the json and md of the pairs measured so far; -> the md text."""
+    steps = len(times["delta"])
     med = {m: statistics.median(v) for m, v in times.items()}
     paired = [d / n - 1.0 for d, n in zip(times["delta"], times["none"])]  # same inputs, same step
     share = statistics.median(c / s for c, s in zip(phases["delta"]["coefficients"], times["delta"]))
@@ -131,7 +141,7 @@ def main() -> None:
                f"{100 * result['overhead_second_run_effect']:+.2f}% slower or faster (order alternates, so this "
                "cancels in the paired median); the model forwards per step are the same in both modes."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
