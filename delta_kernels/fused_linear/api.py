@@ -48,11 +48,11 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> _Ops:
     require("triton", "triton")
     try:
         lp = importlib.import_module(".triton_logprob", __package__)
-        ts = importlib.import_module(".triton_token_sketch", __package__)
+        ts = importlib.import_module("..triton.token_vectors", __package__)
         gr = importlib.import_module(".triton_logprob_grad", __package__)
     except ImportError as e:  # an error, never a silent fallback
         raise RuntimeError(f"backend: 'triton' is not available here ({type(e).__name__}: {e})") from e
-    return _Ops("triton", lp.logprob, ts.token_vectors, gr.logprob_backward)
+    return _Ops("triton", lp.logprob, ts.written_vectors, gr.logprob_backward)
 
 
 def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: bool):
