@@ -123,7 +123,7 @@ if (( DRY )); then
     tests/test_triton.py tests/test_fused_linear.py tests/test_cuda.py -k "compile_for_sm90 or test_cuda"
 else
   # one step per file: a file that runs out of time loses only its own JUnit report
-  for t in triton:60 cuda:30 fused_linear:50; do
+  for t in triton:60 cuda:30 fused_linear:50 accumulator_cuda:20 aggregation_verl:30; do
     step "tests" "${t#*:}" "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
       --junitxml="$RES/test_${t%%:*}.xml" "tests/test_${t%%:*}.py"
   done
@@ -135,17 +135,19 @@ if (( DRY )); then
   step bench_passes 120 "$PY" benchmarks/bench_passes.py --quick --out "$RES"
   step bench_fused_linear 150 "$PY" benchmarks/bench_fused_linear.py --quick --out "$RES"
   step bench_trainer_overhead 120 "$PY" benchmarks/bench_trainer_overhead.py --quick --out "$RES"
+  step bench_accumulator 90 "$PY" benchmarks/bench_accumulator.py --quick --out "$RES"
 else
   step bench_coefficients 90 "$PY" benchmarks/bench_coefficients.py --gpu-budget --out "$RES"
   step bench_passes 40 "$PY" benchmarks/bench_passes.py --out "$RES"
   step bench_fused_linear 80 "$PY" benchmarks/bench_fused_linear.py --quick --out "$RES"
   step bench_trainer_overhead 40 "$PY" benchmarks/bench_trainer_overhead.py --gpu --quick --out "$RES"
+  step bench_accumulator 40 "$PY" benchmarks/bench_accumulator.py --budget-s 1 --out "$RES"
 fi
 skip bench_public_call "a CPU benchmark of the cpp backend; its short mode is --quick"
 
 # ---------------------------------------------------------------- verdicts
 DEADLINE=$((DEADLINE + 10))
-if (( DRY )); then JUNIT=("$RES/tests.xml"); else JUNIT=("$RES"/test_triton.xml "$RES"/test_cuda.xml "$RES"/test_fused_linear.xml); fi
+if (( DRY )); then JUNIT=("$RES/tests.xml"); else JUNIT=("$RES"/test_*.xml); fi
 step verdicts 10 "$PY" benchmarks/verdicts.py "$RES" --junit "${JUNIT[@]}"
 [[ -f $RES/verdicts.md ]] && cat "$RES/verdicts.md"
 say "== done in ${SECONDS}s"
