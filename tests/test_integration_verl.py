@@ -1,0 +1,149 @@
+"""verl 0.9.1 integration: worker capture and driver fold on tensors and DataProtos laid out as
+verl builds them (left/right-padded batch -> verl's left_right_2_no_padding -> packed or padded
+model inputs -> jagged log-probs -> verl's no_padding_2_padding)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("verl")
+pytest.importorskip("tensordict")
+from omegaconf import OmegaConf  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
+
+import delta_kernels as dk  # noqa: E402
+from delta_kernels.integrations import response_hidden_states  # noqa: E402
+from delta_kernels.integrations import verl as dv  # noqa: E402
+from integration_models import tiny_model  # noqa: E402
+
+B, P, R = 5, 5, 6
+MICRO_BATCHES = ([0, 1], [2, 3, 4])
+
+
+def padded_batch(seed=0):
+    """verl's rollout output: left-padded prompts, right-padded responses."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = torch.randint(3, 17, (B, P), generator=g), torch.randint(3, 17, (B, R), generator=g)
+    p_len, r_len = torch.tensor([5, 3, 4, 2, 5]), torch.tensor([6, 2, 5, 6, 1])
+    p_mask = torch.arange(P)[None] >= P - p_len[:, None]
+    r_mask = torch.arange(R)[None] < r_len[:, None]
+    prompts[~p_mask], responses[~r_mask] = 0, 0
+    attn = torch.cat([p_mask, r_mask], 1).long()
+    return TensorDict(dict(prompts=prompts, responses=responses, input_ids=torch.cat([prompts, responses], 1),
+                           attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp_min(0),
+                           response_mask=r_mask.long()), batch_size=[B])
+
+
+def engine_forward(model, micro_batch, packed):
+    """What verl's FSDP LM-head engine computes for the log-prob pass, in either layout."""
+    ids = micro_batch["input_ids"]
+    cu = ids.offsets()
+    with torch.no_grad():
+        if packed:
+            flat = ids.values()
+            logits = model(input_ids=flat[None], position_ids=micro_batch["position_ids"].values()[None]).logits[0]
+        else:
+            dense = ids.to_padded_tensor(0)
+            keep = torch.arange(dense.shape[1])[None] < cu.diff()[:, None]
+            logits = model(input_ids=dense, attention_mask=keep.long()).logits[keep]
+            flat = ids.values()
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.roll(flat, -1)[:, None])[:, 0]
+    return 0.0, {"model_output": {"log_probs": torch.nested.nested_tensor_from_jagged(logp, cu)}}
+
+
+def worker_pass(model, td, spec, packed, temperature=1.0):
+    """The patched forward_step over two micro-batches, then verl's own concatenation."""
+    data = left_right_2_no_padding(td.clone())
+    forward_step = dv._forward_step_with_vectors(lambda self, mb, lf, fo: engine_forward(self.module, mb, packed))
+    outs = []
+    for idx in MICRO_BATCHES:
+        mb = TensorDict(dict(input_ids=torch.nested.as_nested_tensor([data["input_ids"][i] for i in idx],
+                                                                      layout=torch.jagged),
+                             position_ids=torch.nested.as_nested_tensor([data["position_ids"][i] for i in idx],
+                                                                        layout=torch.jagged)), batch_size=[len(idx)])
+        tu.assign_non_tensor(mb, use_remove_padding=packed, temperature=temperature,
+                             **{dv.SPEC_KEY: dict(spec.kwargs(), temperature=1.0)})
+        outs.append(forward_step(SimpleNamespace(module=model), mb, None, True)[1]["model_output"])
+    joined = {k: torch.nested.as_nested_tensor([t for o in outs for t in o[k].unbind()], layout=torch.jagged)
+              for k in outs[0]}
+    return {k: no_padding_2_padding(v, td) for k, v in joined.items()}
+
+
+def algorithm(**delta):
+    return OmegaConf.create({"delta": dict(enable=True, **delta)})
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("sketch_dim", [None, 16], ids=["exact", "sketch"])
+def test_coefficients_equal_delta_coefficients(packed, sketch_dim):
+    model = tiny_model().eval()
+    td = padded_batch()
+    spec = dv.DeltaSpec(k=2, sketch_dim=sketch_dim, backend="torch")
+    out = worker_pass(model, td, spec, packed)
+    mask = td["response_mask"].bool()
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(B, generator=g)
+    adv = scores[:, None] * mask
+    data = DataProto.from_dict(tensors=dict(responses=td["responses"], response_mask=td["response_mask"],
+                                            old_log_probs=out["log_probs"], advantages=adv.clone(),
+                                            delta_vectors=out[dv.VECTORS_KEY]))
+    res = dv.fold_delta_into_advantages(data, algorithm(k=2, sketch_dim=sketch_dim, backend="torch"))
+    assert dv.VECTORS_KEY not in data.batch.keys()
+    # reference: the hidden states entering the head, response-aligned, from an independent forward
+    with torch.no_grad():
+        if packed:  # the same packed micro-batch forwards (eager attention spans a packed row); verl's slicing
+            flat = left_right_2_no_padding(td.clone())
+            rows = []
+            for idx in MICRO_BATCHES:
+                ids = torch.cat([flat["input_ids"][i] for i in idx])
+                pos = torch.cat([flat["position_ids"][i] for i in idx])
+                rows.append(model(input_ids=ids[None], position_ids=pos[None], output_hidden_states=True)
+                            .hidden_states[-1][0])
+            h = no_padding_2_padding(torch.cat(rows), td)
+        else:  # a plain left/right-padded forward
+            o = model(input_ids=td["input_ids"], attention_mask=td["attention_mask"],
+                      position_ids=td["position_ids"], output_hidden_states=True)
+            h = response_hidden_states(o.hidden_states[-1], R, attention_mask=td["attention_mask"])
+    logp = out["log_probs"].double() * mask
+    ref = dk.delta_coefficients(h.double(), logp, scores.double(), mask, k=2, sketch_dim=sketch_dim, backend="torch")
+    torch.testing.assert_close(res.coef.double(), ref.coef, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(data.batch["advantages"].double(), ref.weighted_advantages, rtol=1e-4, atol=1e-4)
+    assert data.meta_info["delta_metrics"]["delta/coef_std"] > 0.01
+
+
+def test_folded_advantages_through_verl_policy_loss():
+    """verl's compute_policy_loss_vanilla (token-mean) on the folded advantages ==
+    clipped_surrogate_loss(coef=...) on the plain ones."""
+    model = tiny_model().eval()
+    td = padded_batch(1)
+    out = worker_pass(model, td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
+    mask = td["response_mask"]
+    scores = torch.randn(B, generator=torch.Generator().manual_seed(4))
+    data = DataProto.from_dict(tensors=dict(response_mask=mask, old_log_probs=out["log_probs"],
+                                            advantages=scores[:, None] * mask, delta_vectors=out[dv.VECTORS_KEY]))
+    res = dv.fold_delta_into_advantages(data, algorithm(k=1, sketch_dim=8))
+    old = out["log_probs"] * mask
+    logp = (old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5))).clamp_max(0) * mask
+    cfg = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                                global_batch_info={}))
+    theirs, _ = compute_policy_loss_vanilla(old, logp, data.batch["advantages"], mask, "token-mean", cfg)
+    ours, _ = dk.clipped_surrogate_loss(logp, old, scores, mask.bool(), coef=res.coef, clip_low=0.2, clip_high=0.28,
+                                        clip_c=3.0, agg="token-mean")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_use_is_refused():
+    data = DataProto.from_dict(tensors=dict(response_mask=torch.ones(2, 3), old_log_probs=-torch.rand(2, 3),
+                                            advantages=torch.randn(2, 3)))
+    with pytest.raises(ValueError, match="VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl"):
+        dv.fold_delta_into_advantages(data, algorithm(k=1))
+    assert dv.fold_delta_into_advantages(data, OmegaConf.create({"delta": {"enable": False}})) is None
+    with pytest.raises(ValueError, match="temperature: log-probs are computed at temperature 1.0 but .* 0.7"):
+        dv.check_temperature(0.7, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        worker_pass(tiny_model(), padded_batch(), dv.DeltaSpec(), packed=True, temperature=0.5)
+    assert dv.install()["FSDPEngineWithLMHead.forward_step"] == "already patched"
