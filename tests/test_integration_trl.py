@@ -151,3 +151,30 @@ def test_bad_delta_options_are_refused():
         make(delta=dict(kk=1))
     with pytest.raises(ValueError, match="loss_type: 'sapo' is not supported"):
         make(loss_type="sapo")
+
+
+def test_two_processes_give_the_single_process_coefficients(tmp_path):
+    """Two accelerate/gloo ranks: each rank's coefficients are those of one delta_coefficients call
+    over both ranks' tokens (the statistics are global)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", os.path.join(root, "tests", "trl_dist_worker.py"), str(tmp_path)]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    flat = {k: torch.cat([d[k][d["mask"]] for d in ranks]) for k in ("hidden", "logp", "coef")}
+    adv = torch.cat([d["advantages"][:, None].expand_as(d["mask"])[d["mask"]] for d in ranks])
+    ref = dk.delta_coefficients(flat["hidden"].double(), flat["logp"].double(), adv.double(),
+                                torch.ones_like(adv, dtype=torch.bool), k=1, backend="torch")
+    torch.testing.assert_close(flat["coef"].double(), ref.coef, rtol=2e-4, atol=2e-4)
+    for d in ranks:  # both ranks hold the global temperatures
+        torch.testing.assert_close(d["gamma"].double(), torch.stack([ref.stats.gamma_pos, ref.stats.gamma_neg]),
+                                   rtol=2e-4, atol=1e-5)
