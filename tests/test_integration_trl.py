@@ -29,8 +29,9 @@ def make(cls=DeltaGRPOTrainer, model=None, delta=dict(k=1), peft_config=None, **
                peft_config=peft_config, **extra)
 
 
-@pytest.mark.parametrize("regime", [ON_POLICY, OLD_PASS], ids=["on_policy", "old_pass"])
-def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, monkeypatch):
+@pytest.mark.parametrize("regime,sketch_dim", [(ON_POLICY, None), (OLD_PASS, None), (OLD_PASS, 16)],
+                         ids=["on_policy", "old_pass", "old_pass_sketch"])
+def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, sketch_dim, monkeypatch):
     seen = []
     orig = DeltaGRPOTrainer._generate_and_score_completions
 
@@ -44,23 +45,23 @@ def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, monke
         h = response_hidden_states(o.hidden_states[-1], r, attention_mask=mask)
         logp = torch.log_softmax(o.logits[:, -r - 1:-1] / self.temperature, -1)
         logp = logp.gather(-1, out["completion_ids"][..., None])[..., 0] * out["completion_mask"]
-        seq_adv = out["advantages"].sum(1) / (self.delta_last.coef.sum(1)).clamp_min(1e-30)
-        seen.append((h, logp, out, seq_adv))
+        seen.append((h, logp, out))
         return out
 
     monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", spy)
-    tr = make(**regime)
+    tr = make(delta=dict(k=1, sketch_dim=sketch_dim), **regime)
     p0 = [p.detach().clone() for p in tr.model.parameters()]
     tr.train()
     moved = sum(float((a - b.detach()).abs().sum()) for a, b in zip(p0, tr.model.parameters()))
     assert moved > 0
     assert len(seen) == (3 if regime is ON_POLICY else 2)
-    h, logp, out, _ = seen[-1]
+    h, logp, out = seen[-1]
     res = tr.delta_last
     mask = out["completion_mask"].bool()
     # the per-sequence advantages TRL computed: weighted = adv * coef, coef > 0 on valid tokens
     adv = (res.weighted_advantages * mask).sum(1) / (res.coef * mask).sum(1)
-    ref = dk.delta_coefficients(h.double(), logp.double(), adv.double(), mask, k=1, backend="torch")
+    ref = dk.delta_coefficients(h.double(), logp.double(), adv.double(), mask, k=1, sketch_dim=sketch_dim,
+                                backend="torch")
     torch.testing.assert_close(res.coef.double(), ref.coef, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(out["advantages"].double(), ref.weighted_advantages, rtol=2e-4, atol=2e-4)
     assert res.coef[mask].std() > 0.01

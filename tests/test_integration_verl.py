@@ -55,10 +55,12 @@ def engine_forward(model, micro_batch, packed):
     return 0.0, {"model_output": {"log_probs": torch.nested.nested_tensor_from_jagged(logp, cu)}}
 
 
-def worker_pass(model, td, spec, packed, temperature=1.0):
-    """The patched forward_step over two micro-batches, then verl's own concatenation."""
-    data = left_right_2_no_padding(td.clone())
+def worker_outputs(model, data, packed, temperature=1.0):
+    """The patched forward_step over two micro-batches of a no-padding TensorDict ``data`` (its
+    non-tensor fields, e.g. the DelTA spec, travel with each micro-batch), then verl's own
+    concatenation: {key: jagged [B, j1, ...]}."""
     forward_step = dv._forward_step_with_vectors(lambda self, mb, lf, fo: engine_forward(self.module, mb, packed))
+    extra = {key: tu.get_non_tensor_data(data, key, None) for key in (dv.SPEC_KEY,)}
     outs = []
     for idx in MICRO_BATCHES:
         mb = TensorDict(dict(input_ids=torch.nested.as_nested_tensor([data["input_ids"][i] for i in idx],
@@ -66,10 +68,17 @@ def worker_pass(model, td, spec, packed, temperature=1.0):
                              position_ids=torch.nested.as_nested_tensor([data["position_ids"][i] for i in idx],
                                                                         layout=torch.jagged)), batch_size=[len(idx)])
         tu.assign_non_tensor(mb, use_remove_padding=packed, temperature=temperature,
-                             **{dv.SPEC_KEY: dict(spec.kwargs(), temperature=1.0)})
+                             **{k: v for k, v in extra.items() if v is not None})
         outs.append(forward_step(SimpleNamespace(module=model), mb, None, True)[1]["model_output"])
-    joined = {k: torch.nested.as_nested_tensor([t for o in outs for t in o[k].unbind()], layout=torch.jagged)
-              for k in outs[0]}
+    return {k: torch.nested.as_nested_tensor([t for o in outs for t in o[k].unbind()], layout=torch.jagged)
+            for k in outs[0]}
+
+
+def worker_pass(model, td, spec, packed, temperature=1.0):
+    """The worker side on a padded batch: {key: [B, R, ...]} through verl's no_padding_2_padding."""
+    data = left_right_2_no_padding(td.clone())
+    tu.assign_non_tensor(data, **{dv.SPEC_KEY: dict(spec.kwargs(), temperature=1.0)})
+    joined = worker_outputs(model, data, packed, temperature)
     return {k: no_padding_2_padding(v, td) for k, v in joined.items()}
 
 
@@ -147,3 +156,44 @@ def test_bad_use_is_refused():
     with pytest.raises(ValueError, match="temperature"):
         worker_pass(tiny_model(), padded_batch(), dv.DeltaSpec(), packed=True, temperature=0.5)
     assert dv.install()["FSDPEngineWithLMHead.forward_step"] == "already patched"
+
+
+def test_driver_old_log_prob_pass_carries_the_vectors():
+    """The wrapped _compute_old_log_prob asks the workers for vectors, restores the worker-group
+    method, and returns them padded like old_log_probs; without the worker capture it refuses."""
+    model = tiny_model().eval()
+    td = padded_batch(2)
+
+    def verl_like_compute_old_log_prob(self, batch):  # the steps of verl 0.9.1's, reduced to log-probs
+        batch_td = left_right_2_no_padding(batch.to_tensordict())
+        out = self.actor_rollout_wg.compute_log_prob(batch_td)
+        return DataProto.from_dict(tensors={"old_log_probs": no_padding_2_padding(tu.get(out, "log_probs"),
+                                                                                  batch_td)}), 0.0
+
+    class WorkerGroup:
+        def __init__(self, capture):
+            self.capture = capture
+
+        def compute_log_prob(self, data):
+            out = worker_outputs(model, data, packed=True)
+            if not self.capture:
+                out.pop(dv.VECTORS_KEY, None)
+            return TensorDict(out, batch_size=[B])
+
+    wrapped = dv._compute_old_log_prob_with_vectors(verl_like_compute_old_log_prob)
+    config = OmegaConf.create(dict(algorithm={"delta": dict(enable=True, k=1, sketch_dim=8)},
+                                   actor_rollout_ref=dict(rollout=dict(temperature=1.0))))
+    batch = DataProto.from_dict(tensors={k: td[k] for k in td.keys()}, meta_info={"temperature": 1.0})
+    trainer = SimpleNamespace(config=config, actor_rollout_wg=WorkerGroup(capture=True))
+    original_method = trainer.actor_rollout_wg.compute_log_prob
+    result, _ = wrapped(trainer, batch)
+    assert trainer.actor_rollout_wg.compute_log_prob == original_method
+    expected = worker_pass(model, td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
+    torch.testing.assert_close(result.batch[dv.VECTORS_KEY], expected[dv.VECTORS_KEY])
+    torch.testing.assert_close(result.batch["old_log_probs"], expected["log_probs"])
+    trainer.actor_rollout_wg = WorkerGroup(capture=False)
+    with pytest.raises(RuntimeError, match="worker-side capture is not installed"):
+        wrapped(trainer, batch)
+    batch.meta_info["temperature"] = 0.6
+    with pytest.raises(ValueError, match="temperature"):
+        wrapped(trainer, batch)

@@ -98,6 +98,9 @@ def _forward_step_with_vectors(original):
         spec = tu.get_non_tensor_data(data=micro_batch, key=SPEC_KEY, default=None)
         if spec is None:
             return original(self, micro_batch, loss_function, forward_only)
+        if getattr(self, "ulysses_sequence_parallel_size", 1) > 1:
+            raise ValueError("ulysses_sequence_parallel_size > 1: each rank holds a slice of the hidden states; "
+                             "DelTA's capture needs ulysses_sequence_parallel_size=1 in the actor's engine config")
         spec = dict(spec)
         sampling_temperature = spec.pop("temperature")
         temperature = micro_batch["temperature"]
@@ -113,6 +116,7 @@ def _forward_step_with_vectors(original):
                                                          DeltaSpec(**spec), packed).detach()
         return loss, output
     forward_step.__wrapped__ = original
+    forward_step._delta_kernels_patch = True
     return forward_step
 
 
@@ -135,16 +139,17 @@ def _compute_old_log_prob_with_vectors(original):
             out = call(data)
             got.append(tu.get(out, VECTORS_KEY))
             return out
-        wg.compute_log_prob = compute_log_prob
+        wg.compute_log_prob = compute_log_prob  # verl binds worker methods as instance attributes: restore it
         try:
             result, mfu = original(self, batch)
         finally:
-            del wg.compute_log_prob
+            wg.compute_log_prob = call
         if not got or got[0] is None:
             raise RuntimeError(_MISSING)
         result.batch[VECTORS_KEY] = no_padding_2_padding(got[0], batch.batch)
         return result, mfu
     _compute_old_log_prob.__wrapped__ = original
+    _compute_old_log_prob._delta_kernels_patch = True
     return _compute_old_log_prob
 
 
@@ -191,6 +196,7 @@ def _compute_advantage_then_fold(original):
         fold_delta_into_advantages(data, config)
         return data
     compute_advantage.__wrapped__ = original
+    compute_advantage._delta_kernels_patch = True
     return compute_advantage
 
 
@@ -218,7 +224,7 @@ def install() -> Dict[str, str]:
 
 def _patch(owner, name, wrap) -> str:
     current = getattr(owner, name)
-    if getattr(current, "__wrapped__", None) is not None and current.__name__ == name:
+    if getattr(current, "_delta_kernels_patch", False):
         return "already patched"
     setattr(owner, name, wrap(current))
     return "patched"
