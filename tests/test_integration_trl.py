@@ -150,6 +150,8 @@ def test_bnpo_loss_equals_clipped_surrogate_with_coef():
 def test_bad_delta_options_are_refused():
     with pytest.raises(ValueError, match="delta: unknown keys \\['kk'\\]"):
         make(delta=dict(kk=1))
+    with pytest.raises(ValueError, match="lam_min"):
+        make(delta=dict(k=1, lam_min=-1.0))
     with pytest.raises(ValueError, match="loss_type: 'sapo' is not supported"):
         make(loss_type="sapo")
 

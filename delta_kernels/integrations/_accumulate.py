@@ -12,20 +12,22 @@ from typing import List, Optional
 
 import torch
 
+from .. import _checks as C
 from ..coefficients import DeltaResult, delta_coefficients
 from ..sketch import token_sketch
 
 
 @dataclass(frozen=True)
-class DeltaSpec:
-    """The ``delta=`` options of the integrations (the arguments of ``delta_coefficients``)."""
-    k: int = 1
-    lam_min: float = 0.8
-    lam_max: float = 1.2
-    eps: float = 1e-8
+class DeltaSpec(C.DeltaConfig):
+    """The ``delta=`` options of the integrations: k, lam_min, lam_max, eps (validated as
+    ``delta_coefficients`` does) plus sketch_dim, seed and backend."""
     sketch_dim: Optional[int] = None
     seed: int = 0
     backend: str = "auto"
+
+    def __post_init__(self):  # refuse bad options when the trainer is built, not at its first step
+        super().__post_init__()
+        C.check_sketch_args(self.sketch_dim, self.seed)
 
     @classmethod
     def parse(cls, delta) -> Optional["DeltaSpec"]:

@@ -20,7 +20,8 @@ Memory: the captured [B, T, H] hidden states of the generation batch (or [B, T, 
 Targets trl 1.16.0. It overrides two methods: ``_generate_and_score_completions`` (calls the
 original, then replaces ``advantages``) and ``_get_per_token_logps_and_entropies`` (captures
 around the original during the old-log-prob pass). ``delta=None`` (or ``k=None``) leaves both
-as GRPOTrainer's.
+as GRPOTrainer's; so does evaluation (its advantages stay TRL's). The trainer's ``delta=`` is not
+``GRPOConfig.delta`` (TRL's two-sided clipping bound), which keeps its meaning.
 """
 from __future__ import annotations
 
@@ -106,12 +107,14 @@ class DeltaGRPOTrainer(GRPOTrainer):
         completion_ids, prompt_ids = output["completion_ids"], output["prompt_ids"]
         if not rides_on_trl:  # on-policy: one no-grad pass, chunked like TRL's own old-log-prob pass
             self._delta_buffer = buffer
-            with torch.no_grad():
-                self._get_per_token_logps_and_entropies(
-                    self.model, torch.cat([prompt_ids, completion_ids], dim=1),
-                    torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1), completion_ids.size(1),
-                    batch_size=self.args.per_device_train_batch_size)
-            self._delta_buffer = None
+            try:
+                with torch.no_grad():
+                    self._get_per_token_logps_and_entropies(
+                        self.model, torch.cat([prompt_ids, completion_ids], dim=1),
+                        torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1), completion_ids.size(1),
+                        batch_size=self.args.per_device_train_batch_size)
+            finally:
+                self._delta_buffer = None
         if len(buffer) == 0:
             raise RuntimeError("delta=: the old-log-prob pass ran no captured forward; this TRL version is not "
                                "the 1.16 this trainer targets")
