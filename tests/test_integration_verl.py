@@ -1,6 +1,7 @@
 """verl 0.9.1 integration: worker capture and driver fold on tensors and DataProtos laid out as
-verl builds them (left/right-padded batch -> verl's left_right_2_no_padding -> packed or padded
-model inputs -> jagged log-probs -> verl's no_padding_2_padding)."""
+verl builds them: a left/right-padded batch -> verl's left_right_2_no_padding -> verl's own FSDP
+engine forward (dynamic micro-batches, packed or padded model inputs, jagged log-probs) with the
+patched forward_step -> verl's no_padding_2_padding -> the fold after compute_advantage."""
 from types import SimpleNamespace
 
 import pytest
@@ -18,10 +19,50 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.integrations import response_hidden_states  # noqa: E402
 from delta_kernels.integrations import verl as dv  # noqa: E402
+from delta_kernels.trainer.model import ModelSize, build_default_model  # noqa: E402
 from integration_models import tiny_model  # noqa: E402
+import verl.utils.torch_functional as verl_F  # noqa: E402
+from verl.workers.engine.fsdp import transformer_impl as ti  # noqa: E402
 
 B, P, R = 5, 5, 6
-MICRO_BATCHES = ([0, 1], [2, 3, 4])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group(tmp_path_factory):
+    """verl's engine all-reduces the token count over its data-parallel group: one gloo rank."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def cpu_device(monkeypatch):
+    """verl's FSDP engine asks its platform for the device; on this CPU-only machine it is the CPU."""
+    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+
+
+def cpu_engine(model):
+    """verl's FSDPEngineWithLMHead around an unwrapped model: its own forward_backward_batch,
+    micro-batching (dynamic batch size, reordering), prepare_model_inputs/outputs and the
+    DelTA-patched forward_step; only the FSDP/device set-up is left out."""
+    eng = object.__new__(ti.FSDPEngineWithLMHead)
+    eng.module = model.eval()
+    eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
+    eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    eng.compute_entropy_from_logits = verl_F.entropy_from_logits
+    eng._autocast_dtype = torch.float32
+    eng.get_data_parallel_group, eng.get_data_parallel_size = (lambda: None), (lambda: 1)
+    return eng
+
+
+def context_free_model():
+    """Zero decoder layers: each token's hidden state depends on its id only, so packing several
+    sequences in one row (which eager attention does not isolate) changes nothing and an
+    independent padded forward is the reference for the packed layout."""
+    return build_default_model(17, ModelSize(hidden_size=32, num_layers=0, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), 0, 0, 1, 2)[0]
 
 
 def padded_batch(seed=0):
@@ -38,40 +79,13 @@ def padded_batch(seed=0):
                            response_mask=r_mask.long()), batch_size=[B])
 
 
-def engine_forward(model, micro_batch, packed):
-    """What verl's FSDP LM-head engine computes for the log-prob pass, in either layout."""
-    ids = micro_batch["input_ids"]
-    cu = ids.offsets()
-    with torch.no_grad():
-        if packed:
-            flat = ids.values()
-            logits = model(input_ids=flat[None], position_ids=micro_batch["position_ids"].values()[None]).logits[0]
-        else:
-            dense = ids.to_padded_tensor(0)
-            keep = torch.arange(dense.shape[1])[None] < cu.diff()[:, None]
-            logits = model(input_ids=dense, attention_mask=keep.long()).logits[keep]
-            flat = ids.values()
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.roll(flat, -1)[:, None])[:, 0]
-    return 0.0, {"model_output": {"log_probs": torch.nested.nested_tensor_from_jagged(logp, cu)}}
-
-
 def worker_outputs(model, data, packed, temperature=1.0):
-    """The patched forward_step over two micro-batches of a no-padding TensorDict ``data`` (its
-    non-tensor fields, e.g. the DelTA spec, travel with each micro-batch), then verl's own
-    concatenation: {key: jagged [B, j1, ...]}."""
-    forward_step = dv._forward_step_with_vectors(lambda self, mb, lf, fo: engine_forward(self.module, mb, packed))
-    extra = {key: tu.get_non_tensor_data(data, key, None) for key in (dv.SPEC_KEY,)}
-    outs = []
-    for idx in MICRO_BATCHES:
-        mb = TensorDict(dict(input_ids=torch.nested.as_nested_tensor([data["input_ids"][i] for i in idx],
-                                                                      layout=torch.jagged),
-                             position_ids=torch.nested.as_nested_tensor([data["position_ids"][i] for i in idx],
-                                                                        layout=torch.jagged)), batch_size=[len(idx)])
-        tu.assign_non_tensor(mb, use_remove_padding=packed, temperature=temperature,
-                             **{k: v for k, v in extra.items() if v is not None})
-        outs.append(forward_step(SimpleNamespace(module=model), mb, None, True)[1]["model_output"])
-    return {k: torch.nested.as_nested_tensor([t for o in outs for t in o[k].unbind()], layout=torch.jagged)
-            for k in outs[0]}
+    """verl's engine forward over a no-padding TensorDict (non-tensor fields such as the DelTA
+    spec travel with it), dynamic micro-batches of <= 16 tokens: {key: jagged [B, j1, ...]}."""
+    tu.assign_non_tensor(data, use_remove_padding=packed, use_dynamic_bsz=True, max_token_len_per_gpu=16,
+                         temperature=temperature, calculate_entropy=True)
+    with torch.no_grad():
+        return cpu_engine(model).forward_backward_batch(data, None, forward_only=True)["model_output"]
 
 
 def worker_pass(model, td, spec, packed, temperature=1.0):
@@ -89,7 +103,7 @@ def algorithm(**delta):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("sketch_dim", [None, 16], ids=["exact", "sketch"])
 def test_coefficients_equal_delta_coefficients(packed, sketch_dim):
-    model = tiny_model().eval()
+    model = (context_free_model() if packed else tiny_model()).eval()
     td = padded_batch()
     spec = dv.DeltaSpec(k=2, sketch_dim=sketch_dim, backend="torch")
     out = worker_pass(model, td, spec, packed)
@@ -102,21 +116,11 @@ def test_coefficients_equal_delta_coefficients(packed, sketch_dim):
                                             delta_vectors=out[dv.VECTORS_KEY]))
     res = dv.fold_delta_into_advantages(data, algorithm(k=2, sketch_dim=sketch_dim, backend="torch"))
     assert dv.VECTORS_KEY not in data.batch.keys()
-    # reference: the hidden states entering the head, response-aligned, from an independent forward
+    # reference: the hidden states entering the head, response-aligned, from a plain padded forward
     with torch.no_grad():
-        if packed:  # the same packed micro-batch forwards (eager attention spans a packed row); verl's slicing
-            flat = left_right_2_no_padding(td.clone())
-            rows = []
-            for idx in MICRO_BATCHES:
-                ids = torch.cat([flat["input_ids"][i] for i in idx])
-                pos = torch.cat([flat["position_ids"][i] for i in idx])
-                rows.append(model(input_ids=ids[None], position_ids=pos[None], output_hidden_states=True)
-                            .hidden_states[-1][0])
-            h = no_padding_2_padding(torch.cat(rows), td)
-        else:  # a plain left/right-padded forward
-            o = model(input_ids=td["input_ids"], attention_mask=td["attention_mask"],
-                      position_ids=td["position_ids"], output_hidden_states=True)
-            h = response_hidden_states(o.hidden_states[-1], R, attention_mask=td["attention_mask"])
+        body = model.model(input_ids=td["input_ids"], attention_mask=td["attention_mask"],
+                           position_ids=td["position_ids"]).last_hidden_state
+    h = response_hidden_states(body, R, attention_mask=td["attention_mask"])
     logp = out["log_probs"].double() * mask
     ref = dk.delta_coefficients(h.double(), logp, scores.double(), mask, k=2, sketch_dim=sketch_dim, backend="torch")
     torch.testing.assert_close(res.coef.double(), ref.coef, rtol=1e-4, atol=1e-4)
@@ -127,9 +131,8 @@ def test_coefficients_equal_delta_coefficients(packed, sketch_dim):
 def test_folded_advantages_through_verl_policy_loss():
     """verl's compute_policy_loss_vanilla (token-mean) on the folded advantages ==
     clipped_surrogate_loss(coef=...) on the plain ones."""
-    model = tiny_model().eval()
     td = padded_batch(1)
-    out = worker_pass(model, td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
+    out = worker_pass(tiny_model(), td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
     mask = td["response_mask"]
     scores = torch.randn(B, generator=torch.Generator().manual_seed(4))
     data = DataProto.from_dict(tensors=dict(response_mask=mask, old_log_probs=out["log_probs"],
@@ -161,7 +164,7 @@ def test_bad_use_is_refused():
 def test_driver_old_log_prob_pass_carries_the_vectors():
     """The wrapped _compute_old_log_prob asks the workers for vectors, restores the worker-group
     method, and returns them padded like old_log_probs; without the worker capture it refuses."""
-    model = tiny_model().eval()
+    model = tiny_model()
     td = padded_batch(2)
 
     def verl_like_compute_old_log_prob(self, batch):  # the steps of verl 0.9.1's, reduced to log-probs
@@ -175,9 +178,10 @@ def test_driver_old_log_prob_pass_carries_the_vectors():
             self.capture = capture
 
         def compute_log_prob(self, data):
+            if not self.capture:  # workers without the plugin: verl's forward_step unpatched
+                data = data.clone()
+                tu.assign_non_tensor(data, **{dv.SPEC_KEY: None})
             out = worker_outputs(model, data, packed=True)
-            if not self.capture:
-                out.pop(dv.VECTORS_KEY, None)
             return TensorDict(out, batch_size=[B])
 
     wrapped = dv._compute_old_log_prob_with_vectors(verl_like_compute_old_log_prob)
