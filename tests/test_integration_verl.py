@@ -201,3 +201,17 @@ def test_driver_old_log_prob_pass_carries_the_vectors():
     batch.meta_info["temperature"] = 0.6
     with pytest.raises(ValueError, match="temperature"):
         wrapped(trainer, batch)
+
+
+def test_enabled_through_verl_external_modules():
+    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the worker patch."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import verl\nfrom verl.workers.engine.fsdp import transformer_impl as ti\n"
+            "assert ti.FSDPEngineWithLMHead.forward_step._delta_kernels_patch\nprint('patched')")
+    env = {**os.environ, "PYTHONPATH": root, "VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert res.returncode == 0 and "patched" in res.stdout, res.stderr[-2000:]
