@@ -112,10 +112,9 @@ def test_coefficients_equal_delta_coefficients(packed, sketch_dim):
     scores = torch.randn(B, generator=g)
     adv = scores[:, None] * mask
     data = DataProto.from_dict(tensors=dict(responses=td["responses"], response_mask=td["response_mask"],
-                                            old_log_probs=out["log_probs"], advantages=adv.clone(),
-                                            delta_vectors=out[dv.VECTORS_KEY]))
-    res = dv.fold_delta_into_advantages(data, algorithm(k=2, sketch_dim=sketch_dim, backend="torch"))
-    assert dv.VECTORS_KEY not in data.batch.keys()
+                                            old_log_probs=out["log_probs"], advantages=adv.clone()))
+    res = dv.fold_delta_into_advantages(data, algorithm(k=2, sketch_dim=sketch_dim, backend="torch"),
+                                        out[dv.VECTORS_KEY])
     # reference: the hidden states entering the head, response-aligned, from a plain padded forward
     with torch.no_grad():
         body = model.model(input_ids=td["input_ids"], attention_mask=td["attention_mask"],
@@ -136,8 +135,8 @@ def test_folded_advantages_through_verl_policy_loss():
     mask = td["response_mask"]
     scores = torch.randn(B, generator=torch.Generator().manual_seed(4))
     data = DataProto.from_dict(tensors=dict(response_mask=mask, old_log_probs=out["log_probs"],
-                                            advantages=scores[:, None] * mask, delta_vectors=out[dv.VECTORS_KEY]))
-    res = dv.fold_delta_into_advantages(data, algorithm(k=1, sketch_dim=8))
+                                            advantages=scores[:, None] * mask))
+    res = dv.fold_delta_into_advantages(data, algorithm(k=1, sketch_dim=8), out[dv.VECTORS_KEY])
     old = out["log_probs"] * mask
     logp = (old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5))).clamp_max(0) * mask
     cfg = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
@@ -152,8 +151,8 @@ def test_bad_use_is_refused():
     data = DataProto.from_dict(tensors=dict(response_mask=torch.ones(2, 3), old_log_probs=-torch.rand(2, 3),
                                             advantages=torch.randn(2, 3)))
     with pytest.raises(ValueError, match="VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl"):
-        dv.fold_delta_into_advantages(data, algorithm(k=1))
-    assert dv.fold_delta_into_advantages(data, OmegaConf.create({"delta": {"enable": False}})) is None
+        dv.fold_delta_into_advantages(data, algorithm(k=1), None)
+    assert dv.fold_delta_into_advantages(data, OmegaConf.create({"delta": {"enable": False}}), None) is None
     with pytest.raises(ValueError, match="temperature: log-probs are computed at temperature 1.0 but .* 0.7"):
         dv.check_temperature(0.7, 1.0)
     with pytest.raises(ValueError, match="temperature"):
@@ -193,7 +192,12 @@ def test_driver_old_log_prob_pass_carries_the_vectors():
     result, _ = wrapped(trainer, batch)
     assert trainer.actor_rollout_wg.compute_log_prob == original_method
     expected = worker_pass(model, td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
-    torch.testing.assert_close(result.batch[dv.VECTORS_KEY], expected[dv.VECTORS_KEY])
+    assert dv.VECTORS_KEY not in result.batch.keys()  # held on the driver, not shipped with the batch
+    with pytest.raises(ValueError, match="responses: the batch changed"):
+        dv.PENDING.take(batch.batch["responses"].flip(0))
+    wrapped(trainer, batch)
+    torch.testing.assert_close(dv.PENDING.take(batch.batch["responses"]), expected[dv.VECTORS_KEY])
+    assert dv.PENDING.take(batch.batch["responses"]) is None
     torch.testing.assert_close(result.batch["old_log_probs"], expected["log_probs"])
     trainer.actor_rollout_wg = WorkerGroup(capture=False)
     with pytest.raises(RuntimeError, match="worker-side capture is not installed"):
@@ -215,3 +219,35 @@ def test_enabled_through_verl_external_modules():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=root)
     assert res.returncode == 0 and "patched" in res.stdout, res.stderr[-2000:]
+
+
+def test_compute_advantage_wrapper_folds_the_pending_vectors():
+    """verl's GRPO outcome advantages, then the wrapper's fold with the vectors held on the driver."""
+    import numpy as np
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+    td = padded_batch(3)
+    out = worker_pass(tiny_model(), td, dv.DeltaSpec(k=1, sketch_dim=8), packed=False)
+    mask = td["response_mask"]
+    scores = torch.randn(B, R, generator=torch.Generator().manual_seed(6)) * mask
+
+    def grpo(data, adv_estimator=None, config=None, **kw):  # the GRPO branch of verl's compute_advantage
+        adv, _ = compute_grpo_outcome_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
+                                                data.non_tensor_batch["uid"])
+        data.batch["advantages"] = adv
+        return data
+
+    def batch():
+        return DataProto.from_dict(tensors=dict(responses=td["responses"], response_mask=mask,
+                                                old_log_probs=out["log_probs"], token_level_rewards=scores),
+                                   non_tensors=dict(uid=np.array(["a", "a", "b", "b", "b"], dtype=object)))
+    wrapped = dv._compute_advantage_then_fold(grpo)
+    cfg = algorithm(k=1, sketch_dim=8)
+    plain = grpo(batch()).batch["advantages"]
+    dv.PENDING.put(out[dv.VECTORS_KEY], td["responses"])
+    folded = wrapped(batch(), adv_estimator="grpo", config=cfg)
+    ref = dv.fold_delta_into_advantages(grpo(batch()), cfg, out[dv.VECTORS_KEY])
+    torch.testing.assert_close(folded.batch["advantages"], ref.weighted_advantages.float())
+    torch.testing.assert_close(folded.batch["advantages"], plain * ref.coef * mask)
+    with pytest.raises(ValueError, match="workers returned no delta_vectors"):  # e.g. rollout bypass_mode
+        wrapped(batch(), adv_estimator="grpo", config=cfg)
+    assert torch.equal(wrapped(batch(), config=OmegaConf.create({})).batch["advantages"], plain)

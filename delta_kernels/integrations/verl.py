@@ -12,12 +12,15 @@ Data flow (targets verl 0.9.1, engine workers, FSDP/FSDP2 LM-head engine):
   ``sketch_dim`` is None) laid out like verl's ``log_probs`` (jagged, one row per sequence, packed
   ``cu_seqlens`` and padded model inputs alike). verl's own micro-batch concatenation and dynamic
   batch reordering carry them back as ``delta_vectors``. No extra forward.
-* driver: ``old_log_probs`` comes back with ``delta_vectors`` [B, R, D] (verl's own
-  ``no_padding_2_padding``); after ``compute_advantage`` the coefficients are computed over the
-  whole batch (global statistics: the driver holds every rank's rows) and folded in:
+* driver: the old-log-prob pass also returns the vectors, laid out [B, R, D] like
+  ``old_log_probs`` (verl's own ``no_padding_2_padding``) and held on the driver (``PENDING``, not
+  in the batch the reference/critic passes ship); after ``compute_advantage`` the coefficients
+  are computed over the whole batch (global statistics: the driver holds every rank's rows) and
+  folded in:
   ``advantages <- advantages * coef * response_mask``. verl's policy losses then apply unchanged.
-* memory: B x R x D values (hidden's dtype) through Ray, dropped from the batch after the fold:
-  with ``sketch_dim=256`` 1 GiB per 512 x 4,096 tokens in bf16, against 16 GiB exact at H = 4,096.
+* memory: B x R x D values (hidden's dtype) through Ray once (workers to driver):
+  with ``sketch_dim=256`` 1 GiB per 512 x 4,096 tokens in bf16, against 16 GiB exact at H = 4,096;
+  released by the fold.
 
 Monkeypatches (verl leaves no hook for extra worker outputs or a post-advantage step), verl 0.9.1:
     1. ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` (worker)
@@ -41,7 +44,7 @@ from ..sketch import token_sketch
 require("verl", "verl")
 
 SPEC_KEY = "delta_token_vectors"   # non-tensor field of the worker batch: the DeltaSpec kwargs + temperature
-VECTORS_KEY = "delta_vectors"      # per-token vectors, worker output and driver batch
+VECTORS_KEY = "delta_vectors"      # per-token vectors in the workers' output
 VERL_VERSION = "0.9.1"
 
 
@@ -121,6 +124,29 @@ def _forward_step_with_vectors(original):
 
 
 # ---------------------------------------------------------------- driver side
+class PendingVectors:
+    """The driver's vectors between the old-log-prob pass and ``compute_advantage``, kept out of
+    the batch so that the reference and critic passes in between do not ship them to workers."""
+
+    def __init__(self):
+        self._vectors = self._responses = None
+
+    def put(self, vectors: torch.Tensor, responses: torch.Tensor) -> None:
+        self._vectors, self._responses = vectors, responses
+
+    def take(self, responses: torch.Tensor) -> Optional[torch.Tensor]:
+        """The vectors of the batch whose ``responses`` these are (None when none are pending)."""
+        vectors, held = self._vectors, self._responses
+        self._vectors = self._responses = None
+        if vectors is not None and (held.shape != responses.shape or not torch.equal(held, responses)):
+            raise ValueError("responses: the batch changed (rows reordered or filtered) between the old-log-prob "
+                             "pass and compute_advantage; DelTA's vectors no longer line up with it")
+        return vectors
+
+
+PENDING = PendingVectors()
+
+
 def _compute_old_log_prob_with_vectors(original):
     def _compute_old_log_prob(self, batch):
         spec = spec_from_config(self.config.algorithm)
@@ -146,7 +172,7 @@ def _compute_old_log_prob_with_vectors(original):
             wg.compute_log_prob = call
         if not got or got[0] is None:
             raise RuntimeError(_MISSING)
-        result.batch[VECTORS_KEY] = no_padding_2_padding(got[0], batch.batch)
+        PENDING.put(no_padding_2_padding(got[0], batch.batch), batch.batch["responses"])
         return result, mfu
     _compute_old_log_prob.__wrapped__ = original
     _compute_old_log_prob._delta_kernels_patch = True
@@ -159,19 +185,19 @@ _MISSING = ("algorithm.delta.enable=True but the workers returned no delta_vecto
             "(no rollout_correction bypass_mode)")
 
 
-def fold_delta_into_advantages(data, algorithm_config) -> Optional[DeltaResult]:
+def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.Tensor]) -> Optional[DeltaResult]:
     """After ``compute_advantage``: ``advantages <- advantages * coef * response_mask`` in place.
 
-    data: verl DataProto with ``advantages``, ``old_log_probs``, ``response_mask`` [B, R] and
-    ``delta_vectors`` [B, R, D]; the vectors are dropped from the batch. Writes
-    ``data.meta_info['delta_metrics']``. Returns the DeltaResult (None when DelTA is off).
+    data: verl DataProto with ``advantages``, ``old_log_probs``, ``response_mask`` [B, R].
+    vectors: [B, R, D] from the workers' old-log-prob pass (z, or exact v), aligned with
+    ``old_log_probs``. Writes ``data.meta_info['delta_metrics']``. Returns the DeltaResult
+    (None when DelTA is off).
     """
     spec = spec_from_config(algorithm_config)
     if spec is None:
         return None
-    if VECTORS_KEY not in data.batch.keys():
+    if vectors is None:
         raise ValueError(_MISSING)
-    vectors = data.batch.pop(VECTORS_KEY)
     mask = data.batch["response_mask"].bool()
     adv = data.batch["advantages"]
     logp = data.batch["old_log_probs"].clamp_max(0) * mask
@@ -193,7 +219,8 @@ def fold_delta_into_advantages(data, algorithm_config) -> Optional[DeltaResult]:
 def _compute_advantage_then_fold(original):
     def compute_advantage(data, *args, config=None, **kwargs):
         data = original(data, *args, config=config, **kwargs)
-        fold_delta_into_advantages(data, config)
+        if spec_from_config(config) is not None:
+            fold_delta_into_advantages(data, config, PENDING.take(data.batch["responses"]))
         return data
     compute_advantage.__wrapped__ = original
     compute_advantage._delta_kernels_patch = True
