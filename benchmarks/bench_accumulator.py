@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_coefficients import HAS_GPU, copy_bandwidth_gbs, peak_extra_mib, time_ms  # noqa: E402
+from bench_coefficients import HAS_GPU, copy_bandwidth_gbs, peak_extra_mib  # noqa: E402
 from bench_info import git_commit, machine_name  # noqa: E402
+from bench_timer import time_ms, time_providers  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
 
@@ -47,7 +48,7 @@ def host_copy_gbs() -> float:
     n = 1 << 28  # 512 MiB of bf16
     src = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
     dst = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    med, _, _ = time_ms(lambda: dst.copy_(src, non_blocking=True), 1.0)
+    med = time_ms(lambda: dst.copy_(src, non_blocking=True), budget_s=1.0).median_ms
     return n * 2 / (med * 1e-3) / 1e9
 
 
@@ -109,17 +110,22 @@ def main():
         floor_ms = (1 + READS) * batch_bytes / (link_gbs * 1e9) * 1e3
     else:         # a memory-to-memory copy at add (read + write); the passes read host memory directly
         floor_ms = (2 + READS) * batch_bytes / (copy_gbs * 1e9) * 1e3
+    cases = [("one-shot", "-", None, lambda: one_shot(p, None)), ("one-shot", "-", r, lambda: one_shot(p, r)),
+             ("accumulator", "device", None, lambda: accumulate(p, "device", None)),
+             ("accumulator", "host", None, lambda: accumulate(p, "host", None)),
+             ("accumulator", "sketch", r, lambda: accumulate(p, "sketch", r))]
+    name = lambda kind, store, sketch_dim: f"{kind} {store} r={sketch_dim}"  # noqa: E731
+    # interleaved: one call of each per round
+    timings = time_providers({name(*c[:3]): c[3] for c in cases}, budget_s=args.budget_s * len(cases))
     rows = []
-    runs = [("one-shot", "-", None, lambda: one_shot(p, None)), ("one-shot", "-", r, lambda: one_shot(p, r)),
-            ("accumulator", "device", None, lambda: accumulate(p, "device", None)),
-            ("accumulator", "host", None, lambda: accumulate(p, "host", None)),
-            ("accumulator", "sketch", r, lambda: accumulate(p, "sketch", r))]
-    for kind, store, sketch_dim, fn in runs:
-        med, p20, p80 = time_ms(fn, args.budget_s)
-        row = dict(kind=kind, store=store, sketch_dim=sketch_dim, median_ms=med, p20_ms=p20, p80_ms=p80,
-                   peak_mib=peak_extra_mib(fn))
+    for kind, store, sketch_dim, fn in cases:
+        t = timings[name(kind, store, sketch_dim)]
+        if isinstance(t, str):
+            raise RuntimeError(f"{kind} {store}: {t}")
+        row = dict(kind=kind, store=store, sketch_dim=sketch_dim, median_ms=t.median_ms, p20_ms=t.p20_ms,
+                   p80_ms=t.p80_ms, peak_mib=peak_extra_mib(fn))
         if store == "host":
-            row.update(floor_ms=floor_ms, floor_over_time=floor_ms / med)
+            row.update(floor_ms=floor_ms, floor_over_time=floor_ms / t.median_ms)
         rows.append(row)
         print(row, flush=True)
     load = os.getloadavg()

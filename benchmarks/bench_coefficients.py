@@ -13,7 +13,10 @@ from a copy bandwidth measured in the same run, and the fraction of that floor r
 
 Writes benchmarks/results/coefficients_<machine>.{csv,json,md}. On the CPU an interpreted
 backend (triton) is skipped unless --providers names it.
-Calls use check_values=False (no validation syncs), so the kernels are what is timed.
+Calls use check_values=False (no validation syncs), so the kernels are what is timed. On a GPU
+the triton call is also replayed from a CUDA graph (provider "triton+graph"; the note says why
+when the capture fails). Timing: benchmarks/bench_timer.py (providers interleaved). The result
+files are rewritten after every size, so an interrupted run keeps the sizes it finished.
 """
 from __future__ import annotations
 
@@ -23,9 +26,7 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,42 +41,14 @@ if not HAS_GPU:
 import delta_kernels as dk  # noqa: E402
 from delta_kernels import _backends  # noqa: E402
 from bench_info import git_commit, machine_name  # noqa: E402
+from bench_timer import Timing, capture_graph, time_ms, time_providers  # noqa: E402
 
 BACKENDS = {b.name: b for b in reversed(_backends.registered())}  # the registry, lowest priority first
 ALL_PROVIDERS = ("naive",) + tuple(BACKENDS)
 SEQ_LEN = 1024
+GRAPHED = "triton+graph"  # the triton call replayed from a CUDA graph (GPU only)
 
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- timing and memory
-
-def _sync():
-    if HAS_GPU:
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, budget_s: float):
-    """-> (median, p20, p80) in ms. GPU: triton.testing.do_bench; CPU: perf_counter loop."""
-    if HAS_GPU:
-        import triton.testing
-        q = triton.testing.do_bench(fn, warmup=max(5, int(budget_s * 50)), rep=max(20, int(budget_s * 500)),
-                                    quantiles=[0.5, 0.2, 0.8])
-        return tuple(float(x) for x in q)
-    fn()  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or (len(times) < 15 and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return statistics.median(times), q[1], q[7]
-
+# ---------------------------------------------------------------- memory
 
 def _rss_kib(field: str):
     with open("/proc/self/status") as f:
@@ -112,7 +85,7 @@ def copy_bandwidth_gbs() -> float:
     dev = "cuda" if HAS_GPU else "cpu"
     src = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    med, _, _ = time_ms(lambda: dst.copy_(src), 1.0)
+    med = time_ms(lambda: dst.copy_(src), reps=50, budget_s=1.0).median_ms
     del src, dst
     return 2 * n * 4 / (med * 1e-3) / 1e9
 
@@ -222,30 +195,42 @@ def main():
                     k=k, sketch_dim=r or 0, bytes_moved=total,
                     pass_bytes=";".join(f"{p}={b}" for p, b in passes.items()),
                     copy_gbs=round(bw, 1), floor_ms=floor_ms)
+        fns, notes = {}, {}
         for p in providers:
             fn, why = provider_fn(p, inputs, k, r)
+            if fn is None:
+                notes[p] = why
+            else:
+                fns[p] = fn
+        names = list(providers)
+        if HAS_GPU and "triton" in fns:  # the call with check_values=False, captured once
+            names.append(GRAPHED)
+            replay, why = capture_graph(fns["triton"])
+            if replay is None:
+                notes[GRAPHED] = why
+            else:
+                fns[GRAPHED] = replay
+        timings = time_providers(fns, reps=100 if HAS_GPU else 15, budget_s=budget * max(1, len(fns)))
+        for p in names:
             row = dict(base, provider=p, median_ms=None, p20_ms=None, p80_ms=None, peak_mib=None,
-                       frac_of_floor=None, note=why)
-            if fn is not None:
-                try:
-                    med, p20, p80 = time_ms(fn, budget)
-                    peak = peak_extra_mib(fn)
-                    row.update(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peak,
-                               frac_of_floor=floor_ms / med)
-                except torch.cuda.OutOfMemoryError:
-                    row["note"] = "out of memory"
-                except Exception as e:  # noqa: BLE001 - report and keep benchmarking
-                    row["note"] = f"{type(e).__name__}: {str(e)[:120]}"
-                finally:
-                    gc.collect()
-                    if HAS_GPU:
-                        torch.cuda.empty_cache()
+                       frac_of_floor=None, note=notes.get(p, ""))
+            t = timings.get(p)
+            if isinstance(t, Timing):
+                row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, frac_of_floor=floor_ms / t.median_ms)
+                if p != GRAPHED:
+                    row["peak_mib"] = peak_extra_mib(fns[p])
+            elif t is not None:
+                row["note"] = t
             rows.append(row)
-            ms = "-" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
-            print(f"N={n} H={h} r={r or '-'} {p:7s} {ms} {row['note']}", flush=True)
-        del inputs
-    add_speedups(rows)
-    write(rows, Path(args.out), machine, date, commit, bw)
+            ms = "-" if row["median_ms"] is None else f"{row['median_ms']:.3f} ms"
+            print(f"N={n} H={h} r={r or '-'} {p:12s} {ms} {row['note']}", flush=True)
+        del inputs, fns
+        gc.collect()
+        if HAS_GPU:
+            torch.cuda.empty_cache()
+        add_speedups(rows)
+        write(rows, Path(args.out), machine, date, commit, bw)  # after every size: a timeout keeps what ran
+
 
 
 def add_speedups(rows):

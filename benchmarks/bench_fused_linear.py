@@ -15,8 +15,13 @@ dW 2 MHV); a method that keeps the logits does 6 MHV; phase A does 2 MHV.
 CPU (automatic without CUDA): small sizes (M in {1024, 2048}, H = 256, V = 32768), ours (torch chunked path) against torch
 materialised, float32; memory is the analytic size of the largest logits buffer.
 
-Writes benchmarks/results/fused_linear_<device>.{csv,json,md} with machine, date, commit.
-A peer that cannot run is recorded with the reason.
+    python benchmarks/bench_fused_linear.py            # the sizes above
+    python benchmarks/bench_fused_linear.py --quick    # one size, 3 reps (GPU M = 8192; CPU M = 1024)
+
+Writes <--out, default benchmarks/results>/fused_linear_<machine>.{csv,json,md} (machine tag of
+bench_info.py) with date and commit, rewritten after each size and mode (an interrupted run keeps
+what it measured). Timing: bench_timer.py, providers interleaved. A peer that cannot run is
+recorded with the reason.
 """
 from __future__ import annotations
 
@@ -25,16 +30,14 @@ import csv
 import datetime
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_info import git_commit  # noqa: E402
+from bench_info import git_commit, machine_name  # noqa: E402
+from bench_timer import Timing, time_ms, time_providers  # noqa: E402
 from delta_kernels._checks import SurrogateConfig  # noqa: E402
 from delta_kernels.aggregation import Aggregation  # noqa: E402
 from delta_kernels.fused_linear import (fused_linear_clipped_surrogate_loss,  # noqa: E402
@@ -43,18 +46,6 @@ from delta_kernels.reference.surrogate import clipped_surrogate_loss as torch_su
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SEQ = 1024
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({os.cpu_count()} cores)"
 
 
 def make_inputs(m, hdim, vocab, dtype, device, seed=0):
@@ -121,131 +112,105 @@ def sketch_torch(h, w, y, adv, mask, r):
     return logp, z.to(h.dtype), sums
 
 
-# ---------------------------------------------------------------- timing
-
-def time_gpu(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def time_cpu(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def quantiles(times):
-    s = sorted(times)
-    q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]  # noqa: E731
-    return statistics.median(s), q(0.2), q(0.8)
-
+# ---------------------------------------------------------------- measurement
 
 def matmul_rate(device, dtype):
     """Measured dense GEMM rate (TFLOP/s) at 8192^3 (GPU) or 1024^3 (CPU)."""
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    timer = time_gpu if device == "cuda" else time_cpu
-    times = timer(lambda: a @ b, 10 if device == "cuda" else 3)
-    return 2 * n ** 3 / (statistics.median(times) * 1e-3) / 1e12
+    med = time_ms(lambda: a @ b, reps=10 if device == "cuda" else 3, cuda=device == "cuda").median_ms
+    return 2 * n ** 3 / (med * 1e-3) / 1e12
 
 
-def run(device, sizes, hdim, vocab, dtype, reps, providers, sketch_dim):
+def run(device, sizes, hdim, vocab, dtype, reps, providers, sketch_dim, emit):
+    """Times every provider at every size (providers interleaved); emit(rows, rate) after each
+    size and mode, so that an interrupted run keeps what it measured."""
     cfg = SurrogateConfig()
     rate = matmul_rate(device, dtype)
     rows = []
-    steps = {"torch": step_torch}
-    unavailable = {}
-    if "liger" in providers:
-        try:
-            steps["liger"] = make_liger(cfg)
-        except Exception as e:  # not installed on the machine, or API drift
-            unavailable["liger"] = f"{type(e).__name__}: {e}"
-    if "cce" in providers:
-        try:
-            steps["cce"] = make_cce()
-        except Exception as e:
-            unavailable["cce"] = f"{type(e).__name__}: {e}"
+    makers = {"liger": lambda: make_liger(cfg), "cce": make_cce}
+    steps, unavailable = {"torch": step_torch}, {}
+    for name in ("liger", "cce"):
+        if name in providers:
+            try:
+                steps[name] = makers[name]()
+            except Exception as e:  # noqa: BLE001 - not installed on the machine, or API drift
+                unavailable[name] = f"{type(e).__name__}: {e}"
     backend = "triton" if device == "cuda" else "torch"
     steps["ours"] = lambda *a: step_ours(*a, backend=backend)
-    timer = time_gpu if device == "cuda" else time_cpu
     for m in sizes:
         h, w, y, adv, mask, old_logp = make_inputs(m, hdim, vocab, dtype, device)
         mhv = m * hdim * vocab
-        for name in ["torch", "liger", "cce", "ours"]:
-            if name not in providers:
-                continue
+        fns, new = {}, []
+        for name in [q for q in ("torch", "liger", "cce", "ours") if q in providers]:
             row = dict(provider=name, mode="surrogate fwd+bwd", tokens=m, hidden=hdim, vocab=vocab, dtype=str(dtype),
                        flops=(8 if name == "ours" else 6) * mhv)
+            new.append(row)
             if name in unavailable:
-                rows.append(dict(row, status="not run: " + unavailable[name]))
+                row["status"] = "not run: " + unavailable[name]
                 continue
-            hh = h.clone().requires_grad_()
-            ww = w.clone().requires_grad_()
-
-            def fn():
-                hh.grad = None
-                ww.grad = None
-                steps[name](hh, ww, y, adv, mask, old_logp, cfg)
-            rows.append(measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name))
-            del hh, ww
-        for name in ["torch", "ours"]:
-            row = dict(provider=name, mode=f"phase A fwd (sketch r={sketch_dim})", tokens=m, hidden=hdim, vocab=vocab,
-                       dtype=str(dtype), flops=2 * mhv)
-            if name == "torch":
-                fn = lambda: sketch_torch(h, w, y, adv, mask, sketch_dim)  # noqa: E731
-            else:
-                fn = lambda: fused_linear_logprob_sketch(h.reshape(-1, hdim), w, y.reshape(-1),  # noqa: E731
-                                                         sketch_dim=sketch_dim, advantages=adv[:, None].expand_as(mask)
-                                                         .reshape(-1), mask=mask.reshape(-1), backend=backend,
-                                                         check_values=False)
-            with torch.no_grad():
-                rows.append(measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name))
-        del h, w
+            fns[name] = _train_step(steps[name], h, w, y, adv, mask, old_logp, cfg)
+        rows += measure(new, fns, reps, device, rate, m, vocab)
+        emit(rows, rate)
+        del fns
+        new = [dict(provider=name, mode=f"phase A fwd (sketch r={sketch_dim})", tokens=m, hidden=hdim, vocab=vocab,
+                    dtype=str(dtype), flops=2 * mhv) for name in ("torch", "ours")]
+        h2, y2, mask2 = h.reshape(-1, hdim), y.reshape(-1), mask.reshape(-1)
+        a2 = adv[:, None].expand_as(mask).reshape(-1)
+        fns = {"torch": lambda: sketch_torch(h, w, y, adv, mask, sketch_dim),
+               "ours": lambda: fused_linear_logprob_sketch(h2, w, y2, sketch_dim=sketch_dim, advantages=a2, mask=mask2,
+                                                           backend=backend, check_values=False)}
+        with torch.no_grad():
+            rows += measure(new, fns, reps, device, rate, m, vocab)
+        emit(rows, rate)
+        del h, w, fns
     return rows, rate
 
 
-def measure(row, fn, timer, reps, device, rate, m, vocab, dtype, name):
-    try:
-        if device == "cuda":
+def _train_step(step, h, w, y, adv, mask, old_logp, cfg):
+    """One forward+backward of a provider on its own leaf copies of h and w."""
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def fn():
+        hh.grad = None
+        ww.grad = None
+        step(hh, ww, y, adv, mask, old_logp, cfg)
+    return fn
+
+
+def measure(rows, fns, reps, device, rate, m, vocab):
+    """Fills the rows (one per provider, in order) from one interleaved timing of fns."""
+    cuda = device == "cuda"
+    timings = time_providers(fns, reps=reps, warmup=1, cuda=cuda)
+    for row in rows:
+        t = timings.get(row["provider"])
+        if t is None:
+            continue
+        if not isinstance(t, Timing):
+            row["status"] = t
+            continue
+        row.update(status="ok", ms_p50=round(t.median_ms, 3), ms_p20=round(t.p20_ms, 3), ms_p80=round(t.p80_ms, 3),
+                   tflops=round(row["flops"] / (t.median_ms * 1e-3) / 1e12, 1 if cuda else 4),
+                   floor_ms=round(row["flops"] / (rate * 1e12) * 1e3, 3))
+        row["frac_of_floor"] = round(row["floor_ms"] / t.median_ms, 3)
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        times = timer(fn, reps)
-        p50, p20, p80 = quantiles(times)
-        row.update(status="ok", ms_p50=round(p50, 3), ms_p20=round(p20, 3), ms_p80=round(p80, 3),
-                   tflops=round(row["flops"] / (p50 * 1e-3) / 1e12, 1 if device == "cuda" else 4),
-                   floor_ms=round(row["flops"] / (rate * 1e12) * 1e3, 3))
-        row["frac_of_floor"] = round(row["floor_ms"] / p50, 3)
-        if device == "cuda":
+            fns[row["provider"]]()
+            torch.cuda.synchronize()
             row["peak_extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
         else:  # analytic: the largest logits buffer the method holds
-            elem = 4
-            held = m * vocab if name == "torch" else (min(m, torch_chunked.ROWS) * min(vocab, torch_chunked.COLS))
-            row["logits_buffer_mib"] = round(held * elem / 2**20, 2)
-    except torch.cuda.OutOfMemoryError as e:
-        row.update(status=f"OOM: {str(e).splitlines()[0]}")
-        torch.cuda.empty_cache()
-    return row
+            held = m * vocab if row["provider"] == "torch" else (min(m, torch_chunked.ROWS) * min(vocab, torch_chunked.COLS))
+            row["logits_buffer_mib"] = round(held * 4 / 2**20, 2)
+    return rows
 
 
 def write(rows, rate, device, args):
-    os.makedirs(RESULTS, exist_ok=True)
-    meta = dict(machine=machine(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(machine=machine_name(device), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=git_commit(), torch=torch.__version__, device=device, matmul_tflops=round(rate, 1 if device == "cuda" else 4),
                 flop_count="ours: 8 MHV (fwd logits 2, bwd recompute 2, dH 2, dW 2); methods keeping logits: 6 MHV; "
                            "phase A: 2 MHV",
@@ -255,7 +220,7 @@ def write(rows, rate, device, args):
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    stem = os.path.join(RESULTS, f"fused_linear_{device}")
+    stem = os.path.join(args.out, f"fused_linear_{meta['machine']}")
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with open(stem + ".csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
@@ -288,7 +253,6 @@ def write(rows, rate, device, args):
                   "here. The GPU numbers come from running this script on a CUDA machine."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 def main():
@@ -300,8 +264,13 @@ def main():
     p.add_argument("--reps", type=int)
     p.add_argument("--sketch-dim", type=int, default=256)
     p.add_argument("--providers", nargs="*", default=["torch", "liger", "cce", "ours"])
+    p.add_argument("--quick", action="store_true", help="one size, 3 reps (GPU: M = 8192; CPU: M = 1024)")
+    p.add_argument("--out", default=RESULTS, help="folder of the result files")
     args = p.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.quick:
+        args.sizes = args.sizes or ([8192] if device_of(args) == "cuda" else [1024])
+        args.reps = args.reps or 3
+    device = device_of(args)
     if device == "cuda":
         sizes, hdim, vocab, dtype, reps = args.sizes or [8192, 32768], args.hidden or 4096, args.vocab or 151936, \
             torch.bfloat16, args.reps or 5
@@ -310,8 +279,13 @@ def main():
         sizes, hdim, vocab, dtype, reps = args.sizes or [1024, 2048], args.hidden or 256, args.vocab or 32768, \
             torch.float32, args.reps or 3
     providers = args.providers if device == "cuda" else [q for q in args.providers if q in ("torch", "ours")]
-    rows, rate = run(device, sizes, hdim, vocab, dtype, reps, providers, args.sketch_dim)
-    write(rows, rate, device, args)
+    rows, rate = run(device, sizes, hdim, vocab, dtype, reps, providers, args.sketch_dim,
+                     lambda rows, rate: write(rows, rate, device, args))
+    print(open(os.path.join(args.out, f"fused_linear_{machine_name(device)}.md")).read())
+
+
+def device_of(args) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 default value checks, cpp vs the torch reference vs naive DelTA, interleaved in one run.
 
     python benchmarks/bench_public_call.py [--tokens 32768] [--hidden 1024] [--reps 15]
+    python benchmarks/bench_public_call.py --quick     # N = 4,096, H = 256, 5 reps
 
 Writes benchmarks/results/public_call_<machine>.{json,md}.
 """
@@ -11,15 +12,14 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_info import git_commit, machine_name  # noqa: E402
+from bench_timer import time_providers  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.naive import delta_coefficients_naive  # noqa: E402
@@ -31,7 +31,11 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="N = 4,096, H = 256, 5 reps")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
+    if a.quick:
+        a.tokens, a.hidden, a.reps = 4096, 256, 5
     g = torch.Generator().manual_seed(0)
     b = a.tokens // a.seq_len
     h = torch.randn(b, a.seq_len, a.hidden, generator=g)
@@ -43,20 +47,13 @@ def main(argv=None):
         "torch": lambda: dk.delta_coefficients(h, logp, adv, mask, k=1, backend="torch"),
         "naive": lambda: delta_coefficients_naive(h, logp, adv, mask, k=1),
     }
-    times = {n: [] for n in calls}
-    for fn in calls.values():
-        fn()
-    for _ in range(a.reps):  # interleaved: every provider sees the same machine state
-        for n, fn in calls.items():
-            t = time.perf_counter()
-            fn()
-            times[n].append(time.perf_counter() - t)
-    med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    med = {n: t.median_ms for n, t in time_providers(calls, reps=a.reps, warmup=1, cuda=False).items()}
     row = dict(machine=machine_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                commit=git_commit(), torch=torch.__version__, tokens=a.tokens, hidden=a.hidden, k=1, dtype="float32",
                reps=a.reps, median_ms=med, cpp_vs_torch=med["torch"] / med["cpp"],
                cpp_vs_naive=med["naive"] / med["cpp"], load_average=os.getloadavg())
-    out = Path(__file__).resolve().parent / "results" / f"public_call_{row['machine']}"
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) / f"public_call_{row['machine']}"
     out.with_suffix(".json").write_text(json.dumps(row, indent=2) + "\n")
     md = (f"# Public delta_coefficients call, default value checks ({row['machine']})\n\n"
           f"{row['date']}, commit {row['commit']}, torch {row['torch']}; N = {a.tokens}, H = {a.hidden}, float32, "

@@ -9,8 +9,10 @@ overhead measured inside one step, less exposed to machine noise).
 
     python benchmarks/bench_trainer_overhead.py            # CPU, the embedded default model
     python benchmarks/bench_trainer_overhead.py --gpu      # CUDA, a ~101M-parameter model from config
+    python benchmarks/bench_trainer_overhead.py --quick    # short run (either device)
 
-Writes benchmarks/results/trainer_overhead_<machine>.{json,md}.
+Writes benchmarks/results/trainer_overhead_<machine>.{json,md}, rewritten after every measured
+step pair from the second on (an interrupted run keeps the pairs it measured).
 """
 from __future__ import annotations
 
@@ -38,13 +40,6 @@ from bench_info import git_commit, machine_name  # noqa: E402
 
 PHASES = ("rollout", "old_logprob", "coefficients", "update")
 
-
-
-
-
-
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA with a ~101M-parameter model (hidden 768, 16 layers)")
@@ -54,8 +49,12 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sft-steps", type=int, default=None, help="warm start before timing (mixed rewards)")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out-dir", "--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--quick", action="store_true", help="short run: 4 step pairs, 1 warm-up pair, 10 warm-start steps")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup = args.steps or 4, 1
+        args.sft_steps = 10 if args.sft_steps is None else args.sft_steps
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -80,6 +79,7 @@ def main() -> None:
     times = {"delta": [], "none": []}
     phases = {"delta": {p: [] for p in PHASES}, "none": {p: [] for p in PHASES}}
     forwards = {}
+    md = "fewer than 2 measured step pairs: nothing written"
     for i in range(args.warmup + steps):
         snap = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state(),
                 sampling_gen.get_state())
@@ -98,6 +98,14 @@ def main() -> None:
                 for p in PHASES:
                     phases[mode][p].append(res.metrics[f"time_{p}"])
                 forwards[mode] = res.metrics["forwards_total"]
+            if i >= args.warmup + 1 and j == 1:  # after every measured pair (from the second on): a timeout keeps them
+                md = write_result(args, device, commit, arch, model, size, prompts, times, phases, forwards)
+    print(md)
+
+
+def write_result(args, device, commit, arch, model, size, prompts, times, phases, forwards) -> str:
+    """Writes the json and md of the pairs measured so far; -> the md text."""
+    steps = len(times["delta"])
     med = {m: statistics.median(v) for m, v in times.items()}
     paired = [d / n - 1.0 for d, n in zip(times["delta"], times["none"])]  # same inputs, same step
     share = statistics.median(c / s for c, s in zip(phases["delta"]["coefficients"], times["delta"]))
@@ -133,7 +141,7 @@ def main() -> None:
                f"{100 * result['overhead_second_run_effect']:+.2f}% slower or faster (order alternates, so this "
                "cancels in the paired median); the model forwards per step are the same in both modes."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

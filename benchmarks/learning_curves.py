@@ -16,8 +16,6 @@ import csv
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -29,10 +27,7 @@ sys.path.insert(0, str(ROOT))
 from delta_kernels.trainer.config import TrainerConfig  # noqa: E402
 from delta_kernels.trainer.loop import run  # noqa: E402
 from delta_kernels.trainer.report import read_metrics  # noqa: E402
-from bench_info import git_commit  # noqa: E402
-
-
-
+from bench_info import git_commit, machine_name  # noqa: E402
 
 
 def write_outputs(runs, meta, stem: Path) -> None:
@@ -105,7 +100,7 @@ def main() -> None:
         write_outputs(runs, data, Path(args.replot).with_suffix(""))
         return
     commit = git_commit()  # the code the runs use (read before they start)
-    machine = re.sub(r"[^a-z0-9]+", "-", f"cpu-{platform.machine()}-{os.cpu_count()}c".lower())
+    machine = machine_name("cpu")  # the trainer runs on the CPU
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

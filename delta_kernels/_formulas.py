@@ -39,7 +39,8 @@ def side_std(m: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, eps: float, 
     scale = (first[4:] / n).clamp_min(1e-30)
     dev = torch.where(sides > 0, (signed - mean[:, None]) / scale[:, None], torch.zeros_like(signed))
     var_scaled = reduce((dev * dev).sum(1)) / n
-    return torch.maximum(scale * var_scaled.sqrt(), torch.tensor(eps, dtype=m.dtype, device=m.device).sqrt())
+    # torch.full, not torch.tensor: a fill on the device, no host-to-device copy (CUDA-graph capturable)
+    return torch.maximum(scale * var_scaled.sqrt(), torch.full((), eps, dtype=m.dtype, device=m.device).sqrt())
 
 
 def gates(m: torch.Tensor, gamma: torch.Tensor):

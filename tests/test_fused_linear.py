@@ -333,7 +333,7 @@ _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from delta_kernels.fused_linear import triton_logprob as lp, triton_logprob_grad as gr, triton_token_sketch as ts
+from delta_kernels.fused_linear import triton_logprob as lp, triton_logprob_grad as gr
 def comp(fn, sig, consts):
     sig = dict(sig, **{k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
@@ -347,11 +347,6 @@ for dt in ("bf16", "fp16", "fp32"):
     comp(gr._logprob_grad_logits_kernel, {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*" + dt,
          "N": "i32", "V": "i32", "H": "i32", "temperature": "fp32", "c0": "i32", "width": "i32", "n_blocks": "i32"},
          dict(HAS_BIAS=True, IEEE=dt == "fp32", UPCAST=False, BLOCK_N=gr.BLOCK_N, BLOCK_V=gr.BLOCK_V, BLOCK_H=gr.BLOCK_H))
-    for sketch in (True, False):
-        comp(ts._token_sketch_kernel, {"h_ptr": "*" + dt, "c_ptr": "*fp32", "apos_ptr": "*fp32", "aneg_ptr": "*fp32",
-             "rowh_ptr": "*i32", "colh_ptr": "*i32", "out_ptr": "*" + dt, "part_ptr": "*fp32", "N": "i32", "H": "i32",
-             "D": "i32", "scale": "fp32"},
-             dict(SKETCH=sketch, SIDE=True, BLOCK_N=ts.BLOCK_N, BLOCK_D=ts.BLOCK_D, BLOCK_H=ts.BLOCK_H))
 print("compiled")
 '''
 

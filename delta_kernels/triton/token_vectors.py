@@ -29,6 +29,7 @@ BLOCK_COLS = 256    # columns per program of the exact kernel
 SKETCH_BLOCK_M = 128   # rows per tile: each tile regenerates its R signs, so taller tiles hash less
 SKETCH_BLOCK_R = 128
 SKETCH_BLOCK_K = 64
+SKETCH_BLOCK_K_SPLIT = 16  # float32 h: wider tiles of its three bf16 parts spill registers (sm_80, sm_90)
 
 
 class ScaledRows(NamedTuple):
@@ -102,16 +103,26 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
         tl.store(base + n_cols + cols, acc_neg, mask=cmask)
 
 
+@triton.jit
+def _sign_dot(a, signs, acc, IEEE: tl.constexpr):
+    """acc + a @ signs, float32 accumulation. IEEE (the interpreter only): on float32 copies,
+    since the interpreter's tl.dot multiplies bf16/fp16 tiles as their raw integer bits."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), signs.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, signs, acc)
+
+
 @triton.jit(do_not_specialize=["seed_mixed"])
 def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr,
                         n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
-                        DOT_FP32: tl.constexpr, SUMS: tl.constexpr,
+                        SPLIT: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (g, j): z[rows, cols] = (1 - exp(logp)) * (h[rows] @ sign[:, cols]) * scale for
     the rows of group g, and partial[g] = (sum w_pos z, sum w_neg z) over those columns.
-    The +-1 signs are exact in h's dtype, so for bf16/fp16 the product runs on the tensor
-    cores with float32 accumulation; DOT_FP32 runs it in IEEE float32 instead (float32 inputs:
-    no TF32 rounding; and bf16 under TRITON_INTERPRET, whose tl.dot multiplies bf16 raw bits).
+    The +-1 signs are exact in bf16/fp16, so the product runs on the tensor cores with float32
+    accumulation. SPLIT (float32 h): each element is split exactly into three bf16 parts,
+    x = hi + mid + lo (8 significand bits each), and the three products are accumulated: every
+    product is exact, as in an IEEE float32 dot, without its register spills or TF32 rounding.
     h [N, H], z [N, r] in h's dtype; logp/w_pos/w_neg [N] float32; partial [G, 2, r] float32."""
     pid_g = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
@@ -128,11 +139,17 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             x = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :],
                         mask=rmask[:, None] & (ks[None, :] < hidden), other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), sign_tile(ks, cols, seed_mixed, tl.float32), acc,
-                             input_precision="ieee")
+            if SPLIT:
+                signs = sign_tile(ks, cols, seed_mixed, tl.bfloat16)
+                hi = x.to(tl.bfloat16)
+                rest = x - hi.to(tl.float32)
+                mid = rest.to(tl.bfloat16)
+                lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+                acc = _sign_dot(hi, signs, acc, IEEE)
+                acc = _sign_dot(mid, signs, acc, IEEE)
+                acc = _sign_dot(lo, signs, acc, IEEE)
             else:
-                acc = tl.dot(x, sign_tile(ks, cols, seed_mixed, x.dtype), acc)
+                acc = _sign_dot(x, sign_tile(ks, cols, seed_mixed, x.dtype), acc, IEEE)
         lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0)
         z = acc * neg_expm1(lp)[:, None] * scale
         mask = rmask[:, None] & cmask[None, :]
@@ -174,13 +191,13 @@ def row_scale(logp: torch.Tensor) -> torch.Tensor:
     return (-torch.expm1(logp.to(torch.float32))).contiguous()
 
 
-def _dot_in_fp32(dtype: torch.dtype) -> bool:
-    """float32 inputs; and bf16 under the interpreter (triton's interpreter multiplies bf16
-    tiles as their uint16 storage, so there the exact +-1 product is done in float32)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed):
+def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[torch.Tensor],
+                    a_neg: Optional[torch.Tensor], sketch_dim: Optional[int], seed: int):
+    """One read of hidden that writes the vectors: -> (v = (1 - exp(logp)) h [N, H], or
+    z = v @ sketch_matrix(H, r, seed) [N, r], in hidden's dtype; side sums [2, D] float32 =
+    (sum a_pos v, sum a_neg v) from the float32 values before the cast, or None when a_pos is None).
+    hidden [N, H] float32/bf16/fp16 contiguous; logp [N]; a_pos/a_neg [N] float32 contiguous or None.
+    Used by token_sketch and by the fused LM head (fused_linear_logprob_sketch)."""
     f32 = torch.float32
     logp = logp.to(f32).contiguous()
     if sketch_dim is None:
@@ -189,14 +206,15 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed):
     r = sketch_dim
     sums = a_pos is not None
     block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
-    block_k = max(16, min(SKETCH_BLOCK_K, triton.next_power_of_2(h)))
+    split = hidden.dtype == torch.float32
+    block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
     rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
     z = empty(n, r, dtype=hidden.dtype, device=hidden.device)
     partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else z
     grid = (n_groups, triton.cdiv(r, block_r))
     _sketch_rows_kernel[grid](hidden, logp, a_pos if sums else logp, a_neg if sums else logp, z, partial, n, h, r,
                               rows_per_group, seed_argument(seed), sketch_scale(r),
-                              DOT_FP32=_dot_in_fp32(hidden.dtype), SUMS=sums,
+                              SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=sums,
                               BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
                               num_warps=4 if block_r <= 64 else 8, num_stages=3)
     return z, sum_partials(partial) if sums else None
@@ -216,9 +234,9 @@ def token_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: torch.Tensor,
     if sketch_dim is None:
         v = ScaledRows(hidden, row_scale(logp))
         return v, scaled_rows(hidden, v.scale, a_pos, a_neg, store=False)[1]
-    return _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed)
+    return written_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed)
 
 
 def token_sketch(hidden2d: torch.Tensor, logp1d: torch.Tensor, sketch_dim: Optional[int], seed: int):
     """Backend entry of delta_kernels.token_sketch: v or z [N, D] in hidden's dtype (no sums)."""
-    return _token_vectors(hidden2d, logp1d, None, None, sketch_dim, seed)[0]
+    return written_vectors(hidden2d, logp1d, None, None, sketch_dim, seed)[0]

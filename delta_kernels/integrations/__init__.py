@@ -1,0 +1,10 @@
+"""Drop-in DelTA for existing RL loops.
+
+``capture_hidden_states`` works in any loop; ``delta_kernels.integrations.trl`` (TRL's
+GRPOTrainer) and ``delta_kernels.integrations.verl`` (verl's PPO trainer) import their framework
+only when imported themselves.
+"""
+from ._accumulate import DeltaSpec
+from .capture import HiddenCapture, capture_hidden_states, decoder_body, response_hidden_states
+
+__all__ = ["capture_hidden_states", "response_hidden_states", "decoder_body", "HiddenCapture", "DeltaSpec"]

@@ -1,0 +1,260 @@
+"""DelTA inside verl's PPO trainer, switched on by config, without forking verl.
+
+Enable (every process: the driver and the Ray workers)::
+
+    VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl  python -m verl.trainer.main_ppo ... \\
+        +algorithm.delta.enable=True +algorithm.delta.k=1 +algorithm.delta.sketch_dim=256
+
+Data flow (targets verl 0.9.1, engine workers, FSDP/FSDP2 LM-head engine):
+
+* worker, old-log-prob pass: around each micro-batch forward the decoder body's output is
+  captured (``capture_hidden_states``) and turned into per-token vectors z = v @ R (or exact v when
+  ``sketch_dim`` is None) laid out like verl's ``log_probs`` (jagged, one row per sequence, packed
+  ``cu_seqlens`` and padded model inputs alike). verl's own micro-batch concatenation and dynamic
+  batch reordering carry them back as ``delta_vectors``. No extra forward.
+* driver: the old-log-prob pass also returns the vectors, laid out [B, R, D] like
+  ``old_log_probs`` (verl's own ``no_padding_2_padding``) and held on the driver (``PENDING``, not
+  in the batch the reference/critic passes ship); after ``compute_advantage`` the coefficients
+  are computed over the whole batch (global statistics: the driver holds every rank's rows) and
+  folded in:
+  ``advantages <- advantages * coef * response_mask``. verl's policy losses then apply unchanged.
+* memory: B x R x D values (hidden's dtype) through Ray once (workers to driver):
+  with ``sketch_dim=256`` 1 GiB per 512 x 4,096 tokens in bf16, against 16 GiB exact at H = 4,096;
+  released by the fold.
+
+Monkeypatches (verl leaves no hook for extra worker outputs or a post-advantage step), verl 0.9.1:
+    1. ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` (worker)
+    2. ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` (driver)
+    3. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (driver; the module global the fit loop calls)
+Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set.
+Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ..coefficients import DeltaResult, delta_coefficients
+from ._accumulate import DeltaSpec
+from ._optional import require
+from .capture import capture_hidden_states
+from ..sketch import token_sketch
+
+require("verl", "verl")
+
+SPEC_KEY = "delta_token_vectors"   # non-tensor field of the worker batch: the DeltaSpec kwargs + temperature
+VECTORS_KEY = "delta_vectors"      # per-token vectors in the workers' output
+VERL_VERSION = "0.9.1"
+
+
+def spec_from_config(algorithm_config) -> Optional[DeltaSpec]:
+    """``algorithm.delta`` -> DeltaSpec, or None when absent or not enabled."""
+    cfg = algorithm_config.get("delta", None) if algorithm_config is not None else None
+    if cfg is None:
+        return None
+    cfg = dict(cfg)
+    if not cfg.pop("enable", False):
+        return None
+    return DeltaSpec.parse(cfg)
+
+
+def check_temperature(sampling: float, logprob: float) -> None:
+    """The log-probs DelTA weighs must be those of the sampling distribution."""
+    if float(sampling) != float(logprob):
+        raise ValueError(f"temperature: log-probs are computed at temperature {logprob} but responses were sampled "
+                         f"at {sampling}; set actor_rollout_ref.rollout.temperature and the log-prob temperature "
+                         "(batch.meta_info['temperature']) to the same value")
+
+
+# ---------------------------------------------------------------- worker side
+def packed_token_vectors(hidden: torch.Tensor, log_probs: torch.Tensor, cu_seqlens: torch.Tensor,
+                         spec: DeltaSpec, packed: bool) -> torch.Tensor:
+    """Per-token vectors in verl's jagged log-prob layout.
+
+    hidden: the body output of one micro-batch: [1, nnz (+ pad), H] when ``packed``
+        (use_remove_padding) or [b, S_max, H] (right-padded per sequence) otherwise.
+    log_probs: jagged [b, j1] (log_probs[i, j] is the log-prob of token j + 1 given positions
+        <= j, the hidden state at j predicts it). cu_seqlens: [b + 1] offsets of the sequences.
+    Returns a jagged [b, j1, D] tensor: v = (1 - exp(logp)) h, or z = v @ R with ``spec.sketch_dim``.
+    """
+    lengths = cu_seqlens.diff()
+    nnz = int(cu_seqlens[-1])
+    if packed:
+        if hidden.shape[0] != 1 or hidden.shape[1] < nnz:
+            raise ValueError(f"hidden: packed body output of shape {list(hidden.shape)} does not hold the {nnz} "
+                             "tokens of the micro-batch (Ulysses sequence parallelism is not supported: set "
+                             "ulysses_sequence_parallel_size=1)")
+        flat = hidden[0, :nnz]
+    else:
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None].to(hidden.device)
+        flat = hidden[keep]
+    logp = log_probs.values() if log_probs.is_nested else log_probs.reshape(-1)
+    vectors = token_sketch(flat, logp.to(flat.device).clamp_max(0), sketch_dim=spec.sketch_dim, seed=spec.seed,
+                           backend=spec.backend)
+    return torch.nested.nested_tensor_from_jagged(vectors, cu_seqlens.to(vectors.device))
+
+
+def _forward_step_with_vectors(original):
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        from verl.utils import tensordict_utils as tu
+        spec = tu.get_non_tensor_data(data=micro_batch, key=SPEC_KEY, default=None)
+        if spec is None:
+            return original(self, micro_batch, loss_function, forward_only)
+        if getattr(self, "ulysses_sequence_parallel_size", 1) > 1:
+            raise ValueError("ulysses_sequence_parallel_size > 1: each rank holds a slice of the hidden states; "
+                             "DelTA's capture needs ulysses_sequence_parallel_size=1 in the actor's engine config")
+        spec = dict(spec)
+        sampling_temperature = spec.pop("temperature")
+        temperature = micro_batch["temperature"]
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.reshape(-1)[0].item()
+        check_temperature(sampling_temperature, temperature)
+        with capture_hidden_states(self.module) as cap:
+            loss, output = original(self, micro_batch, loss_function, forward_only)
+        packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        cu_seqlens = micro_batch["input_ids"].offsets()
+        model_output = output["model_output"]
+        model_output[VECTORS_KEY] = packed_token_vectors(cap.pop(), model_output["log_probs"], cu_seqlens,
+                                                         DeltaSpec(**spec), packed).detach()
+        return loss, output
+    forward_step.__wrapped__ = original
+    forward_step._delta_kernels_patch = True
+    return forward_step
+
+
+# ---------------------------------------------------------------- driver side
+class PendingVectors:
+    """The driver's vectors between the old-log-prob pass and ``compute_advantage``, kept out of
+    the batch so that the reference and critic passes in between do not ship them to workers."""
+
+    def __init__(self):
+        self._vectors = self._responses = None
+
+    def put(self, vectors: torch.Tensor, responses: torch.Tensor) -> None:
+        self._vectors, self._responses = vectors, responses
+
+    def take(self, responses: torch.Tensor) -> Optional[torch.Tensor]:
+        """The vectors of the batch whose ``responses`` these are (None when none are pending)."""
+        vectors, held = self._vectors, self._responses
+        self._vectors = self._responses = None
+        if vectors is not None and (held.shape != responses.shape or not torch.equal(held, responses)):
+            raise ValueError("responses: the batch changed (rows reordered or filtered) between the old-log-prob "
+                             "pass and compute_advantage; DelTA's vectors no longer line up with it")
+        return vectors
+
+
+PENDING = PendingVectors()
+
+
+def _compute_old_log_prob_with_vectors(original):
+    def _compute_old_log_prob(self, batch):
+        spec = spec_from_config(self.config.algorithm)
+        if spec is None:
+            return original(self, batch)
+        from verl.workers.utils.padding import no_padding_2_padding
+        from verl.utils import tensordict_utils as tu
+        sampling = self.config.actor_rollout_ref.rollout.temperature
+        check_temperature(sampling, batch.meta_info.get("temperature", sampling))
+        wg = self.actor_rollout_wg
+        call = wg.compute_log_prob
+        got: List = []
+
+        def compute_log_prob(data):
+            tu.assign_non_tensor(data, **{SPEC_KEY: dict(spec.kwargs(), temperature=float(sampling))})
+            out = call(data)
+            got.append(tu.get(out, VECTORS_KEY))
+            return out
+        wg.compute_log_prob = compute_log_prob  # verl binds worker methods as instance attributes: restore it
+        try:
+            result, mfu = original(self, batch)
+        finally:
+            wg.compute_log_prob = call
+        if not got or got[0] is None:
+            raise RuntimeError(_MISSING)
+        PENDING.put(no_padding_2_padding(got[0], batch.batch), batch.batch["responses"])
+        return result, mfu
+    _compute_old_log_prob.__wrapped__ = original
+    _compute_old_log_prob._delta_kernels_patch = True
+    return _compute_old_log_prob
+
+
+_MISSING = ("algorithm.delta.enable=True but the workers returned no delta_vectors: the worker-side capture is not "
+            "installed. Set VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl in the workers' environment "
+            "(ray_kwargs.ray_init.runtime_env.env_vars), use the FSDP engine, and recompute old log-probs "
+            "(no rollout_correction bypass_mode)")
+
+
+def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.Tensor]) -> Optional[DeltaResult]:
+    """After ``compute_advantage``: ``advantages <- advantages * coef * response_mask`` in place.
+
+    data: verl DataProto with ``advantages``, ``old_log_probs``, ``response_mask`` [B, R].
+    vectors: [B, R, D] from the workers' old-log-prob pass (z, or exact v), aligned with
+    ``old_log_probs``. Writes ``data.meta_info['delta_metrics']``. Returns the DeltaResult
+    (None when DelTA is off).
+    """
+    spec = spec_from_config(algorithm_config)
+    if spec is None:
+        return None
+    if vectors is None:
+        raise ValueError(_MISSING)
+    mask = data.batch["response_mask"].bool()
+    adv = data.batch["advantages"]
+    logp = data.batch["old_log_probs"].clamp_max(0) * mask
+    result = delta_coefficients(None, logp, adv, mask, k=spec.k, lam_min=spec.lam_min, lam_max=spec.lam_max,
+                                eps=spec.eps, sketch_dim=spec.sketch_dim, seed=spec.seed, backend=spec.backend,
+                                vectors=vectors)
+    data.batch["advantages"] = result.weighted_advantages.to(adv.dtype)
+    coef = result.coef[mask].float()
+    st = result.stats
+    data.meta_info["delta_metrics"] = {
+        "delta/coef_std": float(coef.std()) if coef.numel() > 1 else 0.0,
+        "delta/coef_min": float(coef.min()) if coef.numel() else 0.0,
+        "delta/coef_max": float(coef.max()) if coef.numel() else 0.0,
+        "delta/gamma_pos": float(st.gamma_pos), "delta/gamma_neg": float(st.gamma_neg),
+        "delta/n_pos": float(st.n_pos), "delta/n_neg": float(st.n_neg)}
+    return result
+
+
+def _compute_advantage_then_fold(original):
+    def compute_advantage(data, *args, config=None, **kwargs):
+        data = original(data, *args, config=config, **kwargs)
+        if spec_from_config(config) is not None:
+            fold_delta_into_advantages(data, config, PENDING.take(data.batch["responses"]))
+        return data
+    compute_advantage.__wrapped__ = original
+    compute_advantage._delta_kernels_patch = True
+    return compute_advantage
+
+
+# ---------------------------------------------------------------- registration
+def install() -> Dict[str, str]:
+    """Apply the patches listed in the module docstring (idempotent). Returns {target: status};
+    the driver patches are skipped where verl's trainer cannot be imported (a worker-only process)."""
+    import verl
+    if getattr(verl, "__version__", VERL_VERSION) != VERL_VERSION:
+        raise ImportError(f"delta_kernels.integrations.verl targets verl {VERL_VERSION}, found {verl.__version__}")
+    status = {}
+    from verl.workers.engine.fsdp import transformer_impl as ti
+    status["FSDPEngineWithLMHead.forward_step"] = _patch(ti.FSDPEngineWithLMHead, "forward_step",
+                                                         _forward_step_with_vectors)
+    try:
+        from verl.trainer.ppo import ray_trainer as rt
+    except ImportError as e:
+        status["ray_trainer"] = f"skipped: {e}"
+        return status
+    status["RayPPOTrainer._compute_old_log_prob"] = _patch(rt.RayPPOTrainer, "_compute_old_log_prob",
+                                                           _compute_old_log_prob_with_vectors)
+    status["ray_trainer.compute_advantage"] = _patch(rt, "compute_advantage", _compute_advantage_then_fold)
+    return status
+
+
+def _patch(owner, name, wrap) -> str:
+    current = getattr(owner, name)
+    if getattr(current, "_delta_kernels_patch", False):
+        return "already patched"
+    setattr(owner, name, wrap(current))
+    return "patched"
+
+
+INSTALLED = install()

@@ -1,0 +1,253 @@
+"""verl 0.9.1 integration: worker capture and driver fold on tensors and DataProtos laid out as
+verl builds them: a left/right-padded batch -> verl's left_right_2_no_padding -> verl's own FSDP
+engine forward (dynamic micro-batches, packed or padded model inputs, jagged log-probs) with the
+patched forward_step -> verl's no_padding_2_padding -> the fold after compute_advantage."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("verl")
+pytest.importorskip("tensordict")
+from omegaconf import OmegaConf  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
+
+import delta_kernels as dk  # noqa: E402
+from delta_kernels.integrations import response_hidden_states  # noqa: E402
+from delta_kernels.integrations import verl as dv  # noqa: E402
+from delta_kernels.trainer.model import ModelSize, build_default_model  # noqa: E402
+from integration_models import tiny_model  # noqa: E402
+import verl.utils.torch_functional as verl_F  # noqa: E402
+from verl.workers.engine.fsdp import transformer_impl as ti  # noqa: E402
+
+B, P, R = 5, 5, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group(tmp_path_factory):
+    """verl's engine all-reduces the token count over its data-parallel group: one gloo rank."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def cpu_device(monkeypatch):
+    """verl's FSDP engine asks its platform for the device; on this CPU-only machine it is the CPU."""
+    monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
+
+
+def cpu_engine(model):
+    """verl's FSDPEngineWithLMHead around an unwrapped model: its own forward_backward_batch,
+    micro-batching (dynamic batch size, reordering), prepare_model_inputs/outputs and the
+    DelTA-patched forward_step; only the FSDP/device set-up is left out."""
+    eng = object.__new__(ti.FSDPEngineWithLMHead)
+    eng.module = model.eval()
+    eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
+    eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    eng.compute_entropy_from_logits = verl_F.entropy_from_logits
+    eng._autocast_dtype = torch.float32
+    eng.get_data_parallel_group, eng.get_data_parallel_size = (lambda: None), (lambda: 1)
+    return eng
+
+
+def context_free_model():
+    """Zero decoder layers: each token's hidden state depends on its id only, so packing several
+    sequences in one row (which eager attention does not isolate) changes nothing and an
+    independent padded forward is the reference for the packed layout."""
+    return build_default_model(17, ModelSize(hidden_size=32, num_layers=0, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), 0, 0, 1, 2)[0]
+
+
+def padded_batch(seed=0):
+    """verl's rollout output: left-padded prompts, right-padded responses."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = torch.randint(3, 17, (B, P), generator=g), torch.randint(3, 17, (B, R), generator=g)
+    p_len, r_len = torch.tensor([5, 3, 4, 2, 5]), torch.tensor([6, 2, 5, 6, 1])
+    p_mask = torch.arange(P)[None] >= P - p_len[:, None]
+    r_mask = torch.arange(R)[None] < r_len[:, None]
+    prompts[~p_mask], responses[~r_mask] = 0, 0
+    attn = torch.cat([p_mask, r_mask], 1).long()
+    return TensorDict(dict(prompts=prompts, responses=responses, input_ids=torch.cat([prompts, responses], 1),
+                           attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp_min(0),
+                           response_mask=r_mask.long()), batch_size=[B])
+
+
+def worker_outputs(model, data, packed, temperature=1.0):
+    """verl's engine forward over a no-padding TensorDict (non-tensor fields such as the DelTA
+    spec travel with it), dynamic micro-batches of <= 16 tokens: {key: jagged [B, j1, ...]}."""
+    tu.assign_non_tensor(data, use_remove_padding=packed, use_dynamic_bsz=True, max_token_len_per_gpu=16,
+                         temperature=temperature, calculate_entropy=True)
+    with torch.no_grad():
+        return cpu_engine(model).forward_backward_batch(data, None, forward_only=True)["model_output"]
+
+
+def worker_pass(model, td, spec, packed, temperature=1.0):
+    """The worker side on a padded batch: {key: [B, R, ...]} through verl's no_padding_2_padding."""
+    data = left_right_2_no_padding(td.clone())
+    tu.assign_non_tensor(data, **{dv.SPEC_KEY: dict(spec.kwargs(), temperature=1.0)})
+    joined = worker_outputs(model, data, packed, temperature)
+    return {k: no_padding_2_padding(v, td) for k, v in joined.items()}
+
+
+def algorithm(**delta):
+    return OmegaConf.create({"delta": dict(enable=True, **delta)})
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("sketch_dim", [None, 16], ids=["exact", "sketch"])
+def test_coefficients_equal_delta_coefficients(packed, sketch_dim):
+    model = (context_free_model() if packed else tiny_model()).eval()
+    td = padded_batch()
+    spec = dv.DeltaSpec(k=2, sketch_dim=sketch_dim, backend="torch")
+    out = worker_pass(model, td, spec, packed)
+    mask = td["response_mask"].bool()
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(B, generator=g)
+    adv = scores[:, None] * mask
+    data = DataProto.from_dict(tensors=dict(responses=td["responses"], response_mask=td["response_mask"],
+                                            old_log_probs=out["log_probs"], advantages=adv.clone()))
+    res = dv.fold_delta_into_advantages(data, algorithm(k=2, sketch_dim=sketch_dim, backend="torch"),
+                                        out[dv.VECTORS_KEY])
+    # reference: the hidden states entering the head, response-aligned, from a plain padded forward
+    with torch.no_grad():
+        body = model.model(input_ids=td["input_ids"], attention_mask=td["attention_mask"],
+                           position_ids=td["position_ids"]).last_hidden_state
+    h = response_hidden_states(body, R, attention_mask=td["attention_mask"])
+    logp = out["log_probs"].double() * mask
+    ref = dk.delta_coefficients(h.double(), logp, scores.double(), mask, k=2, sketch_dim=sketch_dim, backend="torch")
+    torch.testing.assert_close(res.coef.double(), ref.coef, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(data.batch["advantages"].double(), ref.weighted_advantages, rtol=1e-4, atol=1e-4)
+    assert data.meta_info["delta_metrics"]["delta/coef_std"] > 0.01
+
+
+def test_folded_advantages_through_verl_policy_loss():
+    """verl's compute_policy_loss_vanilla (token-mean) on the folded advantages ==
+    clipped_surrogate_loss(coef=...) on the plain ones."""
+    td = padded_batch(1)
+    out = worker_pass(tiny_model(), td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
+    mask = td["response_mask"]
+    scores = torch.randn(B, generator=torch.Generator().manual_seed(4))
+    data = DataProto.from_dict(tensors=dict(response_mask=mask, old_log_probs=out["log_probs"],
+                                            advantages=scores[:, None] * mask))
+    res = dv.fold_delta_into_advantages(data, algorithm(k=1, sketch_dim=8), out[dv.VECTORS_KEY])
+    old = out["log_probs"] * mask
+    logp = (old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5))).clamp_max(0) * mask
+    cfg = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                                global_batch_info={}))
+    theirs, _ = compute_policy_loss_vanilla(old, logp, data.batch["advantages"], mask, "token-mean", cfg)
+    ours, _ = dk.clipped_surrogate_loss(logp, old, scores, mask.bool(), coef=res.coef, clip_low=0.2, clip_high=0.28,
+                                        clip_c=3.0, agg="token-mean")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_use_is_refused():
+    data = DataProto.from_dict(tensors=dict(response_mask=torch.ones(2, 3), old_log_probs=-torch.rand(2, 3),
+                                            advantages=torch.randn(2, 3)))
+    with pytest.raises(ValueError, match="VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl"):
+        dv.fold_delta_into_advantages(data, algorithm(k=1), None)
+    assert dv.fold_delta_into_advantages(data, OmegaConf.create({"delta": {"enable": False}}), None) is None
+    with pytest.raises(ValueError, match="temperature: log-probs are computed at temperature 1.0 but .* 0.7"):
+        dv.check_temperature(0.7, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        worker_pass(tiny_model(), padded_batch(), dv.DeltaSpec(), packed=True, temperature=0.5)
+    assert dv.install()["FSDPEngineWithLMHead.forward_step"] == "already patched"
+
+
+def test_driver_old_log_prob_pass_carries_the_vectors():
+    """The wrapped _compute_old_log_prob asks the workers for vectors, restores the worker-group
+    method, and returns them padded like old_log_probs; without the worker capture it refuses."""
+    model = tiny_model()
+    td = padded_batch(2)
+
+    def verl_like_compute_old_log_prob(self, batch):  # the steps of verl 0.9.1's, reduced to log-probs
+        batch_td = left_right_2_no_padding(batch.to_tensordict())
+        out = self.actor_rollout_wg.compute_log_prob(batch_td)
+        return DataProto.from_dict(tensors={"old_log_probs": no_padding_2_padding(tu.get(out, "log_probs"),
+                                                                                  batch_td)}), 0.0
+
+    class WorkerGroup:
+        def __init__(self, capture):
+            self.capture = capture
+
+        def compute_log_prob(self, data):
+            if not self.capture:  # workers without the plugin: verl's forward_step unpatched
+                data = data.clone()
+                tu.assign_non_tensor(data, **{dv.SPEC_KEY: None})
+            out = worker_outputs(model, data, packed=True)
+            return TensorDict(out, batch_size=[B])
+
+    wrapped = dv._compute_old_log_prob_with_vectors(verl_like_compute_old_log_prob)
+    config = OmegaConf.create(dict(algorithm={"delta": dict(enable=True, k=1, sketch_dim=8)},
+                                   actor_rollout_ref=dict(rollout=dict(temperature=1.0))))
+    batch = DataProto.from_dict(tensors={k: td[k] for k in td.keys()}, meta_info={"temperature": 1.0})
+    trainer = SimpleNamespace(config=config, actor_rollout_wg=WorkerGroup(capture=True))
+    original_method = trainer.actor_rollout_wg.compute_log_prob
+    result, _ = wrapped(trainer, batch)
+    assert trainer.actor_rollout_wg.compute_log_prob == original_method
+    expected = worker_pass(model, td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
+    assert dv.VECTORS_KEY not in result.batch.keys()  # held on the driver, not shipped with the batch
+    with pytest.raises(ValueError, match="responses: the batch changed"):
+        dv.PENDING.take(batch.batch["responses"].flip(0))
+    wrapped(trainer, batch)
+    torch.testing.assert_close(dv.PENDING.take(batch.batch["responses"]), expected[dv.VECTORS_KEY])
+    assert dv.PENDING.take(batch.batch["responses"]) is None
+    torch.testing.assert_close(result.batch["old_log_probs"], expected["log_probs"])
+    trainer.actor_rollout_wg = WorkerGroup(capture=False)
+    with pytest.raises(RuntimeError, match="worker-side capture is not installed"):
+        wrapped(trainer, batch)
+    batch.meta_info["temperature"] = 0.6
+    with pytest.raises(ValueError, match="temperature"):
+        wrapped(trainer, batch)
+
+
+def test_enabled_through_verl_external_modules():
+    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the worker patch."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import verl\nfrom verl.workers.engine.fsdp import transformer_impl as ti\n"
+            "assert ti.FSDPEngineWithLMHead.forward_step._delta_kernels_patch\nprint('patched')")
+    env = {**os.environ, "PYTHONPATH": root, "VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=root)
+    assert res.returncode == 0 and "patched" in res.stdout, res.stderr[-2000:]
+
+
+def test_compute_advantage_wrapper_folds_the_pending_vectors():
+    """verl's GRPO outcome advantages, then the wrapper's fold with the vectors held on the driver."""
+    import numpy as np
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+    td = padded_batch(3)
+    out = worker_pass(tiny_model(), td, dv.DeltaSpec(k=1, sketch_dim=8), packed=False)
+    mask = td["response_mask"]
+    scores = torch.randn(B, R, generator=torch.Generator().manual_seed(6)) * mask
+
+    def grpo(data, adv_estimator=None, config=None, **kw):  # the GRPO branch of verl's compute_advantage
+        adv, _ = compute_grpo_outcome_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
+                                                data.non_tensor_batch["uid"])
+        data.batch["advantages"] = adv
+        return data
+
+    def batch():
+        return DataProto.from_dict(tensors=dict(responses=td["responses"], response_mask=mask,
+                                                old_log_probs=out["log_probs"], token_level_rewards=scores),
+                                   non_tensors=dict(uid=np.array(["a", "a", "b", "b", "b"], dtype=object)))
+    wrapped = dv._compute_advantage_then_fold(grpo)
+    cfg = algorithm(k=1, sketch_dim=8)
+    plain = grpo(batch()).batch["advantages"]
+    dv.PENDING.put(out[dv.VECTORS_KEY], td["responses"])
+    folded = wrapped(batch(), adv_estimator="grpo", config=cfg)
+    ref = dv.fold_delta_into_advantages(grpo(batch()), cfg, out[dv.VECTORS_KEY])
+    torch.testing.assert_close(folded.batch["advantages"], ref.weighted_advantages.float())
+    torch.testing.assert_close(folded.batch["advantages"], plain * ref.coef * mask)
+    with pytest.raises(ValueError, match="workers returned no delta_vectors"):  # e.g. rollout bypass_mode
+        wrapped(batch(), adv_estimator="grpo", config=cfg)
+    assert torch.equal(wrapped(batch(), config=OmegaConf.create({})).batch["advantages"], plain)
