@@ -33,7 +33,7 @@ def under_test(b: _backends.Backend):
     gpu = torch.cuda.is_available()
     usable = [d for d in b.devices if d == "cpu" or (d == "cuda" and gpu)]
     ut.interpreted = not usable and b.interpreted and os.environ.get("TRITON_INTERPRET") == "1"
-    ut.device = usable[0] if usable else "cpu"
+    ut.device = usable[0] if usable else ("cpu" if ut.interpreted else b.devices[0])
     if not usable and not ut.interpreted:
         return ut, f"{b.name} needs {b.device_text()}"
     if b.name not in _backends.available_backends():

@@ -6,10 +6,12 @@ from hypothesis import strategies as st
 
 import delta_kernels as dk
 import delta_kernels.reference as reference
+from backend_cases import cpu_backend_params
 from helpers import TOL, CountingPasses, assert_rel
 
 H = 12
-BACKENDS = {"torch": torch.float64, "cpp": torch.float32, "triton": torch.float32}
+COMPILED = [p for p in cpu_backend_params() if not p.values[0].interpreted]  # the registry's, on CPU tensors
+INTERPRETED = [p for p in cpu_backend_params() if p.values[0].interpreted]  # fewer examples
 
 
 def make_adds(shapes, seed, width=H, dtype=torch.float32):
@@ -53,7 +55,7 @@ shapes_st = st.lists(st.one_of(st.tuples(st.integers(1, 7)), st.tuples(st.intege
 
 
 def check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors):
-    dtype = BACKENDS[backend]
+    dtype = torch.float64 if torch.float64 in backend.declaration.dtypes else torch.float32
     adds, flat = make_adds(shapes, seed, dtype=dtype)
     kw = dict(k=k, sketch_dim=sketch_dim, seed=seed % 7, backend=backend)
     vectors = None
@@ -83,17 +85,19 @@ split_args = dict(shapes=shapes_st, seed=st.integers(0, 10**6), k=st.integers(0,
                   concat_adv=st.booleans(), use_vectors=st.booleans())
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", COMPILED)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**split_args)
 def test_random_splits_match_one_call(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors):
     check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors)
 
 
-@settings(max_examples=15, deadline=None)
+@pytest.mark.parametrize("backend", INTERPRETED)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**split_args)
-def test_random_splits_match_one_call_triton(shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors):
-    check_split("triton", shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors)
+def test_random_splits_match_one_call_interpreted(backend, shapes, seed, k, sketch_dim, early, store, concat_adv,
+                                                  use_vectors):
+    check_split(backend, shapes, seed, k, sketch_dim, early, store, concat_adv, use_vectors)
 
 
 def test_bitwise_repeatable_for_a_fixed_split():

@@ -5,10 +5,10 @@
     fused_linear_clipped_surrogate_loss phase C: the weighted dual-clip DAPO surrogate straight
                                         from hidden and the LM head, with gradients for both
 
-Both stream the vocabulary in tiles with an online log-sum-exp in float32. Backends:
-"triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1) and "torch" (the same
-algorithm in chunked plain torch, for CPU tensors, float64 included); "auto" picks triton on
-CUDA and torch on CPU.
+Both stream the vocabulary in tiles with an online log-sum-exp in float32. The backends are
+those of the registry (delta_kernels._backends) that declare the LM-head op: the Triton
+kernels, and the same algorithm in chunked plain torch (float64 included); "auto" takes the
+highest priority one for the tensors' device (docs/backends.md).
 """
 from .api import fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch
 
