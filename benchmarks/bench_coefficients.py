@@ -43,7 +43,7 @@ from delta_kernels import _backends  # noqa: E402
 from bench_info import git_commit, machine_name  # noqa: E402
 from bench_timer import Timing, capture_graph, time_ms, time_providers  # noqa: E402
 
-BACKENDS = {b.name: b for b in reversed(_backends.registered())}  # the registry, lowest priority first
+BACKENDS = {b.name: b for b in _backends.registered()}  # the registry, lowest priority first
 ALL_PROVIDERS = ("naive",) + tuple(BACKENDS)
 SEQ_LEN = 1024
 GRAPHED = "triton+graph"  # the triton call replayed from a CUDA graph (GPU only)

@@ -74,8 +74,8 @@ def register(backend: Backend) -> Backend:
 
 
 def registered() -> List[Backend]:
-    """Every declared backend, highest priority first (built or not)."""
-    return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+    """Every declared backend, built or not, lowest priority first (auto tries them in reverse)."""
+    return sorted(_REGISTRY.values(), key=lambda b: b.priority)
 
 
 def lm_head_backends() -> Tuple[str, ...]:
@@ -123,7 +123,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> 
     if backend not in _REGISTRY:
         if backend != "auto":
             raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(names())}")
-        for b in registered():
+        for b in reversed(registered()):
             if device.type in b.devices and dtype in b.dtypes and op in b.ops:
                 mod = _load(b, op)
                 if mod is not None and _serves(mod, op):

@@ -68,7 +68,7 @@ def test_the_lm_head_op_is_declared_where_its_module_is():
 
 
 def test_names_come_from_the_registry():
-    assert _backends.names() == ("auto", "triton", "cuda", "cpp", "torch")
+    assert _backends.names() == ("auto", "torch", "cpp", "cuda", "triton")
     from delta_kernels.trainer.config import BACKENDS
     assert BACKENDS == _backends.names()
 
