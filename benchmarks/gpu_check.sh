@@ -13,7 +13,8 @@
 #   wheels    pip install --no-index --no-deps --target /tmp/gpu_check_site from .whl (the peers;
 #             the build and test tools only where the machine lacks them)
 #   build     the native modules in place (cpp + cuda)          [dry: cpp only]
-#   tests     test_triton, test_cuda, test_fused_linear on the GPU, one JUnit file each
+#   tests     the conformance suite on the GPU backends (cuda, triton), test_triton,
+#             test_fused_linear, ... on the GPU, one JUnit file each
 #             [dry: the sm_90 compile tests]
 #   bench_*   coefficients (+ the CUDA-graph variant), per-pass timings, fused LM head, trainer,
 #             each in its short mode, writing its rows as it goes  [dry: CPU short modes]
@@ -120,10 +121,12 @@ if selected build; then "$PY" -c "import delta_kernels as dk; print('backends:',
 # ---------------------------------------------------------------- tests
 if (( DRY )); then
   step tests 240 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$RES/tests.xml" \
-    tests/test_triton.py tests/test_fused_linear.py tests/test_cuda.py -k "compile_for_sm90 or test_cuda"
+    tests/test_triton.py tests/test_fused_linear.py tests/test_conformance.py -k "compile_for_sm90 or cuda"
 else
   # one step per file: a file that runs out of time loses only its own JUnit report
-  for t in triton:60 cuda:30 fused_linear:50 accumulator_cuda:20 aggregation_verl:30; do
+  step "tests" 90 "$PY" -m pytest -q -p no:cacheprovider --durations=5 --junitxml="$RES/test_conformance.xml" \
+    tests/test_conformance.py -k "cuda or triton"  # every phase on the GPU backends (the registry's)
+  for t in triton:20 fused_linear:50 accumulator_cuda:20 aggregation_verl:30; do
     step "tests" "${t#*:}" "$PY" -m pytest -q -p no:cacheprovider --durations=5 \
       --junitxml="$RES/test_${t%%:*}.xml" "tests/test_${t%%:*}.py"
   done
