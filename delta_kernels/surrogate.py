@@ -30,22 +30,24 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
     """
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, agg=agg)
     device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef)
-    C.check_logp("logp", logp, check_values)
-    C.check_tensor("old_logp", old_logp)
+    logp = C.check_logp("logp", logp, check_values)
+    old_logp = C.check_tensor("old_logp", old_logp)
     if tuple(old_logp.shape) != tuple(logp.shape):
         C.fail("old_logp", f"shape {list(old_logp.shape)} does not match logp's {list(logp.shape)}")
-    C.check_logp("old_logp", old_logp, check_values)
+    old_logp = C.check_logp("old_logp", old_logp, check_values)
     if agg != "token-mean" and logp.dim() != 2:
         C.fail("agg", f"{agg!r} aggregates per sequence and needs [B, T] inputs, got logp of shape {list(logp.shape)}")
     adv = C.check_advantages(advantages, logp, check_values).reshape(logp.shape)
     flat_mask = C.check_mask(mask, logp.shape, check_values)
     if coef is not None:
-        C.check_tensor("coef", coef)
+        coef = C.check_tensor("coef", coef)
         if tuple(coef.shape) != tuple(logp.shape):
             C.fail("coef", f"shape {list(coef.shape)} does not match logp's {list(logp.shape)}")
         if check_values:
             C.check_finite("coef", coef)
     dtypes = [t.dtype for t in (logp, old_logp, advantages, coef) if t is not None]
-    impl = resolve(backend, device, C.compute_dtype(*dtypes), "clipped_surrogate_loss")
+    cdt = C.compute_dtype(*dtypes)
+    C.check_representable("clip_c", clip_c, cdt)
+    impl = resolve(backend, device, cdt, "clipped_surrogate_loss")
     return impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), flat_mask.reshape(logp.shape),
                                        None if coef is None else coef.detach(), cfg)

@@ -26,10 +26,10 @@ class TorchPasses:
         v = v.float()
         return torch.stack([a_pos @ v, a_neg @ v])
 
-    def margin_pass(self, v, w, b, gate):
+    def margin_pass(self, v, w, c, gate):
         self.reads += 1
         v = v.float()
-        m = 2 * (v @ w + b)
+        m = 2 * ((v - c) @ w)
         if gate is None:
             return m, None
         gamma, a_pos, a_neg = gate

@@ -64,12 +64,20 @@ DK_INLINE void prefetch_rows(const typename Elem<DT>::T* next, int64_t n, int64_
     for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * n + i, 0, 3);
 }
 
-// next: the rows to prefetch (see prefetch_rows), or null.
+// out[g] = sum_i (s[g] x[g][i] - c[i]) w[i] for G rows read together: the margin of a row about
+// the centre c, subtracted element by element before the dot so that a component the rows share
+// cancels exactly instead of in the rounded dot (its float32 error then does not grow with that
+// offset). Each row has its own 16 lanes (lane = i mod 16, accumulated in increasing i), added as
+// a fixed pairwise tree: a row's result does not depend on G or on the rows beside it. x rows of
+// dtype DT; s, c, w float32. next: the rows to prefetch (see prefetch_rows), or null.
 template <int DT, int G>
-DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, int64_t n, float* out,
-                        const typename Elem<DT>::T* next = nullptr) {
-  F8 acc[G][2];
-  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = splat8(0.0f);
+DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const float* s, const float* c,
+                                 const float* w, int64_t n, float* out, const typename Elem<DT>::T* next = nullptr) {
+  F8 acc[G][2], sv[G];
+  for (int g = 0; g < G; ++g) {
+    acc[g][0] = acc[g][1] = splat8(0.0f);
+    sv[g] = splat8(s[g]);
+  }
   alignas(64) float buf[DT == kFloat32 ? 1 : G][kChunk];
   const int64_t full = n - n % kLanes;
   for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
@@ -84,12 +92,14 @@ DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, in
       }
     }
     const float* ws = w + c0;
+    const float* cs = c + c0;
     for (int64_t i = 0; i < len; i += kLanes) {
       const F8 w0 = load8(ws + i), w1 = load8(ws + i + 8);
+      const F8 k0 = load8(cs + i), k1 = load8(cs + i + 8);
       prefetch_rows<DT, G>(next, n, c0 + i);
       for (int g = 0; g < G; ++g) {
-        acc[g][0] += load8(xs[g] + i) * w0;
-        acc[g][1] += load8(xs[g] + i + 8) * w1;
+        acc[g][0] += (sv[g] * load8(xs[g] + i) - k0) * w0;
+        acc[g][1] += (sv[g] * load8(xs[g] + i + 8) - k1) * w1;
       }
     }
   }
@@ -97,7 +107,7 @@ DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, in
     alignas(32) float lanes[kLanes];
     store8(lanes, acc[g][0]);
     store8(lanes + 8, acc[g][1]);
-    for (int64_t i = full; i < n; ++i) lanes[i - full] += Elem<DT>::load(x[g], i) * w[i];
+    for (int64_t i = full; i < n; ++i) lanes[i - full] += (s[g] * Elem<DT>::load(x[g], i) - c[i]) * w[i];
     for (int64_t width = kLanes / 2; width >= 1; width /= 2)
       for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
     out[g] = lanes[0];
