@@ -22,10 +22,10 @@ __global__ void row_pass_kernel(const T* __restrict__ x, const float* __restrict
                                 const float* __restrict__ a_neg, float* __restrict__ m, T* __restrict__ out,
                                 float* __restrict__ partial) {
   __shared__ float red[kThreads / 32];
-  const int64_t c = blockIdx.x;
-  const int64_t t0 = c * chunk;
+  const int64_t blk = blockIdx.x;
+  const int64_t t0 = blk * chunk;
   const int64_t t1 = t0 + chunk < N ? t0 + chunk : N;
-  float* ps = partial == nullptr ? nullptr : partial + c * 2 * D;
+  float* ps = partial == nullptr ? nullptr : partial + blk * 2 * D;
   float* ns = ps == nullptr ? nullptr : ps + D;
   if (ps != nullptr)
     for (int64_t j = threadIdx.x; j < 2 * D; j += kThreads) ps[j] = 0.0f;
