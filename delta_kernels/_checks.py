@@ -128,17 +128,18 @@ def check_mask(mask, shape, check_values: bool) -> torch.Tensor:
     return (mask != 0).reshape(-1)
 
 
-def check_logp(name: str, logp, check_values: bool, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """-> logp admitted. The value checks (finite, <= 0) look only at ``valid`` positions when given."""
+def check_logp(name: str, logp, check_values: bool) -> torch.Tensor:
+    """-> logp admitted; with check_values, finite and <= 0 everywhere (see check_values_of_logp)."""
     logp = check_tensor(name, logp)
     if logp.dim() not in (1, 2):
         fail(name, f"expected [N] or [B, T], got shape {list(logp.shape)}")
     if check_values:
-        check_values_of_logp(name, logp, valid)
+        check_values_of_logp(name, logp, None)
     return logp
 
 
 def check_values_of_logp(name: str, logp: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+    """Finite and <= 0 at the ``valid`` positions (bool, logp's shape), or everywhere when None."""
     check_finite(name, logp, valid)
     positive = logp > 0 if valid is None else (logp > 0) & valid
     if bool(positive.any()):
