@@ -34,6 +34,23 @@ def centroids_from_sums(sums: torch.Tensor, weights: torch.Tensor, eps: float, r
     return packed[:2 * d].reshape(2, d) / packed[2 * d:].clamp_min(eps)[:, None]
 
 
+def centroids_about(centre: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor, eps: float,
+                    reduce) -> torch.Tensor:
+    """centroids_from_sums for sums taken about ``centre`` [D]: sums [2, D] = (sum w+ (v - centre),
+    sum w- (v - centre)) -> mu [2, D] = centre + sums / weights, so a component every v shares with
+    the centre never enters a rounded sum. A side whose weight is below eps gets
+    (sums + weight centre) / eps, what centroids_from_sums gives it (an empty side: zero).
+    Returns (mu, W, c): the next discriminator straight from the offsets mu - centre, so that W
+    does not inherit the rounding of mu (whose magnitude includes the shared component)."""
+    d = sums.shape[1]
+    packed = reduce(torch.cat([sums.reshape(-1), weights.to(sums.dtype)]))
+    s, wts = packed[:2 * d].reshape(2, d), packed[2 * d:, None]
+    full = wts >= eps
+    off = torch.where(full, s / wts.clamp_min(eps), (s + wts * centre) / eps - centre)
+    mu = torch.where(full, centre + off, (s + wts * centre) / eps)
+    return mu, off[0] - off[1], centre + 0.5 * (off[0] + off[1])
+
+
 def side_std(m: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, eps: float, reduce) -> torch.Tensor:
     """[gamma+, gamma-]: population std of m over P and of -m over Q (counts clamped to 1),
     floored at sqrt(eps). Two-pass (mean, then squared deviations): two collectives.

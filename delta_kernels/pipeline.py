@@ -12,7 +12,8 @@ Kernel contract (all tensors contiguous, on one device; float32 unless stated):
     margin_pass(v [N,D], w [D], c [D], gate) -> (m [N], sums [2,D] or None)
         m = 2 (v - c).w, c subtracted from each element before the dot (exact under an offset
         the vectors share; never the expanded 2 (v.w + b)); with gate = (gamma [2], a_pos, a_neg) also
-        sums = (sum sigmoid(m/gamma+) a_pos v, sum sigmoid(-m/gamma-) a_neg v)   one read of v
+        sums = (sum sigmoid(m/gamma+) a_pos (v - c), sum sigmoid(-m/gamma-) a_neg (v - c))   one read of v
+        (about the centre, subtracted element by element like the margins)
 
 ``v`` is whatever the backend's token_vectors returns and only that backend's side_sums and
 margin_pass read it: a tensor, or a handle such as cpp/cuda's ``ScaledRows(hidden, 1 - exp(logp))``
@@ -30,8 +31,8 @@ from typing import Optional
 import torch
 
 from ._checks import DeltaConfig, TokenBatch
-from ._formulas import (bias, centroids_from_sums, discriminator, final_coefficients, gated_weights, side_masks,
-                        side_std)
+from ._formulas import (bias, centroids_about, centroids_from_sums, discriminator, final_coefficients, gated_weights,
+                        side_masks, side_std)
 
 
 def _identity(t):
@@ -55,17 +56,16 @@ def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: O
     gamma = side_std(m, pos, neg, cfg.eps, reduce)
     for step in range(cfg.k):
         # m under the current centroids again (bitwise the same as the pass before), gated with
-        # the lagging temperatures, and the gated sums for the next centroids: one read of v.
+        # the lagging temperatures, and the gated sums about c for the next centroids: one read of v.
         m, gsums = kernels.margin_pass(v, w, c, (gamma, a_pos, a_neg))
         w_pos, w_neg = gated_weights(m, gamma, a_pos, a_neg)
         gamma = side_std(m, pos, neg, cfg.eps, reduce)
-        mu = centroids_from_sums(gsums, torch.stack([w_pos.sum(), w_neg.sum()]), cfg.eps, reduce)
-        w, c = discriminator(mu)
+        mu, w, c = centroids_about(c, gsums, torch.stack([w_pos.sum(), w_neg.sum()]), cfg.eps, reduce)
     if cfg.k > 0:
         m, _ = kernels.margin_pass(v, w, c, None)
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(f32))
-    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=bias(w, c),
-                 pred=torch.where(batch.mask, torch.sign(batch.advantages.to(f32)) * (m / 2), 0.0), n_pos=counts[0], n_neg=counts[1],
-                 n_valid=n_valid, scale=scale)
+    pred = torch.where(batch.mask, torch.sign(batch.advantages.to(f32)) * (m / 2), 0.0)
+    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=bias(w, c), pred=pred,
+                 n_pos=counts[0], n_neg=counts[1], n_valid=n_valid, scale=scale)
     return coef, stats

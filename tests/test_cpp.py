@@ -262,4 +262,4 @@ def test_row_passes_vs_float64(n, dtype):
         m_ref = 2 * ((v64 - c.double()) @ w.double())
         assert_rel(m, m_ref, 1e-5, "margins")
         gp, gn = torch.sigmoid(m_ref / 1.3) * a_pos.double(), torch.sigmoid(-m_ref / 0.6) * a_neg.double()
-        assert_rel(gsums, torch.stack([gp @ v64, gn @ v64]), 1e-5, "gated sums")
+        assert_rel(gsums, torch.stack([gp @ (v64 - c.double()), gn @ (v64 - c.double())]), 1e-5, "gated sums")

@@ -33,7 +33,7 @@ class TorchPasses:
         if gate is None:
             return m, None
         gamma, a_pos, a_neg = gate
-        return m, torch.stack([(torch.sigmoid(m / gamma[0]) * a_pos) @ v, (torch.sigmoid(-m / gamma[1]) * a_neg) @ v])
+        return m, torch.stack([(torch.sigmoid(m / gamma[0]) * a_pos) @ (v - c), (torch.sigmoid(-m / gamma[1]) * a_neg) @ (v - c)])
 
 
 def run(passes, h, logp, adv, mask, k, sketch_dim=None, vectors=None):

@@ -109,7 +109,8 @@ def test_margin_pass_kernel():
     assert_rel(m, m64, 1e-6, "m")
     gp = torch.sigmoid(m64 / 1.5) * a_pos.double()
     gn = torch.sigmoid(-m64 / gamma[1].double()) * a_neg.double()
-    assert_rel(sums, torch.stack([gp @ v.double(), gn @ v.double()]), 1e-6, "gated sums")
+    vc = v.double() - c.double()
+    assert_rel(sums, torch.stack([gp @ vc, gn @ vc]), 1e-6, "gated sums")
     m2, none = triton_backend.margin_pass(v, w, c, None)
     assert none is None and torch.equal(m2, m)
 
@@ -137,7 +138,7 @@ def test_scaled_rows_passes(monkeypatch, dtype, d, wide):
     assert_rel(m, m64, 1e-6, "m")
     gp = torch.sigmoid(m64 / 0.8) * a_pos.double()
     gn = torch.sigmoid(-m64 / 1.7) * a_neg.double()
-    assert_rel(gsums, torch.stack([gp @ v64, gn @ v64]), 1e-6, "gated sums")
+    assert_rel(gsums, torch.stack([gp @ (v64 - c.double()), gn @ (v64 - c.double())]), 1e-6, "gated sums")
     m2, none = triton_backend.margin_pass(v, w, c, None)
     assert none is None and torch.equal(m2, m)
 

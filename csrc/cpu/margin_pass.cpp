@@ -1,6 +1,6 @@
 // Margins of a discriminator, m[t] = 2 (v[t] - c).w with c the centroids' midpoint (subtracted
 // element by element: exact under an offset the vectors share), and optionally the gated side sums
-//   sums = (sum_t sigmoid(m[t]/gamma+) a_pos[t] v[t], sum_t sigmoid(-m[t]/gamma-) a_neg[t] v[t]),
+// about c: sums = (sum_t sigmoid(m[t]/gamma+) a_pos[t] (v[t] - c), sum_t sigmoid(-m[t]/gamma-) a_neg[t] (v[t] - c)),
 // in one read of v: rows are dotted kGroup at a time (several streams in flight), then the
 // group's nonzero terms are added to the block's partial sums while the rows are still in cache.
 // With scale [N] the vectors are v[t] = scale[t] x[t] and are never materialised.
@@ -61,9 +61,9 @@ DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* 
         gp[k] = a.a_pos[t + k] != 0.0f ? sigmoid(mt[k] / a.gamma_pos) : 0.0f;  // only the terms side_terms keeps
         gn[k] = a.a_neg[t + k] != 0.0f ? sigmoid(-mt[k] / a.gamma_neg) : 0.0f;
       }
-      const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, gp, gn);
-      axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_rows, ps, D);
-      axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_rows, ns, D);
+      const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, gp, gn, /*fold_scale=*/false);
+      centred_axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_scale, st.pos_rows, a.centre, ps, D);
+      centred_axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_scale, st.neg_rows, a.centre, ns, D);
     }
   }
 }

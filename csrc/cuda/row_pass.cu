@@ -12,9 +12,10 @@ namespace {
 
 // x [N, D] of T; v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t] - c).w, the
 // centre c [D] subtracted element by element (exact under an offset the rows share).
-// Weights: gate (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg; else a_pos, a_neg
-// (a_pos null: no sums). A zero weight stays zero (a padding row may hold anything: it is skipped,
-// never multiplied in). out non-null: v written there.
+// Weights: gate (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the
+// rows about the centre, v[t] - c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight
+// stays zero (a padding row may hold anything: it is skipped, never multiplied in). out non-null: v
+// written there.
 template <typename T>
 __global__ void row_pass_kernel(const T* __restrict__ x, const float* __restrict__ scale, int64_t N, int64_t D,
                                 int64_t chunk, const float* __restrict__ w, const float* __restrict__ c,
@@ -44,15 +45,17 @@ __global__ void row_pass_kernel(const T* __restrict__ x, const float* __restrict
         if (wn != 0.0f) wn *= 1.0f / (1.0f + expf(mt / gamma[1]));
       }
     }
-    if (wp != 0.0f) wp *= s;
-    if (wn != 0.0f) wn *= s;
+    const bool centred = gamma != nullptr;  // gated sums: of v - c (scale applied to the row)
+    if (!centred && wp != 0.0f) wp *= s;
+    if (!centred && wn != 0.0f) wn *= s;
     if (out != nullptr || (ps != nullptr && (wp != 0.0f || wn != 0.0f))) {
       for (int64_t j = threadIdx.x; j < D; j += kThreads) {
         const float xj = to_f(row[j]);
         if (out != nullptr) out[t * D + j] = from_f<T>(s * xj);
         if (ps != nullptr) {
-          if (wp != 0.0f) ps[j] += wp * xj;
-          if (wn != 0.0f) ns[j] += wn * xj;
+          const float vj = centred ? s * xj - c[j] : xj;
+          if (wp != 0.0f) ps[j] += wp * vj;
+          if (wn != 0.0f) ns[j] += wn * vj;
         }
       }
     }

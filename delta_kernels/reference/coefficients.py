@@ -34,18 +34,22 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
     v = torch.where(batch.mask[:, None], v, 0.0)  # padding is don't-care: whatever it holds is dropped
     pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, dtype)
 
-    def centroids(w_pos, w_neg):
-        # float32: the sums accumulate in float64 (a common offset of the vectors would otherwise
-        # cost about offset / spread digits of W = mu+ - mu-)
-        sums = (torch.stack([w_pos, w_neg]).double() @ v.double()).to(dtype)
-        return centroids_from_sums(sums, torch.stack([w_pos.sum(), w_neg.sum()]), cfg.eps, reduce)
+    # float32: the centroids (and W, c from them) are computed in float64 and the discriminator
+    # rounded once; in float32 a common offset of the vectors would cost about offset / spread
+    # digits of W = mu+ - mu-. The margins subtract the centre first (no cancellation either).
+    f64 = torch.float64
+
+    def centroids(w_pos, w_neg):  # -> mu [2, D] float64
+        w2 = torch.stack([w_pos, w_neg]).to(f64)
+        return centroids_from_sums(w2 @ v.to(f64), w2.sum(1), cfg.eps, reduce)
 
     def margins(mu):
-        w, c = discriminator(mu)
-        return 2.0 * ((v - c) @ w)  # the centre subtracted first: no cancellation under a shared offset
+        w, c = (t.to(dtype) for t in discriminator(mu))
+        return 2.0 * ((v - c) @ w)
 
     if batch.side_sums is not None:
-        mu = centroids_from_sums(batch.side_sums.to(dtype), torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
+        mu = centroids_from_sums(batch.side_sums.to(f64), torch.stack([a_pos.sum(), a_neg.sum()]).to(f64), cfg.eps,
+                                 reduce)
     else:
         mu = centroids(a_pos, a_neg)
     m = margins(mu)
@@ -58,8 +62,9 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
 
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
     w, c = discriminator(mu)
+    mu, w, b = mu.to(dtype), w.to(dtype), bias(w, c).to(dtype)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]))
-    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=bias(w, c),
-                 pred=torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0), n_pos=counts[0], n_neg=counts[1],
-                 n_valid=n_valid, scale=scale)
+    pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
+    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b, pred=pred,
+                 n_pos=counts[0], n_neg=counts[1], n_valid=n_valid, scale=scale)
     return coef, stats

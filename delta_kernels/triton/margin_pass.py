@@ -1,9 +1,9 @@
 """The margin pass of the coefficient pipeline: m = 2 (v - c).w (c, the centroids' midpoint,
 subtracted element by element before the dot: exact under an offset the vectors share), and
-with a gate also the gated side sums (sum sigmoid(m/gamma+) a+ v, sum sigmoid(-m/gamma-) a- v),
-one read of v. v is a tensor or ScaledRows(rows, scale) (v[t] = scale[t] rows[t], never
-materialised): then each loaded row is scaled before the centre is subtracted
-(m = 2 (scale[t] x[t] - c).w) and its gated coefficient too (g a scale[t] x[t]), as the cpp
+with a gate also the gated side sums about c (sum sigmoid(m/gamma+) a+ (v - c), sum
+sigmoid(-m/gamma-) a- (v - c)), one read of v. v is a tensor or ScaledRows(rows, scale) (v[t] =
+scale[t] rows[t], never materialised): then each loaded row is scaled before the centre is
+subtracted (m = 2 (scale[t] x[t] - c).w, gated terms g a (scale[t] x[t] - c)), as the cpp
 kernels do. Rows whose weight is zero (padding, the other side) are selected out of the sums,
 never multiplied in, so whatever they hold changes nothing.
 
@@ -37,8 +37,8 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
                         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """Program g: rows [g*rows_per_group, (g+1)*rows_per_group). With s = scale[row] if HAS_SCALE
-    else 1: m[rows] = 2 (s x - c).w; if GATED, partial[g] = (sum sigmoid(m/gamma[0]) a_pos s x,
-    sum sigmoid(-m/gamma[1]) a_neg s x) over the rows with a nonzero weight. x [N, D]
+    else 1: m[rows] = 2 (s x - c).w; if GATED, partial[g] = (sum sigmoid(m/gamma[0]) a_pos (s x - c),
+    sum sigmoid(-m/gamma[1]) a_neg (s x - c)) over the rows with a nonzero weight (about c). x [N, D]
     fp32/bf16/fp16; scale [N], w [D], c [D],
     gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D."""
     pid = tl.program_id(0).to(tl.int64)
@@ -70,10 +70,11 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
             g_pos = tl.where(ap != 0.0, ap / (1.0 + tl.exp(-(m / gamma_pos))), 0.0)    # sigmoid(m / gamma+) * a+
             g_neg = tl.where(an != 0.0, an / (1.0 + tl.exp(m / gamma_neg)), 0.0)       # sigmoid(-m / gamma-) * a-
             if HAS_SCALE:
-                g_pos = tl.where(ap != 0.0, g_pos * s, 0.0)
-                g_neg = tl.where(an != 0.0, g_neg * s, 0.0)
-            acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], tile * g_pos[:, None], 0.0), axis=0)
-            acc_neg += tl.sum(tl.where((an != 0.0)[:, None], tile * g_neg[:, None], 0.0), axis=0)
+                centred = tile * s[:, None] - c[None, :]
+            else:
+                centred = tile - c[None, :]
+            acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], centred * g_pos[:, None], 0.0), axis=0)
+            acc_neg += tl.sum(tl.where((an != 0.0)[:, None], centred * g_neg[:, None], 0.0), axis=0)
     if GATED:
         base = partial_ptr + pid * 2 * n_cols
         tl.store(base + cols, acc_pos, mask=cmask)
@@ -109,7 +110,8 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
     """Pipeline kernel (see delta_kernels/pipeline.py).
 
     v [N, D] float32/bf16/fp16 contiguous, or ScaledRows(rows [N, D], scale [N] float32);
-    w [D], c [D] float32 (m = 2 (v - c).w); gate None or (gamma [2], a_pos [N], a_neg [N]). Returns (m [N] float32,
+    w [D], c [D] float32 (m = 2 (v - c).w; the gated sums are of v - c); gate None or
+    (gamma [2], a_pos [N], a_neg [N]). Returns (m [N] float32,
     sums [2, D] float32 or None). Reads of v (or of its rows): one (two when gated and
     D > MAX_BLOCK_D)."""
     f32 = torch.float32
@@ -131,7 +133,9 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
         zero = torch.zeros((), dtype=f32, device=m.device)
         g_pos = torch.where(a_pos != 0, torch.sigmoid(m / gamma[0]) * a_pos, zero)
         g_neg = torch.where(a_neg != 0, torch.sigmoid(-m / gamma[1]) * a_neg, zero)
-        return m, scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
+        sums = scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
+        # about c, as the whole-row kernel gives them (here after the sum: not exact under an offset)
+        return m, sums - torch.stack([g_pos.sum(), g_neg.sum()])[:, None] * c[None, :]
     block_n = max(1, min(64, TILE_ELEMS // block_d))
     rows_per_group, n_groups = row_groups(n, block_n)
     num_warps = 4 if block_d <= 2048 else (8 if block_d <= 8192 else 16)

@@ -135,7 +135,8 @@ class _ClippedSurrogate(torch.autograd.Function):
             row_scale = (1.0 / count).expand(n_rows)
         elif cfg.agg == "seq-mean-token-sum":
             loss = partial[:, 0].mean()
-            row_scale = torch.full((n_rows,), 1.0 / max(n_rows, 1), dtype=torch.float32, device=logp.device)  # [0]: no rows
+            # max: an empty [0, T] batch has no rows (the loss is the reference's NaN)
+            row_scale = torch.full((n_rows,), 1.0 / max(n_rows, 1), dtype=torch.float32, device=logp.device)
         elif cfg.agg == "seq-mean-token-mean":
             seq_count = partial[:, 1].clamp_min(1)
             loss = (partial[:, 0] / seq_count).mean()
