@@ -122,14 +122,17 @@ def trace_launches():
                 launches.append(launch)
         return record
 
+    from delta_kernels import _checks
     from delta_kernels._backends import Backend
-    old = (JITFunction.__getitem__, Backend.runs_on)
+    old = (JITFunction.__getitem__, Backend.runs_on, _checks.refuse_unreadable)
     JITFunction.__getitem__ = getitem
     Backend.runs_on = lambda self, device: True  # the registry lets meta tensors stand for CUDA ones
+    # the input gate refuses meta tensors (no data to read); here nothing is read, kernels are only recorded
+    _checks.refuse_unreadable = lambda name, x: None if getattr(x, "is_meta", False) else old[2](name, x)
     try:
         _run_calls()
     finally:
-        JITFunction.__getitem__, Backend.runs_on = old
+        JITFunction.__getitem__, Backend.runs_on, _checks.refuse_unreadable = old
     return launches
 
 

@@ -98,3 +98,8 @@ def cpu_backend_params(op: str = "delta_coefficients") -> List:
     """backend_params(op) of the backends that take CPU tensors here (the interpreter included),
     for tests whose inputs are built on the CPU."""
     return [p for p in backend_params(op) if p.values[0].device == "cpu"]
+
+
+def cpu_backend_names(op: str = "delta_coefficients") -> List[str]:
+    """The names of the backends that run on CPU tensors here (plain strings)."""
+    return [str(p.values[0]) for p in cpu_backend_params(op) if not p.marks]
