@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels.aggregation import AGG_MODES
 from backend_cases import cpu_backend_params
 from helpers import TOL, assert_rel, make_batch
 
@@ -51,7 +52,7 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", AGG_MODES)
 def test_empty_sequence_batch_matches_the_reference(backend, agg):
     """[0, T]: every backend returns what the reference returns (a NaN mean over no sequences
     included) and a [0, T] gradient, never an exception."""
