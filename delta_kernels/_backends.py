@@ -19,6 +19,7 @@ import torch
 PHASES = ("token_sketch", "delta_coefficients", "clipped_surrogate_loss", "PIPELINE_KERNELS")
 LM_HEAD = "lm_head"  # the op name of the fused LM-head functions
 LM_HEAD_FUNCTIONS = ("logprob", "token_vectors", "logprob_backward")
+ANY = "any"  # in devices: tensors of any device that holds data (plain torch ops); never meta
 _FAST = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -27,7 +28,7 @@ class Backend:
     """One backend's declaration.
 
     name: what ``backend=`` takes. module: dotted path of the module with the ``ops`` in PHASES.
-    devices: tensor device types it takes. dtypes: input compute dtypes it takes (float64 only on
+    devices: tensor device types it takes (ANY: every device but meta). dtypes: input compute dtypes it takes (float64 only on
     a backend that computes in float64). ops: what it implements (names from PHASES, and LM_HEAD
     when ``lm_head`` names the fused LM-head module). priority: ``auto`` takes the highest that
     runs on the call's device and dtype and implements the op. interpreted: also runs on CPU
@@ -50,13 +51,17 @@ class Backend:
         if (self.lm_head is None) == (LM_HEAD in self.ops):
             raise ValueError(f"backend: {self.name!r}: {LM_HEAD!r} in ops and an lm_head module go together")
 
+    def takes(self, device: torch.device) -> bool:
+        """Whether its declared devices include ``device`` (what ``auto`` asks)."""
+        return device.type != "meta" and (device.type in self.devices or ANY in self.devices)
+
     def runs_on(self, device: torch.device) -> bool:
-        """Whether it takes tensors on ``device`` (under the interpreter too)."""
-        return device.type in self.devices or (self.interpreted and device.type == "cpu"
-                                                and os.environ.get("TRITON_INTERPRET") == "1")
+        """Whether it takes tensors on ``device``, the interpreter included (a named backend)."""
+        return self.takes(device) or (self.interpreted and device.type == "cpu"
+                                      and os.environ.get("TRITON_INTERPRET") == "1")
 
     def device_text(self) -> str:
-        text = " or ".join(d.upper() for d in self.devices) + " tensors"
+        text = " or ".join("any device's" if d == ANY else d.upper() for d in self.devices) + " tensors"
         return text + (", or CPU tensors under TRITON_INTERPRET=1" if self.interpreted else "")
 
 
@@ -92,7 +97,7 @@ register(Backend("triton", "delta_kernels.triton", ("cuda",), _FAST, PHASES + (L
                  lm_head="delta_kernels.fused_linear.triton_ops", interpreted=True))
 register(Backend("cuda", "delta_kernels.backends.cuda", ("cuda",), _FAST, PHASES, 20))
 register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES, 10))
-register(Backend("torch", "delta_kernels.reference", ("cpu", "cuda"), _FAST + (torch.float64,), PHASES + (LM_HEAD,),
+register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.float64,), PHASES + (LM_HEAD,),
                  0, lm_head="delta_kernels.fused_linear.torch_chunked"))
 
 
@@ -117,18 +122,19 @@ def available_backends() -> List[str]:
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> ModuleType:
     """The module that serves ``op`` (a name from PHASES, or LM_HEAD) for a call on ``device``
     with compute dtype ``dtype``. ``auto`` takes the highest-priority declared backend whose
-    devices include ``device`` (the interpreter does not count), whose dtypes include ``dtype``
+    devices include ``device`` (the interpreter does not count; meta tensors hold no data and
+    none takes them), whose dtypes include ``dtype``
     and that implements ``op`` and imports; a named backend that cannot serve the call raises,
     naming why (never a silent fallback)."""
     if backend not in _REGISTRY:
         if backend != "auto":
             raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(names())}")
         for b in reversed(registered()):
-            if device.type in b.devices and dtype in b.dtypes and op in b.ops:
+            if b.takes(device) and dtype in b.dtypes and op in b.ops:
                 mod = _load(b, op)
                 if mod is not None and _serves(mod, op):
                     return mod
-        raise RuntimeError(f"backend: no backend serves {op} on {device.type} tensors of {dtype}")
+        raise ValueError(f"backend: no backend runs {op} on {device.type} tensors of {dtype}")
     b = _REGISTRY[backend]
     if op == LM_HEAD and op not in b.ops:  # the fused calls know only the backends that have the op
         raise ValueError(f"backend: unknown backend {backend!r} for the fused LM head; expected one of "

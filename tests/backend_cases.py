@@ -31,7 +31,8 @@ def under_test(b: _backends.Backend):
     ut = UnderTest(b.name)
     ut.declaration = b
     gpu = torch.cuda.is_available()
-    usable = [d for d in b.devices if d == "cpu" or (d == "cuda" and gpu)]
+    usable = ["cpu" if d == _backends.ANY else d for d in b.devices
+              if d in ("cpu", _backends.ANY) or (d == "cuda" and gpu)]
     ut.interpreted = not usable and b.interpreted and os.environ.get("TRITON_INTERPRET") == "1"
     ut.device = usable[0] if usable else ("cpu" if ut.interpreted else b.devices[0])
     if not usable and not ut.interpreted:
