@@ -207,18 +207,47 @@ def test_driver_old_log_prob_pass_carries_the_vectors():
         wrapped(trainer, batch)
 
 
-def test_enabled_through_verl_external_modules():
-    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the worker patch."""
+def import_verl_in_a_subprocess(env, pythonpath):
+    """``import verl`` in a fresh interpreter: which DelTA patches are installed."""
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import verl\nfrom verl.workers.engine.fsdp import transformer_impl as ti\n"
-            "assert ti.FSDPEngineWithLMHead.forward_step._delta_kernels_patch\nprint('patched')")
-    env = {**os.environ, "PYTHONPATH": root, "VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+            "from verl.trainer.ppo import ray_trainer as rt\n"
+            "for f in (ti.FSDPEngineWithLMHead.forward_step, rt.RayPPOTrainer._compute_old_log_prob,\n"
+            "          rt.compute_advantage, rt.compute_data_metrics):\n"
+            "    print(getattr(f, '_delta_kernels_patch', False))")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")},
+           "PYTHONPATH": os.pathsep.join([root, *pythonpath]), **env}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
                          cwd=root)
-    assert res.returncode == 0 and "patched" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.split()
+
+
+def test_enabled_through_verl_external_modules():
+    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the four patches."""
+    out = import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl",
+                                       "VERL_USE_EXTERNAL_PLUGINS": "none"}, [])
+    assert out == ["True"] * 4, out
+
+
+def test_enabled_through_the_declared_verl_plugins_entry_point(tmp_path):
+    """The entry point pyproject.toml declares, as an installed distribution's metadata: verl's
+    own entry-point discovery at `import verl` loads it and the patches are in place."""
+    import tomllib
+    from pathlib import Path
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    points = project["project"]["entry-points"]["verl.plugins"]
+    assert points == {"delta_kernels": "delta_kernels.integrations.verl"}
+    info = tmp_path / "delta_kernels_plugin_probe-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: delta-kernels-plugin-probe\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[verl.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    env = {"VERL_USE_EXTERNAL_PLUGINS": "delta_kernels"}
+    assert import_verl_in_a_subprocess(env, [str(tmp_path)]) == ["True"] * 4
+    assert import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_PLUGINS": "none"}, [str(tmp_path)]) == ["False"] * 4
 
 
 def test_compute_advantage_wrapper_folds_the_pending_vectors():
