@@ -43,8 +43,14 @@ hook for extra worker outputs, a post-advantage step or extra metrics), verl 0.9
     2. ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` (driver)
     3. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (driver; the module global the fit loop calls)
     4. ``verl.trainer.ppo.ray_trainer.compute_data_metrics`` (driver; adds the delta/* metrics)
+    5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): refuses
+       ``algorithm.delta.enable`` with ``trainer.use_v1=True``
 Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set
 (4: unless the batch carries them).
+
+Trainer: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``). verl 0.9.1's default v1 trainer
+(verl/trainer/ppo/v1, TransferQueue) computes old log-probs and advantages in other methods that
+these patches do not reach, so DelTA would silently be off there: patch 5 refuses it instead.
 Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend.
 """
 from __future__ import annotations
@@ -246,6 +252,26 @@ def _data_metrics_with_delta(original):
     return compute_data_metrics
 
 
+def _validate_config_refusing_v1(original):
+    def validate_config(config, *args, **kwargs):
+        result = original(config, *args, **kwargs)
+        check_trainer(config)
+        return result
+    validate_config.__wrapped__ = original
+    validate_config._delta_kernels_patch = True
+    return validate_config
+
+
+def check_trainer(config) -> None:
+    """Refuse ``algorithm.delta.enable`` with verl's v1 trainer, which the driver patches do not reach."""
+    if spec_from_config(config.get("algorithm", None)) is None:
+        return
+    if config.get("trainer", {}).get("use_v1", False):
+        raise ValueError("trainer.use_v1: algorithm.delta.enable=True needs verl's RayPPOTrainer; the v1 trainer "
+                         "(TransferQueue) is not supported by delta_kernels.integrations.verl yet: set "
+                         "trainer.use_v1=False")
+
+
 def _compute_advantage_then_fold(original):
     def compute_advantage(data, *args, config=None, **kwargs):
         data = original(data, *args, config=config, **kwargs)
@@ -268,6 +294,8 @@ def install() -> Dict[str, str]:
     ti = require("verl.workers.engine.fsdp.transformer_impl", "verl")
     status["FSDPEngineWithLMHead.forward_step"] = _patch(ti.FSDPEngineWithLMHead, "forward_step",
                                                          _forward_step_with_vectors)
+    config_utils = require("verl.utils.config", "verl")
+    status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_refusing_v1)
     try:
         rt = require("verl.trainer.ppo.ray_trainer", "verl")
     except ImportError as e:
