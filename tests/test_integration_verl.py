@@ -2,6 +2,7 @@
 verl builds them: a left/right-padded batch -> verl's left_right_2_no_padding -> verl's own FSDP
 engine forward (dynamic micro-batches, packed or padded model inputs, jagged log-probs) with the
 patched forward_step -> verl's no_padding_2_padding -> the fold after compute_advantage."""
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -160,20 +161,40 @@ def test_bad_use_is_refused():
     assert dv.install()["FSDPEngineWithLMHead.forward_step"] == "already patched"
 
 
+class FlopsEstimate:
+    """The one stand-in: verl's FlopsCounter asks CUDA for the device's peak flops."""
+
+    def estimate_flops(self, global_token_num, delta_time, images_seqlens=None):
+        return float(sum(global_token_num)), 1e3
+
+
+def training_worker(model):
+    """verl's TrainingWorker (the actor's infer_batch and _postprocess_output) around the CPU engine."""
+    from verl.workers.engine_workers import TrainingWorker
+    eng = cpu_engine(model)
+    eng.eval_mode = lambda **kw: nullcontext()  # FSDP's eval context: offload and resharding only
+    eng.ulysses_device_mesh = None
+    worker = object.__new__(TrainingWorker)
+    worker.engine, worker.loss_fn, worker.device_name, worker.flops_counter = eng, None, "cpu", FlopsEstimate()
+    worker.model_config = OmegaConf.create(dict(use_remove_padding=False))
+    worker.engine_config = SimpleNamespace(use_dynamic_bsz=True, infer_max_token_len_per_gpu=16,
+                                           infer_micro_batch_size_per_gpu=None, use_fused_kernels=False)
+    return worker
+
+
 class WorkerGroup:
-    """The actor worker group as the driver sees it: compute_log_prob(TensorDict) runs verl's
-    engine forward (patched forward_step) and returns model outputs + metrics the way verl's
-    TrainingWorker._postprocess_output packs them."""
+    """The actor worker group as the driver sees it: compute_log_prob(TensorDict) is verl's
+    ActorRolloutRefWorker.compute_log_prob (``actor.infer_batch(data).cpu()``) on verl's
+    TrainingWorker and engine, the forward_step DelTA-patched unless ``capture`` is False."""
 
     def __init__(self, model, capture=True):
-        self.model, self.capture, self.calls = model, capture, 0
+        self.worker, self.capture, self.calls = training_worker(model), capture, 0
 
     def compute_log_prob(self, data):
         self.calls += 1
         if not self.capture:  # workers without the plugin: verl's forward_step unpatched
             tu.assign_non_tensor(data, **{dv.SPEC_KEY: None})
-        out = worker_outputs(self.model, data, packed=False)
-        return tu.get_tensordict(tensor_dict=out, non_tensor_dict={"metrics": {"mfu": 0.5}})
+        return self.worker.infer_batch(data).cpu()
 
 
 def driver(model, delta=dict(enable=True, k=1, sketch_dim=8), capture=True):
@@ -198,10 +219,12 @@ def test_driver_patches_on_verls_own_trainer_functions():
     uid = np.array(["a", "a", "b", "b", "b"], dtype=object)
     trainer = driver(model)
 
+    tokens = td["attention_mask"].sum(-1).tolist()  # the fit loop's global_token_num
     batch = DataProto.from_dict(tensors={k: td[k] for k in td.keys()}, non_tensors=dict(uid=uid),
-                                meta_info={"temperature": 1.0})
+                                meta_info={"temperature": 1.0, "global_token_num": tokens})
     old, mfu = rt.RayPPOTrainer._compute_old_log_prob(trainer, batch)
-    assert mfu == 0.5 and dv.VECTORS_KEY not in old.batch.keys() and trainer.actor_rollout_wg.calls == 1
+    assert mfu == pytest.approx(sum(tokens) / 1e3 / 3)  # verl's forward-only mfu, through the worker's metrics
+    assert dv.VECTORS_KEY not in old.batch.keys() and trainer.actor_rollout_wg.calls == 1
     batch = batch.union(old)
     batch.batch["token_level_scores"] = batch.batch["token_level_rewards"] = rewards
     batch = rt.compute_advantage(batch, adv_estimator="grpo", num_repeat=1, config=trainer.config.algorithm)
@@ -231,7 +254,8 @@ def test_driver_refuses_what_would_silently_drop_delta():
     td = padded_batch(2)
 
     def batch(temperature=1.0):
-        return DataProto.from_dict(tensors={k: td[k] for k in td.keys()}, meta_info={"temperature": temperature})
+        return DataProto.from_dict(tensors={k: td[k] for k in td.keys()},
+                                   meta_info={"temperature": temperature, "global_token_num": [1] * B})
     with pytest.raises(RuntimeError, match="worker-side capture is not installed"):
         rt.RayPPOTrainer._compute_old_log_prob(driver(tiny_model(), capture=False), batch())
     with pytest.raises(ValueError, match="temperature: log-probs are computed at temperature 0.6"):
