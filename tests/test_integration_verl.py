@@ -288,9 +288,9 @@ def import_verl_in_a_subprocess(env, pythonpath):
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import verl\nfrom verl.workers.engine.fsdp import transformer_impl as ti\n"
-            "from verl.trainer.ppo import ray_trainer as rt\n"
+            "from verl.trainer.ppo import ray_trainer as rt\nfrom verl.utils import config\n"
             "for f in (ti.FSDPEngineWithLMHead.forward_step, rt.RayPPOTrainer._compute_old_log_prob,\n"
-            "          rt.compute_advantage, rt.compute_data_metrics):\n"
+            "          rt.compute_advantage, rt.compute_data_metrics, config.validate_config):\n"
             "    print(getattr(f, '_delta_kernels_patch', False))")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")},
            "PYTHONPATH": os.pathsep.join([root, *pythonpath]), **env}
@@ -301,10 +301,10 @@ def import_verl_in_a_subprocess(env, pythonpath):
 
 
 def test_enabled_through_verl_external_modules():
-    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the four patches."""
+    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the five patches."""
     out = import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl",
                                        "VERL_USE_EXTERNAL_PLUGINS": "none"}, [])
-    assert out == ["True"] * 4, out
+    assert out == ["True"] * 5, out
 
 
 def test_enabled_through_the_declared_verl_plugins_entry_point(tmp_path):
@@ -320,5 +320,5 @@ def test_enabled_through_the_declared_verl_plugins_entry_point(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: delta-kernels-plugin-probe\nVersion: 0\n")
     (info / "entry_points.txt").write_text("[verl.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
     env = {"VERL_USE_EXTERNAL_PLUGINS": "delta_kernels"}
-    assert import_verl_in_a_subprocess(env, [str(tmp_path)]) == ["True"] * 4
-    assert import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_PLUGINS": "none"}, [str(tmp_path)]) == ["False"] * 4
+    assert import_verl_in_a_subprocess(env, [str(tmp_path)]) == ["True"] * 5
+    assert import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_PLUGINS": "none"}, [str(tmp_path)]) == ["False"] * 5

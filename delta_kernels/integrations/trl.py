@@ -90,8 +90,8 @@ class DeltaGRPOTrainer(GRPOTrainer):
         start = 0
         for h in cap.hidden_states:  # one body forward per chunk of rows, in order
             rows = h.shape[0]
-            acc.add(response_hidden_states(h, logits_to_keep), logps[start:start + rows],
-                    attention_mask[start:start + rows, -logits_to_keep:])
+            acc.add(response_hidden_states(h, logits_to_keep), logps[start:start + rows].clamp_max(0),
+                    attention_mask[start:start + rows, -logits_to_keep:])  # clamp: a fused head's rounding
             start += rows
         if start != logps.shape[0]:
             raise RuntimeError(f"captured {start} rows for {logps.shape[0]} log-prob rows: a body forward was missed")

@@ -37,7 +37,8 @@ Data flow (targets verl 0.9.1, engine workers, FSDP/FSDP2 LM-head engine):
 Registration: ``pip install delta-kernels`` declares the ``verl.plugins`` entry point that
 ``import verl`` loads (VERL_USE_EXTERNAL_PLUGINS=auto, verl's default); without the installed
 metadata (a source checkout), or with entry points disabled, set
-``VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl``. Monkeypatches (verl leaves no
+``VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl`` (which also fails loudly where an
+entry point that fails to load is only logged at debug level). Monkeypatches (verl leaves no
 hook for extra worker outputs, a post-advantage step or extra metrics), verl 0.9.1:
     1. ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` (worker)
     2. ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` (driver)
