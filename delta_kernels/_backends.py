@@ -31,6 +31,8 @@ def _load(name: str):
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
+    if device.type == "meta":  # no data to read (the public calls refuse meta tensors before this)
+        return False
     if name == "torch":
         return True
     if name == "cpp":
@@ -51,13 +53,15 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> 
     torch (triton first: it is the main GPU path and the fused LM-head kernels live there);
     CPU tensors take cpp when built, else torch. float64 inputs always take torch (the fast
     backends compute in float32). ``op`` is the function the call needs; auto skips a
-    backend that lacks it."""
+    backend that lacks it, and any backend that does not run on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         order = ["torch"] if dtype == torch.float64 else (
             ["triton", "cuda", "torch"] if device.type == "cuda" else ["cpp", "torch"])
         for name in order:
+            if not _runs_on(name, device):  # never a backend whose device test fails
+                continue
             mod = _load(name)
             if mod is not None and hasattr(mod, op):
                 return mod

@@ -17,23 +17,80 @@ def fail(name: str, msg: str) -> None:
     raise ValueError(f"{name}: {msg}")
 
 
-def check_tensor(name: str, x, *, floating: bool = True) -> torch.Tensor:
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def refuse_unreadable(name: str, x) -> None:
+    """The gate in front of every kernel: x is a plain strided tensor whose memory can be read.
+
+    Refused, naming the argument: tensor subclasses (a DTensor is told to call .full_tensor();
+    nn.Parameter is a plain tensor and passes), meta tensors (no data: a native kernel would read
+    whatever address the storage offset names), sparse/mkldnn layouts and nested tensors, and
+    zero tensors (torch._efficientzerotensor: no storage behind the data pointer). Reads no
+    values and copies nothing."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if type(x) not in (torch.Tensor, torch.nn.Parameter):
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(x, dtensor):
+            raise TypeError(f"{name}: a DTensor (sharded over a device mesh) is not accepted; pass the local full "
+                            f"tensor: {name}.full_tensor() (or gather it yourself)")
+        raise TypeError(f"{name}: tensor subclass {type(x).__name__} is not accepted; pass a plain torch.Tensor")
+    if x.device.type == "meta":
+        fail(name, "a meta tensor holds no data; pass a tensor on cpu or cuda")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: layout {x.layout} is not accepted; pass a dense tensor ({name}.to_dense())")
+    if x.is_nested:
+        raise TypeError(f"{name}: nested tensors are not accepted; pad them to a dense tensor")
+    if x._is_zerotensor():
+        fail(name, "a zero tensor (torch._efficientzerotensor) has no storage; pass torch.zeros(...) instead")
+
+
+def admit(name: str, x) -> torch.Tensor:
+    """refuse_unreadable, then the negation/conjugation view bits resolved (the kernels read raw
+    memory, which holds the values before the lazy negation; .contiguous() keeps the bit)."""
+    refuse_unreadable(name, x)
+    if x.is_conj():
+        x = x.resolve_conj()
+    if x.is_neg():
+        x = x.resolve_neg()
+    return x
+
+
+def check_tensor(name: str, x, *, floating: bool = True) -> torch.Tensor:
+    """-> x admitted (see admit); floating dtype unless floating=False."""
+    x = admit(name, x)
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     return x
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise naming the first non-finite element. The common case is one streaming sum (any
-    NaN or inf makes it non-finite) and one device sync; the exact index search runs only when
-    the sum is not finite (a NaN/inf, or a sum that overflowed: then nothing is raised)."""
+def _leading(valid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """valid (a bool tensor of x's leading dims) broadcast to x's shape."""
+    return valid.reshape(*valid.shape, *([1] * (x.dim() - valid.dim()))).expand(x.shape)
+
+
+def check_finite(name: str, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+    """Raise naming the first non-finite element; with ``valid`` (bool, x's leading dims) only
+    valid positions are looked at (padding may hold anything). The common case is one streaming
+    sum (any NaN or inf makes it non-finite) and one device sync; the exact index search runs
+    only when the sum is not finite (a NaN/inf, or a sum that overflowed: then nothing is raised)."""
     if x.numel() == 0:
         return
-    if bool(torch.isfinite(x.sum())):
+    if valid is None:
+        total = x.sum()
+    else:  # per-row sums (no [N, H] temporary), padding rows selected out
+        total = torch.where(valid, x.reshape(*valid.shape, -1).sum(-1), 0).sum()
+    if bool(torch.isfinite(total)):
         return
     bad = ~torch.isfinite(x)
+    if valid is not None:
+        bad &= _leading(valid, x)
     if bool(bad.any()):
         flat = int(bad.reshape(-1).nonzero()[0, 0])
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape)) if x.dim() else ()
@@ -41,7 +98,11 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def check_devices(**tensors) -> torch.device:
-    """All tensors on one device (non-tensors are left to the type checks); returns it."""
+    """All tensors readable (refuse_unreadable) and on one device (non-tensors are left to the
+    type checks); returns it."""
+    for n, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            refuse_unreadable(n, t)
     devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
     if not devices:
         raise TypeError(f"{next(iter(tensors))}: expected a torch.Tensor")
@@ -54,8 +115,7 @@ def check_devices(**tensors) -> torch.device:
 
 def check_mask(mask, shape, check_values: bool) -> torch.Tensor:
     """bool, or 0/1 of any real dtype, shaped like logp -> flat bool."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    mask = admit("mask", mask)
     if tuple(mask.shape) != tuple(shape):
         fail("mask", f"shape {list(mask.shape)} does not match logp's {list(shape)}")
     if mask.dtype == torch.bool:
@@ -68,20 +128,29 @@ def check_mask(mask, shape, check_values: bool) -> torch.Tensor:
 
 
 def check_logp(name: str, logp, check_values: bool) -> torch.Tensor:
-    check_tensor(name, logp)
+    """-> logp admitted; with check_values, finite and <= 0 everywhere (see check_values_of_logp)."""
+    logp = check_tensor(name, logp)
     if logp.dim() not in (1, 2):
         fail(name, f"expected [N] or [B, T], got shape {list(logp.shape)}")
     if check_values:
-        check_finite(name, logp)
-        if bool((logp > 0).any()):
-            flat = int((logp.reshape(-1) > 0).nonzero()[0, 0])
-            fail(name, f"log-probabilities must be <= 0; found {logp.reshape(-1)[flat].item()} at flat index {flat}")
+        check_values_of_logp(name, logp, None)
     return logp
 
 
-def check_advantages(advantages, logp: torch.Tensor, check_values: bool) -> torch.Tensor:
-    """Shaped like logp, or [B] per sequence when logp is [B, T]; returns flat [N]."""
-    check_tensor("advantages", advantages)
+def check_values_of_logp(name: str, logp: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+    """Finite and <= 0 at the ``valid`` positions (bool, logp's shape), or everywhere when None."""
+    check_finite(name, logp, valid)
+    positive = logp > 0 if valid is None else (logp > 0) & valid
+    if bool(positive.any()):
+        flat = int(positive.reshape(-1).nonzero()[0, 0])
+        fail(name, f"log-probabilities must be <= 0; found {logp.reshape(-1)[flat].item()} at flat index {flat}")
+
+
+def check_advantages(advantages, logp: torch.Tensor, check_values: bool,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Shaped like logp, or [B] per sequence when logp is [B, T]; returns flat [N]. The value
+    check looks only at ``valid`` positions (bool, logp's shape) when given."""
+    advantages = check_tensor("advantages", advantages)
     if tuple(advantages.shape) == tuple(logp.shape):
         adv = advantages
     elif logp.dim() == 2 and tuple(advantages.shape) == (logp.shape[0],):
@@ -90,31 +159,35 @@ def check_advantages(advantages, logp: torch.Tensor, check_values: bool) -> torc
         fail("advantages", f"shape {list(advantages.shape)} must equal logp's {list(logp.shape)}"
              + (f" or be [B] = [{logp.shape[0]}]" if logp.dim() == 2 else ""))
     if check_values:
-        check_finite("advantages", advantages)
+        check_finite("advantages", adv, valid)
     return adv.reshape(-1)
 
 
-def check_token_weights(name: str, x, shape, mask: torch.Tensor, check_values: bool) -> None:
+def check_token_weights(name: str, x, shape, mask: torch.Tensor, check_values: bool) -> Optional[torch.Tensor]:
     """Optional per-token factors (coef, rollout_is_weights) shaped like logp; finite at the
-    valid positions (mask: bool, flat or shaped like logp). Padding is not read."""
+    valid positions (mask: bool, flat or shaped like logp). Padding is not read. Returns the
+    admitted tensor (neg/conj bits resolved)."""
     if x is None:
-        return
-    check_tensor(name, x)
+        return None
+    x = check_tensor(name, x)
     if tuple(x.shape) != tuple(shape):
         fail(name, f"shape {list(x.shape)} does not match logp's {list(shape)}")
     if check_values:
-        check_finite(name, torch.where(mask.reshape(x.shape), x, 0))
+        check_finite(name, x, valid=mask.reshape(x.shape))
+    return x
 
 
-def check_hidden(name: str, hidden, logp: torch.Tensor, check_values: bool) -> torch.Tensor:
-    """[..., H] with leading dims equal to logp's; returns [N, H]."""
-    check_tensor(name, hidden)
+def check_hidden(name: str, hidden, logp: torch.Tensor, check_values: bool,
+                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[..., H] with leading dims equal to logp's; returns [N, H]. The value check looks only at
+    the rows of ``valid`` positions (bool, logp's shape) when given."""
+    hidden = check_tensor(name, hidden)
     if hidden.dim() != logp.dim() + 1 or tuple(hidden.shape[:-1]) != tuple(logp.shape):
         fail(name, f"shape {list(hidden.shape)} must be logp's shape {list(logp.shape)} plus a hidden dim")
     if hidden.shape[-1] < 1:
         fail(name, "hidden size must be >= 1")
     if check_values:
-        check_finite(name, hidden)
+        check_finite(name, hidden, valid)
     return hidden.reshape(-1, hidden.shape[-1])
 
 
@@ -161,6 +234,18 @@ class DeltaConfig:
         if not self.eps > 0:
             fail("eps", f"must be > 0, got {self.eps}")
 
+    def check_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse parameters that underflow or overflow in the compute dtype: eps below its
+        smallest normal number (it would round to 0, then 0/0), and a lam range whose mapped gates
+        lam_max / lam_min (lam_max when lam_min = 0) could overflow a sum over 2**32 tokens."""
+        info = torch.finfo(dtype)
+        if self.eps < info.tiny:
+            fail("eps", f"{self.eps!r} is below the smallest normal {info.tiny:.3g} of {dtype} (the compute dtype)")
+        ratio = self.lam_max / (self.lam_min if self.lam_min > 0 else 1.0)
+        if ratio > info.max / 2**32:
+            fail("lam_max", f"lam_max / lam_min = {ratio:.3g} (lam_max when lam_min = 0) would overflow {dtype} "
+                            f"sums of the coefficients; keep it below {info.max / 2**32:.3g}")
+
 
 @dataclass(frozen=True)
 class SurrogateConfig:
@@ -189,6 +274,31 @@ class TokenBatch:
     hidden: Optional[torch.Tensor] = None   # [N, H]
     vectors: Optional[torch.Tensor] = None  # [N, D], precomputed v or z
     side_sums: Optional[torch.Tensor] = None  # [2, D], precomputed (sum a+ v, sum a- v) of vectors
+
+
+def check_representable(name: str, value: float, dtype: torch.dtype) -> None:
+    """A finite parameter that must stay finite when cast to the compute dtype."""
+    if abs(value) > torch.finfo(dtype).max:
+        fail(name, f"{value!r} is beyond the largest {dtype} ({torch.finfo(dtype).max:.3g}), the compute dtype")
+
+
+# Largest |advantage| the float32 pipelines take: sums of a * v over 2**32 tokens stay finite for
+# |v| up to about 2**60 (float32 max is about 2**128).
+MAX_ADVANTAGE_F32 = 2.0**64
+
+
+def check_advantage_range(advantages: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32 compute: valid |advantages| <= MAX_ADVANTAGE_F32 (else the centroid sums overflow,
+    and the coefficients would be NaN or silently wrong). The centroids do not change when every
+    advantage is scaled by one positive factor, so a caller can rescale. One device sync."""
+    if dtype == torch.float64 or advantages.numel() == 0:
+        return
+    big = (advantages.abs() > MAX_ADVANTAGE_F32) & valid
+    if bool(big.any()):
+        flat = int(big.reshape(-1).nonzero()[0, 0])
+        fail("advantages", f"|{advantages.reshape(-1)[flat].item():.3g}| at flat index {flat} is beyond "
+                           f"{MAX_ADVANTAGE_F32:.3g}, where float32 centroid sums overflow; scale the advantages "
+                           "down (the coefficients do not depend on a common positive factor)")
 
 
 def compute_dtype(*dtypes) -> torch.dtype:

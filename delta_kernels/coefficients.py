@@ -8,7 +8,7 @@ import torch
 
 from . import _checks as C
 from ._backends import resolve
-from .distributed import group_sum
+from .distributed import check_group, group_sum
 
 
 @dataclass
@@ -66,35 +66,47 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
     cfg = C.DeltaConfig(k=k, lam_min=lam_min, lam_max=lam_max, eps=eps)
     device = C.check_devices(hidden=hidden, vectors=vectors, side_sums=side_sums, logp=logp, advantages=advantages,
                              mask=mask)
-    C.check_logp("logp", logp, check_values)
+    logp = C.check_logp("logp", logp, False)
     C.check_sketch_args(sketch_dim, seed)
+    check_group(process_group)
+    # The mask first: every value check looks only at valid positions (padding is don't-care).
+    flat_mask = C.check_mask(mask, logp.shape, check_values)
+    valid = flat_mask.reshape(logp.shape)
+    if check_values:
+        C.check_values_of_logp("logp", logp, valid)
     if (hidden is None) == (vectors is None):
         C.fail("hidden", "pass exactly one of hidden and vectors")
-    flat_hidden = None if hidden is None else C.check_hidden("hidden", hidden, logp, check_values)
-    flat_vectors = None if vectors is None else C.check_hidden("vectors", vectors, logp, check_values)
+    flat_hidden = None if hidden is None else C.check_hidden("hidden", hidden, logp, check_values, valid)
+    flat_vectors = None if vectors is None else C.check_hidden("vectors", vectors, logp, check_values, valid)
     if vectors is not None and sketch_dim is not None and vectors.shape[-1] != sketch_dim:
         C.fail("vectors", f"last dim {vectors.shape[-1]} differs from sketch_dim={sketch_dim}")
     if side_sums is not None:
         if vectors is None:
             C.fail("side_sums", "only goes with vectors (the sums of those vectors)")
-        C.check_tensor("side_sums", side_sums)
+        side_sums = C.check_tensor("side_sums", side_sums)
         if tuple(side_sums.shape) != (2, vectors.shape[-1]):
             C.fail("side_sums", f"shape {list(side_sums.shape)} must be [2, {vectors.shape[-1]}]")
         if check_values:
             C.check_finite("side_sums", side_sums)
-    adv = C.check_advantages(advantages, logp, check_values)
-    flat_mask = C.check_mask(mask, logp.shape, check_values)
+    adv = C.check_advantages(advantages, logp, check_values, valid)
     src = hidden if hidden is not None else vectors
+    dtype = C.compute_dtype(src.dtype, logp.dtype, advantages.dtype)
+    cfg.check_compute_dtype(dtype)
+    if check_values:
+        C.check_advantage_range(adv, flat_mask, dtype)
     batch = C.TokenBatch(
         shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),
         mask=flat_mask.contiguous(),
         hidden=None if flat_hidden is None else flat_hidden.contiguous(),
         vectors=None if flat_vectors is None else flat_vectors.contiguous(),
         side_sums=None if side_sums is None else side_sums.contiguous())
-    impl = resolve(backend, device, C.compute_dtype(src.dtype, logp.dtype, advantages.dtype), "delta_coefficients")
+    impl = resolve(backend, device, dtype, "delta_coefficients")
     coef, st = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
+    if check_values and not bool(torch.isfinite(coef.sum())):  # a backstop: the checks above should prevent it
+        C.fail("hidden", "the coefficients overflowed the compute dtype: the sums of advantages * token vectors are "
+                         "too large; scale the advantages down")
     shape = batch.shape
     coef = coef.reshape(shape)
     st["pred"] = st["pred"].reshape(shape)
-    weighted = adv.reshape(shape).to(coef.dtype) * coef * flat_mask.reshape(shape).to(coef.dtype)
+    weighted = torch.where(flat_mask.reshape(shape), adv.reshape(shape).to(coef.dtype) * coef, 0.0)
     return DeltaResult(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**st))

@@ -11,9 +11,11 @@ Kernel contract (all tensors contiguous, on one device; float32 unless stated):
         -> v [N,D] in hidden's dtype (D = H, or r with the sketch of sketch_matrix.py),
            sums [2,D] = (sum a_pos v, sum a_neg v)          one read of hidden
     side_sums(v [N,D], a_pos [N], a_neg [N]) -> sums [2,D]  one read of v
-    margin_pass(v [N,D], w [D], b [], gate) -> (m [N], sums [2,D] or None)
-        m = 2 (v.w + b); with gate = (gamma [2], a_pos, a_neg) also
-        sums = (sum sigmoid(m/gamma+) a_pos v, sum sigmoid(-m/gamma-) a_neg v)   one read of v
+    margin_pass(v [N,D], w [D], c [D], gate) -> (m [N], sums [2,D] or None)
+        m = 2 (v - c).w, c subtracted from each element before the dot (exact under an offset
+        the vectors share; never the expanded 2 (v.w + b)); with gate = (gamma [2], a_pos, a_neg) also
+        sums = (sum sigmoid(m/gamma+) a_pos (v - c), sum sigmoid(-m/gamma-) a_neg (v - c))   one read of v
+        (about the centre, subtracted element by element like the margins)
 
 ``v`` is whatever the backend's token_vectors returns and only that backend's side_sums and
 margin_pass read it: a tensor, or a handle such as cpp/cuda's ``ScaledRows(hidden, 1 - exp(logp))``
@@ -31,7 +33,8 @@ from typing import Optional
 import torch
 
 from ._checks import DeltaConfig, TokenBatch
-from ._formulas import centroids_from_sums, discriminator, final_coefficients, gates, side_masks, side_std
+from ._formulas import (bias, centroids_about, centroids_from_sums, discriminator, final_coefficients, gated_weights,
+                        side_masks, side_std)
 
 
 def _identity(t):
@@ -50,22 +53,21 @@ def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: O
         v = batch.vectors
         sums = batch.side_sums.to(dtype) if batch.side_sums is not None else kernels.side_sums(v, a_pos, a_neg)
     mu = centroids_from_sums(sums, torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
-    w, b = discriminator(mu)
-    m, _ = kernels.margin_pass(v, w, b, None)
+    w, c = discriminator(mu)
+    m, _ = kernels.margin_pass(v, w, c, None)
     gamma = side_std(m, pos, neg, cfg.eps, reduce)
     for step in range(cfg.k):
         # m under the current centroids again (bitwise the same as the pass before), gated with
-        # the lagging temperatures, and the gated sums for the next centroids: one read of v.
-        m, gsums = kernels.margin_pass(v, w, b, (gamma, a_pos, a_neg))
-        g_pos, g_neg = gates(m, gamma)
+        # the lagging temperatures, and the gated sums about c for the next centroids: one read of v.
+        m, gsums = kernels.margin_pass(v, w, c, (gamma, a_pos, a_neg))
+        w_pos, w_neg = gated_weights(m, gamma, a_pos, a_neg)
         gamma = side_std(m, pos, neg, cfg.eps, reduce)
-        mu = centroids_from_sums(gsums, torch.stack([(g_pos * a_pos).sum(), (g_neg * a_neg).sum()]), cfg.eps, reduce)
-        w, b = discriminator(mu)
+        mu, w, c = centroids_about(c, gsums, torch.stack([w_pos.sum(), w_neg.sum()]), cfg.eps, reduce)
     if cfg.k > 0:
-        m, _ = kernels.margin_pass(v, w, b, None)
+        m, _ = kernels.margin_pass(v, w, c, None)
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(dtype))
-    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b,
-                 pred=torch.sign(batch.advantages.to(dtype)) * (m / 2) * valid, n_pos=counts[0], n_neg=counts[1],
-                 n_valid=n_valid, scale=scale)
+    pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
+    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=bias(w, c), pred=pred,
+                 n_pos=counts[0], n_neg=counts[1], n_valid=n_valid, scale=scale)
     return coef, stats

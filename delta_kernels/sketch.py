@@ -25,7 +25,7 @@ def token_sketch(hidden: torch.Tensor, logp: torch.Tensor, *, sketch_dim: Option
         [..., H] or [..., r], hidden's dtype (accumulated in float32, or float64 for float64).
     """
     device = C.check_devices(hidden=hidden, logp=logp)
-    C.check_logp("logp", logp, check_values)
+    logp = C.check_logp("logp", logp, check_values)
     C.check_sketch_args(sketch_dim, seed)
     flat_hidden = C.check_hidden("hidden", hidden, logp, check_values)
     impl = resolve(backend, device, C.compute_dtype(hidden.dtype, logp.dtype), "token_sketch")

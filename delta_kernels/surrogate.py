@@ -50,19 +50,24 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
     device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
                              rollout_is_weights=rollout_is_weights)
-    C.check_logp("logp", logp, check_values)
-    C.check_tensor("old_logp", old_logp)
+    logp = C.check_logp("logp", logp, False)
+    old_logp = C.check_logp("old_logp", old_logp, False)
     if tuple(old_logp.shape) != tuple(logp.shape):
         C.fail("old_logp", f"shape {list(old_logp.shape)} does not match logp's {list(logp.shape)}")
-    C.check_logp("old_logp", old_logp, check_values)
     aggregation = surrogate_aggregation(agg, logp.shape, dp_size, batch_num_tokens, global_batch_size,
                                         loss_scale_factor)
-    adv = C.check_advantages(advantages, logp, check_values).reshape(logp.shape)
     valid = C.check_mask(mask, logp.shape, check_values).reshape(logp.shape)
-    C.check_token_weights("coef", coef, logp.shape, valid, check_values)
-    C.check_token_weights("rollout_is_weights", rollout_is_weights, logp.shape, valid, check_values)
+    if check_values:  # padding is don't-care: only valid positions are looked at
+        C.check_values_of_logp("logp", logp, valid)
+        C.check_values_of_logp("old_logp", old_logp, valid)
+    adv = C.check_advantages(advantages, logp, check_values, valid).reshape(logp.shape)
+    coef = C.check_token_weights("coef", coef, logp.shape, valid, check_values)
+    rollout_is_weights = C.check_token_weights("rollout_is_weights", rollout_is_weights, logp.shape, valid,
+                                               check_values)
     dtypes = [t.dtype for t in (logp, old_logp, advantages, coef, rollout_is_weights) if t is not None]
-    impl = resolve(backend, device, C.compute_dtype(*dtypes), "clipped_surrogate_loss")
+    cdt = C.compute_dtype(*dtypes)
+    C.check_representable("clip_c", clip_c, cdt)
+    impl = resolve(backend, device, cdt, "clipped_surrogate_loss")
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731
     return impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
                                        detach(rollout_is_weights), cfg, aggregation)

@@ -65,3 +65,13 @@ def test_auto_spills_to_host_past_the_budget(monkeypatch):
     spilled = run("auto", "triton")
     for d, s in zip(dev, spilled):
         assert torch.equal(d.coef, s.coef)
+
+
+def test_device_change_between_adds_is_refused_naming_the_add():
+    acc = dk.DeltaAccumulator(k=1)
+    h, logp, adv, mask = micro_batch(0, 2, 8, 16, torch.float32)
+    acc.add(h, logp, mask)
+    with pytest.raises(ValueError, match="add 1: hidden: device cpu differs"):
+        acc.add(h.cpu(), logp.cpu(), mask.cpu())
+    acc.add(h, logp, mask)  # the refused add left the accumulator usable
+    assert len(acc.finalize([adv, adv])) == 2

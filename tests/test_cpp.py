@@ -193,11 +193,11 @@ _THREAD_SCRIPT = textwrap.dedent("""
     out["sums"] = sums
     out["side_sums"] = cpp.side_sums(v, a.clamp_min(0), (-a).clamp_min(0))
     w = torch.randn(72, generator=torch.Generator().manual_seed(0))
-    m, g = cpp.margin_pass(v, w, torch.tensor(0.3), (torch.tensor([1.5, 0.7]), a.clamp_min(0), (-a).clamp_min(0)))
+    m, g = cpp.margin_pass(v, w, torch.full((72,), 0.3), (torch.tensor([1.5, 0.7]), a.clamp_min(0), (-a).clamp_min(0)))
     out["m"], out["gated"] = m, g
     vb = cpp.ScaledRows(flat_h.bfloat16(), -torch.expm1(logp.reshape(-1)))
     out["side_sums_bf16"] = cpp.side_sums(vb, a.clamp_min(0), (-a).clamp_min(0))
-    out["m_bf16"], out["gated_bf16"] = cpp.margin_pass(vb, w, torch.tensor(0.3),
+    out["m_bf16"], out["gated_bf16"] = cpp.margin_pass(vb, w, torch.full((72,), 0.3),
                                                       (torch.tensor([1.5, 0.7]), a.clamp_min(0), (-a).clamp_min(0)))
     from delta_kernels import _cpp
     out["simd_level"] = torch.tensor(_cpp.simd_level())
@@ -251,15 +251,15 @@ def test_row_passes_vs_float64(n, dtype):
     scale = torch.rand(n, generator=g)
     adv = torch.randn(n, generator=g) * (torch.rand(n, generator=g) > 0.2)
     a_pos, a_neg = adv.clamp_min(0), (-adv).clamp_min(0)
-    w, b, gamma = torch.randn(H, generator=g), torch.tensor(-0.2), torch.tensor([1.3, 0.6])
+    w, c, gamma = torch.randn(H, generator=g), torch.randn(H, generator=g), torch.tensor([1.3, 0.6])
     for v, v64 in ((cpp.ScaledRows(x, scale), scale.double()[:, None] * x.double()), (x, x.double())):
         sums = cpp.side_sums(v, a_pos, a_neg)
         ref = torch.stack([a_pos.double() @ v64, a_neg.double() @ v64])
         assert_rel(sums, ref, 1e-5, "side_sums")
-        m_plain, none = cpp.margin_pass(v, w, b, None)
-        m, gsums = cpp.margin_pass(v, w, b, (gamma, a_pos, a_neg))
+        m_plain, none = cpp.margin_pass(v, w, c, None)
+        m, gsums = cpp.margin_pass(v, w, c, (gamma, a_pos, a_neg))
         assert none is None and torch.equal(m, m_plain), "margins differ with and without the gate"
-        m_ref = 2 * (v64 @ w.double() + b.double())
+        m_ref = 2 * ((v64 - c.double()) @ w.double())
         assert_rel(m, m_ref, 1e-5, "margins")
         gp, gn = torch.sigmoid(m_ref / 1.3) * a_pos.double(), torch.sigmoid(-m_ref / 0.6) * a_neg.double()
-        assert_rel(gsums, torch.stack([gp @ v64, gn @ v64]), 1e-5, "gated sums")
+        assert_rel(gsums, torch.stack([gp @ (v64 - c.double()), gn @ (v64 - c.double())]), 1e-5, "gated sums")

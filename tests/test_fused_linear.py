@@ -264,7 +264,7 @@ def _lm():
     (dict(targets=torch.zeros(5, dtype=torch.int64)), ValueError, r"targets: shape \[5\]"),
     (dict(weight=torch.randn(30, 9)), ValueError, r"weight: expected \[V, H\] with H = 8"),
     (dict(weight=torch.randn(30, 8, dtype=torch.float64)), TypeError, r"weight: dtype torch.float64 does not match"),
-    (dict(weight=torch.randn(30, 8, device="meta")), ValueError, r"weight: on meta"),
+    (dict(weight=torch.randn(30, 8, device="meta")), ValueError, r"weight: a meta tensor"),
     (dict(bias=torch.randn(29)), ValueError, r"bias: expected shape \[30\]"),
     (dict(bias=torch.randn(30).half()), TypeError, r"bias: dtype"),
     (dict(hidden=torch.randn(8)), ValueError, r"hidden: expected \[N, H\]"),

@@ -36,11 +36,11 @@ def chunked_reference_k0(hidden, logp, adv, mask):
         v = -torch.expm1(logp[s:s + CHUNK].double())[:, None] * hidden[s:s + CHUNK].double()
         sums += torch.stack([a_pos[s:s + CHUNK] @ v, a_neg[s:s + CHUNK] @ v])
     mu = centroids_from_sums(sums, torch.stack([a_pos.sum(), a_neg.sum()]), 1e-8, identity)
-    w, b = discriminator(mu)
+    w, c = discriminator(mu)
     m = torch.empty(N, dtype=f64)
     for s in range(0, N, CHUNK):
         v = -torch.expm1(logp[s:s + CHUNK].double())[:, None] * hidden[s:s + CHUNK].double()
-        m[s:s + CHUNK] = 2 * (v @ w + b)
+        m[s:s + CHUNK] = 2 * ((v - c) @ w)
     gamma = side_std(m, pos, neg, 1e-8, identity)
     return final_coefficients(m, gamma, pos, neg, valid, DeltaConfig(k=0), identity)[0]
 

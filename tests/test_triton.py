@@ -101,16 +101,17 @@ def test_margin_pass_kernel():
     """The pipeline kernel alone: m and the gated sums against float64."""
     g = torch.Generator().manual_seed(2)
     v = torch.randn(77, 33, generator=g).to(DEVICE)
-    w, b = torch.randn(33, generator=g).to(DEVICE), torch.tensor(0.7, device=DEVICE)
+    w, c = torch.randn(33, generator=g).to(DEVICE), torch.randn(33, generator=g).to(DEVICE)
     gamma = torch.tensor([1.5, 0.4], device=DEVICE)
     a_pos, a_neg = torch.rand(77, generator=g).to(DEVICE), torch.rand(77, generator=g).to(DEVICE)
-    m, sums = triton_backend.margin_pass(v, w, b, (gamma, a_pos, a_neg))
-    m64 = 2 * (v.double() @ w.double() + 0.7)
+    m, sums = triton_backend.margin_pass(v, w, c, (gamma, a_pos, a_neg))
+    m64 = 2 * ((v.double() - c.double()) @ w.double())
     assert_rel(m, m64, 1e-6, "m")
     gp = torch.sigmoid(m64 / 1.5) * a_pos.double()
     gn = torch.sigmoid(-m64 / gamma[1].double()) * a_neg.double()
-    assert_rel(sums, torch.stack([gp @ v.double(), gn @ v.double()]), 1e-6, "gated sums")
-    m2, none = triton_backend.margin_pass(v, w, b, None)
+    vc = v.double() - c.double()
+    assert_rel(sums, torch.stack([gp @ vc, gn @ vc]), 1e-6, "gated sums")
+    m2, none = triton_backend.margin_pass(v, w, c, None)
     assert none is None and torch.equal(m2, m)
 
 
@@ -127,18 +128,18 @@ def test_scaled_rows_passes(monkeypatch, dtype, d, wide):
     scale = (0.1 + torch.rand(n, generator=g)).to(DEVICE)
     v = triton_backend.ScaledRows(x, scale)
     v64 = scale.double()[:, None] * x.double()
-    w, b = torch.randn(d, generator=g).to(DEVICE), torch.tensor(-0.3, device=DEVICE)
+    w, c = torch.randn(d, generator=g).to(DEVICE), torch.randn(d, generator=g).to(DEVICE)
     gamma = torch.tensor([0.8, 1.7], device=DEVICE)
     a_pos, a_neg = torch.rand(n, generator=g).to(DEVICE), torch.rand(n, generator=g).to(DEVICE)
     sums = triton_backend.side_sums(v, a_pos, a_neg)
     assert_rel(sums, torch.stack([a_pos.double() @ v64, a_neg.double() @ v64]), 1e-6, "side sums")
-    m, gsums = triton_backend.margin_pass(v, w, b, (gamma, a_pos, a_neg))
-    m64 = 2 * (v64 @ w.double() - 0.3)
+    m, gsums = triton_backend.margin_pass(v, w, c, (gamma, a_pos, a_neg))
+    m64 = 2 * ((v64 - c.double()) @ w.double())
     assert_rel(m, m64, 1e-6, "m")
     gp = torch.sigmoid(m64 / 0.8) * a_pos.double()
     gn = torch.sigmoid(-m64 / 1.7) * a_neg.double()
-    assert_rel(gsums, torch.stack([gp @ v64, gn @ v64]), 1e-6, "gated sums")
-    m2, none = triton_backend.margin_pass(v, w, b, None)
+    assert_rel(gsums, torch.stack([gp @ (v64 - c.double()), gn @ (v64 - c.double())]), 1e-6, "gated sums")
+    m2, none = triton_backend.margin_pass(v, w, c, None)
     assert none is None and torch.equal(m2, m)
 
 
@@ -369,10 +370,10 @@ for store, sums in ((True, False), (False, True)):  # token_sketch; the side sum
          "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
          dict(HAS_SCALE=True, STORE=store, SUMS=sums, BLOCK_N=16, BLOCK_D=256))
 for has_scale in (True, False):
-    comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "b_ptr",
+    comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "c_ptr",
          "m_ptr", "gamma_ptr", "a_pos_ptr", "a_neg_ptr", "partial_ptr")}, "n_rows": "i32", "n_cols": "i32",
          "rows_per_group": "i32"}, dict(HAS_SCALE=has_scale, GATED=True, BLOCK_N=2, BLOCK_D=4096))
-comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr": P("fp32"), "b_ptr": P("fp32"),
+comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
      "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32"}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
 comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "n_groups": "i32", "n_cols": "i32"},
      dict(BLOCK_G=32, BLOCK_C=256))

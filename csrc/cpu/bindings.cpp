@@ -26,10 +26,10 @@ PYBIND11_MODULE(_cpp, m) {
     dk::cpu::side_sums(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(a_pos), ptr<const float>(a_neg), N, D,
                        ptr<float>(sums));
   });
-  m.def("margin_pass", [](int dtype, uintptr_t v, uintptr_t scale, uintptr_t w, uintptr_t b, int64_t N, int64_t D, uintptr_t gamma,
+  m.def("margin_pass", [](int dtype, uintptr_t v, uintptr_t scale, uintptr_t w, uintptr_t c, int64_t N, int64_t D, uintptr_t gamma,
                           uintptr_t a_pos, uintptr_t a_neg, uintptr_t m_out, uintptr_t sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::margin_pass(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(w), ptr<const float>(b), N, D,
+    dk::cpu::margin_pass(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(w), ptr<const float>(c), N, D,
                          ptr<const float>(gamma), ptr<const float>(a_pos), ptr<const float>(a_neg),
                          ptr<float>(m_out), ptr<float>(sums));
   }, "scale = 0: v as stored; gamma = 0: plain margins (a_pos, a_neg, sums unused)");

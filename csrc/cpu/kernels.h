@@ -25,10 +25,11 @@ void token_vectors(int dtype, const void* hidden, const float* logp, const float
 // v[t] = scale[t] x[t] when scale [N] is not null (x then holds hidden states).
 void side_sums(int dtype, const void* v, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums);
 
-// m [N] = 2 (v.w + b[0]) in float32. With gamma != nullptr (gamma [2], a_pos, a_neg [N]) also
-// sums [2, D] = (sum sigmoid(m/gamma[0]) a_pos v, sum sigmoid(-m/gamma[1]) a_neg v); m is the
-// same with and without the gate. scale as in side_sums.
-void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* b, int64_t N, int64_t D, const float* gamma,
+// m [N] = 2 (v - c).w in float32, c [D] (the centroids' midpoint) subtracted element by element.
+// With gamma != nullptr (gamma [2], a_pos, a_neg [N]) also the gated sums about c, sums [2, D] =
+// (sum sigmoid(m/gamma[0]) a_pos (v - c), sum sigmoid(-m/gamma[1]) a_neg (v - c)); m is the same
+// with and without the gate. scale as in side_sums.
+void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* c, int64_t N, int64_t D, const float* gamma,
                  const float* a_pos, const float* a_neg, float* m, float* sums);
 
 // Weighted dual-clip surrogate over [B, T] float32 inputs (mask as bytes; coef and is_weight

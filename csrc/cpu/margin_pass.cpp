@@ -1,5 +1,6 @@
-// Margins of a discriminator, m[t] = 2 (v[t].w + b), and optionally the gated side sums
-//   sums = (sum_t sigmoid(m[t]/gamma+) a_pos[t] v[t], sum_t sigmoid(-m[t]/gamma-) a_neg[t] v[t]),
+// Margins of a discriminator, m[t] = 2 (v[t] - c).w with c the centroids' midpoint (subtracted
+// element by element: exact under an offset the vectors share), and optionally the gated side sums
+// about c: sums = (sum_t sigmoid(m[t]/gamma+) a_pos[t] (v[t] - c), sum_t sigmoid(-m[t]/gamma-) a_neg[t] (v[t] - c)),
 // in one read of v: rows are dotted kGroup at a time (several streams in flight), then the
 // group's nonzero terms are added to the block's partial sums while the rows are still in cache.
 // With scale [N] the vectors are v[t] = scale[t] x[t] and are never materialised.
@@ -19,7 +20,7 @@ struct MarginArgs {
   const void* v;
   const float* scale;  // null: v as stored
   const float* w;
-  float bias;
+  const float* centre;  // c [D]
   int64_t D;
   float gamma_pos, gamma_neg;
   const float* a_pos;
@@ -37,17 +38,20 @@ DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* 
   for (int64_t t = t0; t < t1; t += kGroup) {
     const int g = static_cast<int>(std::min<int64_t>(kGroup, t1 - t));
     const T* rows[kGroup];
-    float dot[kGroup];
-    for (int k = 0; k < g; ++k) rows[k] = v + (t + k) * D;
+    float dot[kGroup], s[kGroup];
+    for (int k = 0; k < g; ++k) {
+      rows[k] = v + (t + k) * D;
+      s[k] = a.scale ? a.scale[t + k] : 1.0f;
+    }
     if (g == kGroup) {
       const int64_t ahead = t + kPrefetchGroups * kGroup;  // first row to prefetch (within v)
-      dot_rows<DT, kGroup>(rows, a.w, D, dot, ahead + kGroup <= a.N ? v + ahead * D : nullptr);
+      centered_dot_rows<DT, kGroup>(rows, s, a.centre, a.w, D, dot, ahead + kGroup <= a.N ? v + ahead * D : nullptr);
     } else {
-      for (int k = 0; k < g; ++k) dot_rows<DT, 1>(rows + k, a.w, D, dot + k);
+      for (int k = 0; k < g; ++k) centered_dot_rows<DT, 1>(rows + k, s + k, a.centre, a.w, D, dot + k);
     }
     float mt[kGroup];
     for (int k = 0; k < g; ++k) {
-      mt[k] = 2.0f * ((a.scale ? a.scale[t + k] * dot[k] : dot[k]) + a.bias);
+      mt[k] = 2.0f * dot[k];
       a.m[t + k] = mt[k];
     }
     if constexpr (Gated) {
@@ -57,9 +61,9 @@ DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* 
         gp[k] = a.a_pos[t + k] != 0.0f ? sigmoid(mt[k] / a.gamma_pos) : 0.0f;  // only the terms side_terms keeps
         gn[k] = a.a_neg[t + k] != 0.0f ? sigmoid(-mt[k] / a.gamma_neg) : 0.0f;
       }
-      const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, gp, gn);
-      axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_rows, ps, D);
-      axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_rows, ns, D);
+      const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, gp, gn, /*fold_scale=*/false);
+      centred_axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_scale, st.pos_rows, a.centre, ps, D);
+      centred_axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_scale, st.neg_rows, a.centre, ns, D);
     }
   }
 }
@@ -93,10 +97,10 @@ void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
 
 }  // namespace
 
-void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* b, int64_t N, int64_t D,
+void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* c, int64_t N, int64_t D,
                  const float* gamma, const float* a_pos, const float* a_neg, float* m, float* sums) {
   const bool gated = gamma != nullptr;
-  const MarginArgs a{v, scale, w, *b, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m, N};
+  const MarginArgs a{v, scale, w, c, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m, N};
   switch (dtype) {
     case kFloat32: return margin_pass_impl<kFloat32>(a, N, gated, sums);
     case kBFloat16: return margin_pass_impl<kBFloat16>(a, N, gated, sums);

@@ -64,12 +64,20 @@ DK_INLINE void prefetch_rows(const typename Elem<DT>::T* next, int64_t n, int64_
     for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * n + i, 0, 3);
 }
 
-// next: the rows to prefetch (see prefetch_rows), or null.
+// out[g] = sum_i (s[g] x[g][i] - c[i]) w[i] for G rows read together: the margin of a row about
+// the centre c, subtracted element by element before the dot so that a component the rows share
+// cancels exactly instead of in the rounded dot (its float32 error then does not grow with that
+// offset). Each row has its own 16 lanes (lane = i mod 16, accumulated in increasing i), added as
+// a fixed pairwise tree: a row's result does not depend on G or on the rows beside it. x rows of
+// dtype DT; s, c, w float32. next: the rows to prefetch (see prefetch_rows), or null.
 template <int DT, int G>
-DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, int64_t n, float* out,
-                        const typename Elem<DT>::T* next = nullptr) {
-  F8 acc[G][2];
-  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = splat8(0.0f);
+DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const float* s, const float* c,
+                                 const float* w, int64_t n, float* out, const typename Elem<DT>::T* next = nullptr) {
+  F8 acc[G][2], sv[G];
+  for (int g = 0; g < G; ++g) {
+    acc[g][0] = acc[g][1] = splat8(0.0f);
+    sv[g] = splat8(s[g]);
+  }
   alignas(64) float buf[DT == kFloat32 ? 1 : G][kChunk];
   const int64_t full = n - n % kLanes;
   for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
@@ -84,12 +92,14 @@ DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, in
       }
     }
     const float* ws = w + c0;
+    const float* cs = c + c0;
     for (int64_t i = 0; i < len; i += kLanes) {
       const F8 w0 = load8(ws + i), w1 = load8(ws + i + 8);
+      const F8 k0 = load8(cs + i), k1 = load8(cs + i + 8);
       prefetch_rows<DT, G>(next, n, c0 + i);
       for (int g = 0; g < G; ++g) {
-        acc[g][0] += load8(xs[g] + i) * w0;
-        acc[g][1] += load8(xs[g] + i + 8) * w1;
+        acc[g][0] += (sv[g] * load8(xs[g] + i) - k0) * w0;
+        acc[g][1] += (sv[g] * load8(xs[g] + i + 8) - k1) * w1;
       }
     }
   }
@@ -97,7 +107,7 @@ DK_INLINE void dot_rows(const typename Elem<DT>::T* const* x, const float* w, in
     alignas(32) float lanes[kLanes];
     store8(lanes, acc[g][0]);
     store8(lanes + 8, acc[g][1]);
-    for (int64_t i = full; i < n; ++i) lanes[i - full] += Elem<DT>::load(x[g], i) * w[i];
+    for (int64_t i = full; i < n; ++i) lanes[i - full] += (s[g] * Elem<DT>::load(x[g], i) - c[i]) * w[i];
     for (int64_t width = kLanes / 2; width >= 1; width /= 2)
       for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
     out[g] = lanes[0];
@@ -160,6 +170,60 @@ DK_INLINE void axpy_row(float a, const typename Elem<DT>::T* x, float* y, int64_
   axpy_rows_k<DT, 1>(&a, &x, y, n);
 }
 
+// y[0:n] += c[0] (s[0] x[0][0:n] - z[0:n]), then += c[1] (s[1] x[1][0:n] - z[0:n]), ... in row order:
+// sums of rows about a centre z, subtracted element by element (a component the rows share with z
+// cancels exactly instead of in the rounded sum). x rows of dtype DT; c, s, z float32.
+template <int DT, int K>
+DK_INLINE void centred_axpy_rows_k(const float* c, const float* s, const typename Elem<DT>::T* const* x,
+                                   const float* z, float* y, int64_t n) {
+  alignas(64) float buf[DT == kFloat32 ? 1 : K][kChunk];
+  F8 cv[K], sv[K];
+  for (int k = 0; k < K; ++k) {
+    cv[k] = splat8(c[k]);
+    sv[k] = splat8(s[k]);
+  }
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    const float* xs[K];
+    for (int k = 0; k < K; ++k) {
+      if constexpr (DT == kFloat32) {
+        xs[k] = x[k] + c0;
+      } else {
+        load_chunk<DT>(x[k] + c0, len, buf[k]);
+        xs[k] = buf[k];
+      }
+    }
+    float* ys = y + c0;
+    const float* zs = z + c0;
+    const int64_t full = len - len % 8;
+    for (int64_t i = 0; i < full; i += 8) {
+      F8 acc = load8(ys + i);
+      const F8 zv = load8(zs + i);
+      for (int k = 0; k < K; ++k) acc += cv[k] * (sv[k] * load8(xs[k] + i) - zv);
+      store8(ys + i, acc);
+    }
+    for (int64_t i = full; i < len; ++i) {
+      float acc = ys[i];
+      for (int k = 0; k < K; ++k) acc += c[k] * (s[k] * xs[k][i] - zs[i]);
+      ys[i] = acc;
+    }
+  }
+}
+
+// centred_axpy_rows_k for a run-time count k <= kGroup.
+template <int DT>
+DK_INLINE void centred_axpy_rows(int k, const float* c, const float* s, const typename Elem<DT>::T* const* x,
+                                 const float* z, float* y, int64_t n) {
+  static_assert(kGroup == 4, "centred_axpy_rows dispatches counts 1..4");
+  switch (k) {
+    case 1: return centred_axpy_rows_k<DT, 1>(c, s, x, z, y, n);
+    case 2: return centred_axpy_rows_k<DT, 2>(c, s, x, z, y, n);
+    case 3: return centred_axpy_rows_k<DT, 3>(c, s, x, z, y, n);
+    case 4: return centred_axpy_rows_k<DT, 4>(c, s, x, z, y, n);
+    default: return;
+  }
+}
+
 // Blocks of reduction_block(N) tokens: out[j] = sum over blocks, in block order, of partial[blk][j].
 inline void combine_partials(const float* partial, int64_t n_blocks, int64_t width, float* out) {
 #pragma omp parallel for schedule(static)
@@ -172,28 +236,34 @@ inline void combine_partials(const float* partial, int64_t n_blocks, int64_t wid
 
 // The nonzero terms of each side among a group of g <= kGroup rows starting at token t, in token
 // order, as the side-sum axpys take them: coefficient (gate[k] * a[t+k]) * scale[t+k], where a null
-// gate or scale stands for 1 (so the side sums and the gated sums share the same rounding order).
+// gate or scale stands for 1 (so the side sums and the gated sums share the same rounding order);
+// with fold_scale false the coefficient is gate[k] * a[t+k] and the row's scale is kept apart.
 template <typename T>
 struct SideTerms {
   const T* pos_rows[kGroup];
   const T* neg_rows[kGroup];
   float pos_coef[kGroup], neg_coef[kGroup];
+  float pos_scale[kGroup], neg_scale[kGroup];  // scale[t+k] of each term
   int n_pos = 0, n_neg = 0;
 };
 
 template <typename T>
 DK_INLINE SideTerms<T> side_terms(int g, int64_t t, const T* const* rows, const float* a_pos, const float* a_neg,
-                                  const float* scale, const float* gate_pos, const float* gate_neg) {
+                                  const float* scale, const float* gate_pos, const float* gate_neg,
+                                  bool fold_scale = true) {
   SideTerms<T> s;
   for (int k = 0; k < g; ++k) {
     const int64_t tk = t + k;
     const float st = scale ? scale[tk] : 1.0f;
+    const float fold = fold_scale ? st : 1.0f;
     if (a_pos[tk] != 0.0f) {
-      s.pos_coef[s.n_pos] = (gate_pos ? gate_pos[k] * a_pos[tk] : a_pos[tk]) * st;
+      s.pos_coef[s.n_pos] = (gate_pos ? gate_pos[k] * a_pos[tk] : a_pos[tk]) * fold;
+      s.pos_scale[s.n_pos] = st;
       s.pos_rows[s.n_pos++] = rows[k];
     }
     if (a_neg[tk] != 0.0f) {
-      s.neg_coef[s.n_neg] = (gate_neg ? gate_neg[k] * a_neg[tk] : a_neg[tk]) * st;
+      s.neg_coef[s.n_neg] = (gate_neg ? gate_neg[k] * a_neg[tk] : a_neg[tk]) * fold;
+      s.neg_scale[s.n_neg] = st;
       s.neg_rows[s.n_neg++] = rows[k];
     }
   }

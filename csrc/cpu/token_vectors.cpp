@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include <omp.h>
+
 #include "../common/sketch_hash.h"
 #include "kernels.h"
 #include "row_ops.h"
@@ -98,10 +100,17 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
   const int64_t block = reduction_block(N);
   const int64_t n_blocks = (N + block - 1) / block;
   std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_blocks, 1) * 2 * D), 0.0f);
-#pragma omp parallel
+  // Scratch rows of every thread, allocated here (an allocation failure inside the parallel
+  // region could not leave it: std::bad_alloc reaches Python as MemoryError from here) and
+  // bounded by the work: no more threads than token blocks.
+  const int n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n_blocks)));
+  const size_t v_len = static_cast<size_t>(kSketchGroup * H), z_len = static_cast<size_t>(kSketchGroup * D);
+  std::vector<float> scratch(static_cast<size_t>(n_threads) * (v_len + z_len));
+#pragma omp parallel num_threads(n_threads)
   {
     // vrow: kSketchGroup rows of v (float32); zrow: their sketches.
-    std::vector<float> vrow(static_cast<size_t>(kSketchGroup * H)), zrow(static_cast<size_t>(kSketchGroup * D));
+    float* vrow = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * (v_len + z_len);
+    float* zrow = vrow + v_len;
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       float* ps = partial.data() + blk * 2 * D;
@@ -112,7 +121,7 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
         for (int64_t k = 0; k < g; ++k) {
           const float s = -std::expm1(logp[t0 + k]);
           const auto* hrow = hidden + (t0 + k) * H;
-          float* vk = vrow.data() + k * H;
+          float* vk = vrow + k * H;
           if constexpr (DT == kFloat32) {
             for (int64_t i = 0; i < H; ++i) vk[i] = s * hrow[i];
           } else {
@@ -123,10 +132,10 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
             }
           }
         }
-        const float* rows = vrow.data();
+        const float* rows = vrow;
         if (r > 0) {
-          sketch_fn(vrow.data(), g, H, panels.data(), r, zrow.data());
-          rows = zrow.data();
+          sketch_fn(vrow, g, H, panels.data(), r, zrow);
+          rows = zrow;
         }
         for (int64_t k = 0; k < g; ++k) {
           const int64_t t = t0 + k;

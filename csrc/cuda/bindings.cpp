@@ -29,11 +29,11 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.def("reduction_chunks", &dk::cuda::reduction_chunks);
   m.def("surrogate_tiles", &dk::cuda::surrogate_tiles);
-  m.def("row_pass", [](int dtype, uintptr_t x, uintptr_t scale, int64_t N, int64_t D, uintptr_t w, uintptr_t b,
+  m.def("row_pass", [](int dtype, uintptr_t x, uintptr_t scale, int64_t N, int64_t D, uintptr_t w, uintptr_t c,
                        uintptr_t gamma, uintptr_t a_pos, uintptr_t a_neg, uintptr_t m_out, uintptr_t out,
                        uintptr_t partial, uintptr_t sums, uintptr_t stream) {
     check(dk::cuda::row_pass(dtype, ptr<const void>(x), ptr<const float>(scale), N, D, ptr<const float>(w),
-                             ptr<const float>(b), ptr<const float>(gamma), ptr<const float>(a_pos),
+                             ptr<const float>(c), ptr<const float>(gamma), ptr<const float>(a_pos),
                              ptr<const float>(a_neg), ptr<float>(m_out), ptr<void>(out), ptr<float>(partial),
                              ptr<float>(sums), stream_of(stream)),
           "row_pass");

@@ -14,12 +14,12 @@ namespace cuda {
 int64_t reduction_chunks(int64_t N);
 
 // One pass over x [N, D] (dtype), v[t] = scale[t] x[t] (scale may be null):
-//   w, b non-null: m [N] = 2 (v.w + b[0]);
+//   w, c non-null: m [N] = 2 (v - c).w, c [D] subtracted element by element;
 //   a_pos, a_neg non-null: sums [2, D] = (sum p[t] v[t], sum q[t] v[t]) with p, q = a_pos, a_neg, or
-//   with gamma [2] non-null the gated sigmoid(m/gamma[0]) a_pos, sigmoid(-m/gamma[1]) a_neg;
+//   with gamma [2] non-null the gated sigmoid(m/gamma[0]) a_pos, sigmoid(-m/gamma[1]) a_neg, of v[t] - c;
 //   out non-null: v written to out [N, D] in x's dtype.
 cudaError_t row_pass(int dtype, const void* x, const float* scale, int64_t N, int64_t D, const float* w,
-                     const float* b, const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out,
+                     const float* c, const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out,
                      float* partial, float* sums, cudaStream_t stream);
 
 // v = (1 - exp(logp)) h [N, H], or z = v @ R [N, r] (r > 0), written to out in hidden's dtype

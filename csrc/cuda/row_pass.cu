@@ -10,20 +10,23 @@ namespace dk {
 namespace cuda {
 namespace {
 
-// x [N, D] of T; v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t].w + b[0]).
-// Weights: gate (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg; else a_pos, a_neg
-// (a_pos null: no sums). out non-null: v written there.
+// x [N, D] of T; v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t] - c).w, the
+// centre c [D] subtracted element by element (exact under an offset the rows share).
+// Weights: gate (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the
+// rows about the centre, v[t] - c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight
+// stays zero (a padding row may hold anything: it is skipped, never multiplied in). out non-null: v
+// written there.
 template <typename T>
 __global__ void row_pass_kernel(const T* __restrict__ x, const float* __restrict__ scale, int64_t N, int64_t D,
-                                int64_t chunk, const float* __restrict__ w, const float* __restrict__ b,
+                                int64_t chunk, const float* __restrict__ w, const float* __restrict__ c,
                                 const float* __restrict__ gamma, const float* __restrict__ a_pos,
                                 const float* __restrict__ a_neg, float* __restrict__ m, T* __restrict__ out,
                                 float* __restrict__ partial) {
   __shared__ float red[kThreads / 32];
-  const int64_t c = blockIdx.x;
-  const int64_t t0 = c * chunk;
+  const int64_t blk = blockIdx.x;
+  const int64_t t0 = blk * chunk;
   const int64_t t1 = t0 + chunk < N ? t0 + chunk : N;
-  float* ps = partial == nullptr ? nullptr : partial + c * 2 * D;
+  float* ps = partial == nullptr ? nullptr : partial + blk * 2 * D;
   float* ns = ps == nullptr ? nullptr : ps + D;
   if (ps != nullptr)
     for (int64_t j = threadIdx.x; j < 2 * D; j += kThreads) ps[j] = 0.0f;
@@ -34,24 +37,25 @@ __global__ void row_pass_kernel(const T* __restrict__ x, const float* __restrict
     float wn = a_neg == nullptr ? 0.0f : a_neg[t];
     if (w != nullptr) {
       float acc = 0.0f;
-      for (int64_t j = threadIdx.x; j < D; j += kThreads) acc += to_f(row[j]) * w[j];
-      const float dot = block_sum(acc, red);
-      const float mt = 2.0f * (s * dot + b[0]);
+      for (int64_t j = threadIdx.x; j < D; j += kThreads) acc += (s * to_f(row[j]) - c[j]) * w[j];
+      const float mt = 2.0f * block_sum(acc, red);
       if (threadIdx.x == 0) m[t] = mt;
       if (gamma != nullptr) {
-        wp *= 1.0f / (1.0f + expf(-mt / gamma[0]));
-        wn *= 1.0f / (1.0f + expf(mt / gamma[1]));
+        if (wp != 0.0f) wp *= 1.0f / (1.0f + expf(-mt / gamma[0]));
+        if (wn != 0.0f) wn *= 1.0f / (1.0f + expf(mt / gamma[1]));
       }
     }
-    wp *= s;
-    wn *= s;
+    const bool centred = gamma != nullptr;  // gated sums: of v - c (scale applied to the row)
+    if (!centred && wp != 0.0f) wp *= s;
+    if (!centred && wn != 0.0f) wn *= s;
     if (out != nullptr || (ps != nullptr && (wp != 0.0f || wn != 0.0f))) {
       for (int64_t j = threadIdx.x; j < D; j += kThreads) {
         const float xj = to_f(row[j]);
         if (out != nullptr) out[t * D + j] = from_f<T>(s * xj);
         if (ps != nullptr) {
-          ps[j] += wp * xj;
-          ns[j] += wn * xj;
+          const float vj = centred ? s * xj - c[j] : xj;
+          if (wp != 0.0f) ps[j] += wp * vj;
+          if (wn != 0.0f) ns[j] += wn * vj;
         }
       }
     }
@@ -69,7 +73,7 @@ __global__ void combine_chunks_kernel(const float* __restrict__ partial, int64_t
 }
 
 template <typename T>
-cudaError_t launch(const void* x, const float* scale, int64_t N, int64_t D, const float* w, const float* b,
+cudaError_t launch(const void* x, const float* scale, int64_t N, int64_t D, const float* w, const float* c,
                    const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out, float* partial,
                    float* sums, cudaStream_t stream) {
   const int64_t chunk = reduction_chunk(N);
@@ -79,7 +83,7 @@ cudaError_t launch(const void* x, const float* scale, int64_t N, int64_t D, cons
   }
   if (n_chunks == 0) return cudaSuccess;
   row_pass_kernel<T><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), scale, N, D, chunk, w, b, gamma, a_pos, a_neg, m, static_cast<T*>(out),
+      static_cast<const T*>(x), scale, N, D, chunk, w, c, gamma, a_pos, a_neg, m, static_cast<T*>(out),
       sums == nullptr ? nullptr : partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || sums == nullptr) return err;
@@ -93,15 +97,15 @@ cudaError_t launch(const void* x, const float* scale, int64_t N, int64_t D, cons
 int64_t reduction_chunks(int64_t N) { return (N + reduction_chunk(N) - 1) / reduction_chunk(N); }
 
 cudaError_t row_pass(int dtype, const void* x, const float* scale, int64_t N, int64_t D, const float* w,
-                     const float* b, const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out,
+                     const float* c, const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out,
                      float* partial, float* sums, cudaStream_t stream) {
   switch (dtype) {
     case kFloat32:
-      return launch<float>(x, scale, N, D, w, b, gamma, a_pos, a_neg, m, out, partial, sums, stream);
+      return launch<float>(x, scale, N, D, w, c, gamma, a_pos, a_neg, m, out, partial, sums, stream);
     case kBFloat16:
-      return launch<__nv_bfloat16>(x, scale, N, D, w, b, gamma, a_pos, a_neg, m, out, partial, sums, stream);
+      return launch<__nv_bfloat16>(x, scale, N, D, w, c, gamma, a_pos, a_neg, m, out, partial, sums, stream);
     default:
-      return launch<__half>(x, scale, N, D, w, b, gamma, a_pos, a_neg, m, out, partial, sums, stream);
+      return launch<__half>(x, scale, N, D, w, c, gamma, a_pos, a_neg, m, out, partial, sums, stream);
   }
 }
 

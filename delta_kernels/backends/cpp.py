@@ -44,19 +44,20 @@ def side_sums(v, a_pos, a_neg):
     return sums
 
 
-def margin_pass(v, w, b, gate):
-    """v [N, D] (a tensor or ScaledRows), w [D], b [] -> (m [N] f32, gated sums [2, D] f32 or None);
+def margin_pass(v, w, c, gate):
+    """v [N, D] (a tensor or ScaledRows), w [D], c [D] -> (m [N] = 2 (v - c).w f32, gated sums [2, D] f32
+    or None);
     gate = (gamma [2], a_pos, a_neg)."""
     rows, scale = rows_and_scale(v)
     n, d = rows.shape
-    w, b = f32(w), f32(b)
+    w, c = f32(w), f32(c)
     m = empty(n, dtype=torch.float32)
     if gate is None:
-        _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(b), n, d, 0, 0, 0, ptr(m), 0)
+        _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(c), n, d, 0, 0, 0, ptr(m), 0)
         return m, None
     gamma, a_pos, a_neg = (f32(x) for x in gate)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(b), n, d, ptr(gamma), ptr(a_pos), ptr(a_neg),
+    _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(c), n, d, ptr(gamma), ptr(a_pos), ptr(a_neg),
                      ptr(m), ptr(sums))
     return m, sums
 

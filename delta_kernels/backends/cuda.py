@@ -54,17 +54,17 @@ def side_sums(v, a_pos, a_neg):
     return sums
 
 
-def margin_pass(v, w, b, gate):
+def margin_pass(v, w, c, gate):
     rows, scale = rows_and_scale(v)
     n, d = rows.shape
-    w, b = f32(w), f32(b)
+    w, c = f32(w), f32(c)
     m = empty(n, dtype=torch.float32, device=rows.device)
     if gate is None:
-        _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(b), 0, 0, 0, ptr(m), 0, 0, 0, _stream())
+        _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(c), 0, 0, 0, ptr(m), 0, 0, 0, _stream())
         return m, None
     gamma, a_pos, a_neg = (f32(x) for x in gate)
     sums = empty(2, d, dtype=torch.float32, device=rows.device)
-    _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(b), ptr(gamma), ptr(a_pos), ptr(a_neg),
+    _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(c), ptr(gamma), ptr(a_pos), ptr(a_neg),
                    ptr(m), 0, ptr(_partial(n, d, rows.device)), ptr(sums), _stream())
     return m, sums
 

@@ -58,13 +58,13 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> _Ops:
 def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: bool):
     """-> hidden [N, H], weight [V, H], targets [N] int64, bias [V] or None (all contiguous),
     and the token shape (targets' shape)."""
-    C.check_tensor("hidden", hidden)
+    hidden = C.check_tensor("hidden", hidden)
     if hidden.dim() < 2:
         C.fail("hidden", f"expected [N, H] or [B, T, H], got shape {list(hidden.shape)}")
     hdim = hidden.shape[-1]
     if hdim < 1:
         C.fail("hidden", "hidden size must be >= 1")
-    C.check_tensor("weight", weight)
+    weight = C.check_tensor("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hdim:
         C.fail("weight", f"expected [V, H] with H = {hdim} (hidden's last dim), got shape {list(weight.shape)}")
     vocab = weight.shape[0]
@@ -73,13 +73,12 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: dtype {weight.dtype} does not match hidden's {hidden.dtype}")
     if bias is not None:
-        C.check_tensor("bias", bias)
+        bias = C.check_tensor("bias", bias)
         if tuple(bias.shape) != (vocab,):
             C.fail("bias", f"expected shape [{vocab}] (weight's rows), got {list(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} does not match hidden's {hidden.dtype}")
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
+    targets = C.check_tensor("targets", targets, floating=False)
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets: expected int64 (or int32) token ids, got {targets.dtype}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
@@ -89,6 +88,9 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
             or temperature <= 0:
         C.fail("temperature", f"must be a finite number > 0, got {temperature!r}")
+    tiny = torch.finfo(torch.float64 if hidden.dtype == torch.float64 else torch.float32).tiny
+    if temperature < tiny:  # 1 / temperature would overflow the compute dtype
+        C.fail("temperature", f"{temperature!r} is below {tiny:.3g}, the smallest normal number of the compute dtype")
     C.check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if check_values:
         bad = (targets < 0) | (targets >= vocab)
@@ -101,6 +103,13 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
             C.check_finite("bias", bias)
     return (hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), targets.reshape(-1).to(torch.int64).contiguous(),
             None if bias is None else bias.contiguous(), tuple(targets.shape))
+
+
+def _check_logits_finite(logp: torch.Tensor, temperature: float) -> None:
+    """From finite inputs a non-finite log-prob means the logits overflowed (one device sync)."""
+    if not bool(torch.isfinite(logp.detach().sum())):
+        C.fail("temperature", f"the logits (hidden @ weight.T + bias) / {temperature!r} overflow the compute dtype; "
+                              "raise the temperature or scale the LM head")
 
 
 @torch.no_grad()
@@ -151,6 +160,8 @@ def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targ
         a_pos, a_neg = a_pos.contiguous(), a_neg.contiguous()
     ops = _resolve(backend, h.device, h.dtype)
     logp, _, ent = ops.logprob(h, w, b, y, float(temperature), entropy)
+    if check_values:
+        _check_logits_finite(logp, temperature)
     vec, sums = ops.token_vectors(h, logp, a_pos, a_neg, sketch_dim, seed)
     return (logp.reshape(shape), None if ent is None else ent.reshape(shape),
             vec.reshape(*shape, vec.shape[-1]), sums)
@@ -218,19 +229,23 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
     ref = torch.empty(shape, device="meta")
     C.check_devices(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
                     rollout_is_weights=rollout_is_weights)
-    C.check_tensor("old_logp", old_logp)
+    old_logp = C.check_logp("old_logp", old_logp, False)
     if tuple(old_logp.shape) != shape:
         C.fail("old_logp", f"shape {list(old_logp.shape)} does not match targets' {list(shape)}")
-    C.check_logp("old_logp", old_logp, check_values)
     aggregation = surrogate_aggregation(agg, shape, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    valid = C.check_mask(mask, shape, check_values).reshape(shape)
+    if check_values:  # padding is don't-care: only valid positions are looked at
+        C.check_values_of_logp("old_logp", old_logp, valid)
     adv = C.check_advantages(advantages, ref, False).reshape(shape)
     if check_values:
-        C.check_finite("advantages", advantages)
-    valid = C.check_mask(mask, shape, check_values).reshape(shape)
-    C.check_token_weights("coef", coef, shape, valid, check_values)
-    C.check_token_weights("rollout_is_weights", rollout_is_weights, shape, valid, check_values)
+        C.check_finite("advantages", adv, valid)
+    coef = C.check_token_weights("coef", coef, shape, valid, check_values)
+    rollout_is_weights = C.check_token_weights("rollout_is_weights", rollout_is_weights, shape, valid, check_values)
+    C.check_representable("clip_c", clip_c, torch.float64 if h.dtype == torch.float64 else torch.float32)
     ops = _resolve(backend, h.device, h.dtype)
     logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, entropy)
+    if check_values:
+        _check_logits_finite(logp, temperature)
     logp = logp.reshape(shape)
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731
     loss, metrics = _surrogate_from_logp(logp, old_logp.detach(), adv.detach(), valid, detach(coef),

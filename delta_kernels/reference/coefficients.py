@@ -11,7 +11,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .._checks import DeltaConfig, TokenBatch, compute_dtype
-from .._formulas import centroids_from_sums, discriminator, final_coefficients, gates, side_masks, side_std
+from .._formulas import (bias, centroids_from_sums, discriminator, final_coefficients, gated_weights, side_masks,
+                         side_std)
 from .sketch import token_vectors
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -30,32 +31,40 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
         v = batch.vectors.to(dtype)
     else:
         v = token_vectors(batch.hidden, batch.logp, sketch_dim, seed, dtype)
+    v = torch.where(batch.mask[:, None], v, 0.0)  # padding is don't-care: whatever it holds is dropped
     pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, dtype)
 
-    def centroids(w_pos, w_neg):
-        return centroids_from_sums(torch.stack([w_pos @ v, w_neg @ v]), torch.stack([w_pos.sum(), w_neg.sum()]),
-                                   cfg.eps, reduce)
+    # float32: the centroids (and W, c from them) are computed in float64 and the discriminator
+    # rounded once; in float32 a common offset of the vectors would cost about offset / spread
+    # digits of W = mu+ - mu-. The margins subtract the centre first (no cancellation either).
+    f64 = torch.float64
+
+    def centroids(w_pos, w_neg):  # -> mu [2, D] float64
+        w2 = torch.stack([w_pos, w_neg]).to(f64)
+        return centroids_from_sums(w2 @ v.to(f64), w2.sum(1), cfg.eps, reduce)
 
     def margins(mu):
-        w, b = discriminator(mu)
-        return 2.0 * (v @ w + b)
+        w, c = (t.to(dtype) for t in discriminator(mu))
+        return 2.0 * ((v - c) @ w)
 
     if batch.side_sums is not None:
-        mu = centroids_from_sums(batch.side_sums.to(dtype), torch.stack([a_pos.sum(), a_neg.sum()]), cfg.eps, reduce)
+        mu = centroids_from_sums(batch.side_sums.to(f64), torch.stack([a_pos.sum(), a_neg.sum()]).to(f64), cfg.eps,
+                                 reduce)
     else:
         mu = centroids(a_pos, a_neg)
     m = margins(mu)
     gamma = side_std(m, pos, neg, cfg.eps, reduce)
     for _ in range(cfg.k):
-        g_pos, g_neg = gates(m, gamma)
+        w_pos, w_neg = gated_weights(m, gamma, a_pos, a_neg)
         gamma = side_std(m, pos, neg, cfg.eps, reduce)  # temperatures of the centroids used in this step
-        mu = centroids(g_pos * a_pos, g_neg * a_neg)
+        mu = centroids(w_pos, w_neg)
         m = margins(mu)
 
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
-    w, b = discriminator(mu)
+    w, c = discriminator(mu)
+    mu, w, b = mu.to(dtype), w.to(dtype), bias(w, c).to(dtype)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]))
-    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b,
-                 pred=torch.sign(batch.advantages.to(dtype)) * (m / 2) * valid, n_pos=counts[0], n_neg=counts[1],
-                 n_valid=n_valid, scale=scale)
+    pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
+    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b, pred=pred,
+                 n_pos=counts[0], n_neg=counts[1], n_valid=n_valid, scale=scale)
     return coef, stats

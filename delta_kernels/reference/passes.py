@@ -20,13 +20,22 @@ class TorchPasses:
         return v, self.side_sums(v, a_pos, a_neg)
 
     def side_sums(self, v, a_pos, a_neg):
-        v = v.to(a_pos.dtype)
+        v = _contributing(v.to(a_pos.dtype), a_pos, a_neg)
         return torch.stack([a_pos @ v, a_neg @ v])
 
-    def margin_pass(self, v, w, b, gate):
-        v = v.to(w.dtype)
-        m = 2.0 * (v @ w + b)
+    def margin_pass(self, v, w, c, gate):
+        """m = 2 (v - c).w; with gate = (gamma, a_pos, a_neg) also the gated sums about c."""
+        d = v.to(w.dtype) - c
+        m = 2.0 * (d @ w)
         if gate is None:
             return m, None
         gamma, a_pos, a_neg = gate
-        return m, torch.stack([(torch.sigmoid(m / gamma[0]) * a_pos) @ v, (torch.sigmoid(-m / gamma[1]) * a_neg) @ v])
+        g_pos, g_neg = torch.sigmoid(m / gamma[0]) * a_pos, torch.sigmoid(-m / gamma[1]) * a_neg
+        d = _contributing(d, a_pos, a_neg)
+        return m, torch.stack([torch.where(a_pos != 0, g_pos, 0) @ d, torch.where(a_neg != 0, g_neg, 0) @ d])
+
+
+def _contributing(v: torch.Tensor, a_pos: torch.Tensor, a_neg: torch.Tensor) -> torch.Tensor:
+    """v with the rows that carry no side weight (padding, zero advantages) selected to 0, so
+    whatever padding holds (NaN, inf) never reaches a sum."""
+    return torch.where(((a_pos != 0) | (a_neg != 0))[:, None], v, 0)

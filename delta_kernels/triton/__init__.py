@@ -5,7 +5,7 @@ One file per kernel:
                       z = v @ R (signs hashed in-kernel), and the side sums, one read of hidden;
                       token_sketch writes v or z
     side_sums.py      side sums of vectors (a tensor or ScaledRows), one read
-    margin_pass.py    m = 2 (v.w + b) and the gated side sums, one read of v (ScaledRows: of h,
+    margin_pass.py    m = 2 (v - c).w and the gated side sums, one read of v (ScaledRows: of h,
                       each row scaled on the fly)
     surrogate.py      phase C: dual-clip surrogate forward + backward (torch.autograd.Function)
     row_partials.py   the deterministic two-stage (per-group partials, fixed-order) reduction

@@ -1,8 +1,11 @@
-"""The margin pass of the coefficient pipeline: m = 2 (v.w + b), and with a gate also the
-gated side sums (sum sigmoid(m/gamma+) a+ v, sum sigmoid(-m/gamma-) a- v), one read of v.
-v is a tensor or ScaledRows(rows, scale) (v[t] = scale[t] rows[t], never materialised): then
-each loaded row's dot is multiplied by scale[t] (m = 2 (scale[t] (x[t].w) + b)) and its gated
-coefficient too (g a scale[t] x[t]), as the cpp kernels do.
+"""The margin pass of the coefficient pipeline: m = 2 (v - c).w (c, the centroids' midpoint,
+subtracted element by element before the dot: exact under an offset the vectors share), and
+with a gate also the gated side sums about c (sum sigmoid(m/gamma+) a+ (v - c), sum
+sigmoid(-m/gamma-) a- (v - c)), one read of v. v is a tensor or ScaledRows(rows, scale) (v[t] =
+scale[t] rows[t], never materialised): then each loaded row is scaled before the centre is
+subtracted (m = 2 (scale[t] x[t] - c).w, gated terms g a (scale[t] x[t] - c)), as the cpp
+kernels do. Rows whose weight is zero (padding, the other side) are selected out of the sums,
+never multiplied in, so whatever they hold changes nothing.
 
 A program owns a group of consecutive rows and loads each row tile whole ([BLOCK_N, D] in
 registers, D padded to a power of two), so the margins and the gated sums come from the one
@@ -29,19 +32,20 @@ CHUNK_D = 4096          # column chunk of the wide-row kernel
 
 
 @triton.jit
-def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, b_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr,
+def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr,
                         n_rows, n_cols, rows_per_group,
                         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """Program g: rows [g*rows_per_group, (g+1)*rows_per_group). With s = scale[row] if HAS_SCALE
-    else 1: m[rows] = 2 (s (x.w) + b); if GATED, partial[g] = (sum sigmoid(m/gamma[0]) a_pos s x,
-    sum sigmoid(-m/gamma[1]) a_neg s x). x [N, D] fp32/bf16/fp16; scale [N], w [D], b [],
+    else 1: m[rows] = 2 (s x - c).w; if GATED, partial[g] = (sum sigmoid(m/gamma[0]) a_pos (s x - c),
+    sum sigmoid(-m/gamma[1]) a_neg (s x - c)) over the rows with a nonzero weight (about c). x [N, D]
+    fp32/bf16/fp16; scale [N], w [D], c [D],
     gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
     cmask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    b = tl.load(b_ptr)
+    c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
     acc_pos = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_neg = tl.zeros([BLOCK_D], dtype=tl.float32)
     if GATED:
@@ -53,22 +57,24 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, b_ptr, m_ptr, gamma_ptr, a_pos_
         rmask = rows < n_rows
         tile = tl.load(v_ptr + rows[:, None] * n_cols + cols[None, :],
                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        dot = tl.sum(tile * w[None, :], axis=1)
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-            dot = s * dot
-        m = 2.0 * (dot + b)
+            dot = tl.sum((tile * s[:, None] - c[None, :]) * w[None, :], axis=1)
+        else:
+            dot = tl.sum((tile - c[None, :]) * w[None, :], axis=1)
+        m = 2.0 * dot
         tl.store(m_ptr + rows, m, mask=rmask)
         if GATED:
             ap = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0)
             an = tl.load(a_neg_ptr + rows, mask=rmask, other=0.0)
-            g_pos = ap / (1.0 + tl.exp(-(m / gamma_pos)))    # sigmoid(m / gamma+) * a+
-            g_neg = an / (1.0 + tl.exp(m / gamma_neg))       # sigmoid(-m / gamma-) * a-
+            g_pos = tl.where(ap != 0.0, ap / (1.0 + tl.exp(-(m / gamma_pos))), 0.0)    # sigmoid(m / gamma+) * a+
+            g_neg = tl.where(an != 0.0, an / (1.0 + tl.exp(m / gamma_neg)), 0.0)       # sigmoid(-m / gamma-) * a-
             if HAS_SCALE:
-                g_pos = g_pos * s
-                g_neg = g_neg * s
-            acc_pos += tl.sum(tile * g_pos[:, None], axis=0)
-            acc_neg += tl.sum(tile * g_neg[:, None], axis=0)
+                centred = tile * s[:, None] - c[None, :]
+            else:
+                centred = tile - c[None, :]
+            acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], centred * g_pos[:, None], 0.0), axis=0)
+            acc_neg += tl.sum(tl.where((an != 0.0)[:, None], centred * g_neg[:, None], 0.0), axis=0)
     if GATED:
         base = partial_ptr + pid * 2 * n_cols
         tl.store(base + cols, acc_pos, mask=cmask)
@@ -76,63 +82,70 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, b_ptr, m_ptr, gamma_ptr, a_pos_
 
 
 @triton.jit
-def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, b_ptr, m_ptr, n_rows, n_cols,
+def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
                         HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """m = 2 (s (x.w) + b) for rows too wide to hold: program i walks rows i*BLOCK_N... in column
+    """m = 2 (s x - c).w for rows too wide to hold: program i walks rows i*BLOCK_N... in column
     chunks of BLOCK_D (fixed order). Same shapes and dtypes as _margin_rows_kernel."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rmask = rows < n_rows
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
     for c0 in range(0, n_cols, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D).to(tl.int64)
         cmask = cols < n_cols
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+        c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
         tile = tl.load(v_ptr + rows[:, None] * n_cols + cols[None, :],
                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        dot += tl.sum(tile * w[None, :], axis=1)
-    if HAS_SCALE:
-        dot = tl.load(scale_ptr + rows, mask=rmask, other=0.0) * dot
-    tl.store(m_ptr + rows, 2.0 * (dot + tl.load(b_ptr)), mask=rmask)
+        if HAS_SCALE:
+            tile = tile * s[:, None]
+        dot += tl.sum((tile - c[None, :]) * w[None, :], axis=1)
+    tl.store(m_ptr + rows, 2.0 * dot, mask=rmask)
 
 
-def margin_pass(v, w: torch.Tensor, b: torch.Tensor,
+def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
                 gate: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """Pipeline kernel (see delta_kernels/pipeline.py).
 
     v [N, D] float32/bf16/fp16 contiguous, or ScaledRows(rows [N, D], scale [N] float32);
-    w [D], b [] float32; gate None or (gamma [2], a_pos [N], a_neg [N]). Returns (m [N] float32,
+    w [D], c [D] float32 (m = 2 (v - c).w; the gated sums are of v - c); gate None or
+    (gamma [2], a_pos [N], a_neg [N]). Returns (m [N] float32,
     sums [2, D] float32 or None). Reads of v (or of its rows): one (two when gated and
     D > MAX_BLOCK_D)."""
     f32 = torch.float32
     x, scale = rows_and_scale(v)
     n, d = x.shape
     w = w.to(f32).contiguous()
-    b = b.to(f32).reshape(1).contiguous()
+    c = c.to(f32).contiguous()
     m = empty(n, dtype=f32, device=x.device)
     has_scale = scale is not None
     sp = scale if has_scale else w  # never dereferenced without HAS_SCALE
     block_d = triton.next_power_of_2(d)
     if block_d > MAX_BLOCK_D:
         block_n = 4
-        _margin_wide_kernel[(triton.cdiv(n, block_n),)](x, sp, w, b, m, n, d, HAS_SCALE=has_scale, BLOCK_N=block_n,
+        _margin_wide_kernel[(triton.cdiv(n, block_n),)](x, sp, w, c, m, n, d, HAS_SCALE=has_scale, BLOCK_N=block_n,
                                                           BLOCK_D=CHUNK_D, num_warps=8)
         if gate is None:
             return m, None
         gamma, a_pos, a_neg = (t.to(f32) for t in gate)
-        g_pos = torch.sigmoid(m / gamma[0]) * a_pos
-        g_neg = torch.sigmoid(-m / gamma[1]) * a_neg
-        return m, scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
+        zero = torch.zeros((), dtype=f32, device=m.device)
+        g_pos = torch.where(a_pos != 0, torch.sigmoid(m / gamma[0]) * a_pos, zero)
+        g_neg = torch.where(a_neg != 0, torch.sigmoid(-m / gamma[1]) * a_neg, zero)
+        sums = scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
+        # about c, as the whole-row kernel gives them (here after the sum: not exact under an offset)
+        return m, sums - torch.stack([g_pos.sum(), g_neg.sum()])[:, None] * c[None, :]
     block_n = max(1, min(64, TILE_ELEMS // block_d))
     rows_per_group, n_groups = row_groups(n, block_n)
     num_warps = 4 if block_d <= 2048 else (8 if block_d <= 8192 else 16)
     if gate is None:
-        _margin_rows_kernel[(n_groups,)](x, sp, w, b, m, w, w, w, w, n, d, rows_per_group, HAS_SCALE=has_scale,
+        _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, w, w, w, w, n, d, rows_per_group, HAS_SCALE=has_scale,
                                          GATED=False, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
         return m, None
     gamma, a_pos, a_neg = (t.to(f32).contiguous() for t in gate)
     partial = empty(n_groups, 2, d, dtype=f32, device=x.device)
-    _margin_rows_kernel[(n_groups,)](x, sp, w, b, m, gamma, a_pos, a_neg, partial, n, d, rows_per_group,
+    _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, gamma, a_pos, a_neg, partial, n, d, rows_per_group,
                                      HAS_SCALE=has_scale, GATED=True, BLOCK_N=block_n, BLOCK_D=block_d,
                                      num_warps=num_warps)
     return m, sum_partials(partial)

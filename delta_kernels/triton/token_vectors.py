@@ -93,10 +93,11 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
             wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
             wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
             if HAS_SCALE:
-                wp = wp * s
-                wn = wn * s
-            acc_pos += tl.sum(x * wp[:, None], axis=0)
-            acc_neg += tl.sum(x * wn[:, None], axis=0)
+                wp = tl.where(wp != 0.0, wp * s, 0.0)
+                wn = tl.where(wn != 0.0, wn * s, 0.0)
+            # selected, not multiplied: a zero-weight row (padding) may hold anything
+            acc_pos += tl.sum(tl.where((wp != 0.0)[:, None], x * wp[:, None], 0.0), axis=0)
+            acc_neg += tl.sum(tl.where((wn != 0.0)[:, None], x * wn[:, None], 0.0), axis=0)
     if SUMS:
         base = partial_ptr + pid_g * 2 * n_cols
         tl.store(base + cols, acc_pos, mask=cmask)
@@ -157,8 +158,8 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
         if SUMS:
             wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
             wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
-            acc_pos += tl.sum(z * wp[:, None], axis=0)
-            acc_neg += tl.sum(z * wn[:, None], axis=0)
+            acc_pos += tl.sum(tl.where((wp != 0.0)[:, None], z * wp[:, None], 0.0), axis=0)
+            acc_neg += tl.sum(tl.where((wn != 0.0)[:, None], z * wn[:, None], 0.0), axis=0)
     if SUMS:
         base = partial_ptr + pid_g * 2 * sketch_dim
         tl.store(base + cols, acc_pos, mask=cmask)
