@@ -104,3 +104,9 @@ def cpu_backend_params(op: str = "delta_coefficients") -> List:
 def cpu_backend_names(op: str = "delta_coefficients") -> List[str]:
     """The names of the backends that run on CPU tensors here (plain strings)."""
     return [str(p.values[0]) for p in cpu_backend_params(op) if not p.marks]
+
+
+def gpu_backend_params(op: str = "delta_coefficients") -> List:
+    """backend_params(op) of the backends whose inputs go to a CUDA device (none without a GPU,
+    but the GPU-only backends, skipped)."""
+    return [p for p in backend_params(op) if p.values[0].device == "cuda"]

@@ -6,6 +6,7 @@ import torch
 
 import delta_kernels as dk
 import delta_kernels.accumulator as accumulator
+from backend_cases import gpu_backend_params
 from helpers import TOL, assert_rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,7 +32,7 @@ def run(store, backend, n_adds=6, rows=2, seq=64, width=256, dtype=torch.bfloat1
     return acc.finalize(None if early else advs)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", gpu_backend_params())
 @pytest.mark.parametrize("early", [False, True])
 def test_host_mode_gives_device_mode_bits_and_one_call_numbers(backend, early):
     dev = run("device", backend, early=early)
