@@ -2,7 +2,7 @@
 batch in micro-batches to a DeltaAccumulator with the group.
 
 Run as ``python accumulator_worker.py RANK WORLD INIT_FILE CASE_FILE OUT_FILE``. The case file
-holds the batch, the shard bounds and the runs (each: backend, k, sketch_dim, whether the
+holds the batch, the shard bounds and the runs (each: backend, dtype, k, sketch_dim, whether the
 advantages come at add, and every rank's micro-batch boundaries inside its shard).
 """
 import sys
@@ -22,7 +22,7 @@ def main():
         acc = dk.DeltaAccumulator(k=run["k"], sketch_dim=run["sketch_dim"], store=run["store"],
                                   process_group=dist.group.WORLD, backend=run["backend"])
         cuts = run["cuts"][rank]
-        dtype = torch.float64 if run["backend"] == "torch" else torch.float32
+        dtype = run["dtype"]
         for a, b in zip(cuts[:-1], cuts[1:]):
             acc.add(h[a:b].to(dtype), logp[a:b].to(dtype), mask[a:b],
                     advantages=adv[a:b].to(dtype) if run["early"] else None)

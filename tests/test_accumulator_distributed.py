@@ -13,7 +13,9 @@ from helpers import TOL, assert_rel, make_batch
 
 WORKER = os.path.join(os.path.dirname(__file__), "accumulator_worker.py")
 # the registry's backends on CPU tensors here, but the interpreter (too slow in every rank)
-COMPILED = [str(p.values[0]) for p in cpu_backend_params() if not p.marks and not p.values[0].interpreted]
+# (name, dtype): float64 where the backend computes in it
+COMPILED = [(str(ut), torch.float64 if torch.float64 in ut.declaration.dtypes else torch.float32)
+            for ut, marks in ((p.values[0], p.marks) for p in cpu_backend_params()) if not marks and not ut.interpreted]
 
 
 def random_cuts(n_rows: int, g: torch.Generator):
@@ -29,11 +31,11 @@ def test_ranks_with_random_micro_batches_match_one_call(tmp_path, bounds):
     h, logp, adv, mask = make_batch(12, 5, 10, seed=world)
     g = torch.Generator().manual_seed(world)
     runs = []
-    for backend in COMPILED:
+    for backend, dtype in COMPILED:
         for k, sketch_dim, early, store in ((0, None, False, "device"), (1, 6, True, "host"), (2, None, True, "host"),
                                             (3, 6, False, "device")):
             cuts = [random_cuts(bounds[r + 1] - bounds[r], g) for r in range(world)]
-            runs.append(dict(backend=backend, k=k, sketch_dim=sketch_dim, early=early, store=store, cuts=cuts))
+            runs.append(dict(backend=backend, dtype=dtype, k=k, sketch_dim=sketch_dim, early=early, store=store, cuts=cuts))
     torch.save(dict(hidden=h, logp=logp, advantages=adv, mask=mask, bounds=bounds, runs=runs), tmp_path / "case.pt")
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(tmp_path / "init"),
                                str(tmp_path / "case.pt"), str(tmp_path / f"out{r}.pt")],
@@ -44,7 +46,7 @@ def test_ranks_with_random_micro_batches_match_one_call(tmp_path, bounds):
         assert p.returncode == 0, out.decode()[-3000:]
     per_rank = [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
     for i, run in enumerate(runs):
-        dtype = torch.float64 if run["backend"] == "torch" else torch.float32
+        dtype = run["dtype"]
         one = dk.delta_coefficients(h.to(dtype), logp.to(dtype), adv.to(dtype), mask, k=run["k"],
                                     sketch_dim=run["sketch_dim"], backend=run["backend"])
         tol = 1e-10 if dtype == torch.float64 else TOL[torch.float32]
