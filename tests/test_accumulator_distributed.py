@@ -35,7 +35,8 @@ def test_ranks_with_random_micro_batches_match_one_call(tmp_path, bounds):
         for k, sketch_dim, early, store in ((0, None, False, "device"), (1, 6, True, "host"), (2, None, True, "host"),
                                             (3, 6, False, "device")):
             cuts = [random_cuts(bounds[r + 1] - bounds[r], g) for r in range(world)]
-            runs.append(dict(backend=backend, dtype=dtype, k=k, sketch_dim=sketch_dim, early=early, store=store, cuts=cuts))
+            runs.append(dict(backend=backend, dtype=dtype, k=k, sketch_dim=sketch_dim, early=early, store=store,
+                             cuts=cuts))
     torch.save(dict(hidden=h, logp=logp, advantages=adv, mask=mask, bounds=bounds, runs=runs), tmp_path / "case.pt")
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(tmp_path / "init"),
                                str(tmp_path / "case.pt"), str(tmp_path / f"out{r}.pt")],
