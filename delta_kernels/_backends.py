@@ -29,10 +29,11 @@ class Backend:
 
     name: what ``backend=`` takes. module: dotted path of the module with the ``ops`` in PHASES.
     devices: tensor device types it takes (ANY: every device but meta). dtypes: input compute
-    dtypes it takes (float64 only on a backend that computes in float64). ops: what it implements (names from PHASES, and LM_HEAD
-    when ``lm_head`` names the fused LM-head module). priority: ``auto`` takes the highest that
-    runs on the call's device and dtype and implements the op. interpreted: also runs on CPU
-    tensors when TRITON_INTERPRET=1 (tests only: ``auto`` never picks the interpreter).
+    dtypes it takes (float64 only on a backend that computes in float64). ops: what it
+    implements (names from PHASES, and LM_HEAD when ``lm_head`` names the fused LM-head
+    module). priority: ``auto`` takes the highest that runs on the call's device and dtype and
+    implements the op. interpreted: also runs on CPU tensors when TRITON_INTERPRET=1 (tests
+    only: ``auto`` never picks the interpreter).
     """
 
     name: str
