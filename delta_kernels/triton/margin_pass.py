@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .._alloc import empty
 from .row_partials import row_groups, sum_partials
-from .token_vectors import rows_and_scale, scaled_rows
+from .finalize import final_totals, side_moments, valid_rows
+from .token_vectors import STATS, neg_expm1, row_weights, rows_and_scale, scaled_rows
 
 MAX_BLOCK_D = 16384     # widest row a program holds whole
 TILE_ELEMS = 8192       # BLOCK_N * BLOCK_D of the whole-row kernel (register budget)
@@ -32,15 +33,22 @@ CHUNK_D = 4096          # column chunk of the wide-row kernel
 
 
 @triton.jit
-def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr,
-                        n_rows, n_cols, rows_per_group,
-                        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr, stat_ptr,
+                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise,
+                        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, FROM_ADV: tl.constexpr,
+                        MOMENTS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program g: rows [g*rows_per_group, (g+1)*rows_per_group). With s = scale[row] if HAS_SCALE
     else 1: m[rows] = 2 (s x - c).w; if GATED, partial[g] = (sum sigmoid(m/gamma[0]) a_pos (s x - c),
     sum sigmoid(-m/gamma[1]) a_neg (s x - c)) over the rows with a nonzero weight (about c). x [N, D]
     fp32/bf16/fp16; scale [N], w [D], c [D],
-    gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D."""
+    gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D.
+
+    FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), a_pos_ptr/a_neg_ptr
+    the advantages and mask (row_weights), and the group's scalar partials go to stat[g] ([G, STATS]
+    float32, slots of fused.py): GATED, the gated weights (sum g+ a+, sum g- a-); MOMENTS, the first
+    moments of side_std (sides' counts, sums of m over P and -m over Q, and of their magnitudes);
+    FINAL, the totals of final_coefficients (valid count, sum of u = lam_offset + lam_rise gate over
+    valid rows, side counts), the gates taken with the temperatures gamma."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
     cmask = cols < n_cols
@@ -48,7 +56,9 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
     acc_pos = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_neg = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if GATED:
+    stats = tl.zeros([STATS], dtype=tl.float32)
+    slot = tl.arange(0, STATS)
+    if GATED or FINAL:
         gamma_pos = tl.load(gamma_ptr)
         gamma_neg = tl.load(gamma_ptr + 1)
     row0 = pid * rows_per_group
@@ -58,27 +68,35 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
         tile = tl.load(v_ptr + rows[:, None] * n_cols + cols[None, :],
                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         if HAS_SCALE:
-            s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-            dot = tl.sum((tile * s[:, None] - c[None, :]) * w[None, :], axis=1)
+            if FROM_ADV:
+                s = neg_expm1(tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32))
+            else:
+                s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+            centred = tile * s[:, None] - c[None, :]
         else:
-            dot = tl.sum((tile - c[None, :]) * w[None, :], axis=1)
-        m = 2.0 * dot
+            centred = tile - c[None, :]
+        m = 2.0 * tl.sum(centred * w[None, :], axis=1)
         tl.store(m_ptr + rows, m, mask=rmask)
+        if GATED or FINAL or MOMENTS:
+            ap, an = row_weights(a_pos_ptr, a_neg_ptr, rows, rmask, FROM_ADV)
         if GATED:
-            ap = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0)
-            an = tl.load(a_neg_ptr + rows, mask=rmask, other=0.0)
             g_pos = tl.where(ap != 0.0, ap / (1.0 + tl.exp(-(m / gamma_pos))), 0.0)    # sigmoid(m / gamma+) * a+
             g_neg = tl.where(an != 0.0, an / (1.0 + tl.exp(m / gamma_neg)), 0.0)       # sigmoid(-m / gamma-) * a-
-            if HAS_SCALE:
-                centred = tile * s[:, None] - c[None, :]
-            else:
-                centred = tile - c[None, :]
             acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], centred * g_pos[:, None], 0.0), axis=0)
             acc_neg += tl.sum(tl.where((an != 0.0)[:, None], centred * g_neg[:, None], 0.0), axis=0)
+            if FROM_ADV:
+                stats += tl.where(slot == 0, tl.sum(g_pos, axis=0), 0.0) + tl.where(slot == 1, tl.sum(g_neg, axis=0), 0.0)
+        if MOMENTS:
+            stats += side_moments(m, ap != 0.0, an != 0.0, slot)
+        if FINAL:
+            stats += final_totals(m, ap != 0.0, an != 0.0, rmask & valid_rows(a_neg_ptr, rows, rmask), gamma_pos,
+                                  gamma_neg, lam_offset, lam_rise, slot)
     if GATED:
         base = partial_ptr + pid * 2 * n_cols
         tl.store(base + cols, acc_pos, mask=cmask)
         tl.store(base + n_cols + cols, acc_neg, mask=cmask)
+    if FROM_ADV:
+        tl.store(stat_ptr + pid * STATS + slot, stats)
 
 
 @triton.jit
@@ -103,6 +121,12 @@ def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
             tile = tile * s[:, None]
         dot += tl.sum((tile - c[None, :]) * w[None, :], axis=1)
     tl.store(m_ptr + rows, 2.0 * dot, mask=rmask)
+
+
+def margin_config(d: int):
+    """-> (BLOCK_N, BLOCK_D, num_warps) of the whole-row kernel for rows of width d <= MAX_BLOCK_D."""
+    block_d = triton.next_power_of_2(d)
+    return max(1, min(64, TILE_ELEMS // block_d)), block_d, 4 if block_d <= 2048 else (8 if block_d <= 8192 else 16)
 
 
 def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
@@ -136,16 +160,16 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
         sums = scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
         # about c, as the whole-row kernel gives them (here after the sum: not exact under an offset)
         return m, sums - torch.stack([g_pos.sum(), g_neg.sum()])[:, None] * c[None, :]
-    block_n = max(1, min(64, TILE_ELEMS // block_d))
+    block_n, block_d, num_warps = margin_config(d)
     rows_per_group, n_groups = row_groups(n, block_n)
-    num_warps = 4 if block_d <= 2048 else (8 if block_d <= 8192 else 16)
     if gate is None:
-        _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, w, w, w, w, n, d, rows_per_group, HAS_SCALE=has_scale,
-                                         GATED=False, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, w, w, w, w, w, n, d, rows_per_group, 0.0, 0.0,
+                                         HAS_SCALE=has_scale, GATED=False, FROM_ADV=False, MOMENTS=False, FINAL=False,
+                                         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
         return m, None
     gamma, a_pos, a_neg = (t.to(f32).contiguous() for t in gate)
     partial = empty(n_groups, 2, d, dtype=f32, device=x.device)
-    _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, gamma, a_pos, a_neg, partial, n, d, rows_per_group,
-                                     HAS_SCALE=has_scale, GATED=True, BLOCK_N=block_n, BLOCK_D=block_d,
-                                     num_warps=num_warps)
+    _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, gamma, a_pos, a_neg, partial, w, n, d, rows_per_group, 0.0, 0.0,
+                                     HAS_SCALE=has_scale, GATED=True, FROM_ADV=False, MOMENTS=False, FINAL=False,
+                                     BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
     return m, sum_partials(partial)
