@@ -114,24 +114,23 @@ def trace_launches():
     """Run the library's calls on meta tensors at the target shapes; -> distinct Launches, in order."""
     seen, launches = set(), []
 
-    def getitem(self, grid):
-        def record(*args, **kwargs):
-            launch = Launch(self, args, dict(kwargs))
-            if launch.key() not in seen:
-                seen.add(launch.key())
-                launches.append(launch)
-        return record
+    def run(self, *args, grid, warmup, **kwargs):  # every launch, through kernel[grid] or @triton.heuristics
+        launch = Launch(self, args, dict(kwargs))
+        if launch.key() not in seen:
+            seen.add(launch.key())
+            launches.append(launch)
 
-    from delta_kernels import _backends
+    from delta_kernels import _backends, _checks
     from delta_kernels.fused_linear import api as fused_api
-    old = (JITFunction.__getitem__, _backends._runs_on, fused_api._resolve)
-    JITFunction.__getitem__ = getitem
+    old = (JITFunction.run, _backends._runs_on, fused_api._resolve, _checks.refuse_unreadable)
+    JITFunction.run = run
+    _checks.refuse_unreadable = lambda name, x: None  # meta tensors: the calls' shapes without data
     _backends._runs_on = lambda name, device: True
     fused_api._resolve = lambda backend, device, dtype: old[2](backend, torch.device("cuda"), dtype)
     try:
         _run_calls()
     finally:
-        JITFunction.__getitem__, _backends._runs_on, fused_api._resolve = old
+        JITFunction.run, _backends._runs_on, fused_api._resolve, _checks.refuse_unreadable = old
     return launches
 
 

@@ -10,10 +10,11 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# ops that launch no device kernel: allocations without a fill, and metadata queries
+# ops that launch no device kernel: allocations without a fill, metadata queries, and a view of a fresh tensor
 NO_LAUNCH = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
              "aten.is_nonzero.default", "aten.sym_size.int", "aten.sym_numel.default", "aten.sym_stride.int",
-             "aten.sym_storage_offset.default", "aten.lift_fresh.default", "prim.device.default"}
+             "aten.sym_storage_offset.default", "aten.lift_fresh.default", "prim.device.default",
+             "aten._unsafe_view.default"}
 
 
 class LaunchCounter(TorchDispatchMode):

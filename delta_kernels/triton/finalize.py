@@ -38,13 +38,12 @@ def valid_rows(mask_ptr, rows, rmask):
 
 
 @triton.jit
-def side_moments(m, pos, neg, slot):
-    """The slots 2..7 of a tile of margins m (pos/neg: the rows of P and Q)."""
+def side_moments(m, pos, neg):
+    """The slots 2..7 (six scalars) of a tile of margins m (pos/neg: the rows of P and Q)."""
     mp = tl.where(pos, m, 0.0)
     mn = tl.where(neg, -m, 0.0)
-    return (_at(slot, 2, tl.sum(pos.to(tl.float32), axis=0)) + _at(slot, 3, tl.sum(neg.to(tl.float32), axis=0))
-            + _at(slot, 4, tl.sum(mp, axis=0)) + _at(slot, 5, tl.sum(mn, axis=0))
-            + _at(slot, 6, tl.sum(tl.abs(mp), axis=0)) + _at(slot, 7, tl.sum(tl.abs(mn), axis=0)))
+    return (tl.sum(pos.to(tl.float32), axis=0), tl.sum(neg.to(tl.float32), axis=0), tl.sum(mp, axis=0),
+            tl.sum(mn, axis=0), tl.sum(tl.abs(mp), axis=0), tl.sum(tl.abs(mn), axis=0))
 
 
 @triton.jit
@@ -56,11 +55,22 @@ def _mapped_gates(m, pos, neg, valid, gamma_pos, gamma_neg, lam_offset, lam_rise
 
 
 @triton.jit
-def final_totals(m, pos, neg, valid, gamma_pos, gamma_neg, lam_offset, lam_rise, slot):
-    """The slots 8..11 of a tile of margins."""
+def final_totals(m, pos, neg, valid, gamma_pos, gamma_neg, lam_offset, lam_rise):
+    """The slots 8..11 (four scalars) of a tile of margins."""
     u = _mapped_gates(m, pos, neg, valid, gamma_pos, gamma_neg, lam_offset, lam_rise)
-    return (_at(slot, 8, tl.sum(valid.to(tl.float32), axis=0)) + _at(slot, 9, tl.sum(u, axis=0))
-            + _at(slot, 10, tl.sum(pos.to(tl.float32), axis=0)) + _at(slot, 11, tl.sum(neg.to(tl.float32), axis=0)))
+    return (tl.sum(valid.to(tl.float32), axis=0), tl.sum(u, axis=0), tl.sum(pos.to(tl.float32), axis=0),
+            tl.sum(neg.to(tl.float32), axis=0))
+
+
+@triton.jit
+def store_stats(stat_ptr, w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos, abs_neg, n_valid, u_sum, fin_pos,
+                fin_neg):
+    """One row of scalar partials (the twelve slots, in order; the rest 0) at stat_ptr."""
+    slot = tl.arange(0, STATS)
+    row = (_at(slot, 0, w_pos) + _at(slot, 1, w_neg) + _at(slot, 2, n_pos) + _at(slot, 3, n_neg)
+           + _at(slot, 4, sum_pos) + _at(slot, 5, sum_neg) + _at(slot, 6, abs_pos) + _at(slot, 7, abs_neg)
+           + _at(slot, 8, n_valid) + _at(slot, 9, u_sum) + _at(slot, 10, fin_pos) + _at(slot, 11, fin_neg))
+    tl.store(stat_ptr + slot, row)
 
 
 @triton.jit
@@ -104,6 +114,7 @@ def _side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_rows,
     tl.store(gamma_ptr + 1, tl.maximum(scale_neg * tl.sqrt(tl.sum(sq_neg, axis=0) / n_neg), floor))
 
 
+@triton.heuristics(dict(TOTALS=lambda a: a["totals_ptr"] is not None))
 @triton.jit
 def _temperature_kernel(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, totals_ptr, n_rows, eps,
                         lam_offset, lam_rise, TOTALS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -111,20 +122,25 @@ def _temperature_kernel(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr,
     (k = 0) also the final totals under those temperatures into totals [1, STATS]."""
     _side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_rows, eps, BLOCK_G, BLOCK_R)
     if TOTALS:
-        slot = tl.arange(0, STATS)
         gamma_pos = tl.load(gamma_ptr)
         gamma_neg = tl.load(gamma_ptr + 1)
-        acc = tl.zeros([STATS], dtype=tl.float32)
+        zero = tl.zeros([], dtype=tl.float32)
+        n_valid, u_sum, n_pos, n_neg = zero, zero, zero, zero
         for r0 in range(0, n_rows, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
             rmask = rows < n_rows
             m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
             ap, an = row_weights(adv_ptr, mask_ptr, rows, rmask, True)
-            acc += final_totals(m, ap != 0.0, an != 0.0, valid_rows(mask_ptr, rows, rmask), gamma_pos, gamma_neg,
-                                lam_offset, lam_rise, slot)
-        tl.store(totals_ptr + slot, acc)
+            t0, t1, t2, t3 = final_totals(m, ap != 0.0, an != 0.0, valid_rows(mask_ptr, rows, rmask), gamma_pos,
+                                          gamma_neg, lam_offset, lam_rise)
+            n_valid += t0
+            u_sum += t1
+            n_pos += t2
+            n_neg += t3
+        store_stats(totals_ptr, zero, zero, zero, zero, zero, zero, zero, zero, n_valid, u_sum, n_pos, n_neg)
 
 
+@triton.heuristics(dict(ABOUT=lambda a: a["centre_ptr"] is not None, STD=lambda a: a["m_ptr"] is not None))
 @triton.jit
 def _centroids_kernel(partial_ptr, n_groups, stat_ptr, n_stat_groups, centre_ptr, mu_ptr, w_ptr, c_ptr,
                       m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_cols, n_rows, eps,

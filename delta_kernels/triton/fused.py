@@ -62,7 +62,7 @@ def _side_pass(batch, sketch_dim, seed):
         stat = empty(n_groups, STATS, dtype=f32, device=dev)
         _sketch_rows_kernel[(n_groups, triton.cdiv(r, block_r))](
             hidden, logp, adv, mask, z, partial, stat, n, h, r, rows_per_group, seed_argument(seed), sketch_scale(r),
-            SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=True, FROM_ADV=True,
+            SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
             BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4 if block_r <= 64 else 8,
             num_stages=3)
         return z, None, partial, n_groups, stat, n_groups
@@ -75,8 +75,7 @@ def _side_pass(batch, sketch_dim, seed):
     stat = empty(n_groups, STATS, dtype=f32, device=dev)
     partial = batch.side_sums.to(f32).reshape(1, 2, d) if given else empty(n_groups, 2, d, dtype=f32, device=dev)
     grid = (n_groups, 1 if given else triton.cdiv(d, block_d))
-    _scaled_rows_kernel[grid](x, logp if scale is None else scale, adv, mask, x, partial, stat, n, 0 if given else d,
-                              rows_per_group, HAS_SCALE=scale is not None, STORE=False, SUMS=True, FROM_ADV=True,
+    _scaled_rows_kernel[grid](x, scale, adv, mask, None, partial, stat, n, 0 if given else d, rows_per_group,
                               BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
     return x, scale, partial, 1 if given else n_groups, stat, n_groups
 
@@ -93,35 +92,31 @@ def fused_coefficients(batch, cfg, sketch_dim, seed):
     base = cfg.lam_min if cfg.lam_min > 0 else 1.0
     lam_offset, lam_rise = cfg.lam_min / base, (cfg.lam_max - cfg.lam_min) / base
     n_tiles = triton.cdiv(d, FINALIZE_BLOCK_C)
-    block_n, block_d, num_warps = margin_config(d)
-    rows_per_group, n_groups = row_groups(n, block_n)
+    rows_per_group, n_groups = row_groups(n, margin_config(d, gated=False)["BLOCK_N"])  # the same for both
     fin = dict(BLOCK_G=FINALIZE_BLOCK_G, BLOCK_R=FINALIZE_BLOCK_R)
 
     def centroids(partial, n_part, stat, n_stat, centre, m=None, gamma=None):
         mu, w, c = empty(2, d, dtype=f32, device=dev), empty(d, dtype=f32, device=dev), empty(d, dtype=f32, device=dev)
         std = m is not None
-        _centroids_kernel[(n_tiles + int(std),)](partial, n_part, stat, n_stat, centre if centre is not None else w,
-                                                 mu, w, c, m if std else w, adv, mask, gamma if std else w, d, n, eps,
-                                                 ABOUT=centre is not None, STD=std, BLOCK_C=FINALIZE_BLOCK_C, **fin,
-                                                 num_warps=4)
+        _centroids_kernel[(n_tiles + int(std),)](partial, n_part, stat, n_stat, centre, mu, w, c, m, adv, mask, gamma,
+                                                 d, n, eps, BLOCK_C=FINALIZE_BLOCK_C, **fin, num_warps=4)
         return mu, w, c
 
     def margins(w, c, gamma=None, gated=False, moments=False, final=False):
         m = empty(n, dtype=f32, device=dev)
         st = empty(n_groups, STATS, dtype=f32, device=dev)
         part = empty(n_groups, 2, d, dtype=f32, device=dev) if gated else st
-        _margin_rows_kernel[(n_groups,)](x, logp if scale is None else scale, w, c, m, w if gamma is None else gamma,
-                                         adv, mask, part, st, n, d, rows_per_group, lam_offset, lam_rise,
-                                         HAS_SCALE=scale is not None, GATED=gated, FROM_ADV=True, MOMENTS=moments,
-                                         FINAL=final, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, gamma, adv, mask, part if gated else None, st, n, d,
+                                         rows_per_group, lam_offset, lam_rise, MOMENTS=moments, FINAL=final,
+                                         **margin_config(d, gated))
         return m, part, st
 
     mu, w, c = centroids(partial, n_part, stat, n_stat, None)
     m, _, st = margins(w, c, moments=True)
     gamma = empty(2, dtype=f32, device=dev)
     totals = empty(1, STATS, dtype=f32, device=dev)
-    _temperature_kernel[(1,)](st, n_groups, m, adv, mask, gamma, totals, n, eps, lam_offset, lam_rise,
-                              TOTALS=cfg.k == 0, **fin, num_warps=4)
+    _temperature_kernel[(1,)](st, n_groups, m, adv, mask, gamma, totals if cfg.k == 0 else None, n, eps, lam_offset,
+                              lam_rise, **fin, num_warps=4)
     n_tot = 1
     for _ in range(cfg.k):
         m, gsums, st = margins(w, c, gamma, gated=True, moments=True)

@@ -78,13 +78,16 @@ def row_weights(a_pos_ptr, a_neg_ptr, rows, rmask, FROM_ADV: tl.constexpr):
     return ap, an
 
 
+@triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None, STORE=lambda a: a["out_ptr"] is not None,
+                        SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit
 def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr, weight_ptr,
                         n_rows, n_cols, rows_per_group,
                         HAS_SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (g, d): rows [g*rows_per_group, (g+1)*rows_per_group), columns d*BLOCK_D...
-    With s = scale[row] if HAS_SCALE else 1: stores y = s x in out's dtype if STORE; writes
+    The flags follow the pointers given (None: absent). With s = scale[row] if HAS_SCALE else 1:
+    stores y = s x in out's dtype if STORE; writes
     partial[g] = (sum_rows (w_pos s) x, sum_rows (w_neg s) x) over its columns, float32.
     x [N, D] (fp32/bf16/fp16), scale/w_pos/w_neg [N] float32, partial [G, 2, D] float32.
     FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), w_pos_ptr/w_neg_ptr
@@ -145,6 +148,7 @@ def _sign_dot(a, signs, acc, IEEE: tl.constexpr):
     return tl.dot(a, signs, acc)
 
 
+@triton.heuristics(dict(SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit(do_not_specialize=["seed_mixed"])
 def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr, weight_ptr,
                         n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
@@ -187,7 +191,7 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
                 acc = _sign_dot(lo, signs, acc, IEEE)
             else:
                 acc = _sign_dot(x, sign_tile(ks, cols, seed_mixed, x.dtype), acc, IEEE)
-        lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0)
+        lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         z = acc * neg_expm1(lp)[:, None] * scale
         mask = rmask[:, None] & cmask[None, :]
         tl.store(z_ptr + rows[:, None] * sketch_dim + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
@@ -219,12 +223,8 @@ def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[
     block_d = min(BLOCK_COLS, triton.next_power_of_2(d))
     out = empty(n, d, dtype=x.dtype, device=x.device) if store else None
     partial = empty(n_groups, 2, d, dtype=torch.float32, device=x.device) if sums else None
-    dummy = x  # pointer for the arguments a constexpr flag switches off (never dereferenced)
     grid = (n_groups, triton.cdiv(d, block_d))
-    _scaled_rows_kernel[grid](x, dummy if scale is None else scale, dummy if w_pos is None else w_pos,
-                              dummy if w_neg is None else w_neg, dummy if out is None else out,
-                              dummy if partial is None else partial, dummy, n, d, rows_per_group,
-                              HAS_SCALE=scale is not None, STORE=store, SUMS=sums, FROM_ADV=False,
+    _scaled_rows_kernel[grid](x, scale, w_pos, w_neg, out, partial, None, n, d, rows_per_group,
                               BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
     return out, sum_partials(partial) if sums else None
 
@@ -253,11 +253,11 @@ def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[to
     block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
     rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
     z = empty(n, r, dtype=hidden.dtype, device=hidden.device)
-    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else z
+    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else None
     grid = (n_groups, triton.cdiv(r, block_r))
-    _sketch_rows_kernel[grid](hidden, logp, a_pos if sums else logp, a_neg if sums else logp, z, partial, z, n, h, r,
+    _sketch_rows_kernel[grid](hidden, logp, a_pos, a_neg, z, partial, None, n, h, r,
                               rows_per_group, seed_argument(seed), sketch_scale(r),
-                              SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=sums, FROM_ADV=False,
+                              SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
                               BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
                               num_warps=4 if block_r <= 64 else 8, num_stages=3)
     return z, sum_partials(partial) if sums else None
