@@ -1,7 +1,8 @@
-"""Counting the device launches of a call on the CPU: Triton kernel launches (under the
-interpreter, a hook on InterpretedFunction.run) plus torch ops that would launch a kernel on a GPU
-(a TorchDispatchMode; views, allocations and metadata queries launch nothing and are not counted).
-Torch ops run inside a Triton launch (the interpreter's own copies) are not counted either."""
+"""Counting the device launches of a call: Triton kernel launches (a hook on JITFunction.run, and
+on InterpretedFunction.run under the interpreter) plus torch ops that launch a kernel on a GPU (a
+TorchDispatchMode; views, allocations and metadata queries launch nothing and are not counted).
+Torch ops run inside a Triton launch (the interpreter's own copies) are not counted either.
+Used by tests/test_triton_launches.py and benchmarks/bench_passes.py."""
 from __future__ import annotations
 
 import contextlib
@@ -37,9 +38,8 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
-    def _hook(self):
-        from triton.runtime.interpreter import InterpretedFunction
-        original = InterpretedFunction.run
+    def _hook(self, cls):
+        original = cls.run
         counter = self
 
         def run(fn, *args, **kwargs):
@@ -51,15 +51,18 @@ class LaunchCounter(TorchDispatchMode):
             finally:
                 counter._in_kernel -= 1
 
-        InterpretedFunction.run = run
+        cls.run = run
         try:
             yield
         finally:
-            InterpretedFunction.run = original
+            cls.run = original
 
     def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self._hook())
+        for cls in (JITFunction, InterpretedFunction):
+            self._stack.enter_context(self._hook(cls))
         return super().__enter__()
 
     def __exit__(self, *exc):
