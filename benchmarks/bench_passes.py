@@ -149,9 +149,15 @@ def main():
             kernels.append(dict(kernel=name[:90], launches_per_call=count / iters, us_per_launch=us / count,
                                 us_per_call=us / iters, floor_us_per_launch=floor_us,
                                 floor_over_time=None if floor_us is None else floor_us / (us / count)))
+        if HAS_GPU:
+            launches = sum(x["launches_per_call"] for x in kernels)
+        else:  # the profiler also sees the interpreter's own torch ops: count the call's launches instead
+            with LaunchCounter() as lc:
+                call()
+            launches = lc.launches
         results.append(dict(N=n, H=h, dtype=str(dtype).replace("torch.", ""), k=k, sketch_dim=r or 0,
                             call_ms=wall.median_ms, call_p20_ms=wall.p20_ms, call_p80_ms=wall.p80_ms,
-                            launches_per_call=sum(x["launches_per_call"] for x in kernels),
+                            launches_per_call=launches,
                             device_us_per_call=sum(x["us_per_call"] for x in kernels), kernels=kernels))
         print(f"N={n} H={h} r={r or '-'}: {wall.median_ms:.3f} ms per call, "
               f"{results[-1]['launches_per_call']:.0f} launches", flush=True)
