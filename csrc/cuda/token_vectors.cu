@@ -1,5 +1,5 @@
 // Phase A on the GPU: token-gradient vectors v = (1 - exp(logp)) h (one read of h, side sums fused
-// through row_pass), or the sketch z = v @ R with R generated in-kernel from (seed, i, j).
+// through row_pass), or the sketch z = v @ R with R's signs hashed in-kernel from (seed, i, j).
 #include "../common/dtypes.h"
 #include "../common/sketch_hash.h"
 #include "common.cuh"
@@ -9,40 +9,67 @@ namespace dk {
 namespace cuda {
 namespace {
 
-// One block per token (grid-strided): the row v in shared memory, each thread owns columns j.
-// z[t, j] = scale * sum_i v[i] sign(i, j), summed over i in order.
+constexpr int kSketchGroups = kThreads / kMaxSketchDim;  // thread groups splitting a row's sum over i
+constexpr unsigned kSketchBlocks = 1024;                  // grid cap: each block builds R's signs once
+
+// Grid-strided over tokens. Each block first builds the signs of R [H, r] in shared memory, one
+// 64-bit word per row i (bit j set where R[i, j] < 0), hashed once per block; then per token,
+// thread (g, j) adds +-h[t, i] over its group's quarter of i in order, and the groups' partials are
+// added in group order: z[t, j] = (1 - exp(logp[t])) / sqrt(r) * sum_i h[t, i] sign(i, j).
 template <typename T, typename O>
-__global__ void sketch_kernel(const T* __restrict__ hidden, const float* __restrict__ logp, int64_t N, int64_t H,
-                              int64_t r, uint32_t seed_mixed, float scale, O* __restrict__ out) {
-  extern __shared__ float vrow[];
+__global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ hidden,
+                                                          const float* __restrict__ logp, int64_t N, int64_t H,
+                                                          int r, uint32_t seed_mixed, float inv_sqrt_r,
+                                                          O* __restrict__ out) {
+  extern __shared__ unsigned long long neg_bits[];  // [H]
+  __shared__ uint32_t col_keys[kMaxSketchDim];
+  __shared__ float part[kSketchGroups][kMaxSketchDim];
+  if (threadIdx.x < r) col_keys[threadIdx.x] = sketch_col_key(threadIdx.x);
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < H; i += kThreads) {
+    const uint32_t row_key = sketch_row_key(seed_mixed, static_cast<uint32_t>(i));
+    unsigned long long bits = 0;
+    for (int j = 0; j < r; ++j)
+      if (sketch_sign(row_key, col_keys[j]) < 0.0f) bits |= 1ull << j;
+    neg_bits[i] = bits;
+  }
+  __syncthreads();
+  const int g = threadIdx.x / kMaxSketchDim, j = threadIdx.x % kMaxSketchDim;
+  const int64_t span = (H + kSketchGroups - 1) / kSketchGroups;
+  const int64_t i0 = g * span, i1 = i0 + span < H ? i0 + span : H;
   for (int64_t t = blockIdx.x; t < N; t += gridDim.x) {
-    const float s = -expm1f(logp[t]);
+    const T* row = hidden + t * H;
+    float acc = 0.0f;
+    if (j < r)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float h = to_f(row[i]);
+        acc += ((neg_bits[i] >> j) & 1ull) ? -h : h;
+      }
+    part[g][j] = acc;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < H; i += kThreads) vrow[i] = s * to_f(hidden[t * H + i]);
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < r; j += kThreads) {
-      const uint32_t col = sketch_col_key(static_cast<uint32_t>(j));
-      float acc = 0.0f;
-      for (int64_t i = 0; i < H; ++i)
-        acc += vrow[i] * sketch_sign(sketch_row_key(seed_mixed, static_cast<uint32_t>(i)), col);
-      out[t * r + j] = from_f<O>(acc * scale);
+    if (g == 0 && j < r) {
+      float z = 0.0f;
+      for (int k = 0; k < kSketchGroups; ++k) z += part[k][j];
+      out[t * r + j] = from_f<O>(z * (-expm1f(logp[t]) * inv_sqrt_r));
     }
+    __syncthreads();
   }
 }
 
 template <typename T, typename O>
 cudaError_t launch_sketch(const void* hidden, const float* logp, int64_t N, int64_t H, int64_t r, uint32_t seed,
                           void* out, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(H) * sizeof(float);
+  const size_t smem = static_cast<size_t>(H) * sizeof(unsigned long long);
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(sketch_kernel<T, O>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(r)));
-  const unsigned blocks = static_cast<unsigned>(N < 65535 ? N : 65535);
-  sketch_kernel<T, O><<<blocks, kThreads, smem, stream>>>(static_cast<const T*>(hidden), logp, N, H, r, mix32(seed),
-                                                          scale, static_cast<O*>(out));
+  const float inv_sqrt_r = static_cast<float>(1.0 / sqrt(static_cast<double>(r)));
+  const unsigned blocks = static_cast<unsigned>(N < kSketchBlocks ? N : kSketchBlocks);
+  sketch_kernel<T, O><<<blocks, kThreads, smem, stream>>>(static_cast<const T*>(hidden), logp, N, H,
+                                                          static_cast<int>(r), mix32(seed), inv_sqrt_r,
+                                                          static_cast<O*>(out));
   return cudaGetLastError();
 }
 
@@ -61,27 +88,42 @@ __global__ void row_scale_kernel(const float* __restrict__ logp, int64_t N, floa
 
 }  // namespace
 
-cudaError_t token_vectors(int dtype, const void* hidden, const float* logp, const float* a_pos, const float* a_neg,
-                          int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out, float* scale_ws,
-                          float* partial, float* sums, cudaStream_t stream) {
-  if (N == 0) return sums ? cudaMemsetAsync(sums, 0, static_cast<size_t>(2 * (r > 0 ? r : H)) * 4, stream)
-                          : cudaSuccess;
+cudaError_t token_vectors(const TokenVectorsParams& p, cudaStream_t stream) {
+  const int64_t N = p.n_tokens, H = p.hidden_size, r = p.sketch_dim;
+  if (r > kMaxSketchDim || (r > 0 && H > kMaxSketchHidden)) return cudaErrorInvalidValue;
+  RowPassParams rows{};  // the side sums (and, for exact vectors, v itself) through one row_pass
+  rows.n_tokens = N;
+  rows.a_pos = p.sums ? p.a_pos : nullptr;
+  rows.a_neg = p.sums ? p.a_neg : nullptr;
+  rows.partial = p.partial;
+  rows.sums = p.sums;
   if (r > 0) {
-    cudaError_t err;
-    switch (dtype) {
-      case kFloat32: err = sketch<float>(out_f32, hidden, logp, N, H, r, seed, out, stream); break;
-      case kBFloat16: err = sketch<__nv_bfloat16>(out_f32, hidden, logp, N, H, r, seed, out, stream); break;
-      default: err = sketch<__half>(out_f32, hidden, logp, N, H, r, seed, out, stream); break;
+    if (N > 0) {
+      cudaError_t err;
+      switch (p.dtype) {
+        case kFloat32: err = sketch<float>(p.out_f32, p.hidden, p.logp, N, H, r, p.seed, p.out, stream); break;
+        case kBFloat16: err = sketch<__nv_bfloat16>(p.out_f32, p.hidden, p.logp, N, H, r, p.seed, p.out, stream); break;
+        default: err = sketch<__half>(p.out_f32, p.hidden, p.logp, N, H, r, p.seed, p.out, stream); break;
+      }
+      if (err != cudaSuccess || p.sums == nullptr) return err;
     }
-    if (err != cudaSuccess || sums == nullptr) return err;
-    return row_pass(out_f32 ? static_cast<int>(kFloat32) : dtype, out, nullptr, N, r, nullptr, nullptr, nullptr,
-                    a_pos, a_neg, nullptr, nullptr, partial, sums, stream);
+    rows.dtype = p.out_f32 ? static_cast<int>(kFloat32) : p.dtype;
+    rows.x = p.out;
+    rows.width = r;
+    return row_pass(rows, stream);
   }
-  row_scale_kernel<<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(logp, N, scale_ws);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return row_pass(dtype, hidden, scale_ws, N, H, nullptr, nullptr, nullptr, sums ? a_pos : nullptr,
-                  sums ? a_neg : nullptr, nullptr, out, partial, sums, stream);
+  if (N > 0) {
+    row_scale_kernel<<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p.logp, N,
+                                                                                                    p.scale_ws);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  rows.dtype = p.dtype;
+  rows.x = p.hidden;
+  rows.scale = p.scale_ws;
+  rows.width = H;
+  rows.out = p.out;
+  return row_pass(rows, stream);
 }
 
 }  // namespace cuda
