@@ -127,8 +127,6 @@ def provider_fn(name, inputs, k, r):
         return None, f"backend {name!r} not available"
     if name == "cpp" and hidden.is_cuda or name == "cuda" and not hidden.is_cuda:
         return None, f"{name} does not run on this device"
-    if name == "cuda" and r is not None and r > 64:
-        return None, "cuda sketches at most 64 columns (docs/design.md)"
     return (lambda: dk.delta_coefficients(hidden, logp, adv, mask, k=k, sketch_dim=r, backend=name,
                                           check_values=False)), ""
 

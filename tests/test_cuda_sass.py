@@ -1,6 +1,6 @@
-"""The CUDA row kernels read rows as 16-byte vectors: csrc/cuda/row_pass.cu compiled for sm_80 and sm_90,
-its SASS (cuobjdump -sass) read per kernel. Needs nvcc and cuobjdump (on PATH, or the copy that ships
-with triton); no GPU."""
+"""The CUDA row kernels read rows as 16-byte vectors and the sketch runs on the tensor cores: csrc/cuda compiled
+for sm_80 and sm_90, its SASS (cuobjdump -sass) read per kernel. Needs nvcc and cuobjdump (on PATH, or the copy
+that ships with triton); no GPU."""
 from __future__ import annotations
 
 import collections
@@ -30,22 +30,27 @@ def _cuobjdump():
     return str(bundled) if bundled.exists() else None
 
 
-@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
-def row_kernels(request, tmp_path_factory):
-    """{(type, VEC, regs): Counter of global/local memory instructions} of the row_pass kernels."""
+def _kernels_sass(arch, source, tmp):
+    """{mangled kernel name: its SASS} of csrc/cuda/<source> compiled for arch."""
     nvcc, cuobjdump = shutil.which("nvcc"), _cuobjdump()
     if nvcc is None or cuobjdump is None:
         pytest.skip("needs nvcc and cuobjdump")
-    cubin = tmp_path_factory.mktemp(request.param) / "row_pass.cubin"
-    build = subprocess.run([nvcc, "-cubin", "-std=c++17", "-O3", f"-arch={request.param}", "--expt-relaxed-constexpr",
-                            str(ROOT / "csrc" / "cuda" / "row_pass.cu"), "-o", str(cubin)],
+    cubin = tmp / (Path(source).stem + ".cubin")
+    build = subprocess.run([nvcc, "-cubin", "-std=c++17", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr",
+                            str(ROOT / "csrc" / "cuda" / source), "-o", str(cubin)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
     assert sass.returncode == 0, sass.stderr
     parts = re.split(r"\n\s*Function : (\S+)\n", sass.stdout)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+def row_kernels(request, tmp_path_factory):
+    """{(type, VEC, regs): Counter of global/local memory instructions} of the row_pass kernels."""
     kernels = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in _kernels_sass(request.param, "row_pass.cu", tmp_path_factory.mktemp(request.param)).items():
         m = KERNEL.search(name)
         if m:
             kernels[(TYPES[m[1]][0], int(m[2]), m[3] == "1")] = collections.Counter(MEMORY_OP.findall(body))
@@ -78,3 +83,13 @@ def test_register_sums_do_not_spill(row_kernels, mangled):
     dtype, vec = TYPES[mangled]
     ops = row_kernels[(dtype, vec, True)]
     assert not any(op.startswith(("LDL", "STL")) for op in ops), ops
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_sketch_kernels_use_tensor_cores(arch, tmp_path):
+    sass = {name: body for name, body in _kernels_sass(arch, "token_vectors.cu", tmp_path).items()
+            if "sketch_kernel" in name}
+    assert len(sass) == 5, list(sass)  # hidden bf16/f16 x out in their dtype or f32, and f32 -> f32
+    for name, body in sass.items():
+        assert re.search(r"\bHMMA\.16816\.F32", body), name  # mma.sync, float32 accumulation
+        assert not re.search(r"\b(LDL|STL)\b", body), name

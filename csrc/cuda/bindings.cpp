@@ -38,8 +38,6 @@ PYBIND11_MODULE(_cuda, m) {
         "token chunks of the reductions over n_tokens (partial workspace: count * 2 * width floats)");
   m.def("surrogate_tiles", &dk::cuda::surrogate_tiles, py::arg("cols"));
   m.attr("MAX_SUMS_WIDTH") = dk::cuda::kMaxSumsWidth;
-  m.attr("MAX_SKETCH_DIM") = dk::cuda::kMaxSketchDim;
-  m.attr("MAX_SKETCH_HIDDEN") = dk::cuda::kMaxSketchHidden;
   m.def("row_pass", [](int dtype, Ptr x, OptPtr scale, int64_t n_tokens, int64_t width, OptPtr w, OptPtr centre,
                        OptPtr gamma, OptPtr a_pos, OptPtr a_neg, OptPtr margins, OptPtr out, OptPtr partial,
                        OptPtr sums, Ptr stream) {

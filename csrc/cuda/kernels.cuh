@@ -17,13 +17,6 @@ int64_t reduction_chunk_count(int64_t N);
 // memory above 4,096 columns (128 KiB at this width, within sm_80's and sm_90's per-block limit).
 constexpr int64_t kMaxSumsWidth = 16384;
 
-// Widest sketch token_vectors computes, and the widest hidden state it sketches. The sketch adds
-// +-h on CUDA cores, O(N H r) (no tensor cores), with R's signs as one 64-bit word per row i in
-// shared memory (H * 8 bytes, 128 KiB at kMaxSketchHidden); wider sketches are refused
-// (backend="triton" has the tensor-core sketch).
-constexpr int64_t kMaxSketchDim = 64;
-constexpr int64_t kMaxSketchHidden = 16384;
-
 // One pass over x [n_tokens, width] (dtype), v[t] = scale[t] x[t]. Null pointers are unused:
 //   scale null: v = x;
 //   w, centre non-null: margins [N] = 2 (v - centre).w, centre [D] subtracted element by element;
@@ -51,9 +44,9 @@ struct RowPassParams {
 };
 cudaError_t row_pass(const RowPassParams& p, cudaStream_t stream);
 
-// v = (1 - exp(logp)) hidden [N, H], or the sketch z = v @ R [N, r] (sketch_dim r > 0, r <=
-// kMaxSketchDim, H <= kMaxSketchHidden), written to out in hidden's dtype (float32 when out_f32);
-// sums non-null: side sums [2, D] of the written vectors (partial as in row_pass). scale_ws: N
+// v = (1 - exp(logp)) hidden [N, H], or the sketch z = v @ R [N, r] (sketch_dim r > 0, on the
+// tensor cores), written to out in hidden's dtype (float32 when out_f32); sums non-null: side
+// sums [2, D] of the written vectors (partial as in row_pass, D <= kMaxSumsWidth). scale_ws: N
 // floats of workspace (exact vectors).
 struct TokenVectorsParams {
   int dtype;

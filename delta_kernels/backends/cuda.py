@@ -37,16 +37,8 @@ def _check_sums_width(d: int, name: str) -> None:
 
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
     """hidden [N, H] -> (v [N, D] in out_dtype (hidden's, or float32), sums [2, D] f32).
-    A sketch takes sketch_dim <= _cuda.MAX_SKETCH_DIM and H <= _cuda.MAX_SKETCH_HIDDEN, exact vectors
-    H <= _cuda.MAX_SUMS_WIDTH (ValueError naming the argument otherwise)."""
+    D <= _cuda.MAX_SUMS_WIDTH (ValueError naming sketch_dim or hidden otherwise)."""
     n, h = hidden.shape
-    if sketch_dim is not None:
-        for name, got, most in (("sketch_dim", sketch_dim, _cuda.MAX_SKETCH_DIM),
-                                ("hidden", h, _cuda.MAX_SKETCH_HIDDEN)):
-            if got > most:
-                raise ValueError(f"{name}: backend='cuda' sketches at most sketch_dim={_cuda.MAX_SKETCH_DIM} from "
-                                 f"hidden size {_cuda.MAX_SKETCH_HIDDEN} (a CUDA-core sketch, O(N H r)), got {got}; "
-                                 "use backend='triton' (tensor cores)")
     d = sketch_dim or h
     _check_sums_width(d, "sketch_dim" if sketch_dim else "hidden")
     out_dtype = out_dtype or hidden.dtype
