@@ -1,10 +1,12 @@
 // The passes over [N, D] rows on the GPU: side sums, exact token vectors, margins and gated sums.
 // One block per fixed chunk of tokens (reduction_chunk_tokens(N)). Per token the block reads the
-// row once as 16-byte vectors, kThreads * 16 elements per tile with 16 / VEC loads in flight per
-// thread; with margins it dots the row with w (fixed-order block_sum), then each thread adds its
-// own columns into the chunk's partial sums, held in registers (D <= kRegWidth) or in shared
-// memory (one row [2, D] per block), and written to global memory once per block. A second
-// kernel adds the chunks in order: no atomics, the same bits on every run.
+// row as 16-byte vectors (element by element when the row is not 16-byte aligned), kThreads * 16
+// elements per tile with 16 / VEC loads per thread issued together, and, for rows of at most
+// kRegWidth, the next token's row in flight meanwhile; with margins it dots the row with w
+// (fixed-order block_sum), then each thread adds its own columns into the chunk's partial sums,
+// held in registers (D <= kRegWidth) or in shared memory (one row [2, D] per block) and written to
+// global memory once per block. A second kernel adds the chunks in order: no atomics, the same
+// bits on every run.
 #include "../common/dtypes.h"
 #include "common.cuh"
 #include "kernels.cuh"
@@ -44,7 +46,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_pass_kernel(const
   const bool want_sums = p.partial != nullptr;
   const bool centred = p.gamma != nullptr;  // gated sums: of v - c (scale applied to the row)
   // Column of element e of vector k of tile: tile * kRegWidth + (k * kThreads + threadIdx.x) * VEC + e.
-  auto col0 = [&](int64_t tile, int k) { return tile * kRegWidth + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * VEC; };
+  auto col0 = [&](int64_t tile, int k) {
+    return tile * kRegWidth + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * VEC;
+  };
   float acc_pos[Regs ? kPerThread : 1], acc_neg[Regs ? kPerThread : 1];
 #pragma unroll
   for (int i = 0; i < (Regs ? kPerThread : 1); ++i) acc_pos[i] = acc_neg[i] = 0.0f;

@@ -26,7 +26,9 @@ __device__ __forceinline__ void set_word(uint4& u, int k, uint32_t v) {
 // float <-> the bits of one element of T (the low 16 bits for 2-byte types).
 template <typename T> __device__ __forceinline__ float float_of_bits(uint32_t b);
 template <> __device__ __forceinline__ float float_of_bits<float>(uint32_t b) { return __uint_as_float(b); }
-template <> __device__ __forceinline__ float float_of_bits<__nv_bfloat16>(uint32_t b) { return __uint_as_float(b << 16); }
+template <> __device__ __forceinline__ float float_of_bits<__nv_bfloat16>(uint32_t b) {
+  return __uint_as_float(b << 16);
+}
 template <> __device__ __forceinline__ float float_of_bits<__half>(uint32_t b) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(b & 0xffffu)));
 }
