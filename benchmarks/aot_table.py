@@ -122,16 +122,18 @@ def trace_launches():
                 launches.append(launch)
         return record
 
-    from delta_kernels import _backends
+    from delta_kernels import _backends, _checks
     from delta_kernels.fused_linear import api as fused_api
-    old = (JITFunction.__getitem__, _backends._runs_on, fused_api._resolve)
+    old = (JITFunction.__getitem__, _backends._runs_on, fused_api._resolve, _checks.refuse_unreadable)
     JITFunction.__getitem__ = getitem
     _backends._runs_on = lambda name, device: True
     fused_api._resolve = lambda backend, device, dtype: old[2](backend, torch.device("cuda"), dtype)
+    # the input gate refuses meta tensors (no data to read); here nothing is read, kernels are only recorded
+    _checks.refuse_unreadable = lambda name, x: None if getattr(x, "is_meta", False) else old[3](name, x)
     try:
         _run_calls()
     finally:
-        JITFunction.__getitem__, _backends._runs_on, fused_api._resolve = old
+        JITFunction.__getitem__, _backends._runs_on, fused_api._resolve, _checks.refuse_unreadable = old
     return launches
 
 

@@ -40,7 +40,7 @@ class DeltaAccumulator:
         acc = DeltaAccumulator(k=1, sketch_dim=None, store="auto")
         for mb in micro_batches:
             acc.add(hidden_mb, logp_mb, mask_mb)        # or add(vectors=z_mb, logp=..., mask=...)
-        results = acc.finalize(advantages)             # list of DeltaResult, one per add
+        results = acc.finalize(advantages)             # list of DeltaResult, one per add (mask=: late mask)
 
     The numbers equal ``delta_coefficients`` on the concatenation of the adds (float64 to
     rounding; float32 to the kernels' tolerance, the sums being added chunk by chunk), are
@@ -218,7 +218,8 @@ class DeltaAccumulator:
         return self._put(flat_src), sums
 
     # ------------------------------------------------------------- finalize
-    def finalize(self, advantages: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None) -> List[DeltaResult]:
+    def finalize(self, advantages: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+                 mask: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None) -> List[DeltaResult]:
         """Coefficients of every add, with statistics over all adds (and ranks).
 
         Args:
@@ -226,17 +227,25 @@ class DeltaAccumulator:
                 shaped like that add's logp, or [b]), or one tensor for their concatenation:
                 [sum n] flat over all tokens, [sum b] per sequence or [sum b, T] (adds of
                 shape [b, T]).
+            mask: an optional late mask (e.g. TRL's tool_mask, known only after the pass),
+                ANDed with the add masks: one tensor per add (shaped like that add's logp,
+                bool or 0/1), or one for their concatenation ([sum n], or [sum b, T] when every
+                add is [b, T]). Only with the advantages given here: with advantages at add the
+                side sums were taken then, under the add masks.
         Returns:
             one DeltaResult per add, in add order: coef and weighted_advantages shaped like
-            that add's logp; stats shared (stats.pred shaped like that add's logp).
+            that add's logp; stats shared (stats.pred shaped like that add's logp). The
+            numbers are those of ``delta_coefficients`` on the concatenation with the
+            combined mask.
         """
         self._check_open("finalize")
         if not self._adds:
             raise RuntimeError("finalize: nothing was added")
         adv = self._finalize_advantages(advantages)
+        masks = self._finalize_masks(mask)
         self._spent = "an error while finalize ran"
         try:
-            results = self._run(adv)
+            results = self._run(adv, masks)
         finally:
             self._items, self._side_sums = [], None
         self._spent = "finalize returned"
@@ -250,32 +259,55 @@ class DeltaAccumulator:
         if advantages is None:
             C.fail("advantages", "missing: no add had advantages, so finalize needs them")
         if isinstance(advantages, torch.Tensor):
-            advantages = self._split_concatenated(advantages)
+            C.check_tensor("advantages", advantages)
+            advantages = self._split_concatenated(advantages, "advantages")
         if len(advantages) != len(self._adds):
             C.fail("advantages", f"{len(advantages)} tensors for {len(self._adds)} adds")
         out = []
         for i, (a, rec) in enumerate(zip(advantages, self._adds)):
             try:
-                C.check_devices(advantages=a, logp=rec.logp)
+                C.check_devices(logp=rec.logp, advantages=a)
                 out.append(C.check_advantages(a, rec.logp.reshape(rec.shape), True))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"add {i}: {e}") from None
         return out
 
-    def _split_concatenated(self, adv: torch.Tensor) -> List[torch.Tensor]:
-        C.check_tensor("advantages", adv)
-        n = [a.logp.numel() for a in self._adds]
-        if adv.dim() == 1 and adv.shape[0] == sum(n):
-            return [p.reshape(a.shape) for p, a in zip(adv.split(n), self._adds)]
-        if adv.dim() >= 1 and all(len(a.shape) == 2 for a in self._adds):
-            rows = [a.shape[0] for a in self._adds]
-            if adv.shape[0] == sum(rows):
-                return list(adv.split(rows))
-        C.fail("advantages", f"shape {list(adv.shape)}: expected one tensor per add, or [{sum(n)}] (all tokens)"
-               + ("" if not all(len(a.shape) == 2 for a in self._adds)
-                  else f", [{sum(a.shape[0] for a in self._adds)}] or [{sum(a.shape[0] for a in self._adds)}, T]"))
+    def _finalize_masks(self, mask) -> List[torch.Tensor]:
+        """The add masks, ANDed with the late mask when one is given: [n] bool per add."""
+        if mask is None:
+            return [a.mask for a in self._adds]
+        if self._first["early"]:
+            C.fail("mask", "a late mask needs the advantages at finalize: the adds had advantages, so their side "
+                           "sums were taken under the add masks; pass the combined mask to add instead")
+        if isinstance(mask, torch.Tensor):
+            mask = self._split_concatenated(mask, "mask")
+        if len(mask) != len(self._adds):
+            C.fail("mask", f"{len(mask)} tensors for {len(self._adds)} adds")
+        out = []
+        for i, (m, rec) in enumerate(zip(mask, self._adds)):
+            try:
+                C.check_devices(logp=rec.logp, mask=m)
+                out.append(rec.mask & C.check_mask(m, rec.shape, True))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"add {i}: {e}") from None
+        return out
 
-    def _run(self, adv: List[torch.Tensor]) -> List[DeltaResult]:
+    def _split_concatenated(self, t: torch.Tensor, name: str) -> List[torch.Tensor]:
+        """One tensor over all adds -> one per add: [sum n] flat, or split by rows when every add
+        is [b, T] ([sum b] or [sum b, T]; the per-add checks then judge the shape)."""
+        n = [a.logp.numel() for a in self._adds]
+        if t.dim() == 1 and t.shape[0] == sum(n):
+            return [p.reshape(a.shape) for p, a in zip(t.split(n), self._adds)]
+        by_rows = all(len(a.shape) == 2 for a in self._adds)
+        rows = sum(a.shape[0] for a in self._adds) if by_rows else None
+        if by_rows and t.dim() >= 1 and t.shape[0] == rows:
+            return list(t.split([a.shape[0] for a in self._adds]))
+        options = f"[{sum(n)}] (all tokens)"
+        if by_rows:
+            options += (f", [{rows}] or [{rows}, T]" if name == "advantages" else f" or [{rows}, T]")
+        C.fail(name, f"shape {list(t.shape)}: expected one tensor per add, or {options}")
+
+    def _run(self, adv: List[torch.Tensor], masks: List[torch.Tensor]) -> List[DeltaResult]:
         adds = self._adds
         bounds = [0]
         for a in adds:
@@ -283,7 +315,7 @@ class DeltaAccumulator:
         chunks = Chunks(self._items, bounds, self._chunk_store)
         from_hidden = self._first["kind"] == "hidden" and self.sketch_dim is None and not self._first["early"]
         batch = C.TokenBatch(shape=(bounds[-1],), logp=torch.cat([a.logp for a in adds]),
-                             advantages=torch.cat(adv), mask=torch.cat([a.mask for a in adds]),
+                             advantages=torch.cat(adv), mask=torch.cat(masks),
                              hidden=chunks if from_hidden else None, vectors=None if from_hidden else chunks,
                              side_sums=self._side_sums)
         coef, st = run_coefficients(ChunkedPasses(self._kernels, self._dtype), batch, self._cfg, None, self.seed,
@@ -293,7 +325,7 @@ class DeltaAccumulator:
         for i, (a, flat_adv) in enumerate(zip(adds, adv)):
             lo, hi = bounds[i], bounds[i + 1]
             c = coef[lo:hi].reshape(a.shape)
-            weighted = flat_adv.reshape(a.shape).to(c.dtype) * c * a.mask.reshape(a.shape).to(c.dtype)
+            weighted = flat_adv.reshape(a.shape).to(c.dtype) * c * masks[i].reshape(a.shape).to(c.dtype)
             stats = DeltaStats(pred=pred[lo:hi].reshape(a.shape), **st)
             results.append(DeltaResult(coef=c, weighted_advantages=weighted, stats=stats))
         return results
