@@ -124,9 +124,10 @@ def trace_launches():
     from delta_kernels.fused_linear import api as fused_api
     old = (JITFunction.run, _backends._runs_on, fused_api._resolve, _checks.refuse_unreadable)
     JITFunction.run = run
-    _checks.refuse_unreadable = lambda name, x: None  # meta tensors: the calls' shapes without data
     _backends._runs_on = lambda name, device: True
     fused_api._resolve = lambda backend, device, dtype: old[2](backend, torch.device("cuda"), dtype)
+    # the input gate refuses meta tensors (no data to read); here nothing is read, kernels are only recorded
+    _checks.refuse_unreadable = lambda name, x: None if getattr(x, "is_meta", False) else old[3](name, x)
     try:
         _run_calls()
     finally:

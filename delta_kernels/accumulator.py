@@ -40,7 +40,7 @@ class DeltaAccumulator:
         acc = DeltaAccumulator(k=1, sketch_dim=None, store="auto")
         for mb in micro_batches:
             acc.add(hidden_mb, logp_mb, mask_mb)        # or add(vectors=z_mb, logp=..., mask=...)
-        results = acc.finalize(advantages)             # list of DeltaResult, one per add
+        results = acc.finalize(advantages)             # list of DeltaResult, one per add (mask=: late mask)
 
     The numbers equal ``delta_coefficients`` on the concatenation of the adds (float64 to
     rounding; float32 to the kernels' tolerance, the sums being added chunk by chunk), are
@@ -149,20 +149,27 @@ class DeltaAccumulator:
             C.fail("hidden", "pass exactly one of hidden and vectors")
         kind, src = ("hidden", hidden) if vectors is None else ("vectors", vectors)
         device = C.check_devices(**{kind: src}, logp=logp, mask=mask, advantages=advantages)
-        C.check_tensor(kind, src)
-        C.check_tensor("logp", logp)
+        src = C.check_tensor(kind, src)
+        logp = C.check_logp("logp", logp, False)
         if advantages is not None:
-            C.check_tensor("advantages", advantages)
+            advantages = C.check_tensor("advantages", advantages)
         now = dict(kind=kind, device=device, dtype=src.dtype, logp_dtype=logp.dtype, width=src.shape[-1],
                    early=advantages is not None, adv_dtype=None if advantages is None else advantages.dtype)
         if self._first is not None:
             self._check_like_first(now)
-        C.check_logp("logp", logp, True)
-        flat_src = C.check_hidden(kind, src, logp, True)
+        # The mask first: the value checks look only at valid positions (padding is don't-care).
+        flat_mask = C.check_mask(mask, logp.shape, True)
+        valid = flat_mask.reshape(logp.shape)
+        C.check_values_of_logp("logp", logp, valid)
+        flat_src = C.check_hidden(kind, src, logp, True, valid)
         if logp.numel() == 0:
             C.fail("logp", "an add needs at least one token")
-        flat_mask = C.check_mask(mask, logp.shape, True)
-        adv = None if advantages is None else C.check_advantages(advantages, logp, True)
+        dtype = C.compute_dtype(src.dtype, logp.dtype, advantages.dtype if advantages is not None else torch.float32)
+        self._cfg.check_compute_dtype(dtype)
+        adv = None
+        if advantages is not None:
+            adv = C.check_advantages(advantages, logp, True, valid)
+            C.check_advantage_range(adv, flat_mask, dtype)
         if kind == "vectors" and self.sketch_dim is not None and src.shape[-1] != self.sketch_dim:
             C.fail("vectors", f"last dim {src.shape[-1]} differs from sketch_dim={self.sketch_dim}")
         if self._first is None:
@@ -218,7 +225,8 @@ class DeltaAccumulator:
         return self._put(flat_src), sums
 
     # ------------------------------------------------------------- finalize
-    def finalize(self, advantages: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None) -> List[DeltaResult]:
+    def finalize(self, advantages: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+                 mask: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None) -> List[DeltaResult]:
         """Coefficients of every add, with statistics over all adds (and ranks).
 
         Args:
@@ -226,23 +234,32 @@ class DeltaAccumulator:
                 shaped like that add's logp, or [b]), or one tensor for their concatenation:
                 [sum n] flat over all tokens, [sum b] per sequence or [sum b, T] (adds of
                 shape [b, T]).
+            mask: an optional late mask (e.g. TRL's tool_mask, known only after the pass),
+                ANDed with the add masks: one tensor per add (shaped like that add's logp,
+                bool or 0/1), or one for their concatenation ([sum n], or [sum b, T] when every
+                add is [b, T]). Only with the advantages given here: with advantages at add the
+                side sums were taken then, under the add masks.
         Returns:
             one DeltaResult per add, in add order: coef and weighted_advantages shaped like
-            that add's logp; stats shared (stats.pred shaped like that add's logp).
+            that add's logp; stats shared (stats.pred shaped like that add's logp). The
+            numbers are those of ``delta_coefficients`` on the concatenation with the
+            combined mask.
         """
         self._check_open("finalize")
         if not self._adds:
             raise RuntimeError("finalize: nothing was added")
-        adv = self._finalize_advantages(advantages)
+        masks = self._finalize_masks(mask)
+        adv = self._finalize_advantages(advantages, masks)
         self._spent = "an error while finalize ran"
         try:
-            results = self._run(adv)
+            results = self._run(adv, masks)
         finally:
             self._items, self._side_sums = [], None
         self._spent = "finalize returned"
         return results
 
-    def _finalize_advantages(self, advantages) -> List[torch.Tensor]:
+    def _finalize_advantages(self, advantages, masks: List[torch.Tensor]) -> List[torch.Tensor]:
+        """[n] per add, checked at the valid positions of ``masks`` (the combined masks) only."""
         if self._first["early"]:
             if advantages is not None:
                 C.fail("advantages", "given twice: every add had advantages; call finalize() without them")
@@ -250,32 +267,57 @@ class DeltaAccumulator:
         if advantages is None:
             C.fail("advantages", "missing: no add had advantages, so finalize needs them")
         if isinstance(advantages, torch.Tensor):
-            advantages = self._split_concatenated(advantages)
+            C.check_tensor("advantages", advantages)
+            advantages = self._split_concatenated(advantages, "advantages")
         if len(advantages) != len(self._adds):
             C.fail("advantages", f"{len(advantages)} tensors for {len(self._adds)} adds")
         out = []
-        for i, (a, rec) in enumerate(zip(advantages, self._adds)):
+        for i, (a, rec, valid) in enumerate(zip(advantages, self._adds, masks)):
             try:
-                C.check_devices(advantages=a, logp=rec.logp)
-                out.append(C.check_advantages(a, rec.logp.reshape(rec.shape), True))
+                C.check_devices(logp=rec.logp, advantages=a)
+                adv = C.check_advantages(a, rec.logp.reshape(rec.shape), True, valid.reshape(rec.shape))
+                C.check_advantage_range(adv, valid, self._dtype)
+                out.append(adv)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"add {i}: {e}") from None
         return out
 
-    def _split_concatenated(self, adv: torch.Tensor) -> List[torch.Tensor]:
-        C.check_tensor("advantages", adv)
-        n = [a.logp.numel() for a in self._adds]
-        if adv.dim() == 1 and adv.shape[0] == sum(n):
-            return [p.reshape(a.shape) for p, a in zip(adv.split(n), self._adds)]
-        if adv.dim() >= 1 and all(len(a.shape) == 2 for a in self._adds):
-            rows = [a.shape[0] for a in self._adds]
-            if adv.shape[0] == sum(rows):
-                return list(adv.split(rows))
-        C.fail("advantages", f"shape {list(adv.shape)}: expected one tensor per add, or [{sum(n)}] (all tokens)"
-               + ("" if not all(len(a.shape) == 2 for a in self._adds)
-                  else f", [{sum(a.shape[0] for a in self._adds)}] or [{sum(a.shape[0] for a in self._adds)}, T]"))
+    def _finalize_masks(self, mask) -> List[torch.Tensor]:
+        """The add masks, ANDed with the late mask when one is given: [n] bool per add."""
+        if mask is None:
+            return [a.mask for a in self._adds]
+        if self._first["early"]:
+            C.fail("mask", "a late mask needs the advantages at finalize: the adds had advantages, so their side "
+                           "sums were taken under the add masks; pass the combined mask to add instead")
+        if isinstance(mask, torch.Tensor):
+            mask = self._split_concatenated(mask, "mask")
+        if len(mask) != len(self._adds):
+            C.fail("mask", f"{len(mask)} tensors for {len(self._adds)} adds")
+        out = []
+        for i, (m, rec) in enumerate(zip(mask, self._adds)):
+            try:
+                C.check_devices(logp=rec.logp, mask=m)
+                out.append(rec.mask & C.check_mask(m, rec.shape, True))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"add {i}: {e}") from None
+        return out
 
-    def _run(self, adv: List[torch.Tensor]) -> List[DeltaResult]:
+    def _split_concatenated(self, t: torch.Tensor, name: str) -> List[torch.Tensor]:
+        """One tensor over all adds -> one per add: [sum n] flat, or split by rows when every add
+        is [b, T] ([sum b] or [sum b, T]; the per-add checks then judge the shape)."""
+        n = [a.logp.numel() for a in self._adds]
+        if t.dim() == 1 and t.shape[0] == sum(n):
+            return [p.reshape(a.shape) for p, a in zip(t.split(n), self._adds)]
+        by_rows = all(len(a.shape) == 2 for a in self._adds)
+        rows = sum(a.shape[0] for a in self._adds) if by_rows else None
+        if by_rows and t.dim() >= 1 and t.shape[0] == rows:
+            return list(t.split([a.shape[0] for a in self._adds]))
+        options = f"[{sum(n)}] (all tokens)"
+        if by_rows:
+            options += (f", [{rows}] or [{rows}, T]" if name == "advantages" else f" or [{rows}, T]")
+        C.fail(name, f"shape {list(t.shape)}: expected one tensor per add, or {options}")
+
+    def _run(self, adv: List[torch.Tensor], masks: List[torch.Tensor]) -> List[DeltaResult]:
         adds = self._adds
         bounds = [0]
         for a in adds:
@@ -283,7 +325,7 @@ class DeltaAccumulator:
         chunks = Chunks(self._items, bounds, self._chunk_store)
         from_hidden = self._first["kind"] == "hidden" and self.sketch_dim is None and not self._first["early"]
         batch = C.TokenBatch(shape=(bounds[-1],), logp=torch.cat([a.logp for a in adds]),
-                             advantages=torch.cat(adv), mask=torch.cat([a.mask for a in adds]),
+                             advantages=torch.cat(adv), mask=torch.cat(masks),
                              hidden=chunks if from_hidden else None, vectors=None if from_hidden else chunks,
                              side_sums=self._side_sums)
         coef, st = run_coefficients(ChunkedPasses(self._kernels, self._dtype), batch, self._cfg, None, self.seed,
@@ -293,7 +335,7 @@ class DeltaAccumulator:
         for i, (a, flat_adv) in enumerate(zip(adds, adv)):
             lo, hi = bounds[i], bounds[i + 1]
             c = coef[lo:hi].reshape(a.shape)
-            weighted = flat_adv.reshape(a.shape).to(c.dtype) * c * a.mask.reshape(a.shape).to(c.dtype)
+            weighted = torch.where(masks[i].reshape(a.shape), flat_adv.reshape(a.shape).to(c.dtype) * c, 0.0)
             stats = DeltaStats(pred=pred[lo:hi].reshape(a.shape), **st)
             results.append(DeltaResult(coef=c, weighted_advantages=weighted, stats=stats))
         return results

@@ -18,9 +18,11 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$VPY" -m pip install -q setuptools wheel pybind11 ninja cmake numpy triton pytest hypothesis build \
   transformers matplotlib tqdm "trl==1.16.0" peft
-# verl 0.9.1 pins transformers<5.11 and pulls a GPU stack; the tests need only its algorithm and data
-# modules (core_algos, DataProto), so it is installed without its dependency list plus what those import.
+# verl 0.9.1 pins transformers<5.11 and pulls a GPU stack; the tests need its algorithm and data
+# modules (core_algos, DataProto) and its driver (ray_trainer: torchdata, cachetools, uvicorn, fastapi),
+# so it is installed without its dependency list plus what those import.
 "$VPY" -m pip install -q --no-deps "verl==0.9.1"
-"$VPY" -m pip install -q "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf hydra-core codetiming dill ray
+"$VPY" -m pip install -q "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf hydra-core codetiming dill ray \
+  torchdata cachetools uvicorn fastapi
 "$VPY" -m pip install -q --no-build-isolation -e .
 "$VPY" -c "import delta_kernels as dk; print('delta_kernels backends:', ', '.join(dk.available_backends()))"

@@ -257,3 +257,95 @@ def test_missing_logp_and_mask_are_named():
         acc.add(torch.randn(3, 4), -torch.rand(3))
     with pytest.raises(ValueError, match="add 0: hidden: pass exactly one of hidden and vectors"):
         acc.add(torch.randn(3, 4), -torch.rand(3), torch.ones(3, dtype=torch.bool), vectors=torch.randn(3, 4))
+
+
+def late_masks(adds, seed):
+    """A fresh random late mask per add (shaped like its logp), about a quarter of it zero."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(a["logp"].shape, generator=g) >= 0.25 for a in adds]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("sketch_dim", [None, 5])
+@pytest.mark.parametrize("use_vectors", [False, True], ids=["hidden", "vectors"])
+@pytest.mark.parametrize("form", ["per_add", "flat", "rows"])
+def test_late_mask_equals_one_call_with_the_combined_mask(backend, sketch_dim, use_vectors, form):
+    """finalize(advantages, mask=late): the coefficients of one delta_coefficients call whose mask
+    is the add masks AND the late mask (TRL's tool_mask arrives after the old-log-prob pass)."""
+    shapes = [(2, 4), (3, 4), (1, 4)]
+    dtype = BACKENDS[backend]
+    adds, flat = make_adds(shapes, seed=21, dtype=dtype)
+    late = late_masks(adds, seed=22)
+    kw = dict(k=2, sketch_dim=sketch_dim, seed=3, backend=backend)
+    vectors = [dk.token_sketch(a["hidden"], a["logp"], sketch_dim=sketch_dim, seed=3, backend="torch")
+               for a in adds] if use_vectors else None
+    combined = flat["mask"] & torch.cat([m.reshape(-1) for m in late])
+    assert bool((combined != flat["mask"]).any())  # the late mask removes tokens the add masks kept
+    src = dict(vectors=torch.cat([v.reshape(-1, v.shape[-1]) for v in vectors])) if use_vectors \
+        else dict(hidden=flat["hidden"])
+    one = dk.delta_coefficients(src.get("hidden"), flat["logp"], flat["advantages"], combined,
+                                vectors=src.get("vectors"), **kw)
+    given = {"per_add": [m.to(torch.float32) for m in late], "flat": torch.cat([m.reshape(-1) for m in late]),
+             "rows": torch.cat(late).to(torch.int64)}[form]
+    acc = dk.DeltaAccumulator(**kw)
+    for i, a in enumerate(adds):
+        acc.add(**(dict(vectors=vectors[i]) if use_vectors else dict(hidden=a["hidden"])), logp=a["logp"],
+                mask=a["mask"])
+    res = acc.finalize([a["advantages"] for a in adds], mask=given)
+    tol = 1e-10 if dtype == torch.float64 else TOL[torch.float32]
+    assert_rel(torch.cat([r.coef.reshape(-1) for r in res]), one.coef, tol, "coef")
+    assert_rel(torch.cat([r.weighted_advantages.reshape(-1) for r in res]), one.weighted_advantages, tol, "weighted")
+    assert_rel(torch.cat([r.stats.pred.reshape(-1) for r in res]), one.stats.pred, tol * 10, "pred")
+    assert res[0].stats.n_valid.item() == combined.sum().item()
+    assert all(bool((r.weighted_advantages[~m] == 0).all()) for r, m in zip(res, late))
+
+
+def test_late_mask_errors():
+    adds, _ = make_adds([(2, 3), (4,)], seed=5)
+    late = late_masks(adds, seed=6)
+    acc = dk.DeltaAccumulator(backend="torch")
+    for a in adds:
+        acc.add(a["hidden"], a["logp"], a["mask"])
+    adv = [a["advantages"] for a in adds]
+    with pytest.raises(ValueError, match="mask: 1 tensors for 2 adds"):
+        acc.finalize(adv, mask=late[:1])
+    with pytest.raises(ValueError, match=r"add 1: mask: shape \[3\] does not match logp's \[4\]"):
+        acc.finalize(adv, mask=[late[0], late[1][:3]])
+    with pytest.raises(ValueError, match=r"add 0: mask: values must be 0 or 1"):
+        acc.finalize(adv, mask=[late[0] * 2.0, late[1]])
+    with pytest.raises(ValueError, match=r"mask: shape \[9\]: expected one tensor per add, or \[10\] \(all tokens\)$"):
+        acc.finalize(adv, mask=torch.ones(9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="add 1: mask: a meta tensor holds no data"):  # the input gate
+        acc.finalize(adv, mask=[late[0], late[1].to("meta")])
+    assert len(acc.finalize(adv, mask=late)) == 2  # the refused calls left it usable
+    rows = dk.DeltaAccumulator(backend="torch")
+    rows.add(adds[0]["hidden"], adds[0]["logp"], adds[0]["mask"])
+    with pytest.raises(ValueError, match=r"mask: shape \[3\]: .* or \[2, T\]$"):
+        rows.finalize(adds[0]["advantages"], mask=torch.ones(3, dtype=torch.bool))
+    early = dk.DeltaAccumulator(backend="torch")
+    early.add(adds[0]["hidden"], adds[0]["logp"], adds[0]["mask"], advantages=adds[0]["advantages"])
+    with pytest.raises(ValueError, match="mask: a late mask needs the advantages at finalize"):
+        early.finalize(mask=late[:1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("early", [False, True])
+def test_padding_is_dont_care(backend, early):
+    """NaN/inf hidden states, positive log-probs and NaN advantages at masked positions are
+    accepted (value checks on) and change no bit of the results."""
+    adds, _ = make_adds([(3, 5), (7,), (2, 4)], seed=11)
+    dirty = []
+    for a in adds:
+        pad = ~a["mask"]
+        h, logp, adv = a["hidden"].clone(), a["logp"].clone(), a["advantages"].clone()
+        h[pad] = float("nan")
+        h[pad.nonzero()[:1].unbind(-1)] = float("inf")
+        logp[pad] = 4.0
+        if adv.shape == logp.shape:
+            adv[pad] = float("nan")
+        dirty.append(dict(a, hidden=h, logp=logp, advantages=adv))
+    clean = accumulate(adds, early=early, k=2, backend=backend)
+    got = accumulate(dirty, early=early, k=2, backend=backend)
+    for c, g in zip(clean, got):
+        assert torch.equal(c.coef, g.coef) and torch.equal(c.weighted_advantages, g.weighted_advantages)
+    assert torch.equal(clean[0].stats.mu_pos, got[0].stats.mu_pos)

@@ -29,11 +29,55 @@ def make(cls=DeltaGRPOTrainer, model=None, delta=dict(k=1), peft_config=None, **
                peft_config=peft_config, **extra)
 
 
-@pytest.mark.parametrize("regime,sketch_dim", [(ON_POLICY, None), (OLD_PASS, None), (OLD_PASS, 16)],
-                         ids=["on_policy", "old_pass", "old_pass_sketch"])
-def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, sketch_dim, monkeypatch):
+@pytest.fixture
+def rows_carry_plain_advantages_and_coef(monkeypatch):
+    """Each generation batch row carries TRL's own advantage (``plain_adv`` [B]) and its DelTA
+    coefficients (``coef`` [B, T]) through TRL's shuffle and split, so a loss call can be redone."""
+    parent = trl.GRPOTrainer._generate_and_score_completions
+    child = DeltaGRPOTrainer._generate_and_score_completions
+
+    def with_plain(self, inputs):
+        out = parent(self, inputs)
+        out["plain_adv"] = out["advantages"].clone()
+        return out
+
+    def with_coef(self, inputs):
+        out = child(self, inputs)
+        out["coef"] = self.delta_last.coef
+        return out
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_plain)
+    monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", with_coef)
+
+
+def inject_tool_mask(monkeypatch):
+    """TRL marks tool-output tokens in ``tool_mask`` once generation is done, after its
+    old-log-prob pass: here a random quarter of each completion (never its first token)."""
+    parent = trl.GRPOTrainer._generate_and_score_completions
+    g = torch.Generator().manual_seed(7)
+
+    def with_tool_mask(self, inputs):
+        out = parent(self, inputs)
+        tool = (torch.rand(out["completion_mask"].shape, generator=g) >= 0.25).long()
+        tool[:, 0] = 1
+        out["tool_mask"] = tool
+        return out
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_tool_mask)
+
+
+@pytest.mark.parametrize("regime,sketch_dim,tools", [(ON_POLICY, None, False), (OLD_PASS, None, False),
+                                                     (OLD_PASS, 16, False), (OLD_PASS, None, True)],
+                         ids=["on_policy", "old_pass", "old_pass_sketch", "old_pass_tool_mask"])
+def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, sketch_dim, tools, monkeypatch):
+    if tools:
+        inject_tool_mask(monkeypatch)
     seen = []
+    parent = trl.GRPOTrainer._generate_and_score_completions
     orig = DeltaGRPOTrainer._generate_and_score_completions
+
+    def with_plain(self, inputs):
+        out = parent(self, inputs)
+        out["plain_adv"] = out["advantages"].clone()
+        return out
 
     def spy(self, inputs):
         out = orig(self, inputs)
@@ -48,6 +92,7 @@ def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, sketc
         seen.append((h, logp, out))
         return out
 
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_plain)
     monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", spy)
     tr = make(delta=dict(k=1, sketch_dim=sketch_dim), **regime)
     p0 = [p.detach().clone() for p in tr.model.parameters()]
@@ -58,13 +103,14 @@ def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, sketc
     h, logp, out = seen[-1]
     res = tr.delta_last
     mask = out["completion_mask"].bool()
-    # the per-sequence advantages TRL computed: weighted = adv * coef, coef > 0 on valid tokens
-    adv = (res.weighted_advantages * mask).sum(1) / (res.coef * mask).sum(1)
-    ref = dk.delta_coefficients(h.double(), logp.double(), adv.double(), mask, k=1, sketch_dim=sketch_dim,
-                                backend="torch")
+    if tools:  # TRL's loss mask; the tool tokens get no coefficient and no advantage
+        assert not bool(out["tool_mask"][mask].all())
+        mask = mask & out["tool_mask"].bool()
+    ref = dk.delta_coefficients(h.double(), logp.double(), out["plain_adv"].double(), mask, k=1,
+                                sketch_dim=sketch_dim, backend="torch")
     torch.testing.assert_close(res.coef.double(), ref.coef, rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(out["advantages"].double(), ref.weighted_advantages, rtol=2e-4, atol=2e-4)
-    assert res.coef[mask].std() > 0.01
+    assert res.coef[mask].std() > 0.01 and res.stats.n_valid.item() == mask.sum().item()
 
 
 def _count_body_forwards(trainer):
@@ -124,27 +170,54 @@ def test_peft_lora_with_reference_through_disabled_adapter():
     assert torch.isfinite(tr.delta_last.coef).all() and tr.delta_last.coef.std() > 0
 
 
-def test_bnpo_loss_equals_clipped_surrogate_with_coef():
-    """TRL's bnpo loss on the folded advantages == clipped_surrogate_loss(coef=...) in token-mean."""
-    tr = make(loss_type="bnpo", epsilon=0.2, epsilon_high=0.28, **OLD_PASS)
-    tr.model.train()
-    tr.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss divides by it
-    batch = tr._generate_and_score_completions(
-        [{"prompt": p} for p in prompts(4) for _ in range(4)][:4])
-    res = tr.delta_last
-    mask = batch["completion_mask"]
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    r = batch["completion_ids"].shape[1]
-    with torch.no_grad():
-        logp, _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, torch.cat([batch["prompt_mask"], mask], 1), r)
-    g = torch.Generator().manual_seed(5)
-    batch["old_per_token_logps"] = (logp + 0.3 * torch.randn(logp.shape, generator=g)).clamp_max(0) * mask
-    loss = tr._compute_loss(tr.model, batch).detach()
-    adv = (res.weighted_advantages * mask).sum(1) / (res.coef * mask).sum(1)
-    ours, _ = dk.clipped_surrogate_loss(logp.double(), batch["old_per_token_logps"].double(), adv.double(), mask.bool(),
-                                        coef=res.coef.double(), clip_low=0.2, clip_high=0.28, clip_c=1e9,
-                                        agg="token-mean", backend="torch")
-    torch.testing.assert_close(loss.double(), ours, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_trl_loss_equals_clipped_surrogate_with_coef(loss_type, monkeypatch, rows_carry_plain_advantages_and_coef):
+    """Every loss TRL computes in training, on the DelTA-weighted advantages, equals
+    clipped_surrogate_loss(coef=..., **trl_loss_aggregation(...)) on TRL's plain advantages (TRL
+    has no dual clip: clip_c never binds). Two micro-batches per step, two iterations per
+    generation: the last two calls run after an optimizer step, so the ratios move."""
+    calls = []
+    original = DeltaGRPOTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        mask = inputs["completion_mask"]
+        with torch.no_grad():  # the same parameters and inputs as TRL's own call
+            logp, _, _ = self._get_per_token_logps_and_entropies(model, ids, torch.cat([inputs["prompt_mask"], mask], 1),
+                                                                 mask.shape[1])
+        old = inputs.get("old_per_token_logps")
+        old = logp if old is None else old
+        agg = dk.aggregation.trl_loss_aggregation(
+            self.loss_type, mask, max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs["num_items_in_batch"], num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation)
+        ours, _ = dk.clipped_surrogate_loss(logp.double(), old.double(), inputs["plain_adv"].double(), mask.bool(),
+                                            coef=inputs["coef"].double(), clip_low=self.epsilon_low,
+                                            clip_high=self.epsilon_high, clip_c=1e9, backend="torch", **agg)
+        calls.append((loss.detach().double(), ours, float((logp - old).abs().max())))
+        return loss
+
+    monkeypatch.setattr(DeltaGRPOTrainer, "compute_loss", compute_loss)
+    lengths = []
+    spy_lengths = DeltaGRPOTrainer._generate_and_score_completions
+
+    def generate(self, inputs):
+        out = spy_lengths(self, inputs)
+        lengths.append(out["completion_mask"].sum(1))
+        return out
+    monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", generate)
+    # EOS made likely after two tokens: completions of different lengths tell the normalisers apart
+    tr = make(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, gradient_accumulation_steps=2, max_steps=2,
+              max_completion_length=8, generation_kwargs=dict(exponential_decay_length_penalty=(2, 3.0)),
+              **OLD_PASS)
+    tr.train()
+    assert len(calls) == 4 and len(lengths) == 1
+    assert len(set(lengths[0].tolist())) > 1, lengths
+    for theirs, ours, _ in calls:
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-7)
+    assert max(moved for _, _, moved in calls[2:]) > 1e-3  # off-policy ratios in the later calls
 
 
 def test_bad_delta_options_are_refused():

@@ -2,6 +2,7 @@
 verl builds them: a left/right-padded batch -> verl's left_right_2_no_padding -> verl's own FSDP
 engine forward (dynamic micro-batches, packed or padded model inputs, jagged log-probs) with the
 patched forward_step -> verl's no_padding_2_padding -> the fold after compute_advantage."""
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -160,94 +161,164 @@ def test_bad_use_is_refused():
     assert dv.install()["FSDPEngineWithLMHead.forward_step"] == "already patched"
 
 
-def test_driver_old_log_prob_pass_carries_the_vectors():
-    """The wrapped _compute_old_log_prob asks the workers for vectors, restores the worker-group
-    method, and returns them padded like old_log_probs; without the worker capture it refuses."""
+class FlopsEstimate:
+    """The one stand-in: verl's FlopsCounter asks CUDA for the device's peak flops."""
+
+    def estimate_flops(self, global_token_num, delta_time, images_seqlens=None):
+        return float(sum(global_token_num)), 1e3
+
+
+def training_worker(model):
+    """verl's TrainingWorker (the actor's infer_batch and _postprocess_output) around the CPU engine."""
+    from verl.workers.engine_workers import TrainingWorker
+    eng = cpu_engine(model)
+    eng.eval_mode = lambda **kw: nullcontext()  # FSDP's eval context: offload and resharding only
+    eng.ulysses_device_mesh = None
+    worker = object.__new__(TrainingWorker)
+    worker.engine, worker.loss_fn, worker.device_name, worker.flops_counter = eng, None, "cpu", FlopsEstimate()
+    worker.model_config = OmegaConf.create(dict(use_remove_padding=False))
+    worker.engine_config = SimpleNamespace(use_dynamic_bsz=True, infer_max_token_len_per_gpu=16,
+                                           infer_micro_batch_size_per_gpu=None, use_fused_kernels=False)
+    return worker
+
+
+class WorkerGroup:
+    """The actor worker group as the driver sees it: compute_log_prob(TensorDict) is verl's
+    ActorRolloutRefWorker.compute_log_prob (``actor.infer_batch(data).cpu()``) on verl's
+    TrainingWorker and engine, the forward_step DelTA-patched unless ``capture`` is False."""
+
+    def __init__(self, model, capture=True):
+        self.worker, self.capture, self.calls = training_worker(model), capture, 0
+
+    def compute_log_prob(self, data):
+        self.calls += 1
+        if not self.capture:  # workers without the plugin: verl's forward_step unpatched
+            tu.assign_non_tensor(data, **{dv.SPEC_KEY: None})
+        return self.worker.infer_batch(data).cpu()
+
+
+def driver(model, delta=dict(enable=True, k=1, sketch_dim=8), capture=True):
+    config = OmegaConf.create(dict(algorithm={"delta": delta, "adv_estimator": "grpo"}, trainer=dict(use_v1=False),
+                                   actor_rollout_ref=dict(rollout=dict(temperature=1.0), actor={})))
+    return SimpleNamespace(config=config, actor_rollout_wg=WorkerGroup(model, capture))
+
+
+def test_driver_patches_on_verls_own_trainer_functions():
+    """verl's own RayPPOTrainer._compute_old_log_prob, compute_advantage (GRPO) and
+    compute_data_metrics, patched by install(), on a padded batch: the folded advantages are
+    GRPO's times delta_coefficients on the hidden states entering the head, the vectors never
+    enter the batch, and the delta/* metrics reach the fit loop's metrics dict."""
+    import numpy as np
+    from verl.trainer.ppo import ray_trainer as rt
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+    assert dv.INSTALLED["RayPPOTrainer._compute_old_log_prob"] in ("patched", "already patched")
     model = tiny_model()
     td = padded_batch(2)
+    mask = td["response_mask"]
+    rewards = torch.randn(B, R, generator=torch.Generator().manual_seed(6)) * mask
+    uid = np.array(["a", "a", "b", "b", "b"], dtype=object)
+    trainer = driver(model)
 
-    def verl_like_compute_old_log_prob(self, batch):  # the steps of verl 0.9.1's, reduced to log-probs
-        batch_td = left_right_2_no_padding(batch.to_tensordict())
-        out = self.actor_rollout_wg.compute_log_prob(batch_td)
-        return DataProto.from_dict(tensors={"old_log_probs": no_padding_2_padding(tu.get(out, "log_probs"),
-                                                                                  batch_td)}), 0.0
+    tokens = td["attention_mask"].sum(-1).tolist()  # the fit loop's global_token_num
+    batch = DataProto.from_dict(tensors={k: td[k] for k in td.keys()}, non_tensors=dict(uid=uid),
+                                meta_info={"temperature": 1.0, "global_token_num": tokens})
+    old, mfu = rt.RayPPOTrainer._compute_old_log_prob(trainer, batch)
+    assert mfu == pytest.approx(sum(tokens) / 1e3 / 3)  # verl's forward-only mfu, through the worker's metrics
+    assert dv.VECTORS_KEY not in old.batch.keys() and trainer.actor_rollout_wg.calls == 1
+    batch = batch.union(old)
+    batch.batch["token_level_scores"] = batch.batch["token_level_rewards"] = rewards
+    batch = rt.compute_advantage(batch, adv_estimator="grpo", num_repeat=1, config=trainer.config.algorithm)
 
-    class WorkerGroup:
-        def __init__(self, capture):
-            self.capture = capture
+    plain, _ = compute_grpo_outcome_advantage(rewards, mask, uid)
+    with torch.no_grad():
+        body = model.model(input_ids=td["input_ids"], attention_mask=td["attention_mask"],
+                           position_ids=td["position_ids"]).last_hidden_state
+    h = response_hidden_states(body, R, attention_mask=td["attention_mask"])
+    logp = batch.batch["old_log_probs"].double() * mask
+    ref = dk.delta_coefficients(h.double(), logp, plain.double(), mask.bool(), k=1, sketch_dim=8, backend="torch")
+    torch.testing.assert_close(batch.batch["advantages"].double(), ref.weighted_advantages, rtol=1e-4, atol=1e-5)
+    assert float((ref.coef[mask.bool()] - 1).abs().max()) > 1e-2  # the fold changed the advantages
 
-        def compute_log_prob(self, data):
-            if not self.capture:  # workers without the plugin: verl's forward_step unpatched
-                data = data.clone()
-                tu.assign_non_tensor(data, **{dv.SPEC_KEY: None})
-            out = worker_outputs(model, data, packed=True)
-            return TensorDict(out, batch_size=[B])
+    metrics = rt.compute_data_metrics(batch=batch, use_critic=False)
+    assert "critic/advantages/mean" in metrics  # verl's own metrics, plus ours
+    for name in ("coef_std", "coef_min", "coef_max", "gamma_pos", "gamma_neg", "n_pos", "n_neg"):
+        assert metrics[f"delta/{name}"] == batch.meta_info[dv.METRICS_KEY][f"delta/{name}"]
+    torch.testing.assert_close(torch.tensor(metrics["delta/coef_max"]), ref.coef[mask.bool()].max().float())
 
-    wrapped = dv._compute_old_log_prob_with_vectors(verl_like_compute_old_log_prob)
-    config = OmegaConf.create(dict(algorithm={"delta": dict(enable=True, k=1, sketch_dim=8)},
-                                   actor_rollout_ref=dict(rollout=dict(temperature=1.0))))
-    batch = DataProto.from_dict(tensors={k: td[k] for k in td.keys()}, meta_info={"temperature": 1.0})
-    trainer = SimpleNamespace(config=config, actor_rollout_wg=WorkerGroup(capture=True))
-    original_method = trainer.actor_rollout_wg.compute_log_prob
-    result, _ = wrapped(trainer, batch)
-    assert trainer.actor_rollout_wg.compute_log_prob == original_method
-    expected = worker_pass(model, td, dv.DeltaSpec(k=1, sketch_dim=8), packed=True)
-    assert dv.VECTORS_KEY not in result.batch.keys()  # held on the driver, not shipped with the batch
-    with pytest.raises(ValueError, match="responses: the batch changed"):
-        dv.PENDING.take(batch.batch["responses"].flip(0))
-    wrapped(trainer, batch)
-    torch.testing.assert_close(dv.PENDING.take(batch.batch["responses"]), expected[dv.VECTORS_KEY])
-    assert dv.PENDING.take(batch.batch["responses"]) is None
-    torch.testing.assert_close(result.batch["old_log_probs"], expected["log_probs"])
-    trainer.actor_rollout_wg = WorkerGroup(capture=False)
+
+def test_driver_refuses_what_would_silently_drop_delta():
+    """Workers without the capture, a batch reordered between the passes, a temperature
+    mismatch, verl's v1 trainer: each refused, naming what to change."""
+    from verl.trainer.ppo import ray_trainer as rt
+    from verl.utils import config as verl_config
+    td = padded_batch(2)
+
+    def batch(temperature=1.0):
+        return DataProto.from_dict(tensors={k: td[k] for k in td.keys()},
+                                   meta_info={"temperature": temperature, "global_token_num": [1] * B})
     with pytest.raises(RuntimeError, match="worker-side capture is not installed"):
-        wrapped(trainer, batch)
-    batch.meta_info["temperature"] = 0.6
-    with pytest.raises(ValueError, match="temperature"):
-        wrapped(trainer, batch)
+        rt.RayPPOTrainer._compute_old_log_prob(driver(tiny_model(), capture=False), batch())
+    with pytest.raises(ValueError, match="temperature: log-probs are computed at temperature 0.6"):
+        rt.RayPPOTrainer._compute_old_log_prob(driver(tiny_model()), batch(0.6))
+    rt.RayPPOTrainer._compute_old_log_prob(driver(tiny_model()), batch())
+    with pytest.raises(ValueError, match="responses: the batch changed"):
+        dv.PENDING.take(td["responses"].flip(0))
+    assert dv.PENDING.take(td["responses"]) is None  # taken (and dropped) by the refused call
+    off = driver(tiny_model(), delta=dict(enable=False))
+    result, _ = rt.RayPPOTrainer._compute_old_log_prob(off, batch())  # DelTA off: verl's own pass, untouched
+    assert dv.PENDING.take(td["responses"]) is None and "old_log_probs" in result.batch.keys()
+
+    assert verl_config.validate_config._delta_kernels_patch
+    v1 = driver(tiny_model()).config
+    v1.trainer.use_v1 = True
+    with pytest.raises(ValueError, match="trainer.use_v1: .* set trainer.use_v1=False"):
+        dv.check_trainer(v1)
+    seen = []
+    with pytest.raises(ValueError, match="trainer.use_v1"):
+        dv._validate_config_refusing_v1(lambda config, **kw: seen.append(kw))(config=v1, use_critic=False)
+    assert seen == [{"use_critic": False}]  # verl's own check ran first
+    dv.check_trainer(driver(tiny_model()).config)
+    dv.check_trainer(OmegaConf.create(dict(trainer=dict(use_v1=True), algorithm={})))
 
 
-def test_enabled_through_verl_external_modules():
-    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the worker patch."""
+def import_verl_in_a_subprocess(env, pythonpath):
+    """``import verl`` in a fresh interpreter: which DelTA patches are installed."""
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import verl\nfrom verl.workers.engine.fsdp import transformer_impl as ti\n"
-            "assert ti.FSDPEngineWithLMHead.forward_step._delta_kernels_patch\nprint('patched')")
-    env = {**os.environ, "PYTHONPATH": root, "VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+            "from verl.trainer.ppo import ray_trainer as rt\nfrom verl.utils import config\n"
+            "for f in (ti.FSDPEngineWithLMHead.forward_step, rt.RayPPOTrainer._compute_old_log_prob,\n"
+            "          rt.compute_advantage, rt.compute_data_metrics, config.validate_config):\n"
+            "    print(getattr(f, '_delta_kernels_patch', False))")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")},
+           "PYTHONPATH": os.pathsep.join([root, *pythonpath]), **env}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
                          cwd=root)
-    assert res.returncode == 0 and "patched" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.split()
 
 
-def test_compute_advantage_wrapper_folds_the_pending_vectors():
-    """verl's GRPO outcome advantages, then the wrapper's fold with the vectors held on the driver."""
-    import numpy as np
-    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
-    td = padded_batch(3)
-    out = worker_pass(tiny_model(), td, dv.DeltaSpec(k=1, sketch_dim=8), packed=False)
-    mask = td["response_mask"]
-    scores = torch.randn(B, R, generator=torch.Generator().manual_seed(6)) * mask
+def test_enabled_through_verl_external_modules():
+    """VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl: `import verl` installs the five patches."""
+    out = import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_MODULES": "delta_kernels.integrations.verl",
+                                       "VERL_USE_EXTERNAL_PLUGINS": "none"}, [])
+    assert out == ["True"] * 5, out
 
-    def grpo(data, adv_estimator=None, config=None, **kw):  # the GRPO branch of verl's compute_advantage
-        adv, _ = compute_grpo_outcome_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
-                                                data.non_tensor_batch["uid"])
-        data.batch["advantages"] = adv
-        return data
 
-    def batch():
-        return DataProto.from_dict(tensors=dict(responses=td["responses"], response_mask=mask,
-                                                old_log_probs=out["log_probs"], token_level_rewards=scores),
-                                   non_tensors=dict(uid=np.array(["a", "a", "b", "b", "b"], dtype=object)))
-    wrapped = dv._compute_advantage_then_fold(grpo)
-    cfg = algorithm(k=1, sketch_dim=8)
-    plain = grpo(batch()).batch["advantages"]
-    dv.PENDING.put(out[dv.VECTORS_KEY], td["responses"])
-    folded = wrapped(batch(), adv_estimator="grpo", config=cfg)
-    ref = dv.fold_delta_into_advantages(grpo(batch()), cfg, out[dv.VECTORS_KEY])
-    torch.testing.assert_close(folded.batch["advantages"], ref.weighted_advantages.float())
-    torch.testing.assert_close(folded.batch["advantages"], plain * ref.coef * mask)
-    with pytest.raises(ValueError, match="workers returned no delta_vectors"):  # e.g. rollout bypass_mode
-        wrapped(batch(), adv_estimator="grpo", config=cfg)
-    assert torch.equal(wrapped(batch(), config=OmegaConf.create({})).batch["advantages"], plain)
+def test_enabled_through_the_declared_verl_plugins_entry_point(tmp_path):
+    """The entry point pyproject.toml declares, as an installed distribution's metadata: verl's
+    own entry-point discovery at `import verl` loads it and the patches are in place."""
+    import tomllib
+    from pathlib import Path
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    points = project["project"]["entry-points"]["verl.plugins"]
+    assert points == {"delta_kernels": "delta_kernels.integrations.verl"}
+    info = tmp_path / "delta_kernels_plugin_probe-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: delta-kernels-plugin-probe\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[verl.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    env = {"VERL_USE_EXTERNAL_PLUGINS": "delta_kernels"}
+    assert import_verl_in_a_subprocess(env, [str(tmp_path)]) == ["True"] * 5
+    assert import_verl_in_a_subprocess({"VERL_USE_EXTERNAL_PLUGINS": "none"}, [str(tmp_path)]) == ["False"] * 5

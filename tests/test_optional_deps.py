@@ -137,3 +137,25 @@ def test_triton_backend_names_the_triton_extra():
     assert len(lines) == 2, res.stderr
     for line in lines:
         assert "triton is not installed" in line and "pip install 'delta-kernels[triton]'" in line, line
+
+
+@pytest.mark.parametrize("module,hide,extra", [("delta_kernels.integrations.trl", "trl", "trl"),
+                                               ("delta_kernels.integrations.verl", "verl", "verl"),
+                                               ("delta_kernels.integrations.verl", "tensordict", "verl")],
+                         ids=["trl", "verl", "verl_without_tensordict"])
+def test_integrations_name_their_extra(module, hide, extra):
+    """Importing the TRL / verl adapter without its framework (or, for verl installed with
+    --no-deps, without one of verl's own dependencies) fails with one line naming the extra."""
+    res = run_python(f"""
+        from delta_kernels._optional import MissingExtra
+        import delta_kernels.integrations  # the framework-free part imports without the extra
+        try:
+            import {module}
+        except MissingExtra as e:
+            print(e, file=sys.stderr)
+        else:
+            raise SystemExit("imported without {hide}")
+    """, hide)
+    assert res.returncode == 0, res.stderr
+    line = one_line_naming(res.stderr, hide, extra)
+    assert line.startswith(f"{hide} is not installed" if hide == extra else f"verl needs {hide}"), line

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def test_wheel_from_sdist_installs_and_runs(tmp_path):
     run([sys.executable, "-m", "build", "--outdir", dist, src], cwd=src, DELTA_KERNELS_CUDA="0")
     sdists, wheels = sorted(dist.glob("*.tar.gz")), sorted(dist.glob("*.whl"))
     assert len(sdists) == 1 and len(wheels) == 1, list(dist.iterdir())
+    with zipfile.ZipFile(wheels[0]) as whl:  # verl's `import verl` loads this entry point
+        points = [n for n in whl.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        assert len(points) == 1, whl.namelist()
+        text = whl.read(points[0]).decode()
+    assert "[verl.plugins]\ndelta_kernels = delta_kernels.integrations.verl" in text, text
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv], cwd=tmp_path)

@@ -4,7 +4,7 @@
 GRPOTrainer) and ``delta_kernels.integrations.verl`` (verl's PPO trainer) import their framework
 only when imported themselves.
 """
-from ._accumulate import DeltaSpec
 from .capture import HiddenCapture, capture_hidden_states, decoder_body, response_hidden_states
+from .options import DeltaSpec
 
 __all__ = ["capture_hidden_states", "response_hidden_states", "decoder_body", "HiddenCapture", "DeltaSpec"]

@@ -14,8 +14,11 @@ Forwards: when TRL runs its old-log-prob pass (``gradient_accumulation_steps`` n
 of ``steps_per_generation * num_iterations``, or vLLM importance-sampling correction), the
 capture rides on it: zero extra forwards. Otherwise (TRL's on-policy default) one extra no-grad
 pass per generation batch, chunked like TRL's own (``per_device_train_batch_size`` rows a forward).
-Memory: the captured [B, T, H] hidden states of the generation batch (or [B, T, r] with
-``sketch_dim=r``), held until the coefficients are computed, then freed.
+Each forward's captured rows go into a ``DeltaAccumulator`` (store "auto"), finalized once the
+advantages exist, with TRL's loss mask (``completion_mask * tool_mask``: tool-output tokens are
+marked only after the pass) as its late mask. Memory: the [B, T, H] hidden states of the
+generation batch, kept by reference (on a GPU, beyond a quarter of its memory, in host memory),
+or only z [B, T, r] float32 with ``sketch_dim=r``; freed once the coefficients are computed.
 
 Targets trl 1.16.0. It overrides two methods: ``_generate_and_score_completions`` (calls the
 original, then replaces ``advantages``) and ``_get_per_token_logps_and_entropies`` (captures
@@ -25,13 +28,16 @@ as GRPOTrainer's; so does evaluation (its advantages stay TRL's). The trainer's 
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import List, Optional
 
 import torch
 
-from ._accumulate import DeltaSpec, TokenVectorBuffer
-from ._optional import require
+from .._optional import require
+from ..accumulator import DeltaAccumulator
+from ..coefficients import DeltaResult
 from .capture import capture_hidden_states, response_hidden_states
+from .options import DeltaSpec
 
 _trl = require("trl", "trl")
 GRPOTrainer = _trl.GRPOTrainer
@@ -53,7 +59,7 @@ class DeltaGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, delta=None, **kwargs):
         self.delta_spec: Optional[DeltaSpec] = DeltaSpec.parse(delta)
-        self._delta_buffer: Optional[TokenVectorBuffer] = None
+        self._delta_accumulator: Optional[DeltaAccumulator] = None
         self.delta_last = None
         super().__init__(*args, **kwargs)
         if self.delta_spec is not None and self.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -72,11 +78,11 @@ class DeltaGRPOTrainer(GRPOTrainer):
         return None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        buffer = self._delta_buffer
-        if buffer is None or model is not self.model:
+        acc = self._delta_accumulator
+        if acc is None or model is not self.model:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
-        self._delta_buffer = None  # only the first policy pass (the old log-probs), never the reference pass
+        self._delta_accumulator = None  # only the first policy pass (the old log-probs), never the reference pass
         with capture_hidden_states(model) as cap:
             out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                              *args, **kwargs)
@@ -84,8 +90,8 @@ class DeltaGRPOTrainer(GRPOTrainer):
         start = 0
         for h in cap.hidden_states:  # one body forward per chunk of rows, in order
             rows = h.shape[0]
-            buffer.add(response_hidden_states(h, logits_to_keep), logps[start:start + rows],
-                       attention_mask[start:start + rows, -logits_to_keep:])
+            acc.add(response_hidden_states(h, logits_to_keep), logps[start:start + rows].clamp_max(0),
+                    attention_mask[start:start + rows, -logits_to_keep:])  # clamp: a fused head's rounding
             start += rows
         if start != logps.shape[0]:
             raise RuntimeError(f"captured {start} rows for {logps.shape[0]} log-prob rows: a body forward was missed")
@@ -94,19 +100,19 @@ class DeltaGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.delta_spec is None or not self.model.training:
             return super()._generate_and_score_completions(inputs)
-        buffer = TokenVectorBuffer(self.delta_spec, self._process_group())
+        acc = self.delta_spec.accumulator(self._process_group())
         rides_on_trl = self._runs_old_logprob_pass()
-        self._delta_buffer = buffer if rides_on_trl else None
+        self._delta_accumulator = acc if rides_on_trl else None
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._delta_buffer = None
+            self._delta_accumulator = None
         if any(key in output for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")):
             raise NotImplementedError("delta=: multimodal inputs are not supported by DeltaGRPOTrainer yet; "
                                       "pass delta=None")
         completion_ids, prompt_ids = output["completion_ids"], output["prompt_ids"]
         if not rides_on_trl:  # on-policy: one no-grad pass, chunked like TRL's own old-log-prob pass
-            self._delta_buffer = buffer
+            self._delta_accumulator = acc
             try:
                 with torch.no_grad():
                     self._get_per_token_logps_and_entropies(
@@ -114,14 +120,15 @@ class DeltaGRPOTrainer(GRPOTrainer):
                         torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1), completion_ids.size(1),
                         batch_size=self.args.per_device_train_batch_size)
             finally:
-                self._delta_buffer = None
-        if len(buffer) == 0:
+                self._delta_accumulator = None
+        if len(acc) == 0:
             raise RuntimeError("delta=: the old-log-prob pass ran no captured forward; this TRL version is not "
                                "the 1.16 this trainer targets")
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        result = buffer.finalize(output["advantages"], mask=mask)  # the loss mask: tool tokens excluded
+        # TRL's loss mask, known only now (tool_mask), ANDed with the masks of the pass
+        result = _joined(acc.finalize(output["advantages"], mask=mask))
         output["advantages"] = result.weighted_advantages.to(output["advantages"].dtype)
         self.delta_last = result
         self._log_delta(result, mask.bool())
@@ -143,3 +150,11 @@ class DeltaGRPOTrainer(GRPOTrainer):
                             ("gamma_pos", st.gamma_pos), ("gamma_neg", st.gamma_neg), ("n_pos", st.n_pos),
                             ("n_neg", st.n_neg)):
             metrics[f"delta/{name}"].append(float(value))
+
+
+def _joined(results: List[DeltaResult]) -> DeltaResult:
+    """The accumulator's per-add results (row chunks [b, T] of one generation batch) as one [B, T]."""
+    first = results[0]
+    stats = dataclasses.replace(first.stats, pred=torch.cat([r.stats.pred for r in results]))
+    return DeltaResult(coef=torch.cat([r.coef for r in results]),
+                       weighted_advantages=torch.cat([r.weighted_advantages for r in results]), stats=stats)

@@ -1,9 +1,12 @@
 """DelTA inside verl's PPO trainer, switched on by config, without forking verl.
 
-Enable (every process: the driver and the Ray workers)::
+Enable::
 
-    VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl  python -m verl.trainer.main_ppo ... \\
+    python -m verl.trainer.main_ppo ... \\
         +algorithm.delta.enable=True +algorithm.delta.k=1 +algorithm.delta.sketch_dim=256
+
+This module must be imported in every process (the driver and the Ray workers): the installed
+package's ``verl.plugins`` entry point does it (see Registration below).
 
 Data flow (targets verl 0.9.1, engine workers, FSDP/FSDP2 LM-head engine):
 
@@ -21,12 +24,34 @@ Data flow (targets verl 0.9.1, engine workers, FSDP/FSDP2 LM-head engine):
 * memory: B x R x D values (hidden's dtype) through Ray once (workers to driver):
   with ``sketch_dim=256`` 1 GiB per 512 x 4,096 tokens in bf16, against 16 GiB exact at H = 4,096;
   released by the fold.
+* why ``token_sketch`` + ``delta_coefficients`` and not ``DeltaAccumulator``: the micro-batches
+  live in the worker processes and the advantages exist only on the driver, after the reference
+  and critic passes; an accumulator cannot span that Ray boundary without a second worker call
+  that verl has no hook for. So each worker micro-batch becomes its vectors at once (z, or v),
+  and the driver, which then holds the whole batch in one tensor, makes one
+  ``delta_coefficients`` call: what the accumulator would compute, without its chunking.
+* metrics: ``delta/coef_std``, ``delta/coef_min``, ``delta/coef_max``, ``delta/gamma_pos``,
+  ``delta/gamma_neg``, ``delta/n_pos``, ``delta/n_neg`` join the fit loop's metrics dict (and so
+  every configured logger) through its ``compute_data_metrics`` call.
 
-Monkeypatches (verl leaves no hook for extra worker outputs or a post-advantage step), verl 0.9.1:
+Registration: ``pip install delta-kernels`` declares the ``verl.plugins`` entry point that
+``import verl`` loads (VERL_USE_EXTERNAL_PLUGINS=auto, verl's default); without the installed
+metadata (a source checkout), or with entry points disabled, set
+``VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl`` (which also fails loudly where an
+entry point that fails to load is only logged at debug level). Monkeypatches (verl leaves no
+hook for extra worker outputs, a post-advantage step or extra metrics), verl 0.9.1:
     1. ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.forward_step`` (worker)
     2. ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` (driver)
     3. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (driver; the module global the fit loop calls)
-Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set.
+    4. ``verl.trainer.ppo.ray_trainer.compute_data_metrics`` (driver; adds the delta/* metrics)
+    5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): refuses
+       ``algorithm.delta.enable`` with ``trainer.use_v1=True``
+Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set
+(4: unless the batch carries them).
+
+Trainer: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``). verl 0.9.1's default v1 trainer
+(verl/trainer/ppo/v1, TransferQueue) computes old log-probs and advantages in other methods that
+these patches do not reach, so DelTA would silently be off there: patch 5 refuses it instead.
 Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend.
 """
 from __future__ import annotations
@@ -35,16 +60,17 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._optional import require
 from ..coefficients import DeltaResult, delta_coefficients
-from ._accumulate import DeltaSpec
-from ._optional import require
-from .capture import capture_hidden_states
 from ..sketch import token_sketch
+from .capture import capture_hidden_states
+from .options import DeltaSpec
 
 require("verl", "verl")
 
 SPEC_KEY = "delta_token_vectors"   # non-tensor field of the worker batch: the DeltaSpec kwargs + temperature
 VECTORS_KEY = "delta_vectors"      # per-token vectors in the workers' output
+METRICS_KEY = "delta_metrics"      # meta_info of the driver's batch: {"delta/...": float}
 VERL_VERSION = "0.9.1"
 
 
@@ -180,7 +206,8 @@ def _compute_old_log_prob_with_vectors(original):
 
 
 _MISSING = ("algorithm.delta.enable=True but the workers returned no delta_vectors: the worker-side capture is not "
-            "installed. Set VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl in the workers' environment "
+            "installed. Install delta-kernels in the workers' environment (its verl.plugins entry point loads the "
+            "capture) or set VERL_USE_EXTERNAL_MODULES=delta_kernels.integrations.verl there "
             "(ray_kwargs.ray_init.runtime_env.env_vars), use the FSDP engine, and recompute old log-probs "
             "(no rollout_correction bypass_mode)")
 
@@ -190,7 +217,7 @@ def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.T
 
     data: verl DataProto with ``advantages``, ``old_log_probs``, ``response_mask`` [B, R].
     vectors: [B, R, D] from the workers' old-log-prob pass (z, or exact v), aligned with
-    ``old_log_probs``. Writes ``data.meta_info['delta_metrics']``. Returns the DeltaResult
+    ``old_log_probs``. Writes ``data.meta_info[METRICS_KEY]``. Returns the DeltaResult
     (None when DelTA is off).
     """
     spec = spec_from_config(algorithm_config)
@@ -207,13 +234,43 @@ def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.T
     data.batch["advantages"] = result.weighted_advantages.to(adv.dtype)
     coef = result.coef[mask].float()
     st = result.stats
-    data.meta_info["delta_metrics"] = {
+    data.meta_info[METRICS_KEY] = {
         "delta/coef_std": float(coef.std()) if coef.numel() > 1 else 0.0,
         "delta/coef_min": float(coef.min()) if coef.numel() else 0.0,
         "delta/coef_max": float(coef.max()) if coef.numel() else 0.0,
         "delta/gamma_pos": float(st.gamma_pos), "delta/gamma_neg": float(st.gamma_neg),
         "delta/n_pos": float(st.n_pos), "delta/n_neg": float(st.n_neg)}
     return result
+
+
+def _data_metrics_with_delta(original):
+    def compute_data_metrics(batch, *args, **kwargs):
+        metrics = original(batch, *args, **kwargs)
+        metrics.update(batch.meta_info.get(METRICS_KEY, {}))
+        return metrics
+    compute_data_metrics.__wrapped__ = original
+    compute_data_metrics._delta_kernels_patch = True
+    return compute_data_metrics
+
+
+def _validate_config_refusing_v1(original):
+    def validate_config(config, *args, **kwargs):
+        result = original(config, *args, **kwargs)
+        check_trainer(config)
+        return result
+    validate_config.__wrapped__ = original
+    validate_config._delta_kernels_patch = True
+    return validate_config
+
+
+def check_trainer(config) -> None:
+    """Refuse ``algorithm.delta.enable`` with verl's v1 trainer, which the driver patches do not reach."""
+    if spec_from_config(config.get("algorithm", None)) is None:
+        return
+    if config.get("trainer", {}).get("use_v1", False):
+        raise ValueError("trainer.use_v1: algorithm.delta.enable=True needs verl's RayPPOTrainer; the v1 trainer "
+                         "(TransferQueue) is not supported by delta_kernels.integrations.verl yet: set "
+                         "trainer.use_v1=False")
 
 
 def _compute_advantage_then_fold(original):
@@ -235,17 +292,20 @@ def install() -> Dict[str, str]:
     if getattr(verl, "__version__", VERL_VERSION) != VERL_VERSION:
         raise ImportError(f"delta_kernels.integrations.verl targets verl {VERL_VERSION}, found {verl.__version__}")
     status = {}
-    from verl.workers.engine.fsdp import transformer_impl as ti
+    ti = require("verl.workers.engine.fsdp.transformer_impl", "verl")
     status["FSDPEngineWithLMHead.forward_step"] = _patch(ti.FSDPEngineWithLMHead, "forward_step",
                                                          _forward_step_with_vectors)
+    config_utils = require("verl.utils.config", "verl")
+    status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_refusing_v1)
     try:
-        from verl.trainer.ppo import ray_trainer as rt
+        rt = require("verl.trainer.ppo.ray_trainer", "verl")
     except ImportError as e:
         status["ray_trainer"] = f"skipped: {e}"
         return status
     status["RayPPOTrainer._compute_old_log_prob"] = _patch(rt.RayPPOTrainer, "_compute_old_log_prob",
                                                            _compute_old_log_prob_with_vectors)
     status["ray_trainer.compute_advantage"] = _patch(rt, "compute_advantage", _compute_advantage_then_fold)
+    status["ray_trainer.compute_data_metrics"] = _patch(rt, "compute_data_metrics", _data_metrics_with_delta)
     return status
 
 
