@@ -7,7 +7,9 @@ Scalar partials: each row pass writes one row of STATS float32 per row group; th
     2..7   first moments of side_std: |P|, |Q|, sum over P of m, over Q of -m, and of their magnitudes
     8..11  totals of final_coefficients: valid count, sum of u, |P|, |Q|
 A finalize kernel adds the rows in group order (tiles of BLOCK_G by a fixed tree, tiles in order),
-every program the same way, so each gets bitwise the same totals and two calls agree bitwise.
+in float64 (a few thousand scalars: the rounding of a side's total weight would otherwise scale an
+offset the vectors share into the centroids), every program the same way, so each gets bitwise the
+same totals and two calls agree bitwise.
 """
 from __future__ import annotations
 
@@ -75,14 +77,14 @@ def store_stats(stat_ptr, w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos,
 
 @triton.jit
 def sum_stats(stat_ptr, n_groups, BLOCK_G: tl.constexpr):
-    """The [STATS] column sums of stat [G, STATS] float32, in the fixed order."""
+    """The [STATS] column sums of stat [G, STATS] float32, in the fixed order, accumulated in float64."""
     slot = tl.arange(0, STATS)
-    acc = tl.zeros([STATS], dtype=tl.float32)
+    acc = tl.zeros([STATS], dtype=tl.float64)
     for g0 in range(0, n_groups, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
         acc += tl.sum(tl.load(stat_ptr + g[:, None] * STATS + slot[None, :], mask=(g < n_groups)[:, None],
-                              other=0.0), axis=0)
-    return acc
+                              other=0.0).to(tl.float64), axis=0)
+    return acc.to(tl.float32)
 
 
 @triton.jit
