@@ -5,13 +5,16 @@ device kernel it launches is listed with its launches per call, its device time,
 row passes the time the bytes it must move would take at the copy bandwidth measured in the same
 run (bench_coefficients.copy_bandwidth_gbs). Also recorded: device launches per call, the
 device time of the whole call, and the host time to issue one call on tiny inputs (the fixed
-cost: N = 1,024, H = 64, no synchronisation inside the timed region).
+cost: N = 1,024, H = 64, no synchronisation inside the timed region; goal <= 150 µs, issue 14),
+with the launches of that call counted by tests/launch_counter.py (Triton kernels + torch ops) for
+k = 0..3, exact and sketched (goal: 2k + 6, 8 for exact k = 1).
 
     python benchmarks/bench_passes.py            # GPU: N = 65,536, H = 4,096, bf16, k = 1, exact and r = 256
     python benchmarks/bench_passes.py --quick    # GPU: N = 16,384; CPU: tiny sizes under the interpreter
 
 On the CPU (no GPU) the triton backend runs under TRITON_INTERPRET=1, so the table holds the
-torch ops' CPU times instead of kernels: a check that the script runs, not a measurement.
+torch ops' CPU times instead of kernels and the host time is the interpreter's: a check that the
+script runs, not a measurement. The launch counts are the same on both.
 Writes <--out>/passes_<machine>.{json,md}, rewritten after each configuration.
 """
 from __future__ import annotations
@@ -34,6 +37,13 @@ import torch  # noqa: E402
 import delta_kernels as dk  # noqa: E402
 from bench_info import git_commit, machine_name  # noqa: E402
 from bench_timer import time_ms  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from launch_counter import LaunchCounter  # noqa: E402
+
+if not HAS_GPU:  # the interpreter pays per loop iteration: 16 rows per tile, as the tests set (launches unchanged)
+    import importlib
+    importlib.import_module("delta_kernels.triton.margin_pass").ROWS_PER_TILE = 16
 
 
 def pass_bytes(kernel: str, n: int, h: int, r, elem: int):
@@ -84,6 +94,20 @@ def host_us_per_call(fn, reps: int = 200) -> float:
     return times[len(times) // 2]
 
 
+def launch_counts(inputs):
+    """{"k=<k> exact|r=16": launches} of one check_values=False call on ``inputs`` (after a warm-up)."""
+    out = {}
+    for k in range(4):
+        for r in (None, 16):
+            call = lambda: dk.delta_coefficients(*inputs, k=k, sketch_dim=r, backend="triton",  # noqa: E731
+                                                 check_values=False)
+            call()
+            with LaunchCounter() as lc:
+                call()
+            out[f"k={k} {'exact' if r is None else f'r={r}'}"] = lc.launches
+    return out
+
+
 def configs(quick: bool):
     if not HAS_GPU:
         return [(512, 64, torch.float32, 1, None), (512, 64, torch.float32, 1, 16)]
@@ -103,9 +127,14 @@ def main():
     meta = dict(machine=machine_name(), commit=git_commit(), torch=torch.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), copy_gbs=bw,
                 interpreter=not HAS_GPU)
-    tiny = make_inputs(1024, 64, torch.bfloat16 if HAS_GPU else torch.float32, device)
+    h, lp, adv, mask = make_inputs(1024, 64, torch.bfloat16 if HAS_GPU else torch.float32, device)
+    # flat, one advantage per token: a per-sequence [B] advantage adds one broadcast copy per call
+    tiny = (h.reshape(-1, h.shape[-1]), lp.reshape(-1), adv[:, None].expand(lp.shape).reshape(-1).contiguous(),
+            mask.reshape(-1))
     tiny_call = lambda: dk.delta_coefficients(*tiny, k=1, backend="triton", check_values=False)  # noqa: E731
     meta["host_us_per_call_tiny"] = host_us_per_call(tiny_call, 200 if HAS_GPU else 3)
+    meta["launches_tiny"] = launch_counts(tiny)
+    print("launches per call (tiny):", meta["launches_tiny"], flush=True)
     results = []
     for n, h, dtype, k, r in configs(args.quick):
         inputs = make_inputs(n, h, dtype, device)
@@ -120,9 +149,15 @@ def main():
             kernels.append(dict(kernel=name[:90], launches_per_call=count / iters, us_per_launch=us / count,
                                 us_per_call=us / iters, floor_us_per_launch=floor_us,
                                 floor_over_time=None if floor_us is None else floor_us / (us / count)))
+        if HAS_GPU:
+            launches = sum(x["launches_per_call"] for x in kernels)
+        else:  # the profiler also sees the interpreter's own torch ops: count the call's launches instead
+            with LaunchCounter() as lc:
+                call()
+            launches = lc.launches
         results.append(dict(N=n, H=h, dtype=str(dtype).replace("torch.", ""), k=k, sketch_dim=r or 0,
                             call_ms=wall.median_ms, call_p20_ms=wall.p20_ms, call_p80_ms=wall.p80_ms,
-                            launches_per_call=sum(x["launches_per_call"] for x in kernels),
+                            launches_per_call=launches,
                             device_us_per_call=sum(x["us_per_call"] for x in kernels), kernels=kernels))
         print(f"N={n} H={h} r={r or '-'}: {wall.median_ms:.3f} ms per call, "
               f"{results[-1]['launches_per_call']:.0f} launches", flush=True)
@@ -137,7 +172,9 @@ def write(meta, results, out: Path):
     what = "CPU times of torch ops (interpreter: not a measurement)" if meta["interpreter"] else "device kernels"
     lines = [f"# Per-pass timings of one triton delta_coefficients call ({meta['machine']})", "",
              f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}; copy bandwidth {meta['copy_gbs']:.1f} GB/s; "
-             f"host time to issue one call at N = 1,024, H = 64: {meta['host_us_per_call_tiny']:.0f} µs. "
+             f"host time to issue one call at N = 1,024, H = 64: {meta['host_us_per_call_tiny']:.0f} µs"
+             f"{' (the interpreter: not a GPU host time)' if meta['interpreter'] else ''}; launches per call there "
+             f"(Triton kernels + torch ops): {', '.join(f'{c}: {v}' for c, v in meta['launches_tiny'].items())}. "
              f"Rows: {what}; floor = the pass's bytes / copy bandwidth.", ""]
     for c in results:
         lines += [f"## N = {c['N']}, H = {c['H']}, {c['dtype']}, k = {c['k']}, r = {c['sketch_dim'] or '-'}", "",

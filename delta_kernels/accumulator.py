@@ -149,20 +149,27 @@ class DeltaAccumulator:
             C.fail("hidden", "pass exactly one of hidden and vectors")
         kind, src = ("hidden", hidden) if vectors is None else ("vectors", vectors)
         device = C.check_devices(**{kind: src}, logp=logp, mask=mask, advantages=advantages)
-        C.check_tensor(kind, src)
-        C.check_tensor("logp", logp)
+        src = C.check_tensor(kind, src)
+        logp = C.check_logp("logp", logp, False)
         if advantages is not None:
-            C.check_tensor("advantages", advantages)
+            advantages = C.check_tensor("advantages", advantages)
         now = dict(kind=kind, device=device, dtype=src.dtype, logp_dtype=logp.dtype, width=src.shape[-1],
                    early=advantages is not None, adv_dtype=None if advantages is None else advantages.dtype)
         if self._first is not None:
             self._check_like_first(now)
-        C.check_logp("logp", logp, True)
-        flat_src = C.check_hidden(kind, src, logp, True)
+        # The mask first: the value checks look only at valid positions (padding is don't-care).
+        flat_mask = C.check_mask(mask, logp.shape, True)
+        valid = flat_mask.reshape(logp.shape)
+        C.check_values_of_logp("logp", logp, valid)
+        flat_src = C.check_hidden(kind, src, logp, True, valid)
         if logp.numel() == 0:
             C.fail("logp", "an add needs at least one token")
-        flat_mask = C.check_mask(mask, logp.shape, True)
-        adv = None if advantages is None else C.check_advantages(advantages, logp, True)
+        dtype = C.compute_dtype(src.dtype, logp.dtype, advantages.dtype if advantages is not None else torch.float32)
+        self._cfg.check_compute_dtype(dtype)
+        adv = None
+        if advantages is not None:
+            adv = C.check_advantages(advantages, logp, True, valid)
+            C.check_advantage_range(adv, flat_mask, dtype)
         if kind == "vectors" and self.sketch_dim is not None and src.shape[-1] != self.sketch_dim:
             C.fail("vectors", f"last dim {src.shape[-1]} differs from sketch_dim={self.sketch_dim}")
         if self._first is None:
@@ -241,8 +248,8 @@ class DeltaAccumulator:
         self._check_open("finalize")
         if not self._adds:
             raise RuntimeError("finalize: nothing was added")
-        adv = self._finalize_advantages(advantages)
         masks = self._finalize_masks(mask)
+        adv = self._finalize_advantages(advantages, masks)
         self._spent = "an error while finalize ran"
         try:
             results = self._run(adv, masks)
@@ -251,7 +258,8 @@ class DeltaAccumulator:
         self._spent = "finalize returned"
         return results
 
-    def _finalize_advantages(self, advantages) -> List[torch.Tensor]:
+    def _finalize_advantages(self, advantages, masks: List[torch.Tensor]) -> List[torch.Tensor]:
+        """[n] per add, checked at the valid positions of ``masks`` (the combined masks) only."""
         if self._first["early"]:
             if advantages is not None:
                 C.fail("advantages", "given twice: every add had advantages; call finalize() without them")
@@ -264,10 +272,12 @@ class DeltaAccumulator:
         if len(advantages) != len(self._adds):
             C.fail("advantages", f"{len(advantages)} tensors for {len(self._adds)} adds")
         out = []
-        for i, (a, rec) in enumerate(zip(advantages, self._adds)):
+        for i, (a, rec, valid) in enumerate(zip(advantages, self._adds, masks)):
             try:
                 C.check_devices(logp=rec.logp, advantages=a)
-                out.append(C.check_advantages(a, rec.logp.reshape(rec.shape), True))
+                adv = C.check_advantages(a, rec.logp.reshape(rec.shape), True, valid.reshape(rec.shape))
+                C.check_advantage_range(adv, valid, self._dtype)
+                out.append(adv)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"add {i}: {e}") from None
         return out
@@ -325,7 +335,7 @@ class DeltaAccumulator:
         for i, (a, flat_adv) in enumerate(zip(adds, adv)):
             lo, hi = bounds[i], bounds[i + 1]
             c = coef[lo:hi].reshape(a.shape)
-            weighted = flat_adv.reshape(a.shape).to(c.dtype) * c * masks[i].reshape(a.shape).to(c.dtype)
+            weighted = torch.where(masks[i].reshape(a.shape), flat_adv.reshape(a.shape).to(c.dtype) * c, 0.0)
             stats = DeltaStats(pred=pred[lo:hi].reshape(a.shape), **st)
             results.append(DeltaResult(coef=c, weighted_advantages=weighted, stats=stats))
         return results

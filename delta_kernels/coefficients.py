@@ -108,5 +108,9 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
     shape = batch.shape
     coef = coef.reshape(shape)
     st["pred"] = st["pred"].reshape(shape)
-    weighted = torch.where(flat_mask.reshape(shape), adv.reshape(shape).to(coef.dtype) * coef, 0.0)
+    weighted = st.pop("weighted_advantages", None)  # a backend may return it from its last kernel
+    if weighted is None:
+        weighted = torch.where(flat_mask.reshape(shape), adv.reshape(shape).to(coef.dtype) * coef, 0.0)
+    else:
+        weighted = weighted.reshape(shape)
     return DeltaResult(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**st))

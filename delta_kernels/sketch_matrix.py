@@ -23,6 +23,7 @@ i; R itself (``sketch_matrix``) is bitwise identical everywhere.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -33,8 +34,8 @@ COLUMN_OFFSET = 0x9E3779B9
 
 
 def sketch_scale(sketch_dim: int) -> float:
-    """float32(1/sqrt(r)) as a Python float (exactly representable in float32)."""
-    return float(torch.tensor(1.0 / math.sqrt(sketch_dim), dtype=torch.float32))
+    """float32(1/sqrt(r)) as a Python float (exactly representable in float32); no tensor op."""
+    return struct.unpack("f", struct.pack("f", 1.0 / math.sqrt(sketch_dim)))[0]
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -335,3 +335,26 @@ def test_late_mask_errors():
     early.add(adds[0]["hidden"], adds[0]["logp"], adds[0]["mask"], advantages=adds[0]["advantages"])
     with pytest.raises(ValueError, match="mask: a late mask needs the advantages at finalize"):
         early.finalize(mask=late[:1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("early", [False, True])
+def test_padding_is_dont_care(backend, early):
+    """NaN/inf hidden states, positive log-probs and NaN advantages at masked positions are
+    accepted (value checks on) and change no bit of the results."""
+    adds, _ = make_adds([(3, 5), (7,), (2, 4)], seed=11)
+    dirty = []
+    for a in adds:
+        pad = ~a["mask"]
+        h, logp, adv = a["hidden"].clone(), a["logp"].clone(), a["advantages"].clone()
+        h[pad] = float("nan")
+        h[pad.nonzero()[:1].unbind(-1)] = float("inf")
+        logp[pad] = 4.0
+        if adv.shape == logp.shape:
+            adv[pad] = float("nan")
+        dirty.append(dict(a, hidden=h, logp=logp, advantages=adv))
+    clean = accumulate(adds, early=early, k=2, backend=backend)
+    got = accumulate(dirty, early=early, k=2, backend=backend)
+    for c, g in zip(clean, got):
+        assert torch.equal(c.coef, g.coef) and torch.equal(c.weighted_advantages, g.weighted_advantages)
+    assert torch.equal(clean[0].stats.mu_pos, got[0].stats.mu_pos)

@@ -338,7 +338,7 @@ def comp(fn, sig, consts):
     sig = dict(sig, **{k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
-tile = dict(BLOCK_N=lp.BLOCK_N, BLOCK_V=lp.BLOCK_V, BLOCK_H=lp.BLOCK_H)
+tile = {k: v for k, v in lp.TILE.items() if k.startswith("BLOCK")}
 for dt in ("bf16", "fp16", "fp32"):
     head = {"h_ptr": "*" + dt, "w_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*i64"}
     comp(lp._logprob_partials_kernel, {**head, "part_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
@@ -346,7 +346,7 @@ for dt in ("bf16", "fp16", "fp32"):
          dict(HAS_BIAS=True, ENTROPY=True, IEEE=dt == "fp32", UPCAST=False, **tile))
     comp(gr._logprob_grad_logits_kernel, {**head, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*" + dt,
          "N": "i32", "V": "i32", "H": "i32", "temperature": "fp32", "c0": "i32", "width": "i32", "n_blocks": "i32"},
-         dict(HAS_BIAS=True, IEEE=dt == "fp32", UPCAST=False, BLOCK_N=gr.BLOCK_N, BLOCK_V=gr.BLOCK_V, BLOCK_H=gr.BLOCK_H))
+         dict(HAS_BIAS=True, IEEE=dt == "fp32", UPCAST=False, **tile))
 print("compiled")
 '''
 

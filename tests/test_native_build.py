@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cpp_module_builds_and_imports():
     from delta_kernels import _cpp
-    assert _cpp.reduction_block(10) == 64 and _cpp.reduction_block(1 << 20) == 1024
+    assert _cpp.reduction_block_tokens(10) == 64 and _cpp.reduction_block_tokens(1 << 20) == 1024
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU driver")
@@ -23,7 +23,7 @@ def test_cuda_module_imports_without_driver_and_raises():
     with pytest.raises(RuntimeError, match="device_count"):
         _cuda.device_count()
     with pytest.raises(RuntimeError, match="delta_kernels._cuda.row_pass: "):
-        _cuda.row_pass(0, 0, 0, 1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # fails at the launch, before any memory access
+        _cuda.row_pass(dtype=0, x=0, n_tokens=1, width=4, stream=0)  # fails at the launch, before any memory access
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

@@ -84,7 +84,7 @@ def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
     h, lp, adv, mask = make_flat_or_batched((6, 47), 100, torch.bfloat16, 21 + k, seq_level=False, device=DEVICE)
     n, hid = h.shape[0] * h.shape[1], h.shape[2]
     shapes = []
-    for name in ("token_vectors", "margin_pass", "row_partials"):
+    for name in ("token_vectors", "margin_pass", "row_partials", "fused"):
         mod = importlib.import_module("delta_kernels.triton." + name)
         real = mod.empty
 
@@ -109,27 +109,42 @@ import importlib, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-tv, mp, su, rp = (importlib.import_module("delta_kernels.triton." + m)
-                  for m in ("token_vectors", "margin_pass", "surrogate", "row_partials"))
+tv, mp, su, rp, fin = (importlib.import_module("delta_kernels.triton." + m)
+                       for m in ("token_vectors", "margin_pass", "surrogate", "row_partials", "finalize"))
 P = lambda t: "*" + t
 def comp(fn, sig, consts):
+    fn = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # under @triton.heuristics
     sig = dict(sig, **{k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
 rows = {"logp_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
 for dt, fp32 in (("bf16", False), ("fp16", False), ("fp32", True)):
-    comp(tv._sketch_rows_kernel, {"h_ptr": P(dt), **rows, "z_ptr": P(dt), "partial_ptr": P("fp32"), "n_rows": "i32",
-         "hidden": "i32", "sketch_dim": "i32", "rows_per_group": "i32", "seed_mixed": "i32", "scale": "fp32"},
-         dict(SPLIT=fp32, IEEE=False, SUMS=True, BLOCK_M=128, BLOCK_R=128, BLOCK_K=64))
+    comp(tv._sketch_rows_kernel, {"h_ptr": P(dt), **rows, "z_ptr": P(dt), "partial_ptr": P("fp32"),
+         "weight_ptr": P("fp32"), "n_rows": "i32", "hidden": "i32", "sketch_dim": "i32", "rows_per_group": "i32",
+         "seed_mixed": "i32", "scale": "fp32"},
+         dict(SPLIT=fp32, IEEE=False, SUMS=True, FROM_ADV=True, BLOCK_M=128, BLOCK_R=128, BLOCK_K=64))
 srows = {"scale_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
 for store, sums in ((True, False), (False, True)):  # token_sketch; the side sums of ScaledRows
     comp(tv._scaled_rows_kernel, {"x_ptr": P("bf16"), **srows, "out_ptr": P("bf16"), "partial_ptr": P("fp32"),
-         "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
-         dict(HAS_SCALE=True, STORE=store, SUMS=sums, BLOCK_N=16, BLOCK_D=256))
-for has_scale in (True, False):
+         "weight_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
+         dict(HAS_SCALE=True, STORE=store, SUMS=sums, FROM_ADV=sums, BLOCK_N=16, BLOCK_D=256))
+for has_scale, moments, final in ((True, True, False), (False, False, True)):
     comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "c_ptr",
-         "m_ptr", "gamma_ptr", "a_pos_ptr", "a_neg_ptr", "partial_ptr")}, "n_rows": "i32", "n_cols": "i32",
-         "rows_per_group": "i32"}, dict(HAS_SCALE=has_scale, GATED=True, BLOCK_N=2, BLOCK_D=4096))
+         "m_ptr", "gamma_ptr", "a_pos_ptr")}, "a_neg_ptr": P("i1"), "partial_ptr": P("fp32"), "stat_ptr": P("fp32"),
+         "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", "lam_offset": "fp32", "lam_rise": "fp32"},
+         dict(HAS_SCALE=has_scale, GATED=True, FROM_ADV=True, MOMENTS=moments, FINAL=final, BLOCK_N=1,
+              BLOCK_D=4096, ROW_STAGES=1))
+fused = {"m_ptr": P("fp32"), "adv_ptr": P("fp32"), "mask_ptr": P("i1"), "gamma_ptr": P("fp32")}
+comp(fin._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"), "n_stat_groups": "i32",
+     "centre_ptr": P("fp32"), "mu_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"), **fused, "n_cols": "i32",
+     "n_rows": "i32", "eps": "fp32"}, dict(ABOUT=True, STD=True, BLOCK_G=32, BLOCK_C=256, BLOCK_R=1024))
+comp(fin._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
+     "mask_ptr": P("i1"), "gamma_ptr": P("fp32"), "totals_ptr": P("fp32"), "n_rows": "i32", "eps": "fp32",
+     "lam_offset": "fp32", "lam_rise": "fp32"}, dict(TOTALS=True, BLOCK_G=32, BLOCK_R=1024))
+comp(fin._final_kernel, {**fused, "stat_ptr": P("fp32"), "n_stat_groups": "i32", "w_ptr": P("fp32"), "c_ptr": P("fp32"),
+     "coef_ptr": P("fp32"), "weighted_ptr": P("fp32"), "pred_ptr": P("fp32"), "scalar_ptr": P("fp32"), "n_rows": "i32",
+     "n_cols": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32", "inv_base": "fp32"},
+     dict(BLOCK_G=32, BLOCK_R=1024, BLOCK_D=256))
 comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
      "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32"}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
 comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "n_groups": "i32", "n_cols": "i32"},

@@ -1,47 +1,65 @@
-// delta_kernels._cpp: raw host pointers and sizes as integers; Python validates everything.
+// delta_kernels._cpp: host pointers and sizes as integers, passed by keyword (keyword-only
+// arguments; an optional pointer is None when unused). Python validates everything.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
 
 #include "kernels.h"
 
 namespace py = pybind11;
+using Ptr = uintptr_t;
+using OptPtr = std::optional<uintptr_t>;
 
 template <typename T>
-static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+static T* ptr(Ptr p) { return reinterpret_cast<T*>(p); }
+template <typename T>
+static T* ptr(const OptPtr& p) { return p ? reinterpret_cast<T*>(*p) : nullptr; }
 
 PYBIND11_MODULE(_cpp, m) {
   m.doc() = "delta-kernels C++ CPU kernels (pointers as integers; see delta_kernels/backends/cpp.py)";
-  m.def("sketch_matrix", [](uintptr_t out, int64_t H, int64_t r, uint32_t seed) {
+  m.def("sketch_matrix", [](Ptr out, int64_t hidden_size, int64_t sketch_dim, uint32_t seed) {
     py::gil_scoped_release nogil;
-    dk::cpu::sketch_matrix(ptr<float>(out), H, r, seed);
-  });
-  m.def("token_vectors", [](int dtype, uintptr_t hidden, uintptr_t logp, uintptr_t a_pos, uintptr_t a_neg, int64_t N,
-                            int64_t H, int64_t r, uint32_t seed, bool out_f32, uintptr_t out, uintptr_t sums) {
+    dk::cpu::sketch_matrix(ptr<float>(out), hidden_size, sketch_dim, seed);
+  }, py::kw_only(), py::arg("out"), py::arg("hidden_size"), py::arg("sketch_dim"), py::arg("seed"));
+  m.def("token_vectors", [](int dtype, Ptr hidden, Ptr logp, Ptr a_pos, Ptr a_neg, int64_t n_tokens,
+                            int64_t hidden_size, int64_t sketch_dim, uint32_t seed, bool out_f32, Ptr out, Ptr sums) {
     py::gil_scoped_release nogil;
     dk::cpu::token_vectors(dtype, ptr<const void>(hidden), ptr<const float>(logp), ptr<const float>(a_pos),
-                           ptr<const float>(a_neg), N, H, r, seed, out_f32, ptr<void>(out), ptr<float>(sums));
-  });
-  m.def("side_sums", [](int dtype, uintptr_t v, uintptr_t scale, uintptr_t a_pos, uintptr_t a_neg, int64_t N, int64_t D,
-                        uintptr_t sums) {
+                           ptr<const float>(a_neg), n_tokens, hidden_size, sketch_dim, seed, out_f32, ptr<void>(out),
+                           ptr<float>(sums));
+  }, py::kw_only(), py::arg("dtype"), py::arg("hidden"), py::arg("logp"), py::arg("a_pos"), py::arg("a_neg"),
+     py::arg("n_tokens"), py::arg("hidden_size"), py::arg("sketch_dim") = 0, py::arg("seed") = 0,
+     py::arg("out_f32") = false, py::arg("out"), py::arg("sums"), "sketch_dim 0: exact vectors");
+  m.def("side_sums", [](int dtype, Ptr x, OptPtr scale, Ptr a_pos, Ptr a_neg, int64_t n_tokens, int64_t width,
+                        Ptr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::side_sums(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(a_pos), ptr<const float>(a_neg), N, D,
-                       ptr<float>(sums));
-  });
-  m.def("margin_pass", [](int dtype, uintptr_t v, uintptr_t scale, uintptr_t w, uintptr_t c, int64_t N, int64_t D, uintptr_t gamma,
-                          uintptr_t a_pos, uintptr_t a_neg, uintptr_t m_out, uintptr_t sums) {
+    dk::cpu::side_sums(dtype, ptr<const void>(x), ptr<const float>(scale), ptr<const float>(a_pos),
+                       ptr<const float>(a_neg), n_tokens, width, ptr<float>(sums));
+  }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("scale") = py::none(), py::arg("a_pos"),
+     py::arg("a_neg"), py::arg("n_tokens"), py::arg("width"), py::arg("sums"), "scale None: the rows as stored");
+  m.def("margin_pass", [](int dtype, Ptr x, OptPtr scale, Ptr w, Ptr centre, int64_t n_tokens, int64_t width,
+                          OptPtr gamma, OptPtr a_pos, OptPtr a_neg, Ptr margins, OptPtr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::margin_pass(dtype, ptr<const void>(v), ptr<const float>(scale), ptr<const float>(w), ptr<const float>(c), N, D,
-                         ptr<const float>(gamma), ptr<const float>(a_pos), ptr<const float>(a_neg),
-                         ptr<float>(m_out), ptr<float>(sums));
-  }, "scale = 0: v as stored; gamma = 0: plain margins (a_pos, a_neg, sums unused)");
-  m.def("clipped_surrogate", [](uintptr_t logp, uintptr_t old_logp, uintptr_t adv, uintptr_t mask, uintptr_t coef,
-                                uintptr_t is_weight, int64_t B, int64_t T, float clip_low, float clip_high,
-                                float clip_c, uintptr_t rows, uintptr_t grad) {
+    dk::cpu::margin_pass(dtype, ptr<const void>(x), ptr<const float>(scale), ptr<const float>(w),
+                         ptr<const float>(centre), n_tokens, width, ptr<const float>(gamma), ptr<const float>(a_pos),
+                         ptr<const float>(a_neg), ptr<float>(margins), ptr<float>(sums));
+  }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("scale") = py::none(), py::arg("w"), py::arg("centre"),
+     py::arg("n_tokens"), py::arg("width"), py::arg("gamma") = py::none(), py::arg("a_pos") = py::none(),
+     py::arg("a_neg") = py::none(), py::arg("margins"), py::arg("sums") = py::none(),
+     "scale None: the rows as stored; gamma None: plain margins (a_pos, a_neg, sums unused)");
+  m.def("clipped_surrogate", [](Ptr logp, Ptr old_logp, Ptr adv, Ptr mask, OptPtr coef, OptPtr is_weight,
+                                int64_t rows, int64_t cols, float clip_low, float clip_high, float clip_c,
+                                Ptr row_stats, Ptr grad) {
     py::gil_scoped_release nogil;
     dk::cpu::clipped_surrogate(ptr<const float>(logp), ptr<const float>(old_logp), ptr<const float>(adv),
-                               ptr<const uint8_t>(mask), ptr<const float>(coef), ptr<const float>(is_weight), B, T,
-                               clip_low, clip_high, clip_c, ptr<double>(rows), ptr<float>(grad));
-  }, "coef = 0, is_weight = 0: none");
-  m.def("reduction_block", &dk::cpu::reduction_block);
+                               ptr<const uint8_t>(mask), ptr<const float>(coef), ptr<const float>(is_weight), rows,
+                               cols, clip_low, clip_high, clip_c, ptr<double>(row_stats), ptr<float>(grad));
+  }, py::kw_only(), py::arg("logp"), py::arg("old_logp"), py::arg("adv"), py::arg("mask"),
+     py::arg("coef") = py::none(), py::arg("is_weight") = py::none(), py::arg("rows"), py::arg("cols"),
+     py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_c"), py::arg("row_stats"), py::arg("grad"));
+  m.def("reduction_block_tokens", &dk::cpu::reduction_block_tokens, py::arg("n_tokens"),
+        "tokens per block of the CPU reductions over n_tokens");
   m.def("simd_level", &dk::cpu::simd_level,
         "1: the row passes run their AVX2 clones, 0: the SSE2 baseline (DELTA_KERNELS_CPU_SIMD=baseline); same bits");
 }

@@ -7,7 +7,8 @@
 namespace dk {
 namespace cpu {
 
-int64_t reduction_block(int64_t n_tokens);
+// Tokens per block of the CPU reductions over N tokens (a function of N only).
+int64_t reduction_block_tokens(int64_t n_tokens);
 
 // 1 when the row passes run their AVX2 clones, 0 for the SSE2 baseline; both give the same bits.
 // DELTA_KERNELS_CPU_SIMD=baseline forces the baseline.

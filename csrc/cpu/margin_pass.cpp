@@ -83,7 +83,7 @@ void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
   if (!gated) {
     auto* fn = avx2 ? margin_block_avx2<DT, false> : margin_block_base<DT, false>;
     // Per-token results only: any split and schedule give the same bits.
-    const int64_t block = reduction_block(N);
+    const int64_t block = reduction_block_tokens(N);
     const int64_t n_blocks = (N + block - 1) / block;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) fn(a, blk * block, std::min(N, (blk + 1) * block), nullptr, nullptr);

@@ -1,5 +1,5 @@
 // The fixed-block reduction shared by the CPU passes: tokens split into blocks of
-// reduction_block(N) (a function of N only), each block's partial sums accumulated by one thread
+// reduction_block_tokens(N) (a function of N only), each block's partial sums accumulated by one thread
 // in token order, the partials combined in block order. The result depends neither on the number
 // of threads nor on the schedule. The partial buffer (up to 16 MiB) is kept per calling thread
 // and each block zeroes its own slice, so a call neither allocates nor faults in fresh pages.
@@ -23,7 +23,7 @@ constexpr int64_t kSidePad = 24;
 // j < D (zeroed here first); out [sides, D] gets the block sums combined in block order.
 template <typename BlockFn>
 void run_reduction_blocks(int64_t N, int sides, int64_t D, float* out, const BlockFn& block_fn) {
-  const int64_t block = reduction_block(N);
+  const int64_t block = reduction_block_tokens(N);
   const int64_t n_blocks = (N + block - 1) / block;
   const int64_t side_stride = D + kSidePad, stride = sides * side_stride;
   if (n_blocks == 0) {

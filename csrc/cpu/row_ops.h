@@ -224,7 +224,7 @@ DK_INLINE void centred_axpy_rows(int k, const float* c, const float* s, const ty
   }
 }
 
-// Blocks of reduction_block(N) tokens: out[j] = sum over blocks, in block order, of partial[blk][j].
+// Blocks of reduction_block_tokens(N) tokens: out[j] = sum over blocks, in block order, of partial[blk][j].
 inline void combine_partials(const float* partial, int64_t n_blocks, int64_t width, float* out) {
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < width; ++j) {

@@ -12,7 +12,7 @@
 namespace dk {
 namespace cpu {
 
-int64_t reduction_block(int64_t n_tokens) { return std::max<int64_t>(64, (n_tokens + 1023) / 1024); }
+int64_t reduction_block_tokens(int64_t n_tokens) { return std::max<int64_t>(64, (n_tokens + 1023) / 1024); }
 
 void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed) {
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(r)));
@@ -97,7 +97,7 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
     panels = pack_panels(R.data(), H, r);
   }
   auto* sketch_fn = simd_level() == 1 ? sketch_group_avx2 : sketch_group_base;
-  const int64_t block = reduction_block(N);
+  const int64_t block = reduction_block_tokens(N);
   const int64_t n_blocks = (N + block - 1) / block;
   std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(n_blocks, 1) * 2 * D), 0.0f);
   // Scratch rows of every thread, allocated here (an allocation failure inside the parallel

@@ -31,8 +31,8 @@ __device__ __forceinline__ float block_sum(float x, float* smem) {
   return total;
 }
 
-// Token chunks of the reductions over tokens: a function of N only (at most ~512 chunks).
-inline int64_t reduction_chunk(int64_t n_tokens) {
+// Tokens per chunk of the reductions over tokens: a function of N only (at most ~512 chunks).
+inline int64_t reduction_chunk_tokens(int64_t n_tokens) {
   const int64_t c = (n_tokens + 511) / 512;
   return c < 32 ? 32 : c;
 }

@@ -1,64 +1,154 @@
 // The passes over [N, D] rows on the GPU: side sums, exact token vectors, margins and gated sums.
-// One block per fixed chunk of tokens (reduction_chunk(N)); per token the block dots the row with w
-// (fixed-order block_sum) when margins are asked for, then each thread adds its own columns into
-// the chunk's partial row [2, D] (no atomics); a second kernel adds the chunks in order.
+// One block per fixed chunk of tokens (reduction_chunk_tokens(N)). Per token the block reads the
+// row as 16-byte vectors (element by element when the row is not 16-byte aligned), kThreads * 16
+// elements per tile with 16 / VEC loads per thread issued together, and, for rows of at most
+// kRegWidth, the next token's row in flight meanwhile; with margins it dots the row with w
+// (fixed-order block_sum), then each thread adds its own columns into the chunk's partial sums,
+// held in registers (D <= kRegWidth) or in shared memory (one row [2, D] per block) and written to
+// global memory once per block. A second kernel adds the chunks in order: no atomics, the same
+// bits on every run.
 #include "../common/dtypes.h"
 #include "common.cuh"
 #include "kernels.cuh"
+#include "row_vec.cuh"
 
 namespace dk {
 namespace cuda {
 namespace {
 
-// x [N, D] of T; v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t] - c).w, the
-// centre c [D] subtracted element by element (exact under an offset the rows share).
-// Weights: gate (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the
-// rows about the centre, v[t] - c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight
-// stays zero (a padding row may hold anything: it is skipped, never multiplied in). out non-null: v
-// written there.
-template <typename T>
-__global__ void row_pass_kernel(const T* __restrict__ x, const float* __restrict__ scale, int64_t N, int64_t D,
-                                int64_t chunk, const float* __restrict__ w, const float* __restrict__ c,
-                                const float* __restrict__ gamma, const float* __restrict__ a_pos,
-                                const float* __restrict__ a_neg, float* __restrict__ m, T* __restrict__ out,
-                                float* __restrict__ partial) {
+constexpr int kPerThread = 16;                    // row elements per thread per tile
+constexpr int64_t kRegWidth = kThreads * kPerThread;  // widest row whose sums stay in registers
+// Resident 256-thread blocks per SM that the register budget must allow: 3 for 2-byte rows (<= 80
+// registers: 2 rows x 2 x 16 bytes in flight per thread); 2 for float32 (4 + 4 vectors of a row in
+// registers, <= 128 registers, no spill).
+template <typename T> constexpr int kMinBlocks = sizeof(T) == 2 ? 3 : 2;
+
+// x [N, D] of T, VEC elements per load (D % VEC == 0 and every row pointer 16-byte aligned when
+// VEC > 1). v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t] - c).w, the centre
+// c [D] subtracted element by element (exact under an offset the rows share). Weights: gate
+// (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the rows about
+// the centre, v[t] - c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight stays
+// zero (a padding row may hold anything: it is skipped, never multiplied in). out non-null: v
+// written there. Regs: D <= kRegWidth, the sums in registers and the row read once per token;
+// else the sums in shared memory [2, D] and the row read once more for the sums (from L1/L2).
+// A row is read only when needed (written out, dotted, or with a nonzero weight).
+template <typename T, int VEC, bool Regs>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_pass_kernel(const RowPassParams p, int64_t chunk) {
+  constexpr int K = kPerThread / VEC;  // loads per thread per tile
+  extern __shared__ float shared_sums[];  // !Regs: [2, D]
   __shared__ float red[kThreads / 32];
-  const int64_t blk = blockIdx.x;
-  const int64_t t0 = blk * chunk;
-  const int64_t t1 = t0 + chunk < N ? t0 + chunk : N;
-  float* ps = partial == nullptr ? nullptr : partial + blk * 2 * D;
-  float* ns = ps == nullptr ? nullptr : ps + D;
-  if (ps != nullptr)
-    for (int64_t j = threadIdx.x; j < 2 * D; j += kThreads) ps[j] = 0.0f;
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const int64_t D = p.width;
+  const int64_t n_tiles = Regs ? 1 : (D + kRegWidth - 1) / kRegWidth;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t t1 = t0 + chunk < p.n_tokens ? t0 + chunk : p.n_tokens;
+  const bool want_sums = p.partial != nullptr;
+  const bool centred = p.gamma != nullptr;  // gated sums: of v - c (scale applied to the row)
+  // Column of element e of vector k of tile: tile * kRegWidth + (k * kThreads + threadIdx.x) * VEC + e.
+  auto col0 = [&](int64_t tile, int k) {
+    return tile * kRegWidth + (static_cast<int64_t>(k) * kThreads + threadIdx.x) * VEC;
+  };
+  float acc_pos[Regs ? kPerThread : 1], acc_neg[Regs ? kPerThread : 1];
+#pragma unroll
+  for (int i = 0; i < (Regs ? kPerThread : 1); ++i) acc_pos[i] = acc_neg[i] = 0.0f;
+  if (!Regs && want_sums) {
+    for (int64_t j = threadIdx.x; j < 2 * D; j += kThreads) shared_sums[j] = 0.0f;
+    __syncthreads();
+  }
+  // A token's row is read when it is written out, dotted with w or has a nonzero weight.
+  auto needs_row = [&](int64_t t) {
+    return out != nullptr || p.w != nullptr ||
+           (want_sums && ((p.a_pos != nullptr && p.a_pos[t] != 0.0f) || (p.a_neg != nullptr && p.a_neg[t] != 0.0f)));
+  };
+  auto load_tile = [&](const T* row, int64_t tile, RowVec<T, VEC>(&dst)[K]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (col0(tile, k) < D) dst[k].load(row + col0(tile, k));
+  };
+  // Regs: the row of token t + 1 is loaded while token t is dotted and added (two rows in flight).
+  RowVec<T, VEC> v[K], next[K];
+  if (Regs && t0 < t1 && needs_row(t0)) load_tile(x + t0 * D, 0, next);
   for (int64_t t = t0; t < t1; ++t) {
     const T* row = x + t * D;
-    const float s = scale == nullptr ? 1.0f : scale[t];
-    float wp = a_pos == nullptr ? 0.0f : a_pos[t];
-    float wn = a_neg == nullptr ? 0.0f : a_neg[t];
-    if (w != nullptr) {
-      float acc = 0.0f;
-      for (int64_t j = threadIdx.x; j < D; j += kThreads) acc += (s * to_f(row[j]) - c[j]) * w[j];
-      const float mt = 2.0f * block_sum(acc, red);
-      if (threadIdx.x == 0) m[t] = mt;
-      if (gamma != nullptr) {
-        if (wp != 0.0f) wp *= 1.0f / (1.0f + expf(-mt / gamma[0]));
-        if (wn != 0.0f) wn *= 1.0f / (1.0f + expf(mt / gamma[1]));
-      }
+    if (Regs) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = next[k];
+      if (t + 1 < t1 && needs_row(t + 1)) load_tile(row + D, 0, next);
     }
-    const bool centred = gamma != nullptr;  // gated sums: of v - c (scale applied to the row)
-    if (!centred && wp != 0.0f) wp *= s;
-    if (!centred && wn != 0.0f) wn *= s;
-    if (out != nullptr || (ps != nullptr && (wp != 0.0f || wn != 0.0f))) {
-      for (int64_t j = threadIdx.x; j < D; j += kThreads) {
-        const float xj = to_f(row[j]);
-        if (out != nullptr) out[t * D + j] = from_f<T>(s * xj);
-        if (ps != nullptr) {
-          const float vj = centred ? s * xj - c[j] : xj;
-          if (wp != 0.0f) ps[j] += wp * vj;
-          if (wn != 0.0f) ns[j] += wn * vj;
+    const float s = p.scale == nullptr ? 1.0f : p.scale[t];
+    float wp = p.a_pos == nullptr ? 0.0f : p.a_pos[t];
+    float wn = p.a_neg == nullptr ? 0.0f : p.a_neg[t];
+    if (p.w != nullptr) {
+      float dot = 0.0f;
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        if (!Regs) load_tile(row, tile, v);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int64_t j = col0(tile, k);
+          if (j < D) {
+            float cj[VEC], wj[VEC];
+            load_floats<VEC>(p.centre + j, cj);
+            load_floats<VEC>(p.w + j, wj);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dot += (s * v[k].get(e) - cj[e]) * wj[e];
+          }
         }
       }
+      const float mt = 2.0f * block_sum(dot, red);
+      if (threadIdx.x == 0) p.margins[t] = mt;
+      if (centred) {
+        if (wp != 0.0f) wp *= 1.0f / (1.0f + expf(-mt / p.gamma[0]));
+        if (wn != 0.0f) wn *= 1.0f / (1.0f + expf(mt / p.gamma[1]));
+      }
     }
+    if (!centred && wp != 0.0f) wp *= s;
+    if (!centred && wn != 0.0f) wn *= s;
+    const bool add = want_sums && (wp != 0.0f || wn != 0.0f);
+    if (out == nullptr && !add) continue;
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+      if (!Regs) load_tile(row, tile, v);  // Regs: the row is still in v
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int64_t j = col0(tile, k);
+        if (j >= D) continue;
+        RowVec<T, VEC> o = v[k];  // every element overwritten when out is written
+        float cj[VEC];
+        if (add && centred) load_floats<VEC>(p.centre + j, cj);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float xj = v[k].get(e);
+          if (out != nullptr) o.set(e, s * xj);
+          if (!add) continue;
+          const float vj = centred ? s * xj - cj[e] : xj;
+          if (Regs) {
+            if (wp != 0.0f) acc_pos[k * VEC + e] += wp * vj;
+            if (wn != 0.0f) acc_neg[k * VEC + e] += wn * vj;
+          } else {
+            if (wp != 0.0f) shared_sums[j + e] += wp * vj;
+            if (wn != 0.0f) shared_sums[D + j + e] += wn * vj;
+          }
+        }
+        if (out != nullptr) o.store(out + t * D + j);
+      }
+    }
+  }
+  if (!want_sums) return;
+  float* ps = p.partial + static_cast<int64_t>(blockIdx.x) * 2 * D;  // this chunk's [2, D]
+  if (Regs) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = col0(0, k);
+      if (j >= D) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        ps[j + e] = acc_pos[k * VEC + e];
+        ps[D + j + e] = acc_neg[k * VEC + e];
+      }
+    }
+  } else {
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < 2 * D; j += kThreads) ps[j] = shared_sums[j];
   }
 }
 
@@ -72,41 +162,56 @@ __global__ void combine_chunks_kernel(const float* __restrict__ partial, int64_t
   sums[j] = acc;
 }
 
-template <typename T>
-cudaError_t launch(const void* x, const float* scale, int64_t N, int64_t D, const float* w, const float* c,
-                   const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out, float* partial,
-                   float* sums, cudaStream_t stream) {
-  const int64_t chunk = reduction_chunk(N);
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
-  if (sums != nullptr && n_chunks == 0) {  // no tokens: zero sums
-    return cudaMemsetAsync(sums, 0, static_cast<size_t>(2 * D) * sizeof(float), stream);
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T, int VEC, bool Regs>
+cudaError_t launch_rows(const RowPassParams& p, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
+  const size_t smem = Regs || p.partial == nullptr ? 0 : static_cast<size_t>(2 * p.width) * sizeof(float);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(row_pass_kernel<T, VEC, Regs>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
   }
-  if (n_chunks == 0) return cudaSuccess;
-  row_pass_kernel<T><<<static_cast<unsigned>(n_chunks), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), scale, N, D, chunk, w, c, gamma, a_pos, a_neg, m, static_cast<T*>(out),
-      sums == nullptr ? nullptr : partial);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || sums == nullptr) return err;
-  combine_chunks_kernel<<<static_cast<unsigned>((2 * D + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partial, n_chunks, 2 * D, sums);
+  row_pass_kernel<T, VEC, Regs><<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(p, chunk);
   return cudaGetLastError();
+}
+
+// 16-byte vectors when every row and the centre and weight vectors allow them, else scalars.
+template <typename T>
+cudaError_t launch(const RowPassParams& p, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.width % V == 0 && aligned16(p.x) && aligned16(p.out) && aligned16(p.w) && aligned16(p.centre);
+  const bool regs = p.width <= kRegWidth;
+  if (vec) return regs ? launch_rows<T, V, true>(p, chunk, n_chunks, stream)
+                       : launch_rows<T, V, false>(p, chunk, n_chunks, stream);
+  return regs ? launch_rows<T, 1, true>(p, chunk, n_chunks, stream)
+              : launch_rows<T, 1, false>(p, chunk, n_chunks, stream);
 }
 
 }  // namespace
 
-int64_t reduction_chunks(int64_t N) { return (N + reduction_chunk(N) - 1) / reduction_chunk(N); }
+int64_t reduction_chunk_count(int64_t N) { return (N + reduction_chunk_tokens(N) - 1) / reduction_chunk_tokens(N); }
 
-cudaError_t row_pass(int dtype, const void* x, const float* scale, int64_t N, int64_t D, const float* w,
-                     const float* c, const float* gamma, const float* a_pos, const float* a_neg, float* m, void* out,
-                     float* partial, float* sums, cudaStream_t stream) {
-  switch (dtype) {
-    case kFloat32:
-      return launch<float>(x, scale, N, D, w, c, gamma, a_pos, a_neg, m, out, partial, sums, stream);
-    case kBFloat16:
-      return launch<__nv_bfloat16>(x, scale, N, D, w, c, gamma, a_pos, a_neg, m, out, partial, sums, stream);
-    default:
-      return launch<__half>(x, scale, N, D, w, c, gamma, a_pos, a_neg, m, out, partial, sums, stream);
+cudaError_t row_pass(const RowPassParams& params, cudaStream_t stream) {
+  RowPassParams p = params;
+  if (p.sums == nullptr) p.partial = nullptr;  // the partial workspace serves the sums only
+  if (p.partial != nullptr && p.width > kMaxSumsWidth) return cudaErrorInvalidValue;
+  const int64_t chunk = reduction_chunk_tokens(p.n_tokens);
+  const int64_t n_chunks = reduction_chunk_count(p.n_tokens);
+  if (n_chunks == 0) {  // no tokens: zero sums
+    return p.sums == nullptr ? cudaSuccess
+                             : cudaMemsetAsync(p.sums, 0, static_cast<size_t>(2 * p.width) * sizeof(float), stream);
   }
+  cudaError_t err;
+  switch (p.dtype) {
+    case kFloat32: err = launch<float>(p, chunk, n_chunks, stream); break;
+    case kBFloat16: err = launch<__nv_bfloat16>(p, chunk, n_chunks, stream); break;
+    default: err = launch<__half>(p, chunk, n_chunks, stream); break;
+  }
+  if (err != cudaSuccess || p.sums == nullptr) return err;
+  combine_chunks_kernel<<<static_cast<unsigned>((2 * p.width + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      p.partial, n_chunks, 2 * p.width, p.sums);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

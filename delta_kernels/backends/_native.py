@@ -27,9 +27,9 @@ def ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def opt_ptr(t) -> int:
-    """ptr(t), or 0 (a null pointer) for None."""
-    return 0 if t is None else ptr(t)
+def opt_ptr(t) -> Optional[int]:
+    """ptr(t), or None (an unused pointer argument of the native calls) for None."""
+    return None if t is None else ptr(t)
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -87,8 +87,8 @@ class ScaledRows(NamedTuple):
 
 
 def rows_and_scale(v):
-    """-> (the row tensor, pointer to the per-row scale or 0)."""
-    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, 0)
+    """-> (the row tensor, pointer to the per-row scale or None)."""
+    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, None)
 
 
 def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:

@@ -28,8 +28,9 @@ def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: i
     out = empty(n, d, dtype=out_dtype)
     sums = empty(2, d, dtype=torch.float32)
     logp, a_pos, a_neg = f32(logp), f32(a_pos), f32(a_neg)
-    _cpp.token_vectors(dtype_code(hidden), ptr(hidden), ptr(logp), ptr(a_pos), ptr(a_neg), n, h, sketch_dim or 0,
-                       seed, out_dtype != hidden.dtype, ptr(out), ptr(sums))
+    _cpp.token_vectors(dtype=dtype_code(hidden), hidden=ptr(hidden), logp=ptr(logp), a_pos=ptr(a_pos),
+                       a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim or 0, seed=seed,
+                       out_f32=out_dtype != hidden.dtype, out=ptr(out), sums=ptr(sums))
     return out, sums
 
 
@@ -39,7 +40,8 @@ def side_sums(v, a_pos, a_neg):
     n, d = rows.shape
     sums = empty(2, d, dtype=torch.float32)
     a_pos, a_neg = f32(a_pos), f32(a_neg)
-    _cpp.side_sums(dtype_code(rows), ptr(rows), scale, ptr(a_pos), ptr(a_neg), n, d, ptr(sums))
+    _cpp.side_sums(dtype=dtype_code(rows), x=ptr(rows), scale=scale, a_pos=ptr(a_pos), a_neg=ptr(a_neg), n_tokens=n,
+                   width=d, sums=ptr(sums))
     return sums
 
 
@@ -51,13 +53,14 @@ def margin_pass(v, w, c, gate):
     n, d = rows.shape
     w, c = f32(w), f32(c)
     m = empty(n, dtype=torch.float32)
+    common = dict(dtype=dtype_code(rows), x=ptr(rows), scale=scale, w=ptr(w), centre=ptr(c), n_tokens=n, width=d,
+                  margins=ptr(m))
     if gate is None:
-        _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(c), n, d, 0, 0, 0, ptr(m), 0)
+        _cpp.margin_pass(**common)
         return m, None
     gamma, a_pos, a_neg = (f32(x) for x in gate)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.margin_pass(dtype_code(rows), ptr(rows), scale, ptr(w), ptr(c), n, d, ptr(gamma), ptr(a_pos), ptr(a_neg),
-                     ptr(m), ptr(sums))
+    _cpp.margin_pass(**common, gamma=ptr(gamma), a_pos=ptr(a_pos), a_neg=ptr(a_neg), sums=ptr(sums))
     return m, sums
 
 
@@ -70,8 +73,9 @@ token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS
 def _surrogate_launch(cfg: SurrogateConfig, lp, old, a, m, c, w, rows, cols):
     row_stats = empty(rows, len(STATS), dtype=torch.float64)
     grad = empty(rows, cols, dtype=torch.float32)
-    _cpp.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
-                           cfg.clip_high, cfg.clip_c, ptr(row_stats), ptr(grad))
+    _cpp.clipped_surrogate(logp=ptr(lp), old_logp=ptr(old), adv=ptr(a), mask=ptr(m), coef=opt_ptr(c),
+                           is_weight=opt_ptr(w), rows=rows, cols=cols, clip_low=cfg.clip_low,
+                           clip_high=cfg.clip_high, clip_c=cfg.clip_c, row_stats=ptr(row_stats), grad=ptr(grad))
     return row_stats, grad
 
 
@@ -80,5 +84,5 @@ clipped_surrogate_loss = native_surrogate(_surrogate_launch)
 
 def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
     out = empty(hidden_size, sketch_dim, dtype=torch.float32)
-    _cpp.sketch_matrix(ptr(out), hidden_size, sketch_dim, seed)
+    _cpp.sketch_matrix(out=ptr(out), hidden_size=hidden_size, sketch_dim=sketch_dim, seed=seed)
     return out

@@ -24,47 +24,62 @@ def _stream() -> int:
 
 
 def _partial(n: int, d: int, device) -> torch.Tensor:
-    return torch.empty(max(_cuda.reduction_chunks(n), 1) * 2 * d, dtype=torch.float32, device=device)
+    """The row passes' workspace: one partial [2, d] row per token chunk."""
+    return torch.empty(max(_cuda.reduction_chunk_count(n), 1) * 2 * d, dtype=torch.float32, device=device)
+
+
+def _check_sums_width(d: int, name: str) -> None:
+    if d > _cuda.MAX_SUMS_WIDTH:
+        raise ValueError(f"{name}: backend='cuda' sums rows of at most {_cuda.MAX_SUMS_WIDTH} columns "
+                         f"(the block's partial sums live in shared memory), got {d}; use backend='triton'")
 
 
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
-    """hidden [N, H] -> (v [N, D] in out_dtype (hidden's, or float32), sums [2, D] f32)."""
+    """hidden [N, H] -> (v [N, D] in out_dtype (hidden's, or float32), sums [2, D] f32).
+    D <= _cuda.MAX_SUMS_WIDTH (ValueError naming sketch_dim or hidden otherwise)."""
     n, h = hidden.shape
     d = sketch_dim or h
+    _check_sums_width(d, "sketch_dim" if sketch_dim else "hidden")
     out_dtype = out_dtype or hidden.dtype
     dev = hidden.device
     out = empty(n, d, dtype=out_dtype, device=dev)
     sums = empty(2, d, dtype=torch.float32, device=dev)
     logp, a_pos, a_neg = f32(logp), f32(a_pos), f32(a_neg)
     scale_ws = torch.empty(max(n, 1), dtype=torch.float32, device=dev)
-    _cuda.token_vectors(dtype_code(hidden), ptr(hidden), ptr(logp), ptr(a_pos), ptr(a_neg), n, h, sketch_dim or 0,
-                        seed, out_dtype != hidden.dtype, ptr(out), ptr(scale_ws), ptr(_partial(n, d, dev)),
-                        ptr(sums), _stream())
+    _cuda.token_vectors(dtype=dtype_code(hidden), hidden=ptr(hidden), logp=ptr(logp), a_pos=ptr(a_pos),
+                        a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim or 0, seed=seed,
+                        out_f32=out_dtype != hidden.dtype, out=ptr(out), scale_ws=ptr(scale_ws),
+                        partial=ptr(_partial(n, d, dev)), sums=ptr(sums), stream=_stream())
     return out, sums
 
 
 def side_sums(v, a_pos, a_neg):
     rows, scale = rows_and_scale(v)
     n, d = rows.shape
+    _check_sums_width(d, "vectors")
     sums = empty(2, d, dtype=torch.float32, device=rows.device)
     a_pos, a_neg = f32(a_pos), f32(a_neg)
-    _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, 0, 0, 0, ptr(a_pos), ptr(a_neg), 0, 0,
-                   ptr(_partial(n, d, rows.device)), ptr(sums), _stream())
+    _cuda.row_pass(dtype=dtype_code(rows), x=ptr(rows), scale=scale, n_tokens=n, width=d, a_pos=ptr(a_pos),
+                   a_neg=ptr(a_neg), partial=ptr(_partial(n, d, rows.device)), sums=ptr(sums), stream=_stream())
     return sums
 
 
 def margin_pass(v, w, c, gate):
     rows, scale = rows_and_scale(v)
     n, d = rows.shape
+    if gate is not None:
+        _check_sums_width(d, "vectors")
     w, c = f32(w), f32(c)
     m = empty(n, dtype=torch.float32, device=rows.device)
+    common = dict(dtype=dtype_code(rows), x=ptr(rows), scale=scale, n_tokens=n, width=d, w=ptr(w), centre=ptr(c),
+                  margins=ptr(m), stream=_stream())
     if gate is None:
-        _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(c), 0, 0, 0, ptr(m), 0, 0, 0, _stream())
+        _cuda.row_pass(**common)
         return m, None
     gamma, a_pos, a_neg = (f32(x) for x in gate)
     sums = empty(2, d, dtype=torch.float32, device=rows.device)
-    _cuda.row_pass(dtype_code(rows), ptr(rows), scale, n, d, ptr(w), ptr(c), ptr(gamma), ptr(a_pos), ptr(a_neg),
-                   ptr(m), 0, ptr(_partial(n, d, rows.device)), ptr(sums), _stream())
+    _cuda.row_pass(**common, gamma=ptr(gamma), a_pos=ptr(a_pos), a_neg=ptr(a_neg),
+                   partial=ptr(_partial(n, d, rows.device)), sums=ptr(sums))
     return m, sums
 
 
@@ -77,8 +92,10 @@ token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS
 def _surrogate_launch(cfg: SurrogateConfig, lp, old, a, m, c, w, rows, cols):
     partial = empty(rows, _cuda.surrogate_tiles(cols), len(STATS), dtype=torch.float32, device=lp.device)
     grad = empty(rows, cols, dtype=torch.float32, device=lp.device)
-    _cuda.clipped_surrogate(ptr(lp), ptr(old), ptr(a), ptr(m), opt_ptr(c), opt_ptr(w), rows, cols, cfg.clip_low,
-                            cfg.clip_high, cfg.clip_c, ptr(partial), ptr(grad), _stream())
+    _cuda.clipped_surrogate(logp=ptr(lp), old_logp=ptr(old), adv=ptr(a), mask=ptr(m), coef=opt_ptr(c),
+                            is_weight=opt_ptr(w), rows=rows, cols=cols, clip_low=cfg.clip_low,
+                            clip_high=cfg.clip_high, clip_c=cfg.clip_c, partial=ptr(partial), grad=ptr(grad),
+                            stream=_stream())
     return partial.sum(1), grad
 
 

@@ -24,11 +24,11 @@ import triton.language as tl
 from .._alloc import empty
 from .triton_logits_tile import logits_tile
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# GPU: 128 x 128 tiles, 64-wide K steps; a split is 32 tiles (4096 columns).
-# Interpreter (tests): small tiles and 2-tile splits so small shapes cross every boundary.
-BLOCK_N, BLOCK_V, BLOCK_H, TILES_PER_SPLIT = (16, 32, 32, 2) if INTERPRET else (128, 128, 64, 32)
-NUM_WARPS, NUM_STAGES = 8, 3
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 dot quirk only (UPCAST)
+# 128 x 128 tiles, 64-wide K steps; a split is 32 tiles (4096 columns). Read at call time: the
+# interpreter's tests set small tiles and 2-tile splits (tests/conftest.py) so small shapes cross every boundary.
+TILE = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+TILES_PER_SPLIT = 32
 
 
 @triton.jit
@@ -73,25 +73,21 @@ def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, temp
     tl.store(out + 3 * plane, x_y, mask=row_ok)
 
 
-def _launch_config():
-    return dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES) if not INTERPRET else {}
-
-
 def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool):
     """hidden [N, H], weight [V, H] (one dtype: fp16/bf16/fp32), bias [V] or None, targets [N]
     int64 -> logp [N], lse [N], entropy [N] or None, float32."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
-    cols_per_split = BLOCK_V * TILES_PER_SPLIT
+    cols_per_split = TILE["BLOCK_V"] * TILES_PER_SPLIT
     n_splits = triton.cdiv(vocab, cols_per_split)
-    n_blocks = triton.cdiv(n, BLOCK_N)
+    n_blocks = triton.cdiv(n, TILE["BLOCK_N"])
     part = empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
     _logprob_partials_kernel[(n_blocks * n_splits,)](
         hidden, weight, hidden if bias is None else bias, targets, part, n, vocab, hdim, float(temperature),
         n_blocks, cols_per_split, n_splits,
         HAS_BIAS=bias is not None, ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32,
         UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, **_launch_config())
+        **TILE)
     m, s, t, x_y = part.unbind(0)            # [splits, N] each
     big_m = m.max(0).values
     scale = torch.exp(m - big_m)

@@ -21,9 +21,8 @@ import triton.language as tl
 from .._alloc import empty
 from .triton_logits_tile import logits_tile
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_N, BLOCK_V, BLOCK_H = (16, 32, 32) if INTERPRET else (128, 128, 64)
-NUM_WARPS, NUM_STAGES = 8, 3
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 dot quirk only (UPCAST)
+TILE = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)  # read at call time (tests: smaller)
 CHUNK_BYTES = 512 * 2**20  # size cap of the dx buffer
 
 
@@ -70,24 +69,24 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     elem = hidden.element_size()
-    chunk = max(BLOCK_V, (CHUNK_BYTES // max(n * elem, 1)) // BLOCK_V * BLOCK_V)
-    chunk = min(chunk, triton.cdiv(vocab, BLOCK_V) * BLOCK_V)
-    n_blocks = triton.cdiv(n, BLOCK_N)
+    block_n, block_v = TILE["BLOCK_N"], TILE["BLOCK_V"]
+    chunk = max(block_v, (CHUNK_BYTES // max(n * elem, 1)) // block_v * block_v)
+    chunk = min(chunk, triton.cdiv(vocab, block_v) * block_v)
+    n_blocks = triton.cdiv(n, block_n)
     buf = torch.empty(n * chunk, dtype=hidden.dtype, device=hidden.device)
     g = grad_logp.to(torch.float32).contiguous()
     dh_acc = torch.zeros(n, hdim, dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = empty(vocab, hdim, dtype=weight.dtype, device=hidden.device) if need_weight else None
     db = empty(vocab, dtype=bias.dtype, device=hidden.device) if need_bias else None
-    launch = {} if INTERPRET else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     for c0 in range(0, vocab, chunk):
         width = min(chunk, vocab - c0)
         dx = buf[:n * width].view(n, width)
-        _logprob_grad_logits_kernel[(n_blocks * triton.cdiv(width, BLOCK_V),)](
+        _logprob_grad_logits_kernel[(n_blocks * triton.cdiv(width, block_v),)](
             hidden, weight, hidden if bias is None else bias, targets, lse, g, dx, n, vocab, hdim,
             float(temperature), c0, width, n_blocks,
             HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32,
         UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, **launch)
+            **TILE)
         if need_hidden:
             dh_acc += _mm_f32(dx, weight[c0:c0 + width])
         if need_weight:

@@ -7,11 +7,14 @@ One file per kernel:
     side_sums.py      side sums of vectors (a tensor or ScaledRows), one read
     margin_pass.py    m = 2 (v - c).w and the gated side sums, one read of v (ScaledRows: of h,
                       each row scaled on the fly)
+    fused.py          delta_coefficients in 2k + 6 launches: the [N]/[D] math in the passes'
+                      epilogues and one finalize kernel per reduction point (finalize.py)
     surrogate.py      phase C: dual-clip surrogate forward + backward (torch.autograd.Function)
     row_partials.py   the deterministic two-stage (per-group partials, fixed-order) reduction
     sketch_hash.py    the sketch matrix's hash in Triton
 
-``delta_coefficients`` is delta_kernels.pipeline.run_coefficients over these kernels. Exact
+``delta_coefficients`` is fused.py's call (with a process group: delta_kernels.pipeline.
+run_coefficients over the unfused passes, which DeltaAccumulator also wraps). Exact
 mode from hidden states: v = (1 - exp(logp)) h is never written; hidden is read 2 times for
 k = 0 and k + 3 times for k > 0 (the side sums, the temperature pass, k fused gate-and-refine
 passes, the final margins), each pass scaling the rows by the float32 1 - exp(logp), and
@@ -28,6 +31,7 @@ from .._optional import require
 require("triton", "triton")  # before the kernel modules: a missing triton names its extra
 
 from ..pipeline import run_coefficients  # noqa: E402
+from .fused import fused_coefficients, fused_supported  # noqa: E402
 from .margin_pass import margin_pass  # noqa: E402
 from .side_sums import side_sums  # noqa: E402
 from .surrogate import clipped_surrogate_loss  # noqa: E402
@@ -38,7 +42,11 @@ PIPELINE_KERNELS = sys.modules[__name__]  # token_vectors, side_sums, margin_pas
 
 
 def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
-    """Same contract as delta_kernels.reference.delta_coefficients (float32 results)."""
+    """Same contract as delta_kernels.reference.delta_coefficients (float32 results). Without a
+    process group: the fused call (fused.py, 2k + 6 launches); with one, or rows too wide for one
+    tile: the pipeline over the unfused passes, each sum all-reduced between the kernels."""
+    if reduce is None and fused_supported(batch, sketch_dim):
+        return fused_coefficients(batch, cfg, sketch_dim, seed)
     return run_coefficients(sys.modules[__name__], batch, cfg, sketch_dim, seed, reduce)
 
 

@@ -24,63 +24,101 @@ import triton.language as tl
 
 from .._alloc import empty
 from .row_partials import row_groups, sum_partials
-from .token_vectors import rows_and_scale, scaled_rows
+from .finalize import final_totals, side_moments, store_stats, valid_rows
+from .token_vectors import STATS, neg_expm1, row_weights, rows_and_scale, scaled_rows
 
 MAX_BLOCK_D = 16384     # widest row a program holds whole
-TILE_ELEMS = 8192       # BLOCK_N * BLOCK_D of the whole-row kernel (register budget)
+ROW_ELEMS_PER_THREAD = 16  # row elements per thread of the whole-row kernel (register budget)
+ROWS_PER_TILE = 1       # rows per tile of the whole-row kernel; read at call time (the interpreter's tests raise it)
 CHUNK_D = 4096          # column chunk of the wide-row kernel
 
 
+@triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None, GATED=lambda a: a["partial_ptr"] is not None,
+                        FROM_ADV=lambda a: a["stat_ptr"] is not None))
 @triton.jit
-def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr,
-                        n_rows, n_cols, rows_per_group,
-                        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    """Program g: rows [g*rows_per_group, (g+1)*rows_per_group). With s = scale[row] if HAS_SCALE
+def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr, stat_ptr,
+                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise,
+                        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, FROM_ADV: tl.constexpr,
+                        MOMENTS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ROW_STAGES: tl.constexpr):
+    """Program g: rows [g*rows_per_group, (g+1)*rows_per_group); flags follow the pointers given
+    (None: absent). With s = scale[row] if HAS_SCALE
     else 1: m[rows] = 2 (s x - c).w; if GATED, partial[g] = (sum sigmoid(m/gamma[0]) a_pos (s x - c),
     sum sigmoid(-m/gamma[1]) a_neg (s x - c)) over the rows with a nonzero weight (about c). x [N, D]
     fp32/bf16/fp16; scale [N], w [D], c [D],
-    gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D."""
+    gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D.
+
+    FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), a_pos_ptr/a_neg_ptr
+    the advantages and mask (row_weights), and the group's scalar partials go to stat[g] ([G, STATS]
+    float32, slots of fused.py): GATED, the gated weights (sum g+ a+, sum g- a-); MOMENTS, the first
+    moments of side_std (sides' counts, sums of m over P and -m over Q, and of their magnitudes);
+    FINAL, the totals of final_coefficients (valid count, sum of u = lam_offset + lam_rise gate over
+    valid rows, side counts), the gates taken with the temperatures gamma."""
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)  # int32 offsets from a 64-bit row pointer: fewer registers than int64 addresses
     cmask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
-    acc_pos = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_neg = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if GATED:
+    tile_offs = tl.arange(0, BLOCK_N)[:, None] * n_cols + cols[None, :]  # < 2^31: BLOCK_N * D is small
+    acc_pos = tl.zeros([1, BLOCK_D], dtype=tl.float32)  # 2-D, in the tile's layout: no conversion per row tile
+    acc_neg = tl.zeros([1, BLOCK_D], dtype=tl.float32)
+    zero = tl.zeros([], dtype=tl.float32)  # the scalar partials (finalize.py's slots)
+    w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos, abs_neg = zero, zero, zero, zero, zero, zero, zero, zero
+    n_valid, u_sum, fin_pos, fin_neg = zero, zero, zero, zero
+    if GATED or FINAL:
         gamma_pos = tl.load(gamma_ptr)
         gamma_neg = tl.load(gamma_ptr + 1)
     row0 = pid * rows_per_group
-    for start in range(0, rows_per_group, BLOCK_N):
+    for start in tl.range(0, rows_per_group, BLOCK_N, num_stages=ROW_STAGES):  # 2: next row loaded during this one
         rows = row0 + start + tl.arange(0, BLOCK_N).to(tl.int64)
         rmask = rows < n_rows
-        tile = tl.load(v_ptr + rows[:, None] * n_cols + cols[None, :],
-                       mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        tile = tl.load(v_ptr + (row0 + start) * n_cols + tile_offs, mask=rmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+        # w and c reloaded per tile (L1 hits), not held across the loop: fewer registers, more CTAs per SM
+        w = tl.load(w_ptr + cols[None, :], mask=cmask[None, :], other=0.0)
+        c = tl.load(c_ptr + cols[None, :], mask=cmask[None, :], other=0.0)
         if HAS_SCALE:
-            s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
-            dot = tl.sum((tile * s[:, None] - c[None, :]) * w[None, :], axis=1)
+            if FROM_ADV:
+                s = neg_expm1(tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32))
+            else:
+                s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+            centred = tile * s[:, None] - c
         else:
-            dot = tl.sum((tile - c[None, :]) * w[None, :], axis=1)
-        m = 2.0 * dot
+            centred = tile - c
+        m = 2.0 * tl.sum(centred * w, axis=1)
         tl.store(m_ptr + rows, m, mask=rmask)
+        if GATED or FINAL or MOMENTS:
+            ap, an = row_weights(a_pos_ptr, a_neg_ptr, rows, rmask, FROM_ADV)
         if GATED:
-            ap = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0)
-            an = tl.load(a_neg_ptr + rows, mask=rmask, other=0.0)
             g_pos = tl.where(ap != 0.0, ap / (1.0 + tl.exp(-(m / gamma_pos))), 0.0)    # sigmoid(m / gamma+) * a+
             g_neg = tl.where(an != 0.0, an / (1.0 + tl.exp(m / gamma_neg)), 0.0)       # sigmoid(-m / gamma-) * a-
-            if HAS_SCALE:
-                centred = tile * s[:, None] - c[None, :]
-            else:
-                centred = tile - c[None, :]
-            acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], centred * g_pos[:, None], 0.0), axis=0)
-            acc_neg += tl.sum(tl.where((an != 0.0)[:, None], centred * g_neg[:, None], 0.0), axis=0)
+            acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], centred * g_pos[:, None], 0.0), axis=0, keep_dims=True)
+            acc_neg += tl.sum(tl.where((an != 0.0)[:, None], centred * g_neg[:, None], 0.0), axis=0, keep_dims=True)
+            w_pos += tl.sum(g_pos, axis=0)
+            w_neg += tl.sum(g_neg, axis=0)
+        if MOMENTS:
+            t0, t1, t2, t3, t4, t5 = side_moments(m, ap != 0.0, an != 0.0)
+            n_pos += t0
+            n_neg += t1
+            sum_pos += t2
+            sum_neg += t3
+            abs_pos += t4
+            abs_neg += t5
+        if FINAL:
+            t0, t1, t2, t3 = final_totals(m, ap != 0.0, an != 0.0, valid_rows(a_neg_ptr, rows, rmask), gamma_pos,
+                                          gamma_neg, lam_offset, lam_rise)
+            n_valid += t0
+            u_sum += t1
+            fin_pos += t2
+            fin_neg += t3
     if GATED:
         base = partial_ptr + pid * 2 * n_cols
-        tl.store(base + cols, acc_pos, mask=cmask)
-        tl.store(base + n_cols + cols, acc_neg, mask=cmask)
+        tl.store(base + cols[None, :], acc_pos, mask=cmask[None, :])
+        tl.store(base + n_cols + cols[None, :], acc_neg, mask=cmask[None, :])
+    if FROM_ADV:
+        store_stats(stat_ptr + pid * STATS, w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos, abs_neg, n_valid,
+                    u_sum, fin_pos, fin_neg)
 
 
+@triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None))
 @triton.jit
 def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
                         HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -105,6 +143,17 @@ def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
     tl.store(m_ptr + rows, 2.0 * dot, mask=rmask)
 
 
+def margin_config(d: int, gated: bool) -> dict:
+    """The launch parameters of the whole-row kernel for rows of width d <= MAX_BLOCK_D: one row
+    per tile (ROWS_PER_TILE), ROW_ELEMS_PER_THREAD of it per thread. Ungated, the row loop is software-pipelined
+    (ROW_STAGES = 2: the next row is copied to shared memory while this one is reduced); gated,
+    it is not, so that the two [D] accumulators (held in the tile's own layout) fit 80 registers:
+    3 CTAs of 8 warps per SM at D = 4,096 (benchmarks/NOTES.md, the AOT table)."""
+    block_d = triton.next_power_of_2(d)
+    return dict(BLOCK_N=ROWS_PER_TILE, BLOCK_D=block_d, num_warps=max(1, min(16, block_d // (32 * ROW_ELEMS_PER_THREAD))),
+                ROW_STAGES=1 if gated else 2)
+
+
 def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
                 gate: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """Pipeline kernel (see delta_kernels/pipeline.py).
@@ -120,13 +169,11 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
     w = w.to(f32).contiguous()
     c = c.to(f32).contiguous()
     m = empty(n, dtype=f32, device=x.device)
-    has_scale = scale is not None
-    sp = scale if has_scale else w  # never dereferenced without HAS_SCALE
     block_d = triton.next_power_of_2(d)
     if block_d > MAX_BLOCK_D:
         block_n = 4
-        _margin_wide_kernel[(triton.cdiv(n, block_n),)](x, sp, w, c, m, n, d, HAS_SCALE=has_scale, BLOCK_N=block_n,
-                                                          BLOCK_D=CHUNK_D, num_warps=8)
+        _margin_wide_kernel[(triton.cdiv(n, block_n),)](x, scale, w, c, m, n, d, BLOCK_N=block_n, BLOCK_D=CHUNK_D,
+                                                          num_warps=8)
         if gate is None:
             return m, None
         gamma, a_pos, a_neg = (t.to(f32) for t in gate)
@@ -136,16 +183,16 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
         sums = scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
         # about c, as the whole-row kernel gives them (here after the sum: not exact under an offset)
         return m, sums - torch.stack([g_pos.sum(), g_neg.sum()])[:, None] * c[None, :]
-    block_n = max(1, min(64, TILE_ELEMS // block_d))
-    rows_per_group, n_groups = row_groups(n, block_n)
-    num_warps = 4 if block_d <= 2048 else (8 if block_d <= 8192 else 16)
     if gate is None:
-        _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, w, w, w, w, n, d, rows_per_group, HAS_SCALE=has_scale,
-                                         GATED=False, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        cfg = margin_config(d, gated=False)
+        rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
+        _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, None, None, None, None, None, n, d, rows_per_group, 0.0,
+                                         0.0, MOMENTS=False, FINAL=False, **cfg)
         return m, None
     gamma, a_pos, a_neg = (t.to(f32).contiguous() for t in gate)
+    cfg = margin_config(d, gated=True)
+    rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
     partial = empty(n_groups, 2, d, dtype=f32, device=x.device)
-    _margin_rows_kernel[(n_groups,)](x, sp, w, c, m, gamma, a_pos, a_neg, partial, n, d, rows_per_group,
-                                     HAS_SCALE=has_scale, GATED=True, BLOCK_N=block_n, BLOCK_D=block_d,
-                                     num_warps=num_warps)
+    _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, gamma, a_pos, a_neg, partial, None, n, d, rows_per_group, 0.0,
+                                     0.0, MOMENTS=False, FINAL=False, **cfg)
     return m, sum_partials(partial)

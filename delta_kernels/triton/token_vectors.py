@@ -24,6 +24,7 @@ from ..sketch_matrix import sketch_scale
 from .row_partials import row_groups, sum_partials
 from .sketch_hash import seed_argument, sign_tile
 
+STATS = tl.constexpr(16)  # per-group scalar partials of the fused call (fused.py names the slots)
 BLOCK_ROWS = 16     # rows per tile of the exact kernel
 BLOCK_COLS = 256    # columns per program of the exact kernel
 SKETCH_BLOCK_M = 128   # rows per tile: each tile regenerates its R signs, so taller tiles hash less
@@ -61,20 +62,45 @@ def neg_expm1(x):
 
 
 @triton.jit
-def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr,
+def row_weights(a_pos_ptr, a_neg_ptr, rows, rmask, FROM_ADV: tl.constexpr):
+    """-> (a+, a-) float32 for ``rows``. FROM_ADV: a_pos_ptr holds the advantages (any float
+    dtype) and a_neg_ptr the mask (bool), and the weights are side_masks' in-kernel:
+    a+ = adv where valid and adv > 0, a- = -adv where valid and adv < 0, else 0. Otherwise both
+    are loaded as given (float32 [N])."""
+    if FROM_ADV:
+        a = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        valid = (tl.load(a_neg_ptr + rows, mask=rmask, other=0) != 0) & rmask
+        ap = tl.where(valid & (a > 0.0), a, 0.0)
+        an = tl.where(valid & (a < 0.0), -a, 0.0)
+    else:
+        ap = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0)
+        an = tl.load(a_neg_ptr + rows, mask=rmask, other=0.0)
+    return ap, an
+
+
+@triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None, STORE=lambda a: a["out_ptr"] is not None,
+                        SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
+@triton.jit
+def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr, weight_ptr,
                         n_rows, n_cols, rows_per_group,
-                        HAS_SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (g, d): rows [g*rows_per_group, (g+1)*rows_per_group), columns d*BLOCK_D...
-    With s = scale[row] if HAS_SCALE else 1: stores y = s x in out's dtype if STORE; writes
+    The flags follow the pointers given (None: absent). With s = scale[row] if HAS_SCALE else 1:
+    stores y = s x in out's dtype if STORE; writes
     partial[g] = (sum_rows (w_pos s) x, sum_rows (w_neg s) x) over its columns, float32.
-    x [N, D] (fp32/bf16/fp16), scale/w_pos/w_neg [N] float32, partial [G, 2, D] float32."""
+    x [N, D] (fp32/bf16/fp16), scale/w_pos/w_neg [N] float32, partial [G, 2, D] float32.
+    FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), w_pos_ptr/w_neg_ptr
+    the advantages and mask (row_weights), and program (g, 0) also writes
+    weight[g, 0:2] = (sum a+, sum a-) (weight [G, STATS] float32)."""
     pid_g = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < n_cols
     acc_pos = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_neg = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w_tot_pos = tl.zeros([], dtype=tl.float32)
+    w_tot_neg = tl.zeros([], dtype=tl.float32)
     row0 = pid_g * rows_per_group
     for start in range(0, rows_per_group, BLOCK_N):
         rows = row0 + start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -83,15 +109,20 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
         offs = rows[:, None] * n_cols + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+            if FROM_ADV:
+                s = neg_expm1(tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32))
+            else:
+                s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
         if STORE:
             if HAS_SCALE:
                 tl.store(out_ptr + offs, (x * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
         if SUMS:
-            wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
-            wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
+            wp, wn = row_weights(w_pos_ptr, w_neg_ptr, rows, rmask, FROM_ADV)
+            if FROM_ADV:
+                w_tot_pos += tl.sum(wp, axis=0)
+                w_tot_neg += tl.sum(wn, axis=0)
             if HAS_SCALE:
                 wp = tl.where(wp != 0.0, wp * s, 0.0)
                 wn = tl.where(wn != 0.0, wn * s, 0.0)
@@ -102,6 +133,10 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
         base = partial_ptr + pid_g * 2 * n_cols
         tl.store(base + cols, acc_pos, mask=cmask)
         tl.store(base + n_cols + cols, acc_neg, mask=cmask)
+    if FROM_ADV:
+        if pid_d == 0:
+            tl.store(weight_ptr + pid_g * STATS, w_tot_pos)
+            tl.store(weight_ptr + pid_g * STATS + 1, w_tot_neg)
 
 
 @triton.jit
@@ -113,10 +148,11 @@ def _sign_dot(a, signs, acc, IEEE: tl.constexpr):
     return tl.dot(a, signs, acc)
 
 
+@triton.heuristics(dict(SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit(do_not_specialize=["seed_mixed"])
-def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr,
+def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr, weight_ptr,
                         n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
-                        SPLIT: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr,
+                        SPLIT: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (g, j): z[rows, cols] = (1 - exp(logp)) * (h[rows] @ sign[:, cols]) * scale for
     the rows of group g, and partial[g] = (sum w_pos z, sum w_neg z) over those columns.
@@ -124,13 +160,17 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
     accumulation. SPLIT (float32 h): each element is split exactly into three bf16 parts,
     x = hi + mid + lo (8 significand bits each), and the three products are accumulated: every
     product is exact, as in an IEEE float32 dot, without its register spills or TF32 rounding.
-    h [N, H], z [N, r] in h's dtype; logp/w_pos/w_neg [N] float32; partial [G, 2, r] float32."""
+    h [N, H], z [N, r] in h's dtype; logp/w_pos/w_neg [N] float32; partial [G, 2, r] float32.
+    FROM_ADV: w_pos_ptr/w_neg_ptr are the advantages and mask (row_weights), and program (g, 0)
+    writes weight[g, 0:2] = (sum a+, sum a-) (weight [G, STATS] float32)."""
     pid_g = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     cols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cmask = cols < sketch_dim
     acc_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_neg = tl.zeros([BLOCK_R], dtype=tl.float32)
+    w_tot_pos = tl.zeros([], dtype=tl.float32)
+    w_tot_neg = tl.zeros([], dtype=tl.float32)
     row0 = pid_g * rows_per_group
     for start in range(0, rows_per_group, BLOCK_M):
         rows = row0 + start + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -151,19 +191,25 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
                 acc = _sign_dot(lo, signs, acc, IEEE)
             else:
                 acc = _sign_dot(x, sign_tile(ks, cols, seed_mixed, x.dtype), acc, IEEE)
-        lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0)
+        lp = tl.load(logp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         z = acc * neg_expm1(lp)[:, None] * scale
         mask = rmask[:, None] & cmask[None, :]
         tl.store(z_ptr + rows[:, None] * sketch_dim + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
         if SUMS:
-            wp = tl.load(w_pos_ptr + rows, mask=rmask, other=0.0)
-            wn = tl.load(w_neg_ptr + rows, mask=rmask, other=0.0)
+            wp, wn = row_weights(w_pos_ptr, w_neg_ptr, rows, rmask, FROM_ADV)
+            if FROM_ADV:
+                w_tot_pos += tl.sum(wp, axis=0)
+                w_tot_neg += tl.sum(wn, axis=0)
             acc_pos += tl.sum(tl.where((wp != 0.0)[:, None], z * wp[:, None], 0.0), axis=0)
             acc_neg += tl.sum(tl.where((wn != 0.0)[:, None], z * wn[:, None], 0.0), axis=0)
     if SUMS:
         base = partial_ptr + pid_g * 2 * sketch_dim
         tl.store(base + cols, acc_pos, mask=cmask)
         tl.store(base + sketch_dim + cols, acc_neg, mask=cmask)
+    if FROM_ADV:
+        if pid_r == 0:
+            tl.store(weight_ptr + pid_g * STATS, w_tot_pos)
+            tl.store(weight_ptr + pid_g * STATS + 1, w_tot_neg)
 
 
 def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[torch.Tensor],
@@ -177,12 +223,8 @@ def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[
     block_d = min(BLOCK_COLS, triton.next_power_of_2(d))
     out = empty(n, d, dtype=x.dtype, device=x.device) if store else None
     partial = empty(n_groups, 2, d, dtype=torch.float32, device=x.device) if sums else None
-    dummy = x  # pointer for the arguments a constexpr flag switches off (never dereferenced)
     grid = (n_groups, triton.cdiv(d, block_d))
-    _scaled_rows_kernel[grid](x, dummy if scale is None else scale, dummy if w_pos is None else w_pos,
-                              dummy if w_neg is None else w_neg, dummy if out is None else out,
-                              dummy if partial is None else partial, n, d, rows_per_group,
-                              HAS_SCALE=scale is not None, STORE=store, SUMS=sums,
+    _scaled_rows_kernel[grid](x, scale, w_pos, w_neg, out, partial, None, n, d, rows_per_group,
                               BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
     return out, sum_partials(partial) if sums else None
 
@@ -211,11 +253,11 @@ def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[to
     block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
     rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
     z = empty(n, r, dtype=hidden.dtype, device=hidden.device)
-    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else z
+    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else None
     grid = (n_groups, triton.cdiv(r, block_r))
-    _sketch_rows_kernel[grid](hidden, logp, a_pos if sums else logp, a_neg if sums else logp, z, partial, n, h, r,
+    _sketch_rows_kernel[grid](hidden, logp, a_pos, a_neg, z, partial, None, n, h, r,
                               rows_per_group, seed_argument(seed), sketch_scale(r),
-                              SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1", SUMS=sums,
+                              SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
                               BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
                               num_warps=4 if block_r <= 64 else 8, num_stages=3)
     return z, sum_partials(partial) if sums else None
