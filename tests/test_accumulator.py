@@ -337,7 +337,7 @@ def test_late_mask_errors():
         early.finalize(mask=late[:1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", cpu_backend_params())  # the registry's, on CPU tensors here
 @pytest.mark.parametrize("early", [False, True])
 def test_padding_is_dont_care(backend, early):
     """NaN/inf hidden states, positive log-probs and NaN advantages at masked positions are
