@@ -102,6 +102,18 @@ def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
     assert v.dtype == torch.bfloat16 and v.shape == h.shape
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_sketched_pipeline_keeps_z_in_float32(k):
+    """From bf16 hidden states, sketched mode: z is kept in float32 inside delta_coefficients, as on
+    cpp and cuda (not rounded to bf16), so the coefficients meet the float32 tolerance; the public
+    token_sketch still returns z in hidden's dtype."""
+    h, lp, adv, mask = make_flat_or_batched((1, 7), 64, torch.bfloat16, 40 + k, seq_level=False, device=DEVICE)
+    out = dk.delta_coefficients(h, lp, adv, mask, k=k, sketch_dim=8, backend="triton")
+    ref = dk.delta_coefficients(*as64(h, lp, adv), mask, k=k, sketch_dim=8, backend="torch")
+    assert_matches_reference(out, ref, TOL[torch.float32])
+    assert dk.token_sketch(h, lp, sketch_dim=8, backend="triton").dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- GPU compilation without a GPU
 
 _AOT = r'''

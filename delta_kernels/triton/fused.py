@@ -57,7 +57,7 @@ def _side_pass(batch, sketch_dim, seed):
         block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
         block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
         rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
-        z = empty(n, r, dtype=hidden.dtype, device=dev)
+        z = empty(n, r, dtype=f32, device=dev)  # not rounded to hidden's dtype, as on cpp and cuda
         partial = empty(n_groups, 2, r, dtype=f32, device=dev)
         stat = empty(n_groups, STATS, dtype=f32, device=dev)
         _sketch_rows_kernel[(n_groups, triton.cdiv(r, block_r))](

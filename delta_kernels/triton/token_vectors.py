@@ -235,9 +235,10 @@ def row_scale(logp: torch.Tensor) -> torch.Tensor:
 
 
 def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[torch.Tensor],
-                    a_neg: Optional[torch.Tensor], sketch_dim: Optional[int], seed: int):
-    """One read of hidden that writes the vectors: -> (v = (1 - exp(logp)) h [N, H], or
-    z = v @ sketch_matrix(H, r, seed) [N, r], in hidden's dtype; side sums [2, D] float32 =
+                    a_neg: Optional[torch.Tensor], sketch_dim: Optional[int], seed: int,
+                    z_dtype: Optional[torch.dtype] = None):
+    """One read of hidden that writes the vectors: -> (v = (1 - exp(logp)) h [N, H] in hidden's
+    dtype, or z = v @ sketch_matrix(H, r, seed) [N, r] in z_dtype (default hidden's); side sums [2, D] float32 =
     (sum a_pos v, sum a_neg v) from the float32 values before the cast, or None when a_pos is None).
     hidden [N, H] float32/bf16/fp16 contiguous; logp [N]; a_pos/a_neg [N] float32 contiguous or None.
     Used by token_sketch and by the fused LM head (fused_linear_logprob_sketch)."""
@@ -252,7 +253,7 @@ def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[to
     split = hidden.dtype == torch.float32
     block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
     rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
-    z = empty(n, r, dtype=hidden.dtype, device=hidden.device)
+    z = empty(n, r, dtype=z_dtype or hidden.dtype, device=hidden.device)
     partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else None
     grid = (n_groups, triton.cdiv(r, block_r))
     _sketch_rows_kernel[grid](hidden, logp, a_pos, a_neg, z, partial, None, n, h, r,
@@ -270,14 +271,14 @@ def token_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: torch.Tensor,
     hidden [N, H] float32/bf16/fp16 contiguous; logp, a_pos, a_neg [N] (cast to float32).
     Returns (v, sums [2, D] float32 = (sum a_pos v, sum a_neg v)). Exact (sketch_dim None):
     v = ScaledRows(hidden, 1 - exp(logp)), nothing [N, H] written, v never rounded to hidden's
-    dtype. Sketched: v = z = (1 - exp(logp)) h @ sketch_matrix(H, r, seed) [N, r] in hidden's
-    dtype (written once), its sums from the float32 values before the cast."""
+    dtype. Sketched: v = z = (1 - exp(logp)) h @ sketch_matrix(H, r, seed) [N, r] in float32
+    (written once; small, and not rounded to hidden's dtype, as on cpp and cuda)."""
     f32 = torch.float32
     a_pos, a_neg = a_pos.to(f32).contiguous(), a_neg.to(f32).contiguous()
     if sketch_dim is None:
         v = ScaledRows(hidden, row_scale(logp))
         return v, scaled_rows(hidden, v.scale, a_pos, a_neg, store=False)[1]
-    return written_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed)
+    return written_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, z_dtype=f32)
 
 
 def token_sketch(hidden2d: torch.Tensor, logp1d: torch.Tensor, sketch_dim: Optional[int], seed: int):
