@@ -52,6 +52,21 @@ DK_INLINE void load_chunk<kBFloat16>(const uint16_t* src, int64_t n, float* dst)
   std::memcpy(dst, bits, static_cast<size_t>(n) * 4);
 }
 
+// xs[g] = float view of x[g][c0 : c0 + len] for G rows: the rows themselves for float32, else
+// each row's chunk converted into buf[g] (len <= kChunk).
+template <int DT, int G>
+DK_INLINE void chunk_views(const typename Elem<DT>::T* const* x, int64_t c0, int64_t len,
+                           float (*buf)[kChunk], const float** xs) {
+  for (int g = 0; g < G; ++g) {
+    if constexpr (DT == kFloat32) {
+      xs[g] = x[g] + c0;
+    } else {
+      load_chunk<DT>(x[g] + c0, len, buf[g]);
+      xs[g] = buf[g];
+    }
+  }
+}
+
 // out[g] = sum_i x[g][i] * w[i] for G rows read together. Each row has its own 16 lanes
 // (lane = i mod 16, accumulated in increasing i), added as a fixed pairwise tree: a row's result
 // does not depend on G or on the rows beside it. x rows of dtype DT, w float32.
@@ -83,14 +98,7 @@ DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const flo
   for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
     const int64_t len = std::min(kChunk, full - c0);
     const float* xs[G];
-    for (int g = 0; g < G; ++g) {
-      if constexpr (DT == kFloat32) {
-        xs[g] = x[g] + c0;
-      } else {
-        load_chunk<DT>(x[g] + c0, len, buf[g]);
-        xs[g] = buf[g];
-      }
-    }
+    chunk_views<DT, G>(x, c0, len, buf, xs);
     const float* ws = w + c0;
     const float* cs = c + c0;
     for (int64_t i = 0; i < len; i += kLanes) {
@@ -126,14 +134,7 @@ DK_INLINE void axpy_rows_k(const float* c, const typename Elem<DT>::T* const* x,
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
     const float* xs[K];
-    for (int k = 0; k < K; ++k) {
-      if constexpr (DT == kFloat32) {
-        xs[k] = x[k] + c0;
-      } else {
-        load_chunk<DT>(x[k] + c0, len, buf[k]);
-        xs[k] = buf[k];
-      }
-    }
+    chunk_views<DT, K>(x, c0, len, buf, xs);
     float* ys = y + c0;
     const int64_t full = len - len % 8;
     for (int64_t i = 0; i < full; i += 8) {
@@ -185,14 +186,7 @@ DK_INLINE void centred_axpy_rows_k(const float* c, const float* s, const typenam
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
     const float* xs[K];
-    for (int k = 0; k < K; ++k) {
-      if constexpr (DT == kFloat32) {
-        xs[k] = x[k] + c0;
-      } else {
-        load_chunk<DT>(x[k] + c0, len, buf[k]);
-        xs[k] = buf[k];
-      }
-    }
+    chunk_views<DT, K>(x, c0, len, buf, xs);
     float* ys = y + c0;
     const float* zs = z + c0;
     const int64_t full = len - len % 8;
