@@ -39,9 +39,11 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
     # digits of W = mu+ - mu-. The margins subtract the centre first (no cancellation either).
     f64 = torch.float64
 
+    v64 = v.to(f64)  # once (a no-op for float64), not per centroid step
+
     def centroids(w_pos, w_neg):  # -> mu [2, D] float64
         w2 = torch.stack([w_pos, w_neg]).to(f64)
-        return centroids_from_sums(w2 @ v.to(f64), w2.sum(1), cfg.eps, reduce)
+        return centroids_from_sums(w2 @ v64, w2.sum(1), cfg.eps, reduce)
 
     def margins(mu):
         w, c = (t.to(dtype) for t in discriminator(mu))
