@@ -53,7 +53,9 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
         process_group: torch.distributed group; when set, every sum is all-reduced so each rank
             gets the coefficients of one process over the concatenated batch: 3k + 5 all_reduce
             calls per call (each packs the sums of one reduction point into one buffer: centroids
-            k+1, temperatures 2(k+1), normalisation 1, side counts 1). None: per-call statistics.
+            k+1, temperatures 2(k+1), normalisation 1, side counts 1); backend "triton": 2k + 4
+            (the moments travel with the gated sums, the side counts with the normalisation).
+            None: per-call statistics.
         backend: "auto" or a registered name (delta_kernels._backends; "torch": float64 too).
         vectors: [..., D] precomputed token vectors (token_sketch's output) used instead of hidden.
         side_sums: [2, D] float, with ``vectors``: their side sums (sum a+ v, sum a- v), as the

@@ -1,8 +1,8 @@
 """The coefficient pipeline of the fast backends, written once over three pass kernels.
 
-(The triton backend's single-process call runs the same steps fused into its kernels,
-delta_kernels/triton/fused.py, in 2k + 6 launches; with a process group, and in DeltaAccumulator,
-it runs this pipeline over its unfused passes.)
+(The triton backend's call runs the same steps fused into its kernels,
+delta_kernels/triton/fused.py, in 2k + 6 launches, with or without a process group; in
+DeltaAccumulator, and for rows too wide for one tile, it runs this pipeline over its unfused passes.)
 
 A backend (cpp, cuda, triton) supplies the passes over the big [N, H] / [N, D] arrays;
 everything else is a handful of [N]- and [D]-sized torch ops on the same device (no host

@@ -20,6 +20,11 @@ def fast_backends():
             out.append("cpp")
     except ImportError:
         pass
+    try:  # the fused call with its per-reduction-point all_reduce (interpreted on a CPU: TRITON_INTERPRET
+        import delta_kernels.triton  # noqa: F401  # is in the environment the ranks inherit, see conftest.py)
+        out.append("triton")
+    except ImportError:
+        pass
     return out
 
 
@@ -54,7 +59,7 @@ def test_ranks_match_single_process(tmp_path, name, backend):
         adv[bounds[1]:bounds[2]] = adv[bounds[1]:bounds[2]].abs() + 0.1
     if edit == "rank2_fully_masked":
         mask[bounds[2]:] = False
-    configs = [(1, None), (2, 8)]
+    configs = [(0, None), (1, None), (2, 8)]
     case = dict(hidden=h, logp=logp, advantages=adv, mask=mask, bounds=bounds, configs=configs)
     per_rank = run_ranks(tmp_path, case, backend)
     for i, (k, sketch_dim) in enumerate(configs):

@@ -140,19 +140,26 @@ for store, sums in ((True, False), (False, True)):  # token_sketch; the side sum
     comp(tv._scaled_rows_kernel, {"x_ptr": P("bf16"), **srows, "out_ptr": P("bf16"), "partial_ptr": P("fp32"),
          "weight_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
          dict(HAS_SCALE=True, STORE=store, SUMS=sums, FROM_ADV=sums, BLOCK_N=16, BLOCK_D=256))
-for has_scale, moments, final in ((True, True, False), (False, False, True)):
+for has_scale, moments, final, temps in ((True, True, False, False), (False, False, True, True)):
     comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "c_ptr",
          "m_ptr", "gamma_ptr", "a_pos_ptr")}, "a_neg_ptr": P("i1"), "partial_ptr": P("fp32"), "stat_ptr": P("fp32"),
-         "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", "lam_offset": "fp32", "lam_rise": "fp32"},
-         dict(HAS_SCALE=has_scale, GATED=True, FROM_ADV=True, MOMENTS=moments, FINAL=final, BLOCK_N=1,
+         "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", "lam_offset": "fp32", "lam_rise": "fp32",
+         "mom_ptr": P("fp32"), "sq_ptr": P("fp32"), "eps": "fp32"},
+         dict(HAS_SCALE=has_scale, GATED=True, FROM_ADV=True, TEMPS=temps, MOMENTS=moments, FINAL=final, BLOCK_N=1,
               BLOCK_D=4096, ROW_STAGES=1))
 fused = {"m_ptr": P("fp32"), "adv_ptr": P("fp32"), "mask_ptr": P("i1"), "gamma_ptr": P("fp32")}
-comp(fin._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"), "n_stat_groups": "i32",
-     "centre_ptr": P("fp32"), "mu_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"), **fused, "n_cols": "i32",
-     "n_rows": "i32", "eps": "fp32"}, dict(ABOUT=True, STD=True, BLOCK_G=32, BLOCK_C=256, BLOCK_R=1024))
-comp(fin._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
-     "mask_ptr": P("i1"), "gamma_ptr": P("fp32"), "totals_ptr": P("fp32"), "n_rows": "i32", "eps": "fp32",
-     "lam_offset": "fp32", "lam_rise": "fp32"}, dict(TOTALS=True, BLOCK_G=32, BLOCK_R=1024))
+for sq_out in (False, True):  # without / with a process group
+    comp(fin._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
+         "n_stat_groups": "i32", "centre_ptr": P("fp32"), "mu_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
+         **fused, "sq_out_ptr": P("fp32"), "n_cols": "i32", "n_rows": "i32", "eps": "fp32"},
+         dict(ABOUT=True, STD=True, SQ_OUT=sq_out, BLOCK_G=32, BLOCK_C=256, BLOCK_R=1024))
+for totals, sq_in, sq_out in ((True, False, False), (False, False, True), (True, True, False)):
+    comp(fin._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
+         "mask_ptr": P("i1"), "gamma_ptr": P("fp32"), "totals_ptr": P("fp32"), "sq_in_ptr": P("fp32"),
+         "sq_out_ptr": P("fp32"), "n_rows": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32"},
+         dict(TOTALS=totals, SQ_IN=sq_in, SQ_OUT=sq_out, BLOCK_G=32, BLOCK_R=1024))
+comp(fin._local_sums_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
+     "n_stat_groups": "i32", "out_ptr": P("fp32"), "n_cols": "i32"}, dict(BLOCK_G=32, BLOCK_C=256))
 comp(fin._final_kernel, {**fused, "stat_ptr": P("fp32"), "n_stat_groups": "i32", "w_ptr": P("fp32"), "c_ptr": P("fp32"),
      "coef_ptr": P("fp32"), "weighted_ptr": P("fp32"), "pred_ptr": P("fp32"), "scalar_ptr": P("fp32"), "n_rows": "i32",
      "n_cols": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32", "inv_base": "fp32"},

@@ -1,5 +1,6 @@
 """The triton backend's fused delta_coefficients (delta_kernels/triton/fused.py): launches per
-call counted on the CPU (Triton kernels under the interpreter plus torch ops), no host sync, the
+call counted on the CPU (Triton kernels under the interpreter plus torch ops), without and with a
+(one-rank gloo) process group, no host sync, the
 GPU's code paths at forced small tiles against the float64 reference and the unfused pipeline,
 bitwise repeatability, and CUDA-graph capture (on a GPU)."""
 from __future__ import annotations
@@ -63,6 +64,46 @@ def test_launches_per_call(source, k):
     if source == "exact" and k == 1:
         assert lc.launches <= 8, lc.ops
     assert all(name.startswith("triton:") for name in lc.ops), lc.ops
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """torch.distributed.group.WORLD of one gloo rank (a file store in a tmp dir)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/store", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_launches_per_call_with_group(monkeypatch, one_rank_group, source, k):
+    """With a process group the call stays fused: at most 2k + 6 Triton kernels besides one local
+    sum per reduction point (_local_sums_kernel, k + 3; 2 when k = 0) and 2k + 4 all_reduce calls
+    (each with group_sum's copy of its buffer, the only torch ops). On one rank it gives bitwise
+    the same results as the call without a group."""
+    import torch.distributed as dist
+    calls = []
+    all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **kw: (calls.append(t.numel()), all_reduce(t, *a, **kw))[1])
+    args, kw = _inputs(source, seed=20 + k)
+    kw = dict(kw, process_group=one_rank_group)
+    lc = _count(args, kw, k)
+    n_reduce = len(calls) // 2  # the warm-up call and the counted one
+    assert n_reduce == 2 * k + 4, calls
+    local = lc.ops.pop("triton:_local_sums_kernel", 0)
+    assert local == (2 if k == 0 else k + 3), lc.ops
+    copies = lc.ops.pop("aten.clone.default", 0)
+    collectives = {name: c for name, c in lc.ops.items() if name.startswith("c10d")}
+    assert copies <= n_reduce and sum(collectives.values()) <= n_reduce, lc.ops
+    kernels = {name: c for name, c in lc.ops.items() if name not in collectives}
+    assert all(name.startswith("triton:") for name in kernels) and sum(kernels.values()) <= 2 * k + 6, lc.ops
+    grouped = dk.delta_coefficients(*args, k=k, backend="triton", **kw)
+    alone = dk.delta_coefficients(*args, k=k, backend="triton", **dict(kw, process_group=None))
+    for name in ("coef", "weighted_advantages"):
+        assert torch.equal(getattr(grouped, name), getattr(alone, name)), name
+    for name in ("mu_pos", "mu_neg", "W", "b", "gamma_pos", "gamma_neg", "scale", "n_pos", "n_neg", "n_valid"):
+        assert torch.equal(getattr(grouped.stats, name), getattr(alone.stats, name)), name
 
 
 def test_launches_per_call_with_batch_shapes():

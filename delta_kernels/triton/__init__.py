@@ -13,8 +13,9 @@ One file per kernel:
     row_partials.py   the deterministic two-stage (per-group partials, fixed-order) reduction
     sketch_hash.py    the sketch matrix's hash in Triton
 
-``delta_coefficients`` is fused.py's call (with a process group: delta_kernels.pipeline.
-run_coefficients over the unfused passes, which DeltaAccumulator also wraps). Exact
+``delta_coefficients`` is fused.py's call, with or without a process group (rows too wide for
+one tile: delta_kernels.pipeline.run_coefficients over the unfused passes, which
+DeltaAccumulator also wraps). Exact
 mode from hidden states: v = (1 - exp(logp)) h is never written; hidden is read 2 times for
 k = 0 and k + 3 times for k > 0 (the side sums, the temperature pass, k fused gate-and-refine
 passes, the final margins), each pass scaling the rows by the float32 1 - exp(logp), and
@@ -42,11 +43,11 @@ PIPELINE_KERNELS = sys.modules[__name__]  # token_vectors, side_sums, margin_pas
 
 
 def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
-    """Same contract as delta_kernels.reference.delta_coefficients (float32 results). Without a
-    process group: the fused call (fused.py, 2k + 6 launches); with one, or rows too wide for one
-    tile: the pipeline over the unfused passes, each sum all-reduced between the kernels."""
-    if reduce is None and fused_supported(batch, sketch_dim):
-        return fused_coefficients(batch, cfg, sketch_dim, seed)
+    """Same contract as delta_kernels.reference.delta_coefficients (float32 results): the fused
+    call (fused.py, 2k + 6 kernels; with a process group also 2k + 4 all_reduce calls); rows too
+    wide for one tile: the pipeline over the unfused passes, each sum all-reduced between them."""
+    if fused_supported(batch, sketch_dim):
+        return fused_coefficients(batch, cfg, sketch_dim, seed, reduce)
     return run_coefficients(sys.modules[__name__], batch, cfg, sketch_dim, seed, reduce)
 
 

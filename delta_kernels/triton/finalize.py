@@ -88,41 +88,80 @@ def sum_stats(stat_ptr, n_groups, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_rows, eps,
-                BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
-    """side_std: gamma = max(scale sqrt(mean(((+-m - mean) / scale)^2)), sqrt(eps)) per side,
-    scale = the side's mean |m|, from the moments in stat and one walk over m; stored in gamma [2]."""
-    slot = tl.arange(0, STATS)
-    tot = sum_stats(stat_ptr, n_groups, BLOCK_G)
+def _side_scales(tot, slot):
+    """From the moments (slots 2..7 of tot [STATS]): the sides' counts (clamped to 1), mean
+    margins and mean |m| (clamped to 1e-30): n_pos, n_neg, mean_pos, mean_neg, scale_pos, scale_neg."""
     n_pos = tl.maximum(_get(tot, slot, 2), 1.0)
     n_neg = tl.maximum(_get(tot, slot, 3), 1.0)
-    mean_pos = _get(tot, slot, 4) / n_pos
-    mean_neg = _get(tot, slot, 5) / n_neg
-    scale_pos = tl.maximum(_get(tot, slot, 6) / n_pos, 1e-30)
-    scale_neg = tl.maximum(_get(tot, slot, 7) / n_neg, 1e-30)
-    sq_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
-    sq_neg = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        rmask = rows < n_rows
-        m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
-        ap, an = row_weights(adv_ptr, mask_ptr, rows, rmask, True)
-        d_pos = tl.where(ap != 0.0, (m - mean_pos) / scale_pos, 0.0)
-        d_neg = tl.where(an != 0.0, (-m - mean_neg) / scale_neg, 0.0)
-        sq_pos += d_pos * d_pos
-        sq_neg += d_neg * d_neg
-    floor = tl.sqrt(eps)
-    tl.store(gamma_ptr, tl.maximum(scale_pos * tl.sqrt(tl.sum(sq_pos, axis=0) / n_pos), floor))
-    tl.store(gamma_ptr + 1, tl.maximum(scale_neg * tl.sqrt(tl.sum(sq_neg, axis=0) / n_neg), floor))
+    return (n_pos, n_neg, _get(tot, slot, 4) / n_pos, _get(tot, slot, 5) / n_neg,
+            tl.maximum(_get(tot, slot, 6) / n_pos, 1e-30), tl.maximum(_get(tot, slot, 7) / n_neg, 1e-30))
 
 
-@triton.heuristics(dict(TOTALS=lambda a: a["totals_ptr"] is not None))
 @triton.jit
-def _temperature_kernel(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, totals_ptr, n_rows, eps,
-                        lam_offset, lam_rise, TOTALS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+def _gammas(n_pos, n_neg, scale_pos, scale_neg, sq_pos, sq_neg, eps):
+    """side_std's temperatures from the sums of squared scaled deviations sq (per side)."""
+    floor = tl.sqrt(eps)
+    return (tl.maximum(scale_pos * tl.sqrt(sq_pos / n_pos), floor),
+            tl.maximum(scale_neg * tl.sqrt(sq_neg / n_neg), floor))
+
+
+@triton.jit
+def group_temperatures(mom_ptr, sq_ptr, eps):
+    """(gamma+, gamma-) from group-wide sums: the moments row mom [STATS] and the sums of squared
+    scaled deviations sq [2] (the process-group path of fused.py)."""
+    slot = tl.arange(0, STATS)
+    n_pos, n_neg, mean_pos, mean_neg, scale_pos, scale_neg = _side_scales(tl.load(mom_ptr + slot), slot)
+    return _gammas(n_pos, n_neg, scale_pos, scale_neg, tl.load(sq_ptr), tl.load(sq_ptr + 1), eps)
+
+
+@triton.jit
+def _side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, sq_in_ptr, sq_out_ptr, n_rows, eps,
+                SQ_IN: tl.constexpr, SQ_OUT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+    """side_std: gamma = max(scale sqrt(mean(((+-m - mean) / scale)^2)), sqrt(eps)) per side,
+    scale = the side's mean |m|, from the moments in stat and one walk over m; stored in gamma [2].
+    With a process group the two halves run apart, an all_reduce between them: SQ_OUT stores the
+    walk's sums of squares (this rank's rows) in sq_out [2] instead; SQ_IN takes them, summed over
+    the group, from sq_in [2] instead of walking m."""
+    slot = tl.arange(0, STATS)
+    tot = sum_stats(stat_ptr, n_groups, BLOCK_G)
+    n_pos, n_neg, mean_pos, mean_neg, scale_pos, scale_neg = _side_scales(tot, slot)
+    if SQ_IN:
+        sq_pos_sum = tl.load(sq_in_ptr)
+        sq_neg_sum = tl.load(sq_in_ptr + 1)
+    else:
+        sq_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
+        sq_neg = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for r0 in range(0, n_rows, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+            rmask = rows < n_rows
+            m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+            ap, an = row_weights(adv_ptr, mask_ptr, rows, rmask, True)
+            d_pos = tl.where(ap != 0.0, (m - mean_pos) / scale_pos, 0.0)
+            d_neg = tl.where(an != 0.0, (-m - mean_neg) / scale_neg, 0.0)
+            sq_pos += d_pos * d_pos
+            sq_neg += d_neg * d_neg
+        sq_pos_sum = tl.sum(sq_pos, axis=0)
+        sq_neg_sum = tl.sum(sq_neg, axis=0)
+    if SQ_OUT:
+        tl.store(sq_out_ptr, sq_pos_sum)
+        tl.store(sq_out_ptr + 1, sq_neg_sum)
+    else:
+        gamma_pos, gamma_neg = _gammas(n_pos, n_neg, scale_pos, scale_neg, sq_pos_sum, sq_neg_sum, eps)
+        tl.store(gamma_ptr, gamma_pos)
+        tl.store(gamma_ptr + 1, gamma_neg)
+
+
+@triton.heuristics(dict(TOTALS=lambda a: a["totals_ptr"] is not None, SQ_IN=lambda a: a["sq_in_ptr"] is not None,
+                        SQ_OUT=lambda a: a["sq_out_ptr"] is not None))
+@triton.jit
+def _temperature_kernel(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, totals_ptr, sq_in_ptr, sq_out_ptr,
+                        n_rows, eps, lam_offset, lam_rise, TOTALS: tl.constexpr, SQ_IN: tl.constexpr,
+                        SQ_OUT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program: gamma [2] from the margins' moments (stat [G, STATS]) and m [N]; with TOTALS
-    (k = 0) also the final totals under those temperatures into totals [1, STATS]."""
-    _side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_rows, eps, BLOCK_G, BLOCK_R)
+    (k = 0) also the final totals under those temperatures into totals [1, STATS]. SQ_OUT / SQ_IN:
+    one half of _side_gamma each (a process group; SQ_OUT stores no gamma and takes no TOTALS)."""
+    _side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, sq_in_ptr, sq_out_ptr, n_rows, eps, SQ_IN,
+                SQ_OUT, BLOCK_G, BLOCK_R)
     if TOTALS:
         gamma_pos = tl.load(gamma_ptr)
         gamma_neg = tl.load(gamma_ptr + 1)
@@ -142,16 +181,18 @@ def _temperature_kernel(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr,
         store_stats(totals_ptr, zero, zero, zero, zero, zero, zero, zero, zero, n_valid, u_sum, n_pos, n_neg)
 
 
-@triton.heuristics(dict(ABOUT=lambda a: a["centre_ptr"] is not None, STD=lambda a: a["m_ptr"] is not None))
+@triton.heuristics(dict(ABOUT=lambda a: a["centre_ptr"] is not None, STD=lambda a: a["m_ptr"] is not None,
+                        SQ_OUT=lambda a: a["sq_out_ptr"] is not None))
 @triton.jit
 def _centroids_kernel(partial_ptr, n_groups, stat_ptr, n_stat_groups, centre_ptr, mu_ptr, w_ptr, c_ptr,
-                      m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_cols, n_rows, eps,
-                      ABOUT: tl.constexpr, STD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
+                      m_ptr, adv_ptr, mask_ptr, gamma_ptr, sq_out_ptr, n_cols, n_rows, eps,
+                      ABOUT: tl.constexpr, STD: tl.constexpr, SQ_OUT: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Programs 0..T-1 (column tiles): sums [2, D] = the partials [G, 2, D] added in group order,
     weights = slots 0, 1 of stat; mu [2, D], w = the discriminator, c = its centre
     (centroids_from_sums and discriminator; ABOUT: centroids_about the centre [D], the sums taken
-    about it). With STD, program T also stores side_std of m into gamma [2] (the moments in stat)."""
+    about it). With STD, program T also stores side_std of m into gamma [2] (the moments in stat);
+    SQ_OUT (a process group): only the sums of squares of side_std, into sq_out [2]."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_cols, BLOCK_C)
     if pid < n_tiles:
@@ -188,7 +229,8 @@ def _centroids_kernel(partial_ptr, n_groups, stat_ptr, n_stat_groups, centre_ptr
         tl.store(c_ptr + cols, c, mask=cmask)
     if STD:
         if pid == n_tiles:
-            _side_gamma(stat_ptr, n_stat_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, n_rows, eps, BLOCK_G, BLOCK_R)
+            _side_gamma(stat_ptr, n_stat_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, None, sq_out_ptr, n_rows, eps,
+                        False, SQ_OUT, BLOCK_G, BLOCK_R)
 
 
 @triton.jit
@@ -226,3 +268,26 @@ def _final_kernel(m_ptr, adv_ptr, mask_ptr, gamma_ptr, stat_ptr, n_stat_groups, 
         out = (_at(slot, 0, scale * inv_base) + _at(slot, 1, n_valid) + _at(slot, 2, _get(tot, slot, 10))
                + _at(slot, 3, _get(tot, slot, 11)) + _at(slot, 4, -tl.sum(dot, axis=0)))
         tl.store(scalar_ptr + slot, out, mask=slot < 5)
+
+
+@triton.jit
+def _local_sums_kernel(partial_ptr, n_groups, stat_ptr, n_stat_groups, out_ptr, n_cols,
+                       BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One reduction point of the process-group path: this rank's partials added into one row,
+    in the orders the finalize kernels use, for one all_reduce. Programs 0..T-1 (column tiles):
+    out[:C] = the rows of partial [G, C] in group order (float32, as _centroids_kernel's sums);
+    program T: out[C:C + STATS] = sum_stats of stat [Gs, STATS]. out [C + STATS] float32."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_cols, BLOCK_C)
+    if pid < n_tiles:
+        cols = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < n_cols
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for g0 in range(0, n_groups, BLOCK_G):
+            g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
+            acc += tl.sum(tl.load(partial_ptr + g[:, None] * n_cols + cols[None, :],
+                                  mask=(g < n_groups)[:, None] & cmask[None, :], other=0.0), axis=0)
+        tl.store(out_ptr + cols, acc, mask=cmask)
+    else:
+        slot = tl.arange(0, STATS)
+        tl.store(out_ptr + n_cols + slot, sum_stats(stat_ptr, n_stat_groups, BLOCK_G))

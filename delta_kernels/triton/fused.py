@@ -13,8 +13,20 @@ Launches per call (no torch op runs between them): exact k = 0, 5; k >= 1, 2k + 
 Reads of the rows: as in pipeline.py. No host synchronisation, shapes fixed by the inputs, every
 buffer allocated by the call itself: CUDA-graph capturable (docs/cuda_graphs.md).
 
-Used without a process group and for rows up to margin_pass.MAX_BLOCK_D wide; otherwise the
-backend runs pipeline.run_coefficients over the unfused passes.
+With a process group (``reduce``, distributed.group_sum) the same kernels run, and at each
+reduction point this rank's partials (the [G, 2, D] sums and the [G, STATS] scalar rows) are
+first added into one row in the finalize kernels' order (_local_sums_kernel), then summed over
+the group by one all_reduce; the finalize kernel reads that one row. side_std needs the group's
+moments before its walk over m, so its two halves run apart: the walk stores this rank's sums of
+squares (an all_reduce of 2 floats) and the next kernel (the gated or final margins, or for
+k = 0 the temperature kernel with the totals) finishes the temperatures from the group's sums.
+Per call: 2k + 6 kernels (k = 0: 6), k + 3 local sums (k = 0: 2) and 2k + 4 all_reduce calls
+(side sums and weights; moments; sums of squares; per step: gated sums with weights and
+moments, sums of squares; final totals, which carry the side counts). On one rank the results
+equal the call without a group bit for bit.
+
+Used for rows up to margin_pass.MAX_BLOCK_D wide; wider, the backend runs
+pipeline.run_coefficients over the unfused passes.
 """
 from __future__ import annotations
 
@@ -25,7 +37,7 @@ import triton
 
 from .._alloc import empty
 from ..sketch_matrix import sketch_scale
-from .finalize import _centroids_kernel, _final_kernel, _temperature_kernel
+from .finalize import _centroids_kernel, _final_kernel, _local_sums_kernel, _temperature_kernel
 from . import margin_pass
 from .margin_pass import _margin_rows_kernel, margin_config
 from .row_partials import row_groups
@@ -80,9 +92,10 @@ def _side_pass(batch, sketch_dim, seed):
     return x, scale, partial, 1 if given else n_groups, stat, n_groups
 
 
-def fused_coefficients(batch, cfg, sketch_dim, seed):
+def fused_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
     """Same contract as delta_kernels.reference.delta_coefficients (float32 results), plus the
-    stats entry "weighted_advantages" (adv * coef on valid rows)."""
+    stats entry "weighted_advantages" (adv * coef on valid rows). ``reduce``: a process group's
+    sum (delta_kernels.distributed.group_sum) or None; see the module docstring."""
     f32 = torch.float32
     logp, adv, mask = batch.logp, batch.advantages, batch.mask
     dev, n = logp.device, logp.numel()
@@ -94,37 +107,75 @@ def fused_coefficients(batch, cfg, sketch_dim, seed):
     n_tiles = triton.cdiv(d, FINALIZE_BLOCK_C)
     rows_per_group, n_groups = row_groups(n, margin_config(d, gated=False)["BLOCK_N"])  # the same for both
     fin = dict(BLOCK_G=FINALIZE_BLOCK_G, BLOCK_R=FINALIZE_BLOCK_R)
+    group = reduce is not None
 
-    def centroids(partial, n_part, stat, n_stat, centre, m=None, gamma=None):
+    def group_sums(partial, n_part, stat, n_stat):
+        """One reduction point with a process group: this rank's partials (or none) and scalar
+        partials added into one row (fixed order), summed over the group by one all_reduce.
+        -> (partial [1, 2, D] or None, stat [1, STATS])."""
+        n_cols = 0 if partial is None else 2 * d
+        out = empty(n_cols + STATS, dtype=f32, device=dev)
+        _local_sums_kernel[(triton.cdiv(n_cols, FINALIZE_BLOCK_C) + 1,)](
+            stat if partial is None else partial, n_part, stat, n_stat, out, n_cols, BLOCK_G=FINALIZE_BLOCK_G,
+            BLOCK_C=FINALIZE_BLOCK_C, num_warps=4)
+        out = reduce(out)
+        return (None if partial is None else out[:n_cols].view(1, 2, d)), out[n_cols:].view(1, STATS)
+
+    def centroids(partial, n_part, stat, n_stat, centre, m=None, gamma=None, sq=None):
         mu, w, c = empty(2, d, dtype=f32, device=dev), empty(d, dtype=f32, device=dev), empty(d, dtype=f32, device=dev)
         std = m is not None
         _centroids_kernel[(n_tiles + int(std),)](partial, n_part, stat, n_stat, centre, mu, w, c, m, adv, mask, gamma,
-                                                 d, n, eps, BLOCK_C=FINALIZE_BLOCK_C, **fin, num_warps=4)
+                                                 sq, d, n, eps, BLOCK_C=FINALIZE_BLOCK_C, **fin, num_warps=4)
         return mu, w, c
 
-    def margins(w, c, gamma=None, gated=False, moments=False, final=False):
+    def margins(w, c, gamma=None, gated=False, moments=False, final=False, temps=(None, None)):
         m = empty(n, dtype=f32, device=dev)
         st = empty(n_groups, STATS, dtype=f32, device=dev)
         part = empty(n_groups, 2, d, dtype=f32, device=dev) if gated else st
         _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, gamma, adv, mask, part if gated else None, st, n, d,
-                                         rows_per_group, lam_offset, lam_rise, MOMENTS=moments, FINAL=final,
-                                         **margin_config(d, gated))
+                                         rows_per_group, lam_offset, lam_rise, *temps, eps, MOMENTS=moments,
+                                         FINAL=final, **margin_config(d, gated))
         return m, part, st
 
+    def temperature(stat, n_stat, m, gamma=None, totals=None, sq_in=None, sq_out=None):
+        _temperature_kernel[(1,)](stat, n_stat, m, adv, mask, gamma, totals, sq_in, sq_out, n, eps, lam_offset,
+                                  lam_rise, **fin, num_warps=4)
+
+    if group:
+        partial, stat = group_sums(partial, n_part, stat, n_stat)
+        n_part = n_stat = 1
     mu, w, c = centroids(partial, n_part, stat, n_stat, None)
     m, _, st = margins(w, c, moments=True)
     gamma = empty(2, dtype=f32, device=dev)
     totals = empty(1, STATS, dtype=f32, device=dev)
-    _temperature_kernel[(1,)](st, n_groups, m, adv, mask, gamma, totals if cfg.k == 0 else None, n, eps, lam_offset,
-                              lam_rise, **fin, num_warps=4)
+    temps = (None, None)  # with a group: (moments [1, STATS], sums of squares [2]) summed over it
+    if group:
+        mom = group_sums(None, 0, st, n_groups)[1]
+        sq = empty(2, dtype=f32, device=dev)
+        temperature(mom, 1, m, sq_out=sq)
+        temps = (mom, reduce(sq))
+        if cfg.k == 0:
+            temperature(mom, 1, m, gamma, totals, sq_in=temps[1])
+            totals = reduce(totals)
+    else:
+        temperature(st, n_groups, m, gamma, totals if cfg.k == 0 else None)
     n_tot = 1
     for _ in range(cfg.k):
-        m, gsums, st = margins(w, c, gamma, gated=True, moments=True)
+        m, gsums, st = margins(w, c, gamma, gated=True, moments=True, temps=temps)
         gamma = empty(2, dtype=f32, device=dev)
-        mu, w, c = centroids(gsums, n_groups, st, n_groups, c, m, gamma)
+        if group:
+            gsums, st = group_sums(gsums, n_groups, st, n_groups)
+            sq = empty(2, dtype=f32, device=dev)
+            mu, w, c = centroids(gsums, 1, st, 1, c, m, sq=sq)
+            temps = (st, reduce(sq))
+        else:
+            mu, w, c = centroids(gsums, n_groups, st, n_groups, c, m, gamma)
     if cfg.k > 0:
-        m, _, totals = margins(w, c, gamma, final=True)
+        m, _, totals = margins(w, c, gamma, final=True, temps=temps)
         n_tot = n_groups
+        if group:
+            totals = group_sums(None, 0, totals, n_groups)[1]
+            n_tot = 1
     coef, weighted, pred = (empty(n, dtype=f32, device=dev) for _ in range(3))
     scalars = empty(STATS, dtype=f32, device=dev)
     _final_kernel[(triton.cdiv(n, FINALIZE_BLOCK_R),)](m, adv, mask, gamma, totals, n_tot, w, c, coef, weighted, pred,

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .row_partials import row_groups, sum_partials
-from .finalize import final_totals, side_moments, store_stats, valid_rows
+from .finalize import final_totals, group_temperatures, side_moments, store_stats, valid_rows
 from .token_vectors import STATS, neg_expm1, row_weights, rows_and_scale, scaled_rows
 
 MAX_BLOCK_D = 16384     # widest row a program holds whole
@@ -34,11 +34,11 @@ CHUNK_D = 4096          # column chunk of the wide-row kernel
 
 
 @triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None, GATED=lambda a: a["partial_ptr"] is not None,
-                        FROM_ADV=lambda a: a["stat_ptr"] is not None))
+                        FROM_ADV=lambda a: a["stat_ptr"] is not None, TEMPS=lambda a: a["sq_ptr"] is not None))
 @triton.jit
 def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr, stat_ptr,
-                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise,
-                        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, FROM_ADV: tl.constexpr,
+                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise, mom_ptr, sq_ptr, eps,
+                        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, FROM_ADV: tl.constexpr, TEMPS: tl.constexpr,
                         MOMENTS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         ROW_STAGES: tl.constexpr):
     """Program g: rows [g*rows_per_group, (g+1)*rows_per_group); flags follow the pointers given
@@ -53,7 +53,9 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     float32, slots of fused.py): GATED, the gated weights (sum g+ a+, sum g- a-); MOMENTS, the first
     moments of side_std (sides' counts, sums of m over P and -m over Q, and of their magnitudes);
     FINAL, the totals of final_coefficients (valid count, sum of u = lam_offset + lam_rise gate over
-    valid rows, side counts), the gates taken with the temperatures gamma."""
+    valid rows, side counts), the gates taken with the temperatures gamma. TEMPS (a process group):
+    the temperatures are not read from gamma but finished here from the group's sums
+    (finalize.group_temperatures of mom [STATS] and sq [2], eps), and program 0 stores them in gamma."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)  # int32 offsets from a 64-bit row pointer: fewer registers than int64 addresses
     cmask = cols < n_cols
@@ -63,7 +65,12 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     zero = tl.zeros([], dtype=tl.float32)  # the scalar partials (finalize.py's slots)
     w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos, abs_neg = zero, zero, zero, zero, zero, zero, zero, zero
     n_valid, u_sum, fin_pos, fin_neg = zero, zero, zero, zero
-    if GATED or FINAL:
+    if TEMPS:
+        gamma_pos, gamma_neg = group_temperatures(mom_ptr, sq_ptr, eps)
+        if pid == 0:
+            tl.store(gamma_ptr, gamma_pos)
+            tl.store(gamma_ptr + 1, gamma_neg)
+    elif GATED or FINAL:
         gamma_pos = tl.load(gamma_ptr)
         gamma_neg = tl.load(gamma_ptr + 1)
     row0 = pid * rows_per_group
@@ -187,12 +194,12 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
         cfg = margin_config(d, gated=False)
         rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
         _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, None, None, None, None, None, n, d, rows_per_group, 0.0,
-                                         0.0, MOMENTS=False, FINAL=False, **cfg)
+                                         0.0, None, None, 0.0, MOMENTS=False, FINAL=False, **cfg)
         return m, None
     gamma, a_pos, a_neg = (t.to(f32).contiguous() for t in gate)
     cfg = margin_config(d, gated=True)
     rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
     partial = empty(n_groups, 2, d, dtype=f32, device=x.device)
     _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, gamma, a_pos, a_neg, partial, None, n, d, rows_per_group, 0.0,
-                                     0.0, MOMENTS=False, FINAL=False, **cfg)
+                                     0.0, None, None, 0.0, MOMENTS=False, FINAL=False, **cfg)
     return m, sum_partials(partial)
