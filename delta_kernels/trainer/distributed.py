@@ -47,6 +47,15 @@ def init_from_env(device: torch.device) -> DistContext:
     return DistContext(group=dist.group.WORLD, rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
 
 
+def finish(ctx: DistContext) -> None:
+    """Every rank waits here at the end of a run (rank 0 still evaluates and writes outputs after
+    the last step), so that no rank tears its gloo group down while a peer still uses it: that
+    aborted the early rank ("terminate called without an active exception")."""
+    if ctx.group is not None:
+        import torch.distributed as dist
+        dist.barrier(group=ctx.group)
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.owns_group:
         import torch.distributed as dist

@@ -11,8 +11,8 @@ import torch
 
 from .._optional import require
 from .config import TrainerConfig, validate
-from .distributed import (broadcast_parameters, gather_objects, init_from_env, parameter_checksum, sampling_seed,
-                          shutdown)
+from .distributed import (broadcast_parameters, finish, gather_objects, init_from_env, parameter_checksum,
+                          sampling_seed, shutdown)
 from .evaluate import greedy_accuracy
 from .model import ModelSize, build_default_model, count_parameters, load_pretrained
 from .report import MetricsLog, format_summary, plot_curves, write_responses_html
@@ -63,7 +63,9 @@ def run(cfg: TrainerConfig) -> Dict:
     device = torch.device(cfg.device)
     ctx = init_from_env(device)
     try:
-        return _run(cfg, ctx, device)
+        summary = _run(cfg, ctx, device)
+        finish(ctx)
+        return summary
     finally:
         shutdown(ctx)
 
