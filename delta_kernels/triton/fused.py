@@ -30,20 +30,15 @@ pipeline.run_coefficients over the unfused passes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from .._alloc import empty
-from ..sketch_matrix import sketch_scale
 from .finalize import _centroids_kernel, _final_kernel, _local_sums_kernel, _temperature_kernel
 from . import margin_pass
 from .margin_pass import _margin_rows_kernel, margin_config
 from .row_partials import row_groups
-from .sketch_hash import seed_argument
-from .token_vectors import (BLOCK_COLS, BLOCK_ROWS, SKETCH_BLOCK_K, SKETCH_BLOCK_K_SPLIT, SKETCH_BLOCK_M,
-                            SKETCH_BLOCK_R, STATS, _scaled_rows_kernel, _sketch_rows_kernel)
+from .token_vectors import BLOCK_COLS, BLOCK_ROWS, STATS, _scaled_rows_kernel, sketch_rows
 
 FINALIZE_BLOCK_G = 32    # partial rows per tile of the fixed-order sums
 FINALIZE_BLOCK_C = 256   # columns per program of the centroid kernel
@@ -63,20 +58,9 @@ def _side_pass(batch, sketch_dim, seed):
     logp, adv, mask = batch.logp, batch.advantages, batch.mask
     n = logp.numel()
     if batch.vectors is None and sketch_dim is not None:
-        hidden = batch.hidden
-        h, r = hidden.shape[1], sketch_dim
-        split = hidden.dtype == f32
-        block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
-        block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
-        rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
-        z = empty(n, r, dtype=f32, device=dev)  # not rounded to hidden's dtype, as on cpp and cuda
-        partial = empty(n_groups, 2, r, dtype=f32, device=dev)
-        stat = empty(n_groups, STATS, dtype=f32, device=dev)
-        _sketch_rows_kernel[(n_groups, triton.cdiv(r, block_r))](
-            hidden, logp, adv, mask, z, partial, stat, n, h, r, rows_per_group, seed_argument(seed), sketch_scale(r),
-            SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
-            BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4 if block_r <= 64 else 8,
-            num_stages=3)
+        # z in float32: not rounded to hidden's dtype, as on cpp and cuda
+        z, partial, stat = sketch_rows(batch.hidden, logp, adv, mask, sketch_dim, seed, f32, sums=True, from_adv=True)
+        n_groups = partial.shape[0]
         return z, None, partial, n_groups, stat, n_groups
     x = batch.hidden if batch.vectors is None else batch.vectors
     scale = logp if batch.vectors is None else None

@@ -234,6 +234,30 @@ def row_scale(logp: torch.Tensor) -> torch.Tensor:
     return (-torch.expm1(logp.to(torch.float32))).contiguous()
 
 
+def sketch_rows(hidden: torch.Tensor, logp: torch.Tensor, w_pos, w_neg, sketch_dim: int, seed: int,
+                z_dtype: torch.dtype, sums: bool, from_adv: bool):
+    """One launch of _sketch_rows_kernel over hidden [N, H] (logp [N] float32): -> (z [N, r] in
+    z_dtype, partial [G, 2, r] float32 or None, weight stat [G, STATS] float32 or None). w_pos/w_neg
+    are the side weights, or with from_adv the advantages and mask (the fused call, which also
+    gets the weight stat)."""
+    f32 = torch.float32
+    n, h = hidden.shape
+    r = sketch_dim
+    block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
+    split = hidden.dtype == f32
+    block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
+    rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
+    z = empty(n, r, dtype=z_dtype, device=hidden.device)
+    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else None
+    stat = empty(n_groups, STATS, dtype=f32, device=hidden.device) if from_adv else None
+    _sketch_rows_kernel[(n_groups, triton.cdiv(r, block_r))](
+        hidden, logp, w_pos, w_neg, z, partial, stat, n, h, r, rows_per_group, seed_argument(seed), sketch_scale(r),
+        SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4 if block_r <= 64 else 8,
+        num_stages=3)
+    return z, partial, stat
+
+
 def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[torch.Tensor],
                     a_neg: Optional[torch.Tensor], sketch_dim: Optional[int], seed: int,
                     z_dtype: Optional[torch.dtype] = None):
@@ -246,22 +270,9 @@ def written_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: Optional[to
     logp = logp.to(f32).contiguous()
     if sketch_dim is None:
         return scaled_rows(hidden, row_scale(logp), a_pos, a_neg, store=True)
-    n, h = hidden.shape
-    r = sketch_dim
-    sums = a_pos is not None
-    block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
-    split = hidden.dtype == torch.float32
-    block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
-    rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
-    z = empty(n, r, dtype=z_dtype or hidden.dtype, device=hidden.device)
-    partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else None
-    grid = (n_groups, triton.cdiv(r, block_r))
-    _sketch_rows_kernel[grid](hidden, logp, a_pos, a_neg, z, partial, None, n, h, r,
-                              rows_per_group, seed_argument(seed), sketch_scale(r),
-                              SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
-                              BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k,
-                              num_warps=4 if block_r <= 64 else 8, num_stages=3)
-    return z, sum_partials(partial) if sums else None
+    z, partial, _ = sketch_rows(hidden, logp, a_pos, a_neg, sketch_dim, seed, z_dtype or hidden.dtype,
+                                sums=a_pos is not None, from_adv=False)
+    return z, sum_partials(partial) if partial is not None else None
 
 
 def token_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: torch.Tensor, a_neg: torch.Tensor,
