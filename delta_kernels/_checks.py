@@ -191,6 +191,16 @@ def check_hidden(name: str, hidden, logp: torch.Tensor, check_values: bool,
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def check_tokens(kind: str, src, logp: torch.Tensor, mask, check_values: bool):
+    """Phase B's per-token inputs: -> (src as [N, D], mask as flat bool [N]). The mask comes first:
+    the value checks of logp and src look only at valid positions (padding is don't-care)."""
+    flat_mask = check_mask(mask, logp.shape, check_values)
+    valid = flat_mask.reshape(logp.shape)
+    if check_values:
+        check_values_of_logp("logp", logp, valid)
+    return check_hidden(kind, src, logp, check_values, valid), flat_mask
+
+
 def check_sketch_args(sketch_dim: Optional[int], seed: int) -> None:
     if sketch_dim is not None:
         if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int):

@@ -157,18 +157,14 @@ class DeltaAccumulator:
                    early=advantages is not None, adv_dtype=None if advantages is None else advantages.dtype)
         if self._first is not None:
             self._check_like_first(now)
-        # The mask first: the value checks look only at valid positions (padding is don't-care).
-        flat_mask = C.check_mask(mask, logp.shape, True)
-        valid = flat_mask.reshape(logp.shape)
-        C.check_values_of_logp("logp", logp, valid)
-        flat_src = C.check_hidden(kind, src, logp, True, valid)
+        flat_src, flat_mask = C.check_tokens(kind, src, logp, mask, True)
         if logp.numel() == 0:
             C.fail("logp", "an add needs at least one token")
         dtype = C.compute_dtype(src.dtype, logp.dtype, advantages.dtype if advantages is not None else torch.float32)
         self._cfg.check_compute_dtype(dtype)
         adv = None
         if advantages is not None:
-            adv = C.check_advantages(advantages, logp, True, valid)
+            adv = C.check_advantages(advantages, logp, True, flat_mask.reshape(logp.shape))
             C.check_advantage_range(adv, flat_mask, dtype)
         if kind == "vectors" and self.sketch_dim is not None and src.shape[-1] != self.sketch_dim:
             C.fail("vectors", f"last dim {src.shape[-1]} differs from sketch_dim={self.sketch_dim}")

@@ -71,15 +71,11 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
     logp = C.check_logp("logp", logp, False)
     C.check_sketch_args(sketch_dim, seed)
     check_group(process_group)
-    # The mask first: every value check looks only at valid positions (padding is don't-care).
-    flat_mask = C.check_mask(mask, logp.shape, check_values)
-    valid = flat_mask.reshape(logp.shape)
-    if check_values:
-        C.check_values_of_logp("logp", logp, valid)
     if (hidden is None) == (vectors is None):
         C.fail("hidden", "pass exactly one of hidden and vectors")
-    flat_hidden = None if hidden is None else C.check_hidden("hidden", hidden, logp, check_values, valid)
-    flat_vectors = None if vectors is None else C.check_hidden("vectors", vectors, logp, check_values, valid)
+    kind, src = ("hidden", hidden) if vectors is None else ("vectors", vectors)
+    flat_src, flat_mask = C.check_tokens(kind, src, logp, mask, check_values)
+    flat_hidden, flat_vectors = (flat_src, None) if vectors is None else (None, flat_src)
     if vectors is not None and sketch_dim is not None and vectors.shape[-1] != sketch_dim:
         C.fail("vectors", f"last dim {vectors.shape[-1]} differs from sketch_dim={sketch_dim}")
     if side_sums is not None:
@@ -90,8 +86,7 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
             C.fail("side_sums", f"shape {list(side_sums.shape)} must be [2, {vectors.shape[-1]}]")
         if check_values:
             C.check_finite("side_sums", side_sums)
-    adv = C.check_advantages(advantages, logp, check_values, valid)
-    src = hidden if hidden is not None else vectors
+    adv = C.check_advantages(advantages, logp, check_values, flat_mask.reshape(logp.shape))
     dtype = C.compute_dtype(src.dtype, logp.dtype, advantages.dtype)
     cfg.check_compute_dtype(dtype)
     if check_values:
