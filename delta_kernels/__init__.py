@@ -7,6 +7,10 @@ Data flow of one RL step::
     logp, old_logp, advantages * coef  --clipped_surrogate_loss-->  loss, backward   (phase C)
 
 ``delta_coefficients`` also takes the hidden states directly and runs phase A inside.
+DelTA on the full LM-head gradient (token identity kept), its two factors never multiplied out::
+
+    h, W_head, targets  --head_gradient_sketch-->  u = S1^T (e_y - p) / T, s = S2^T h      (A)
+    (u, s)  --delta_coefficients(None, logp, ..., head_vectors=(u, s))-->  coef          (B)
 With the LM head fused in (no [tokens x vocab] logits in either phase)::
 
     h, W_head, targets  --fused_linear_logprob_sketch-->  logp, entropy, z, side sums   (A)
@@ -22,11 +26,13 @@ from ._backends import available_backends
 from .accumulator import DeltaAccumulator
 from .coefficients import DeltaResult, DeltaStats, delta_coefficients
 from .fused_linear import fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch
+from .head_sketch import head_gradient_sketch, head_sketch_matrices
 from .sketch import token_sketch
 from .sketch_matrix import sketch_matrix
 from .surrogate import clipped_surrogate_loss
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
            "fused_linear_logprob_sketch", "fused_linear_clipped_surrogate_loss",
+           "head_gradient_sketch", "head_sketch_matrices",
            "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends"]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@
 A backend is a module of internal functions on validated, flat inputs (see reference/ for the
 contract): ``token_sketch``, ``delta_coefficients``, ``clipped_surrogate_loss`` and
 ``PIPELINE_KERNELS`` (the passes DeltaAccumulator drives), and optionally a second module with
-the fused LM-head functions ``logprob``, ``token_vectors`` and ``logprob_backward``. Backends
+the fused LM-head functions ``logprob``, ``token_vectors``, ``logprob_backward`` and ``softmax_sketch``. Backends
 never call each other. docs/backends.md says how to add one.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 PHASES = ("token_sketch", "delta_coefficients", "clipped_surrogate_loss", "PIPELINE_KERNELS")
 LM_HEAD = "lm_head"  # the op name of the fused LM-head functions
-LM_HEAD_FUNCTIONS = ("logprob", "token_vectors", "logprob_backward")
+LM_HEAD_FUNCTIONS = ("logprob", "token_vectors", "logprob_backward", "softmax_sketch")
 ANY = "any"  # in devices: tensors of any device that holds data (plain torch ops); never meta
 _FAST = (torch.float16, torch.bfloat16, torch.float32)
 

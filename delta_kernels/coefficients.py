@@ -9,11 +9,14 @@ import torch
 from . import _checks as C
 from ._backends import resolve
 from .distributed import check_group, group_sum
+from .head_factors import HeadFactorPasses, admit_head_vectors, flat_head_vectors
+from .pipeline import run_coefficients
 
 
 @dataclass
 class DeltaStats:
-    """Final statistics. D is H, or r when sketched."""
+    """Final statistics. D is H, or r when sketched; with head_vectors r1 * r2 (an [r1, r2] matrix
+    flattened row-major, the index of u[a] s[b] in z = kron(u, s))."""
     mu_pos: torch.Tensor     # [D] refined centroid of the positive side
     mu_neg: torch.Tensor     # [D]
     gamma_pos: torch.Tensor  # [] temperature used by the final gates (lags mu by one step)
@@ -38,7 +41,8 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
                        mask: torch.Tensor, *, k: int = 1, lam_min: float = 0.8, lam_max: float = 1.2,
                        eps: float = 1e-8, sketch_dim: Optional[int] = None, seed: int = 0, process_group=None,
                        backend: str = "auto", vectors: Optional[torch.Tensor] = None,
-                       side_sums: Optional[torch.Tensor] = None, check_values: bool = True) -> DeltaResult:
+                       side_sums: Optional[torch.Tensor] = None, head_vectors=None,
+                       check_values: bool = True) -> DeltaResult:
     """DelTA coefficients for one batch of response tokens.
 
     Args:
@@ -60,12 +64,20 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
         vectors: [..., D] precomputed token vectors (token_sketch's output) used instead of hidden.
         side_sums: [2, D] float, with ``vectors``: their side sums (sum a+ v, sum a- v), as the
             fused LM-head pass returns them; saves one read of ``vectors``.
+        head_vectors: (u [..., r1], s [..., r2]), leading dims equal to logp's, from
+            head_gradient_sketch: DelTA on the LM-head gradients z = u (x) s (flattened
+            kron(u, s), D = r1 * r2) without forming z (delta_kernels/head_factors.py; the same
+            torch-op passes on every backend). Instead of hidden and vectors; no sketch_dim.
         check_values: check finiteness, logp <= 0 and mask values (device syncs; turn off to
             capture the call in a CUDA graph).
     Returns:
         DeltaResult(coef, weighted_advantages, stats); mean of coef over valid tokens is 1.
     """
     cfg = C.DeltaConfig(k=k, lam_min=lam_min, lam_max=lam_max, eps=eps)
+    if head_vectors is not None:
+        return _head_coefficients(head_vectors, logp, advantages, mask, cfg, hidden=hidden, vectors=vectors,
+                                  side_sums=side_sums, sketch_dim=sketch_dim, seed=seed, process_group=process_group,
+                                  backend=backend, check_values=check_values)
     device = C.check_devices(hidden=hidden, vectors=vectors, side_sums=side_sums, logp=logp, advantages=advantages,
                              mask=mask)
     logp = C.check_logp("logp", logp, False)
@@ -99,6 +111,10 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
         side_sums=None if side_sums is None else side_sums.contiguous())
     impl = resolve(backend, device, dtype, "delta_coefficients")
     coef, st = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
+    return _result(coef, st, batch, adv, flat_mask, check_values)
+
+
+def _result(coef, st, batch: C.TokenBatch, adv, flat_mask, check_values: bool) -> DeltaResult:
     if check_values and not bool(torch.isfinite(coef.sum())):  # a backstop: the checks above should prevent it
         C.fail("hidden", "the coefficients overflowed the compute dtype: the sums of advantages * token vectors are "
                          "too large; scale the advantages down")
@@ -111,3 +127,36 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
     else:
         weighted = weighted.reshape(shape)
     return DeltaResult(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**st))
+
+
+def _head_coefficients(head_vectors, logp, advantages, mask, cfg: C.DeltaConfig, *, hidden, vectors, side_sums,
+                       sketch_dim, seed, process_group, backend, check_values) -> DeltaResult:
+    """delta_coefficients with head_vectors: the pipeline over HeadFactorPasses, whatever the backend
+    (resolved all the same: a named backend that cannot take the device or dtype says so)."""
+    for name, given in (("hidden", hidden), ("vectors", vectors), ("side_sums", side_sums)):
+        if given is not None:
+            C.fail(name, "head_vectors replace hidden, vectors and side_sums; pass only head_vectors")
+    if sketch_dim is not None:
+        C.fail("sketch_dim", "head_vectors are sketched already (head_gradient_sketch's vocab_sketch_dim and "
+                             "sketch_dim); leave sketch_dim None")
+    u, s = admit_head_vectors(head_vectors)
+    device = C.check_devices(**{"head_vectors[0]": u, "head_vectors[1]": s}, logp=logp, advantages=advantages,
+                             mask=mask)
+    logp = C.check_logp("logp", logp, False)
+    C.check_sketch_args(None, seed)
+    check_group(process_group)
+    flat_mask = C.check_mask(mask, logp.shape, check_values)
+    valid = flat_mask.reshape(logp.shape)
+    if check_values:
+        C.check_values_of_logp("logp", logp, valid)
+    factors = flat_head_vectors(u, s, logp, valid, check_values)
+    adv = C.check_advantages(advantages, logp, check_values, valid)
+    dtype = C.compute_dtype(u.dtype, logp.dtype, advantages.dtype)
+    cfg.check_compute_dtype(dtype)
+    if check_values:
+        C.check_advantage_range(adv, flat_mask, dtype)
+    batch = C.TokenBatch(shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),
+                         mask=flat_mask.contiguous(), vectors=factors)
+    resolve(backend, device, dtype, "delta_coefficients")
+    coef, st = run_coefficients(HeadFactorPasses(dtype), batch, cfg, None, seed, group_sum(process_group))
+    return _result(coef, st, batch, adv, flat_mask, check_values)

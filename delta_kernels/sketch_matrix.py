@@ -66,10 +66,15 @@ def mix32_int(x: int) -> int:
 
 def sketch_signs(hidden_size: int, sketch_dim: int, seed: int, device=None) -> torch.Tensor:
     """The +-1 signs of R as an int8 [hidden_size, sketch_dim] tensor."""
-    s = mix32_int(seed)
-    rows = mix32(torch.arange(hidden_size, dtype=torch.int64, device=device) ^ s)
-    cols = mix32((torch.arange(sketch_dim, dtype=torch.int64, device=device) + COLUMN_OFFSET) & MASK32)
-    h = mix32(rows[:, None] ^ cols[None, :])
+    return row_signs(torch.arange(hidden_size, dtype=torch.int64, device=device), sketch_dim, seed)
+
+
+def row_signs(rows: torch.Tensor, sketch_dim: int, seed: int) -> torch.Tensor:
+    """The +-1 signs of the rows ``rows`` (int64 [n], values in [0, 2**32)) of R as int8 [n, sketch_dim]:
+    R[rows] without the other rows (e.g. the sampled tokens' rows of the vocabulary sketch)."""
+    a = mix32(rows.to(torch.int64) ^ mix32_int(seed))
+    cols = mix32((torch.arange(sketch_dim, dtype=torch.int64, device=rows.device) + COLUMN_OFFSET) & MASK32)
+    h = mix32(a[:, None] ^ cols[None, :])
     return (1 - 2 * (h >> 31)).to(torch.int8)
 
 

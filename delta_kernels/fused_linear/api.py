@@ -22,12 +22,8 @@ from ..surrogate import surrogate_aggregation
 def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: bool):
     """-> hidden [N, H], weight [V, H], targets [N] int64, bias [V] or None (all contiguous),
     and the token shape (targets' shape)."""
-    hidden = C.check_tensor("hidden", hidden)
-    if hidden.dim() < 2:
-        C.fail("hidden", f"expected [N, H] or [B, T, H], got shape {list(hidden.shape)}")
+    hidden = _check_hidden(hidden)
     hdim = hidden.shape[-1]
-    if hdim < 1:
-        C.fail("hidden", "hidden size must be >= 1")
     weight = C.check_tensor("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hdim:
         C.fail("weight", f"expected [V, H] with H = {hdim} (hidden's last dim), got shape {list(weight.shape)}")
@@ -42,6 +38,27 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
             C.fail("bias", f"expected shape [{vocab}] (weight's rows), got {list(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} does not match hidden's {hidden.dtype}")
+    C.check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    y, shape = check_targets_and_temperature(hidden, vocab, targets, temperature, check_values)
+    if check_values and bias is not None:
+        C.check_finite("bias", bias)
+    return (hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), y, None if bias is None else bias.contiguous(),
+            shape)
+
+
+def _check_hidden(hidden) -> torch.Tensor:
+    hidden = C.check_tensor("hidden", hidden)
+    if hidden.dim() < 2:
+        C.fail("hidden", f"expected [N, H] or [B, T, H], got shape {list(hidden.shape)}")
+    if hidden.shape[-1] < 1:
+        C.fail("hidden", "hidden size must be >= 1")
+    return hidden
+
+
+def check_targets_and_temperature(hidden: torch.Tensor, vocab: int, targets, temperature, check_values: bool):
+    """The LM head's per-token inputs besides its matrix (hidden admitted, on targets' device):
+    -> targets [N] int64 contiguous, token shape. With check_values: targets in [0, vocab),
+    hidden finite."""
     targets = C.check_tensor("targets", targets, floating=False)
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets: expected int64 (or int32) token ids, got {targets.dtype}")
@@ -55,7 +72,6 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
     tiny = torch.finfo(torch.float64 if hidden.dtype == torch.float64 else torch.float32).tiny
     if temperature < tiny:  # 1 / temperature would overflow the compute dtype
         C.fail("temperature", f"{temperature!r} is below {tiny:.3g}, the smallest normal number of the compute dtype")
-    C.check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if check_values:
         bad = (targets < 0) | (targets >= vocab)
         if bool(bad.any()):
@@ -63,10 +79,7 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
             C.fail("targets", f"value {int(targets.reshape(-1)[flat])} at flat index {flat} is out of range "
                               f"[0, V={vocab})")
         C.check_finite("hidden", hidden)
-        if bias is not None:
-            C.check_finite("bias", bias)
-    return (hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), targets.reshape(-1).to(torch.int64).contiguous(),
-            None if bias is None else bias.contiguous(), tuple(targets.shape))
+    return targets.reshape(-1).to(torch.int64).contiguous(), tuple(targets.shape)
 
 
 def _check_logits_finite(logp: torch.Tensor, temperature: float) -> None:

@@ -8,6 +8,7 @@ Internal functions (validated, contiguous inputs; hidden [N, H], weight [V, H], 
 None, targets [N] int64):
     logprob(...)          -> logp [N], lse [N], entropy [N] or None      one pass over V
     token_vectors(...)    -> v or z [N, D] in hidden's dtype, side sums [2, D] or None
+    softmax_sketch(...)   -> softmax(x) @ S1 [N, r1] (S1 a sketch_matrix)             one pass over V
     logprob_backward(...) -> d hidden, d weight, d bias from dL/dlogp     recomputes logits
 """
 from __future__ import annotations
@@ -93,6 +94,33 @@ def token_vectors(hidden, logp, a_pos: Optional[torch.Tensor], a_neg: Optional[t
         if sums is not None:
             sums += torch.stack([a_pos[r0:r1].to(cdt), a_neg[r0:r1].to(cdt)]) @ v
     return out, sums
+
+
+def softmax_sketch(hidden, weight, bias, temperature: float, sketch_dim: int, seed: int):
+    """p @ S1, p = softmax(x) per row, S1 = sketch_matrix(V, sketch_dim, seed): [N, sketch_dim] in the
+    compute dtype, in one pass over the vocabulary (online: the running sum of exp(x - m) @ S1
+    is rescaled with the running max m, as the normaliser is; divided by the normaliser at the end)."""
+    n, cdt = hidden.shape[0], _compute_dtype(hidden.dtype)
+    vocab = weight.shape[0]
+    s1 = sketch_matrix(vocab, sketch_dim, seed, dtype=cdt, device=hidden.device)
+    out = empty(n, sketch_dim, dtype=cdt, device=hidden.device)
+    for r0 in range(0, n, ROWS):
+        r1 = min(r0 + ROWS, n)
+        h_c = hidden[r0:r1].to(cdt)
+        m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=hidden.device)
+        s = torch.zeros_like(m)
+        acc = torch.zeros(r1 - r0, sketch_dim, dtype=cdt, device=hidden.device)
+        for v0 in range(0, vocab, COLS):
+            v1 = min(v0 + COLS, vocab)
+            x = _logits(h_c, weight, bias, v0, v1, temperature, cdt)
+            m_new = torch.maximum(m, x.max(1).values)
+            alpha = torch.exp(m - m_new)
+            p = torch.exp(x - m_new[:, None])
+            s = alpha * s + p.sum(1)
+            acc = alpha[:, None] * acc + p @ s1[v0:v1]
+            m = m_new
+        out[r0:r1] = acc / s[:, None]
+    return out
 
 
 def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, grad_logp,
