@@ -18,6 +18,7 @@ from ._formulas import side_masks
 from .chunked import ChunkedPasses, Chunks, ChunkStore, big_array, with_big_array
 from .coefficients import DeltaResult, DeltaStats
 from .distributed import group_sum
+from .head_factors import HeadFactorPasses, admit_head_vectors, flat_head_vectors
 from .pipeline import run_coefficients
 
 STORES = ("auto", "device", "host", "sketch")
@@ -112,7 +113,7 @@ class DeltaAccumulator:
     # ------------------------------------------------------------------ add
     def add(self, hidden: Optional[torch.Tensor] = None, logp: Optional[torch.Tensor] = None,
             mask: Optional[torch.Tensor] = None, *, vectors: Optional[torch.Tensor] = None,
-            advantages: Optional[torch.Tensor] = None) -> None:
+            advantages: Optional[torch.Tensor] = None, head_vectors=None) -> None:
         """Store one micro-batch.
 
         Args:
@@ -123,11 +124,14 @@ class DeltaAccumulator:
                 fused_linear_logprob_sketch, instead of hidden. Every add passes the same kind.
             advantages: shaped like logp, or [b]; give them at every add or at none (then to
                 ``finalize``).
+            head_vectors: (u [..., r1], s [..., r2]) from head_gradient_sketch instead of hidden:
+                DelTA on the LM-head gradients u (x) s (see delta_coefficients); stored as
+                [n, r1 + r2] (memory N (r1 + r2)); needs sketch_dim None.
         """
         self._check_open("add")
         i = len(self._adds)
         try:
-            record, src, flat_src = self._check_add(hidden, logp, mask, vectors, advantages)
+            record, src, flat_src = self._check_add(hidden, logp, mask, vectors, advantages, head_vectors)
         except (ValueError, TypeError) as e:
             raise type(e)(f"add {i}: {e}") from None
         try:
@@ -140,27 +144,41 @@ class DeltaAccumulator:
         self._side_sums = sums if self._side_sums is None or sums is None else self._side_sums + sums
         self._adds.append(record)
 
-    def _check_add(self, hidden, logp, mask, vectors, advantages):
+    def _check_add(self, hidden, logp, mask, vectors, advantages, head_vectors):
         if logp is None:
             raise TypeError("logp: required")
         if mask is None:
             raise TypeError("mask: required")
-        if (hidden is None) == (vectors is None):
-            C.fail("hidden", "pass exactly one of hidden and vectors")
-        kind, src = ("hidden", hidden) if vectors is None else ("vectors", vectors)
-        device = C.check_devices(**{kind: src}, logp=logp, mask=mask, advantages=advantages)
-        src = C.check_tensor(kind, src)
+        if sum(x is not None for x in (hidden, vectors, head_vectors)) != 1:
+            C.fail("hidden", "pass exactly one of hidden, vectors and head_vectors")
+        if head_vectors is not None:
+            if self.sketch_dim is not None:
+                C.fail("head_vectors", "are sketched already; make the DeltaAccumulator with sketch_dim=None")
+            kind, src = "head_vectors", admit_head_vectors(head_vectors)
+            device = C.check_devices(**{"head_vectors[0]": src[0], "head_vectors[1]": src[1]}, logp=logp, mask=mask,
+                                     advantages=advantages)
+            dtype, width = src[0].dtype, (src[0].shape[-1], src[1].shape[-1])
+        else:
+            kind, src = ("hidden", hidden) if vectors is None else ("vectors", vectors)
+            device = C.check_devices(**{kind: src}, logp=logp, mask=mask, advantages=advantages)
+            src = C.check_tensor(kind, src)
+            dtype, width = src.dtype, src.shape[-1]
         logp = C.check_logp("logp", logp, False)
         if advantages is not None:
             advantages = C.check_tensor("advantages", advantages)
-        now = dict(kind=kind, device=device, dtype=src.dtype, logp_dtype=logp.dtype, width=src.shape[-1],
+        now = dict(kind=kind, device=device, dtype=dtype, logp_dtype=logp.dtype, width=width,
                    early=advantages is not None, adv_dtype=None if advantages is None else advantages.dtype)
         if self._first is not None:
             self._check_like_first(now)
-        flat_src, flat_mask = C.check_tokens(kind, src, logp, mask, True)
+        if kind == "head_vectors":
+            flat_mask = C.check_mask(mask, logp.shape, True)
+            C.check_values_of_logp("logp", logp, flat_mask.reshape(logp.shape))
+            flat_src = flat_head_vectors(*src, logp, flat_mask.reshape(logp.shape), True)
+        else:
+            flat_src, flat_mask = C.check_tokens(kind, src, logp, mask, True)
         if logp.numel() == 0:
             C.fail("logp", "an add needs at least one token")
-        dtype = C.compute_dtype(src.dtype, logp.dtype, advantages.dtype if advantages is not None else torch.float32)
+        dtype = C.compute_dtype(now["dtype"], logp.dtype, advantages.dtype if advantages is not None else torch.float32)
         self._cfg.check_compute_dtype(dtype)
         adv = None
         if advantages is not None:
@@ -191,7 +209,7 @@ class DeltaAccumulator:
         dtype = C.compute_dtype(first["dtype"], first["logp_dtype"], first["adv_dtype"] or torch.float32)
         impl = resolve(self.backend, first["device"], dtype, "PIPELINE_KERNELS")
         self._first, self._dtype = first, dtype
-        self._kernels = impl.PIPELINE_KERNELS
+        self._kernels = HeadFactorPasses(dtype) if first["kind"] == "head_vectors" else impl.PIPELINE_KERNELS
         self._chunk_store = ChunkStore(first["device"], host=self.store == "host")
         self._budget = None
         if self.store == "auto" and first["device"].type == "cuda":
@@ -207,18 +225,18 @@ class DeltaAccumulator:
     def _ingest(self, record: _Add, src, flat_src):
         """-> (stored chunk, its side sums or None). Reads the micro-batch once when it has
         advantages (side sums) or is sketched here; else only stores it."""
-        flat_src = flat_src.contiguous()
+        flat_src = with_big_array(flat_src, big_array(flat_src).contiguous())
         early = record.advantages is not None
         if early:
             _, _, _, a_pos, a_neg = side_masks(record.advantages, record.mask, self._dtype)
         else:
-            a_pos = a_neg = torch.zeros(record.logp.shape, dtype=self._dtype, device=flat_src.device)
+            a_pos = a_neg = torch.zeros(record.logp.shape, dtype=self._dtype, device=record.logp.device)
         if self._first["kind"] == "hidden" and (early or self.sketch_dim is not None):
             v, sums = self._kernels.token_vectors(flat_src, record.logp.to(self._dtype), a_pos, a_neg,
                                                   self.sketch_dim, self.seed)
             return with_big_array(v, self._put(big_array(v))), sums if early else None
         sums = self._kernels.side_sums(flat_src, a_pos, a_neg) if early else None
-        return self._put(flat_src), sums
+        return with_big_array(flat_src, self._put(big_array(flat_src))), sums
 
     # ------------------------------------------------------------- finalize
     def finalize(self, advantages: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
