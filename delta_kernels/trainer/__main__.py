@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 from .._optional import MissingExtra
-from .config import BACKENDS, CREDIT_MODES, TrainerConfig, validate
+from .config import BACKENDS, CREDIT_MODES, DELTA_VECTORS, TrainerConfig, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--k", type=int, default=d.k, help="DelTA refinement steps (>= 0)")
     a("--lam-min", type=float, default=d.lam_min)
     a("--lam-max", type=float, default=d.lam_max)
-    a("--sketch-dim", type=int, default=d.sketch_dim, help="sketch width r (default: exact vectors)")
+    a("--sketch-dim", type=int, default=d.sketch_dim,
+      help="sketch width r (default: exact vectors); with --delta-vectors head, r2, the width of S2^T h")
+    a("--delta-vectors", choices=DELTA_VECTORS, default=d.delta_vectors,
+      help="DelTA's token vectors: hidden, (1 - p) h (the LM-head row of the sampled token); head, the whole "
+           "LM-head gradient (e_y - p) h^T, kept as two factors (delta_kernels.head_gradient_sketch)")
+    a("--vocab-sketch-dim", type=int, default=d.vocab_sketch_dim,
+      help="with --delta-vectors head: r1, the width of S1^T (e_y - p) (default: exact, [tokens x vocab])")
     a("--backend", choices=BACKENDS, default=d.backend, help="delta_kernels backend of coefficients and loss")
     a("--micro-batch", type=int, default=d.micro_batch,
       help="old-log-prob pass in micro-batches of this many responses, coefficients from a DeltaAccumulator "

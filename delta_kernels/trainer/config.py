@@ -8,6 +8,7 @@ from typing import Optional
 from .._backends import names
 
 CREDIT_MODES = ("delta", "none")
+DELTA_VECTORS = ("hidden", "head")
 BACKENDS = names()
 
 
@@ -18,7 +19,9 @@ class TrainerConfig:
     k: int = 1                         # DelTA refinement steps
     lam_min: float = 0.8
     lam_max: float = 1.2
-    sketch_dim: Optional[int] = None   # None: exact token vectors; r: sketch of r columns
+    sketch_dim: Optional[int] = None   # None: exact token vectors; r: sketch of r columns (head: r2, of h)
+    delta_vectors: str = "hidden"      # DelTA's token vectors: "hidden" (1 - p) h, or "head": the LM-head gradient
+    vocab_sketch_dim: Optional[int] = None  # head: r1, the vocabulary sketch of e_y - p (None: exact, [N, V])
     backend: str = "auto"              # delta_kernels backend for coefficients and loss
     micro_batch: int = 0               # 0: one old-log-prob pass; n: micro-batches of n responses (DeltaAccumulator)
     # run
@@ -69,6 +72,10 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--lam-min must be >= 0, got {cfg.lam_min}")
     if cfg.sketch_dim is not None and cfg.sketch_dim < 1:
         raise ValueError(f"--sketch-dim must be >= 1, got {cfg.sketch_dim}")
+    if cfg.delta_vectors not in DELTA_VECTORS:
+        raise ValueError(f"--delta-vectors: expected one of {', '.join(DELTA_VECTORS)}, got {cfg.delta_vectors!r}")
+    if cfg.vocab_sketch_dim is not None and cfg.vocab_sketch_dim < 1:
+        raise ValueError(f"--vocab-sketch-dim must be >= 1, got {cfg.vocab_sketch_dim}")
     if cfg.micro_batch < 0:
         raise ValueError(f"--micro-batch: must be >= 0 (0: no micro-batches), got {cfg.micro_batch}")
     if cfg.backend not in BACKENDS:

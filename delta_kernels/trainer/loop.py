@@ -113,7 +113,8 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     credit = CreditConfig(credit=cfg.credit, k=cfg.k, lam_min=cfg.lam_min, lam_max=cfg.lam_max,
                           sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend,
-                          micro_batch=cfg.micro_batch)
+                          micro_batch=cfg.micro_batch, vectors=cfg.delta_vectors,
+                          vocab_sketch_dim=cfg.vocab_sketch_dim)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature)
     log = MetricsLog(out if ctx.is_main else None)

@@ -41,6 +41,8 @@ class OldLogprobs:
                                      # (D = r); None in micro-batches: they are in ``accumulator``
     side_sums: Optional[torch.Tensor] = None  # [2, D] float32 (sum a+ v, sum a- v), or None without advantages
     accumulator: Optional[delta_kernels.DeltaAccumulator] = None  # micro-batched pass: one add per micro-batch
+    head_vectors: Optional[tuple] = None  # --delta-vectors head: (u [B, T, r1], s [B, T, r2]) float32, the factors
+                                          # of the LM-head gradient (head_gradient_sketch); then vectors is None
 
 
 @dataclass
@@ -53,6 +55,8 @@ class CreditConfig:
     sketch_seed: int = 0
     backend: str = "auto"
     micro_batch: int = 0           # > 0: old-log-prob pass in micro-batches of this many responses
+    vectors: str = "hidden"        # "hidden": v = (1 - p) h; "head": the LM-head gradient's factors (u, s)
+    vocab_sketch_dim: Optional[int] = None  # "head": r1 (None: exact e_y - p); sketch_dim is r2
 
 
 @dataclass
@@ -120,13 +124,20 @@ def old_logprob_pass(model: torch.nn.Module, rollout: Rollout, temperature: floa
     credit = credit or CreditConfig()
     hidden = response_hidden(model, rollout)
     head = lm_head_of(model)
-    with_sums = advantages is not None and credit.credit == "delta"
+    head_mode = credit.credit == "delta" and credit.vectors == "head"
+    with_sums = advantages is not None and credit.credit == "delta" and not head_mode
     logp, entropy, vectors, sums = delta_kernels.fused_linear_logprob_sketch(
         hidden, head.weight, rollout.response_ids, bias=head.bias, temperature=temperature,
         sketch_dim=credit.sketch_dim, seed=credit.sketch_seed, entropy=True,
         advantages=advantages if with_sums else None, mask=rollout.response_mask if with_sums else None,
         backend=fused_backend(credit.backend))
-    return OldLogprobs(logp=logp, entropy=entropy, hidden=hidden, vectors=vectors, side_sums=sums)
+    if not head_mode:
+        return OldLogprobs(logp=logp, entropy=entropy, hidden=hidden, vectors=vectors, side_sums=sums)
+    factors = delta_kernels.head_gradient_sketch(
+        hidden, head.weight, rollout.response_ids, vocab_sketch_dim=credit.vocab_sketch_dim,
+        sketch_dim=credit.sketch_dim, seed=credit.sketch_seed, temperature=temperature, bias=head.bias,
+        backend=fused_backend(credit.backend))
+    return OldLogprobs(logp=logp, entropy=entropy, hidden=hidden, vectors=None, head_vectors=factors)
 
 
 @torch.no_grad()
@@ -140,7 +151,8 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
     acc = None
     if credit.credit == "delta":
         acc = delta_kernels.DeltaAccumulator(k=credit.k, lam_min=credit.lam_min, lam_max=credit.lam_max,
-                                             sketch_dim=credit.sketch_dim, seed=credit.sketch_seed,
+                                             sketch_dim=None if credit.vectors == "head" else credit.sketch_dim,
+                                             seed=credit.sketch_seed,
                                              process_group=process_group, backend=credit.backend)
     logps, entropies = [], []
     for rows in torch.arange(rollout.input_ids.shape[0]).split(credit.micro_batch):
@@ -148,7 +160,7 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
                      rollout.response_ids[rows], rollout.response_mask[rows])
         old = old_logprob_pass(model, mb, temperature, None, credit)
         if acc is not None:
-            acc.add(vectors=old.vectors, logp=old.logp, mask=mb.response_mask)
+            acc.add(vectors=old.vectors, head_vectors=old.head_vectors, logp=old.logp, mask=mb.response_mask)
         logps.append(old.logp)
         entropies.append(old.entropy)
     return OldLogprobs(logp=torch.cat(logps), entropy=torch.cat(entropies), hidden=None, vectors=None,
@@ -168,9 +180,11 @@ def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.
         parts = old.accumulator.finalize(advantages)
         pred = torch.cat([r.stats.pred for r in parts])
         return torch.cat([r.coef for r in parts]).float(), dataclasses.replace(parts[0].stats, pred=pred)
+    head = old.head_vectors is not None  # --delta-vectors head: the factors carry their own sketch widths
     res = delta_kernels.delta_coefficients(None, old.logp, advantages, mask, vectors=old.vectors,
-                                           side_sums=old.side_sums, k=cfg.k, lam_min=cfg.lam_min,
-                                           lam_max=cfg.lam_max, sketch_dim=cfg.sketch_dim, seed=cfg.sketch_seed,
+                                           side_sums=old.side_sums, head_vectors=old.head_vectors, k=cfg.k,
+                                           lam_min=cfg.lam_min, lam_max=cfg.lam_max,
+                                           sketch_dim=None if head else cfg.sketch_dim, seed=cfg.sketch_seed,
                                            process_group=process_group, backend=cfg.backend)
     return res.coef.float(), res.stats
 
