@@ -7,7 +7,10 @@ the LM head):
     liger      LigerFusedLinearGRPOLoss(beta=0, loss_type="dapo"), per-sequence advantages
     cce        cut_cross_entropy.linear_cross_entropy(reduction="none") + torch surrogate
     ours       fused_linear_clipped_surrogate_loss(backend="triton")
-and, forward only, phase A (logp + sketch r = 256 + side sums): torch materialised vs ours.
+and, forward only, phase A (logp + sketch r = 256 + side sums): torch materialised vs ours, and
+the fused head's vocabulary pass with and without the vocabulary sketch of head_gradient_sketch
+(issue 26): "head" = logprob (log-sum-exp of the logits tiles), "head+vocab sketch" =
+softmax_sketch (the same tiles plus exp(x - m) @ S1, 2 M V r1 more flops, r1 = --vocab-sketch-dim).
 The matmul floor is stated from a bf16 GEMM measured in the same run: the fused surrogate
 does 8 M H V flops (forward logits 2 MHV; backward: logits recompute 2 MHV, dH 2 MHV,
 dW 2 MHV); a method that keeps the logits does 6 MHV; phase A does 2 MHV.
@@ -17,6 +20,7 @@ materialised, float32; memory is the analytic size of the largest logits buffer.
 
     python benchmarks/bench_fused_linear.py            # the sizes above
     python benchmarks/bench_fused_linear.py --quick    # one size, 3 reps (GPU M = 8192; CPU M = 1024)
+    python benchmarks/bench_fused_linear.py --modes vocab-sketch   # one mode (file fused_linear_vocab-sketch_<machine>)
 
 Writes <--out, default benchmarks/results>/fused_linear_<machine>.{csv,json,md} (machine tag of
 bench_info.py) with date and commit, rewritten after each size and mode (an interrupted run keeps
@@ -123,7 +127,27 @@ def matmul_rate(device, dtype):
     return 2 * n ** 3 / (med * 1e-3) / 1e12
 
 
-def run(device, sizes, hdim, vocab, dtype, reps, providers, sketch_dim, emit):
+MODES = ("surrogate", "phase-a", "vocab-sketch")
+
+
+def vocab_sketch_rows(h2, w, m, hdim, vocab, dtype, backend, r1, reps, device, rate):
+    """The fused head's one pass over the vocabulary without (logprob) and with (softmax_sketch) the
+    vocabulary sketch of head_gradient_sketch."""
+    from delta_kernels._backends import LM_HEAD, resolve
+    ops = resolve(backend, h2.device, h2.dtype, LM_HEAD)
+    mhv = m * hdim * vocab
+    y = torch.zeros(m, dtype=torch.int64, device=h2.device)
+    new = [dict(provider="head", mode="vocab pass: logprob", tokens=m, hidden=hdim, vocab=vocab, dtype=str(dtype),
+                flops=2 * mhv),
+           dict(provider="head+vocab sketch", mode=f"vocab pass: softmax_sketch r1={r1}", tokens=m, hidden=hdim,
+                vocab=vocab, dtype=str(dtype), flops=2 * mhv + 2 * m * vocab * r1)]
+    fns = {"head": lambda: ops.logprob(h2, w, None, y, 1.0, False),
+           "head+vocab sketch": lambda: ops.softmax_sketch(h2, w, None, 1.0, r1, 0)}
+    with torch.no_grad():
+        return measure(new, fns, reps, device, rate, m, vocab)
+
+
+def run(device, sizes, hdim, vocab, dtype, reps, providers, sketch_dim, emit, modes=MODES, vocab_sketch_dim=16):
     """Times every provider at every size (providers interleaved); emit(rows, rate) after each
     size and mode, so that an interrupted run keeps what it measured."""
     cfg = SurrogateConfig()
@@ -142,18 +166,25 @@ def run(device, sizes, hdim, vocab, dtype, reps, providers, sketch_dim, emit):
     for m in sizes:
         h, w, y, adv, mask, old_logp = make_inputs(m, hdim, vocab, dtype, device)
         mhv = m * hdim * vocab
-        fns, new = {}, []
-        for name in [q for q in ("torch", "liger", "cce", "ours") if q in providers]:
-            row = dict(provider=name, mode="surrogate fwd+bwd", tokens=m, hidden=hdim, vocab=vocab, dtype=str(dtype),
-                       flops=(8 if name == "ours" else 6) * mhv)
-            new.append(row)
-            if name in unavailable:
-                row["status"] = "not run: " + unavailable[name]
-                continue
-            fns[name] = _train_step(steps[name], h, w, y, adv, mask, old_logp, cfg)
-        rows += measure(new, fns, reps, device, rate, m, vocab)
-        emit(rows, rate)
-        del fns
+        if "vocab-sketch" in modes:
+            rows += vocab_sketch_rows(h.reshape(-1, hdim), w, m, hdim, vocab, dtype, backend, vocab_sketch_dim, reps,
+                                      device, rate)
+            emit(rows, rate)
+        if "surrogate" in modes:
+            fns, new = {}, []
+            for name in [q for q in ("torch", "liger", "cce", "ours") if q in providers]:
+                row = dict(provider=name, mode="surrogate fwd+bwd", tokens=m, hidden=hdim, vocab=vocab,
+                           dtype=str(dtype), flops=(8 if name == "ours" else 6) * mhv)
+                new.append(row)
+                if name in unavailable:
+                    row["status"] = "not run: " + unavailable[name]
+                    continue
+                fns[name] = _train_step(steps[name], h, w, y, adv, mask, old_logp, cfg)
+            rows += measure(new, fns, reps, device, rate, m, vocab)
+            emit(rows, rate)
+            del fns
+        if "phase-a" not in modes:
+            continue
         new = [dict(provider=name, mode=f"phase A fwd (sketch r={sketch_dim})", tokens=m, hidden=hdim, vocab=vocab,
                     dtype=str(dtype), flops=2 * mhv) for name in ("torch", "ours")]
         h2, y2, mask2 = h.reshape(-1, hdim), y.reshape(-1), mask.reshape(-1)
@@ -220,7 +251,8 @@ def write(rows, rate, device, args):
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    stem = os.path.join(args.out, f"fused_linear_{meta['machine']}")
+    part = "" if tuple(args.modes) == MODES else "_".join(args.modes) + "_"
+    stem = os.path.join(args.out, f"fused_linear_{part}{meta['machine']}")
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with open(stem + ".csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
@@ -264,6 +296,8 @@ def main():
     p.add_argument("--reps", type=int)
     p.add_argument("--sketch-dim", type=int, default=256)
     p.add_argument("--providers", nargs="*", default=["torch", "liger", "cce", "ours"])
+    p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
+    p.add_argument("--vocab-sketch-dim", type=int, default=16, help="r1 of the vocab-sketch mode")
     p.add_argument("--quick", action="store_true", help="one size, 3 reps (GPU: M = 8192; CPU: M = 1024)")
     p.add_argument("--out", default=RESULTS, help="folder of the result files")
     args = p.parse_args()
@@ -280,8 +314,9 @@ def main():
             torch.float32, args.reps or 3
     providers = args.providers if device == "cuda" else [q for q in args.providers if q in ("torch", "ours")]
     rows, rate = run(device, sizes, hdim, vocab, dtype, reps, providers, args.sketch_dim,
-                     lambda rows, rate: write(rows, rate, device, args))
-    print(open(os.path.join(args.out, f"fused_linear_{machine_name(device)}.md")).read())
+                     lambda rows, rate: write(rows, rate, device, args), args.modes, args.vocab_sketch_dim)
+    part = "" if tuple(args.modes) == MODES else "_".join(args.modes) + "_"
+    print(open(os.path.join(args.out, f"fused_linear_{part}{machine_name(device)}.md")).read())
 
 
 def device_of(args) -> str:

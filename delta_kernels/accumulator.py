@@ -149,8 +149,10 @@ class DeltaAccumulator:
             raise TypeError("logp: required")
         if mask is None:
             raise TypeError("mask: required")
-        if sum(x is not None for x in (hidden, vectors, head_vectors)) != 1:
-            C.fail("hidden", "pass exactly one of hidden, vectors and head_vectors")
+        if head_vectors is not None and (hidden is not None or vectors is not None):
+            C.fail("head_vectors", "replace hidden and vectors; pass only head_vectors")
+        if head_vectors is None and (hidden is None) == (vectors is None):
+            C.fail("hidden", "pass exactly one of hidden and vectors")
         if head_vectors is not None:
             if self.sketch_dim is not None:
                 C.fail("head_vectors", "are sketched already; make the DeltaAccumulator with sketch_dim=None")
