@@ -276,9 +276,10 @@ def write(rows, rate, device, args):
         else:
             lines.append(f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['hidden']} | {r['vocab']} | "
                          f"| | | | | {r['status']} |")
-    lines += ["", "Objectives: torch, cce and ours compute the dual-clip DAPO surrogate (clip 0.2/0.28, clip_c 10, "
-              "token-mean; per-token advantages allowed); liger's loss_type='dapo' has no dual clip and takes one "
-              "advantage per sequence (the inputs here are per sequence, so only clip_c differs)."]
+    if any(r["mode"] == "surrogate fwd+bwd" for r in rows):
+        lines += ["", "Objectives: torch, cce and ours compute the dual-clip DAPO surrogate (clip 0.2/0.28, clip_c 10, "
+                  "token-mean; per-token advantages allowed); liger's loss_type='dapo' has no dual clip and takes one "
+                  "advantage per sequence (the inputs here are per sequence, so only clip_c differs)."]
     if device != "cuda":
         lines += ["", "CPU run: ours is the chunked torch path (chunks of "
                   f"{torch_chunked.ROWS} x {torch_chunked.COLS}); liger and cce are GPU libraries and were not run "

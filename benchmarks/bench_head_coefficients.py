@@ -66,6 +66,7 @@ def main():
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--backend", default=None, help="default: cpp on the CPU, triton on a GPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
@@ -73,7 +74,7 @@ def main():
         args.sizes, args.reps = [16384], 3
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backend = args.backend or ("triton" if device == "cuda" else "cpp")
     bw, gemm = rates(device)
     r1, r2, k = args.r1, args.r2, args.k
@@ -103,7 +104,7 @@ def main():
         del z
     meta = dict(machine=machine_name(device), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), commit=git_commit(), torch=torch.__version__, copy_bandwidth_gbs=round(bw, 1),
-        gemm_gflops=round(gemm, 1), argv=sys.argv[1:], load_average_1min=round(os.getloadavg()[0], 2))
+        gemm_gflops=round(gemm, 1), threads=torch.get_num_threads(), argv=sys.argv[1:], load_average_1min=round(os.getloadavg()[0], 2))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"head_coefficients_{meta['machine']}")
     with open(stem + ".json", "w") as f:
@@ -112,7 +113,8 @@ def main():
              f"Machine: {meta['machine']}; date {meta['date']}; commit {meta['commit']}; torch {meta['torch']}. "
              f"Copy bandwidth {meta['copy_bandwidth_gbs']} GB/s, fp32 GEMM ([16, N] x [N, 64]) "
              f"{meta['gemm_gflops']} GFLOP/s, measured in this run. float32, k = {k}, check_values=False. "
-             f"Load average at the end: {meta['load_average_1min']} on {os.cpu_count()} cores.", "",
+             f"Load average at the end: {meta['load_average_1min']} on {os.cpu_count()} cores; "
+             f"{torch.get_num_threads()} torch thread(s).", "",
              "Floors: explicit z, its reads at the copy bandwidth; factors, their GEMM flops at the GEMM rate "
              "(benchmarks/NOTES.md).", "",
              "| provider | tokens | r1 x r2 | p50 ms (p20-p80) | floor ms | of floor | factors / explicit | status |",

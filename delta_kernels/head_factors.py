@@ -24,8 +24,9 @@ from . import _checks as C
 
 
 class HeadFactors(NamedTuple):
-    """Token vectors z[t] = u[t] (x) s[t], never formed: ``rows`` = [u | s], [N, r1 + r2]
-    (one array, so DeltaAccumulator stores and moves it as it does vectors)."""
+    """Token vectors z[t] = u[t] (x) s[t], never formed: ``rows`` = [u | s], [N, r1 + r2], zero at
+    padding (flat_head_vectors selects it out once, so the passes need no per-pass selection), one
+    array so that DeltaAccumulator stores and moves it as it does vectors."""
     rows: torch.Tensor
     r1: int
 
@@ -61,36 +62,33 @@ def flat_head_vectors(u: torch.Tensor, s: torch.Tensor, logp: torch.Tensor, vali
         C.check_finite("head_vectors[0]", u, valid)
         C.check_finite("head_vectors[1]", s, valid)
     rows = torch.cat([u.reshape(-1, u.shape[-1]), s.reshape(-1, s.shape[-1])], dim=1)
-    return HeadFactors(rows, u.shape[-1])
+    return HeadFactors(torch.where(valid.reshape(-1, 1), rows, 0), u.shape[-1])  # padding: whatever it held, 0
 
 
 class HeadFactorPasses:
-    """side_sums / margin_pass of the pipeline's kernel contract (pipeline.py) on HeadFactors."""
+    """side_sums / margin_pass of the pipeline's kernel contract (pipeline.py) on HeadFactors.
+    Padding rows are zero and the side weights zero wherever a token has no side, so every sum is
+    over the weighted tokens without a selection."""
 
     def __init__(self, compute_dtype: torch.dtype):
         self.compute_dtype = compute_dtype
 
-    def _factors(self, v: HeadFactors, a_pos, a_neg):
-        """u, s in the compute dtype, the rows with no side weight selected to 0 (padding may
-        hold anything)."""
-        u, s = v.factors(self.compute_dtype)
-        keep = ((a_pos != 0) | (a_neg != 0))[:, None]
-        return torch.where(keep, u, 0), torch.where(keep, s, 0)
+    @staticmethod
+    def _two_sums(u, s, w_pos, w_neg):
+        """(sum w+ u s^T, sum w- u s^T) flattened, [2, r1 * r2]: one [2 r1, N] x [N, r2] GEMM."""
+        both = torch.cat([w_pos[:, None] * u, w_neg[:, None] * u], dim=1)
+        return (both.T @ s).reshape(2, -1)
 
     def side_sums(self, v: HeadFactors, a_pos, a_neg):
-        u, s = self._factors(v, a_pos, a_neg)
-        return torch.stack([(a_pos[:, None] * u).T @ s, (a_neg[:, None] * u).T @ s]).reshape(2, -1)
+        return self._two_sums(*v.factors(self.compute_dtype), a_pos, a_neg)
 
     def margin_pass(self, v: HeadFactors, w, c, gate):
         """m = 2 (u^T W s - <C, W>); with gate = (gamma, a_pos, a_neg) also the gated sums about C."""
         u, s = v.factors(w.dtype)
-        big_w = w.reshape(v.r1, -1)
-        m = 2.0 * (((s @ big_w.T) * u).sum(1) - c.dot(w))
+        m = 2.0 * (((s @ w.reshape(v.r1, -1).T) * u).sum(1) - c.dot(w))
         if gate is None:
             return m, None
         gamma, a_pos, a_neg = gate
-        g_pos = torch.where(a_pos != 0, torch.sigmoid(m / gamma[0]) * a_pos, 0)
-        g_neg = torch.where(a_neg != 0, torch.sigmoid(-m / gamma[1]) * a_neg, 0)
-        u, s = self._factors(v, a_pos, a_neg)
-        sums = [(g[:, None] * u).T @ s - g.sum() * c.reshape(v.r1, -1) for g in (g_pos, g_neg)]
-        return m, torch.stack(sums).reshape(2, -1)
+        g_pos, g_neg = torch.sigmoid(m / gamma[0]) * a_pos, torch.sigmoid(-m / gamma[1]) * a_neg
+        about_c = torch.stack([g_pos.sum(), g_neg.sum()])[:, None] * c
+        return m, self._two_sums(u, s, g_pos, g_neg) - about_c

@@ -115,7 +115,7 @@ def softmax_sketch(hidden, weight, bias, temperature: float, sketch_dim: int, se
             x = _logits(h_c, weight, bias, v0, v1, temperature, cdt)
             m_new = torch.maximum(m, x.max(1).values)
             alpha = torch.exp(m - m_new)
-            p = torch.exp(x - m_new[:, None])
+            p = torch.exp_(x.sub_(m_new[:, None]))  # in place: the chunk's logits are not needed again
             s = alpha * s + p.sum(1)
             acc = alpha[:, None] * acc + p @ s1[v0:v1]
             m = m_new
