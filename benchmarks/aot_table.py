@@ -163,6 +163,8 @@ def _run_calls():
         with torch.no_grad():
             fused_linear_logprob_sketch(hidden, weight, y, sketch_dim=256, advantages=adv, mask=mask,
                                         backend="triton", check_values=False)
+            dk.head_gradient_sketch(hidden, weight, y, vocab_sketch_dim=16, sketch_dim=64, backend="triton",
+                                    check_values=False)
         loss, _ = fused_linear_clipped_surrogate_loss(hidden, weight, y, torch.empty(m // t, t, device=meta),
                                                       adv, mask, backend="triton", check_values=False)
         loss.backward()
