@@ -64,6 +64,19 @@ def _check_head(model: torch.nn.Module) -> None:
                              "replicate it")
 
 
+def lm_head_parameters(model: torch.nn.Module):
+    """(weight [V, H], bias [V] or None) of ``model``'s LM head, detached, whole (a DTensor head,
+    e.g. FSDP2's Shard(0), is gathered): what head_gradient_sketch needs beside the captured states."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"model: {type(inner).__name__} has no output embeddings (get_output_embeddings()) with a "
+                         "weight; vectors='head' needs the LM head")
+    whole = [None if p is None else (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+             for p in (head.weight, getattr(head, "bias", None))]
+    return whole[0], whole[1]
+
+
 def _last_hidden(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output

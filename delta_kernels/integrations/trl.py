@@ -3,6 +3,7 @@
     from delta_kernels.integrations.trl import DeltaGRPOTrainer
     trainer = DeltaGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
                                delta=dict(k=1, lam_min=0.8, lam_max=1.2, sketch_dim=None, backend="auto"))
+    # DelTA on the whole LM-head gradient: delta=dict(k=1, vectors="head", vocab_sketch_dim=16, sketch_dim=64)
 
 Per generation batch, the hidden states entering the LM head are captured from the decoder body
 (``capture_hidden_states``) during a no-grad log-prob pass, the coefficients are computed over
@@ -36,7 +37,7 @@ import torch
 from .._optional import require
 from ..accumulator import DeltaAccumulator
 from ..coefficients import DeltaResult
-from .capture import capture_hidden_states, response_hidden_states
+from .capture import capture_hidden_states, lm_head_parameters, response_hidden_states
 from .options import DeltaSpec
 
 _trl = require("trl", "trl")
@@ -51,7 +52,9 @@ class DeltaGRPOTrainer(GRPOTrainer):
     Args:
         *args, **kwargs: those of ``trl.GRPOTrainer``.
         delta: None (plain GRPO) or a dict of ``delta_coefficients`` options: ``k``, ``lam_min``,
-            ``lam_max``, ``eps``, ``sketch_dim``, ``seed``, ``backend``.
+            ``lam_max``, ``eps``, ``sketch_dim``, ``seed``, ``backend``; and ``vectors="head"``
+            (with ``vocab_sketch_dim``) for the LM-head gradient's factors (head_gradient_sketch on the
+            captured states, the head's weight and the completion ids; memory N (r1 + r2)).
     Logs ``delta/coef_std``, ``delta/coef_min``, ``delta/coef_max`` (over valid tokens of all
     processes), ``delta/gamma_pos``, ``delta/gamma_neg``, ``delta/n_pos``, ``delta/n_neg``.
     The last coefficients are kept in ``self.delta_last`` (a DeltaResult) for inspection.
@@ -88,10 +91,18 @@ class DeltaGRPOTrainer(GRPOTrainer):
                                                              *args, **kwargs)
         logps = out[0]
         start = 0
+        head = lm_head_parameters(model) if self.delta_spec.vectors == "head" else None
         for h in cap.hidden_states:  # one body forward per chunk of rows, in order
             rows = h.shape[0]
-            acc.add(response_hidden_states(h, logits_to_keep), logps[start:start + rows].clamp_max(0),
-                    attention_mask[start:start + rows, -logits_to_keep:])  # clamp: a fused head's rounding
+            hidden = response_hidden_states(h, logits_to_keep)
+            logp = logps[start:start + rows].clamp_max(0)  # clamp: a fused head's rounding
+            mask = attention_mask[start:start + rows, -logits_to_keep:]
+            if head is None:
+                acc.add(hidden, logp, mask)
+            else:
+                targets = input_ids[start:start + rows, -logits_to_keep:]
+                acc.add(None, logp, mask, head_vectors=self.delta_spec.head_factors(hidden, *head, targets,
+                                                                                     self.temperature))
             start += rows
         if start != logps.shape[0]:
             raise RuntimeError(f"captured {start} rows for {logps.shape[0]} log-prob rows: a body forward was missed")

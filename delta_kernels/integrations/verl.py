@@ -52,7 +52,9 @@ Each wrapper calls the original and does nothing unless ``algorithm.delta.enable
 Trainer: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``). verl 0.9.1's default v1 trainer
 (verl/trainer/ppo/v1, TransferQueue) computes old log-probs and advantages in other methods that
 these patches do not reach, so DelTA would silently be off there: patch 5 refuses it instead.
-Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend.
+Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend, and vectors=head with
+vocab_sketch_dim (DelTA on the LM-head gradient's factors: the workers send [u | s], r1 + r2 per token, from
+head_gradient_sketch on the captured states, the head's weight and the rolled input ids; the driver splits it).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ import torch
 from .._optional import require
 from ..coefficients import DeltaResult, delta_coefficients
 from ..sketch import token_sketch
-from .capture import capture_hidden_states
+from .capture import capture_hidden_states, lm_head_parameters
 from .options import DeltaSpec
 
 require("verl", "verl")
@@ -82,7 +84,11 @@ def spec_from_config(algorithm_config) -> Optional[DeltaSpec]:
     cfg = dict(cfg)
     if not cfg.pop("enable", False):
         return None
-    return DeltaSpec.parse(cfg)
+    spec = DeltaSpec.parse(cfg)
+    if spec is not None and spec.vectors == "head" and spec.vocab_sketch_dim is None:
+        raise ValueError("vocab_sketch_dim: algorithm.delta.vectors=head needs it (the workers send [u | s] in one "
+                         "tensor, and exact u would be [tokens x vocab])")
+    return spec
 
 
 def check_temperature(sampling: float, logprob: float) -> None:
@@ -95,14 +101,17 @@ def check_temperature(sampling: float, logprob: float) -> None:
 
 # ---------------------------------------------------------------- worker side
 def packed_token_vectors(hidden: torch.Tensor, log_probs: torch.Tensor, cu_seqlens: torch.Tensor,
-                         spec: DeltaSpec, packed: bool) -> torch.Tensor:
+                         spec: DeltaSpec, packed: bool, head_inputs=None) -> torch.Tensor:
     """Per-token vectors in verl's jagged log-prob layout.
 
     hidden: the body output of one micro-batch: [1, nnz (+ pad), H] when ``packed``
         (use_remove_padding) or [b, S_max, H] (right-padded per sequence) otherwise.
     log_probs: jagged [b, j1] (log_probs[i, j] is the log-prob of token j + 1 given positions
         <= j, the hidden state at j predicts it). cu_seqlens: [b + 1] offsets of the sequences.
-    Returns a jagged [b, j1, D] tensor: v = (1 - exp(logp)) h, or z = v @ R with ``spec.sketch_dim``.
+    head_inputs: with spec.vectors "head", (weight [V, H], bias or None, input ids jagged values [nnz],
+        temperature): the target of position j is token j + 1, the ids rolled by one as verl's log-probs are.
+    Returns a jagged [b, j1, D] tensor: v = (1 - exp(logp)) h, or z = v @ R with ``spec.sketch_dim``, or
+    [u | s] (D = r1 + r2) with head vectors.
     """
     lengths = cu_seqlens.diff()
     nnz = int(cu_seqlens[-1])
@@ -116,8 +125,13 @@ def packed_token_vectors(hidden: torch.Tensor, log_probs: torch.Tensor, cu_seqle
         keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None].to(hidden.device)
         flat = hidden[keep]
     logp = log_probs.values() if log_probs.is_nested else log_probs.reshape(-1)
-    vectors = token_sketch(flat, logp.to(flat.device).clamp_max(0), sketch_dim=spec.sketch_dim, seed=spec.seed,
-                           backend=spec.backend)
+    if spec.vectors == "head":
+        weight, bias, ids, temperature = head_inputs
+        targets = torch.roll(ids.to(flat.device), -1)
+        vectors = torch.cat(spec.head_factors(flat, weight.to(flat.device), bias, targets, temperature), dim=-1)
+    else:
+        vectors = token_sketch(flat, logp.to(flat.device).clamp_max(0), sketch_dim=spec.sketch_dim, seed=spec.seed,
+                               backend=spec.backend)
     return torch.nested.nested_tensor_from_jagged(vectors, cu_seqlens.to(vectors.device))
 
 
@@ -141,8 +155,12 @@ def _forward_step_with_vectors(original):
         packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
         cu_seqlens = micro_batch["input_ids"].offsets()
         model_output = output["model_output"]
+        spec = DeltaSpec(**spec)
+        head_inputs = None
+        if spec.vectors == "head":
+            head_inputs = (*lm_head_parameters(self.module), micro_batch["input_ids"].values(), temperature)
         model_output[VECTORS_KEY] = packed_token_vectors(cap.pop(), model_output["log_probs"], cu_seqlens,
-                                                         DeltaSpec(**spec), packed).detach()
+                                                         spec, packed, head_inputs).detach()
         return loss, output
     forward_step.__wrapped__ = original
     forward_step._delta_kernels_patch = True
@@ -228,9 +246,10 @@ def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.T
     mask = data.batch["response_mask"].bool()
     adv = data.batch["advantages"]
     logp = data.batch["old_log_probs"].clamp_max(0) * mask
-    result = delta_coefficients(None, logp, adv, mask, k=spec.k, lam_min=spec.lam_min, lam_max=spec.lam_max,
-                                eps=spec.eps, sketch_dim=spec.sketch_dim, seed=spec.seed, backend=spec.backend,
-                                vectors=vectors)
+    given = dict(vectors=vectors)
+    if spec.vectors == "head":  # [u | s]: r1 = vocab_sketch_dim columns of u
+        given = dict(head_vectors=vectors.split([spec.vocab_sketch_dim, vectors.shape[-1] - spec.vocab_sketch_dim], -1))
+    result = delta_coefficients(None, logp, adv, mask, **spec.coefficient_kwargs(), **given)
     data.batch["advantages"] = result.weighted_advantages.to(adv.dtype)
     coef = result.coef[mask].float()
     st = result.stats
