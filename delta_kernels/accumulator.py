@@ -40,7 +40,7 @@ class DeltaAccumulator:
 
         acc = DeltaAccumulator(k=1, sketch_dim=None, store="auto")
         for mb in micro_batches:
-            acc.add(hidden_mb, logp_mb, mask_mb)        # or add(vectors=z_mb, logp=..., mask=...)
+            acc.add(hidden_mb, logp_mb, mask_mb)        # or add(vectors=z_mb, ...), add(head_vectors=(u, s), ...)
         results = acc.finalize(advantages)             # list of DeltaResult, one per add (mask=: late mask)
 
     The numbers equal ``delta_coefficients`` on the concatenation of the adds (float64 to

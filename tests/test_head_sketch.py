@@ -76,6 +76,22 @@ def test_sketched_factors_equal_explicit_float64(backend, r1, r2, temperature):
     assert_rel(s, rs, TOL[torch.float32], "s")
 
 
+@pytest.mark.parametrize("backend", LM_BACKENDS)
+def test_bfloat16_inputs(backend):
+    h, w, b, y = make_head((2, 11), 40, 100, torch.bfloat16, seed=2)
+    u, s = dk.head_gradient_sketch(h, w, y, vocab_sketch_dim=8, sketch_dim=4, bias=b, backend=backend)
+    ru, rs = explicit_factors(h, w, b, y, 1.0, 8, 4, 0)
+    assert u.dtype == torch.float32
+    assert_rel(u, ru, TOL[torch.bfloat16], "u")
+    assert_rel(s, rs, TOL[torch.bfloat16], "s")
+
+
+def test_overflowing_logits_are_named():
+    h, w, b, y = make_head((5,), 4, 9, torch.float32)
+    with pytest.raises(ValueError, match="^temperature: the logits"):
+        dk.head_gradient_sketch(h * 1e30, w * 1e30, y, backend="torch")
+
+
 def test_float64_and_logits_forms_equal_explicit():
     h, w, b, y = make_head((29,), 9, 70)
     for r1, r2 in ((6, 4), (None, None), (None, 4), (6, None)):
