@@ -104,7 +104,8 @@ def main():
         del z
     meta = dict(machine=machine_name(device), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), commit=git_commit(), torch=torch.__version__, copy_bandwidth_gbs=round(bw, 1),
-        gemm_gflops=round(gemm, 1), threads=torch.get_num_threads(), argv=sys.argv[1:], load_average_1min=round(os.getloadavg()[0], 2))
+        gemm_gflops=round(gemm, 1), threads=torch.get_num_threads(), argv=sys.argv[1:],
+        load_average_1min=round(os.getloadavg()[0], 2))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"head_coefficients_{meta['machine']}")
     with open(stem + ".json", "w") as f:

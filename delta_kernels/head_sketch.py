@@ -36,7 +36,8 @@ def vocab_seed(seed: int) -> int:
     return seed ^ VOCAB_SEED_XOR
 
 
-def _check_dim(name: str, value: Optional[int]) -> None:
+def check_width(name: str, value: Optional[int]) -> None:
+    """A sketch width: None (no sketch) or an int >= 1; errors name the argument."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
@@ -64,7 +65,7 @@ def head_sketch_matrices(vocab_size: int, hidden_size: int, vocab_sketch_dim: in
     for name, value in (("vocab_sketch_dim", vocab_sketch_dim), ("sketch_dim", sketch_dim)):
         if value is None:
             raise TypeError(f"{name}: the matrices need a width (None means no sketch)")
-        _check_dim(name, value)
+        check_width(name, value)
     C.check_sketch_args(None, seed)
     return (sketch_matrix(vocab_size, vocab_sketch_dim, vocab_seed(seed), dtype=dtype, device=device),
             sketch_matrix(hidden_size, sketch_dim, seed, dtype=dtype, device=device))
@@ -127,8 +128,8 @@ def head_gradient_sketch(hidden: torch.Tensor, weight: Optional[torch.Tensor], t
         u_i (x) s_i is the gradient of log pi(y_i) with respect to the head, flattened row-major
         ([V, H] -> V * H), sketched: feed (u, s) to delta_coefficients(..., head_vectors=(u, s)).
     """
-    _check_dim("vocab_sketch_dim", vocab_sketch_dim)
-    _check_dim("sketch_dim", sketch_dim)
+    check_width("vocab_sketch_dim", vocab_sketch_dim)
+    check_width("sketch_dim", sketch_dim)
     C.check_sketch_args(None, seed)
     if logits is None:
         if weight is None:

@@ -8,7 +8,7 @@ import torch
 
 from .. import _checks as C
 from ..accumulator import DeltaAccumulator
-from ..head_sketch import _check_dim, head_gradient_sketch
+from ..head_sketch import check_width, head_gradient_sketch
 
 VECTORS = ("hidden", "head")
 
@@ -30,7 +30,7 @@ class DeltaSpec(C.DeltaConfig):
         C.check_sketch_args(self.sketch_dim, self.seed)
         if self.vectors not in VECTORS:
             C.fail("vectors", f"expected one of {', '.join(VECTORS)}, got {self.vectors!r}")
-        _check_dim("vocab_sketch_dim", self.vocab_sketch_dim)
+        check_width("vocab_sketch_dim", self.vocab_sketch_dim)
         if self.vocab_sketch_dim is not None and self.vectors != "head":
             C.fail("vocab_sketch_dim", "goes with vectors='head'")
 
