@@ -139,13 +139,13 @@ def head_gradient_sketch(hidden: torch.Tensor, weight: Optional[torch.Tensor], t
     else:
         h, x, y, shape = _check_logits(hidden, logits, targets, weight, bias, temperature, check_values)
     cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    ops = resolve(backend, h.device, h.dtype, LM_HEAD)  # also where torch ops do the work: a bad name is refused
     if logits is not None:
         u = _vocab_factor(x, y, temperature, vocab_sketch_dim, seed, cdt)
     elif vocab_sketch_dim is None:
         x = h.to(cdt) @ w.to(cdt).T + (0.0 if b is None else b.to(cdt))
         u = _vocab_factor(x, y, temperature, None, seed, cdt)
     else:
-        ops = resolve(backend, h.device, h.dtype, LM_HEAD)
         p_sketch = ops.softmax_sketch(h, w, b, float(temperature), vocab_sketch_dim, vocab_seed(seed))
         if check_values:
             _check_logits_finite(p_sketch, temperature)

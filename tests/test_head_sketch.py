@@ -227,6 +227,8 @@ def test_bad_widths_and_vocabulary():
         dk.head_gradient_sketch(h, None, y, logits=(h @ w.T)[:5])
     with pytest.raises(ValueError, match="^targets: value 9"):
         dk.head_gradient_sketch(h, None, torch.full((6,), 9), logits=h @ w.T)
+    with pytest.raises(ValueError, match="^backend: unknown backend 'fast'"):
+        dk.head_gradient_sketch(h, None, y, logits=h @ w.T, backend="fast")
     bad = (h @ w.T).clone()
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"^logits: non-finite value nan at index \[2, 3\]"):
