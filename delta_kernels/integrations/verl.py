@@ -56,15 +56,19 @@ Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, 
 """
 from __future__ import annotations
 
+import contextvars
+import importlib
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
 
 from .._optional import require
-from ..coefficients import DeltaResult, delta_coefficients
+from ..coefficients import DeltaResult
 from ..sketch import token_sketch
+from . import core
 from .capture import capture_hidden_states
-from .options import DeltaSpec
+from .core import DeltaSpec
 
 require("verl", "verl")
 
@@ -225,22 +229,11 @@ def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.T
         return None
     if vectors is None:
         raise ValueError(_MISSING)
-    mask = data.batch["response_mask"].bool()
-    adv = data.batch["advantages"]
-    logp = data.batch["old_log_probs"].clamp_max(0) * mask
-    result = delta_coefficients(None, logp, adv, mask, k=spec.k, lam_min=spec.lam_min, lam_max=spec.lam_max,
-                                eps=spec.eps, sketch_dim=spec.sketch_dim, seed=spec.seed, backend=spec.backend,
-                                vectors=vectors)
-    data.batch["advantages"] = result.weighted_advantages.to(adv.dtype)
-    coef = result.coef[mask].float()
-    st = result.stats
-    data.meta_info[METRICS_KEY] = {
-        "delta/coef_std": float(coef.std()) if coef.numel() > 1 else 0.0,
-        "delta/coef_min": float(coef.min()) if coef.numel() else 0.0,
-        "delta/coef_max": float(coef.max()) if coef.numel() else 0.0,
-        "delta/gamma_pos": float(st.gamma_pos), "delta/gamma_neg": float(st.gamma_neg),
-        "delta/n_pos": float(st.n_pos), "delta/n_neg": float(st.n_neg)}
-    return result
+    folded = core.fold(spec, data.batch["advantages"], data.batch["old_log_probs"], data.batch["response_mask"],
+                       vectors=vectors)
+    data.batch["advantages"] = folded.advantages
+    data.meta_info[METRICS_KEY] = folded.metrics
+    return folded.result
 
 
 def _data_metrics_with_delta(original):
@@ -253,7 +246,7 @@ def _data_metrics_with_delta(original):
     return compute_data_metrics
 
 
-def _validate_config_refusing_v1(original):
+def _validate_config_checking_trainer(original):
     def validate_config(config, *args, **kwargs):
         result = original(config, *args, **kwargs)
         check_trainer(config)
@@ -263,20 +256,44 @@ def _validate_config_refusing_v1(original):
     return validate_config
 
 
+DELTA_TRAINERS = ("delta_sync",)  # trainer.v1.trainer_mode names registered by delta_kernels.integrations.verl_v1
+
+
 def check_trainer(config) -> None:
-    """Refuse ``algorithm.delta.enable`` with verl's v1 trainer, which the driver patches do not reach."""
+    """With ``algorithm.delta.enable`` and verl's v1 trainer (``trainer.use_v1``, verl's default),
+    refuse a ``trainer.v1.trainer_mode`` that is not a DelTA trainer: DelTA would silently be off."""
     if spec_from_config(config.get("algorithm", None)) is None:
         return
-    if config.get("trainer", {}).get("use_v1", False):
-        raise ValueError("trainer.use_v1: algorithm.delta.enable=True needs verl's RayPPOTrainer; the v1 trainer "
-                         "(TransferQueue) is not supported by delta_kernels.integrations.verl yet: set "
-                         "trainer.use_v1=False")
+    trainer = config.get("trainer", {})
+    if not trainer.get("use_v1", False):
+        return
+    mode = (trainer.get("v1", None) or {}).get("trainer_mode", None)
+    if mode in DELTA_TRAINERS and V1_SKIPPED is None:
+        return
+    why = (f"verl's v1 trainer could not be imported here ({V1_SKIPPED}), so no DelTA trainer is registered"
+           if V1_SKIPPED is not None else f"{mode!r} is not a DelTA trainer")
+    raise ValueError(f"trainer.v1.trainer_mode: {why}; algorithm.delta.enable=True needs "
+                     "trainer.v1.trainer_mode=delta_sync (or trainer.use_v1=False for the legacy trainer)")
+
+
+_IN_V1 = contextvars.ContextVar("delta_kernels_verl_v1_advantage", default=False)
+
+
+@contextmanager
+def legacy_fold_inert():
+    """verl's v1 trainer calls ray_trainer.compute_advantage (imported by name after patch 3):
+    inside this block that patch only calls the original; the v1 trainer folds by itself."""
+    token = _IN_V1.set(True)
+    try:
+        yield
+    finally:
+        _IN_V1.reset(token)
 
 
 def _compute_advantage_then_fold(original):
     def compute_advantage(data, *args, config=None, **kwargs):
         data = original(data, *args, config=config, **kwargs)
-        if spec_from_config(config) is not None:
+        if spec_from_config(config) is not None and not _IN_V1.get():
             fold_delta_into_advantages(data, config, PENDING.take(data.batch["responses"]))
         return data
     compute_advantage.__wrapped__ = original
@@ -296,7 +313,7 @@ def install() -> Dict[str, str]:
     status["FSDPEngineWithLMHead.forward_step"] = _patch(ti.FSDPEngineWithLMHead, "forward_step",
                                                          _forward_step_with_vectors)
     config_utils = require("verl.utils.config", "verl")
-    status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_refusing_v1)
+    status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_checking_trainer)
     try:
         rt = require("verl.trainer.ppo.ray_trainer", "verl")
     except ImportError as e:
@@ -306,6 +323,13 @@ def install() -> Dict[str, str]:
                                                            _compute_old_log_prob_with_vectors)
     status["ray_trainer.compute_advantage"] = _patch(rt, "compute_advantage", _compute_advantage_then_fold)
     status["ray_trainer.compute_data_metrics"] = _patch(rt, "compute_data_metrics", _data_metrics_with_delta)
+    global V1_SKIPPED
+    try:  # registers "delta_sync"; after the patches above (v1's utils import compute_advantage by name)
+        importlib.import_module(".verl_v1", __package__)
+        status["v1.delta_sync"] = "registered"
+    except ImportError as e:
+        V1_SKIPPED = f"{type(e).__name__}: {e}"
+        status["v1.delta_sync"] = f"skipped: {V1_SKIPPED}"
     return status
 
 
@@ -317,4 +341,5 @@ def _patch(owner, name, wrap) -> str:
     return "patched"
 
 
+V1_SKIPPED: Optional[str] = None  # why verl's v1 trainer could not be imported (then "delta_sync" is not registered)
 INSTALLED = install()
