@@ -10,7 +10,6 @@ import torch
 pytest.importorskip("verl")
 pytest.importorskip("tensordict")
 from omegaconf import OmegaConf  # noqa: E402
-from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402

@@ -114,7 +114,8 @@ def test_v1_off_equals_plain_verl_bit_for_bit(store, tmp_path):
     and delta_kernels is never imported."""
     from transformers import AutoModelForCausalLM
     tiny_model().save_pretrained(tmp_path / "model")
-    ours = plain_run(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), **{"trainer.v1.trainer_mode": "delta_sync"})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ours = plain_run(model, **{"trainer.v1.trainer_mode": "delta_sync"})
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
     env.update(VERL_USE_EXTERNAL_PLUGINS="none", PYTHONPATH=here)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -118,7 +118,3 @@ def delta_metrics(result: DeltaResult, mask: torch.Tensor,
     values = (std, lo, hi, st.gamma_pos, st.gamma_neg, st.n_pos, st.n_neg)
     return {f"delta/{name}": float(v) for name, v in zip(METRIC_NAMES, values)}
 
-
-def split_rows(t: torch.Tensor, rows: List[int]) -> List[torch.Tensor]:
-    """``t`` [sum rows, ...] back into one tensor per chunk of ``rows``."""
-    return list(torch.split(t, rows))
