@@ -18,8 +18,7 @@ import ray  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.integrations import openrlhf as do  # noqa: E402
-from integration_models import tiny_model  # noqa: E402
-from test_integration_verl import context_free_model  # noqa: E402
+from integration_models import context_free_model, tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -219,3 +218,59 @@ def test_refusals(monkeypatch):
         ray.init(runtime_env={"worker_process_setup_hook": "other.hook"})
     ray.init(runtime_env={"env_vars": {"A": "1"}})
     assert recorded["runtime_env"]["env_vars"]["A"] == "1"
+
+
+SHIP_SCRIPT = r"""
+import os, pickle, sys
+import openrlhf_pipeline as pipe
+pipe.use_import_standins()
+import ray
+from ray._common.serialization import pickle_dumps
+from ray.util.tracing.tracing_helper import _inject_tracing_into_class
+if sys.argv[1] == "driver":
+    from delta_kernels.integrations import openrlhf as do
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+    ray.is_initialized = lambda: False
+    do.enable_delta(k=1, sketch_dim=8, backend="torch")
+    classes = [c.__ray_metadata__.modified_class for c in (PolicyModelActor, PPOTrainer)]
+    with open(sys.argv[2], "wb") as f:
+        pickle.dump([pickle_dumps(c, "actor class") for c in classes], f)
+    print(os.environ[do.ENV])
+else:  # a fresh worker: Ray's setup hook, then the actor classes as Ray loads them from the driver's bytes
+    from delta_kernels.integrations import openrlhf as do
+    do.setup_worker()
+    with open(sys.argv[2], "rb") as f:
+        policy, trainer = [pickle.loads(b) for b in pickle.load(f)]
+    for cls in (policy, trainer):
+        _inject_tracing_into_class(cls)
+    pipe.use_standins()
+    from integration_models import tiny_model
+    args = pipe.cli_args(pipe.argv())
+    actor = object.__new__(policy)
+    actor.actor, actor.strategy = pipe.openrlhf_actor(tiny_model(), args), pipe.Strategy(args)
+    e = pipe.rollouts(args)[0]
+    actor.forward(e.sequences, e.action_mask, e.attention_mask)
+    vectors = do._take_vectors(actor)
+    do._LAST_METRICS["delta/coef_std"] = 0.5
+    stats = trainer._compute_rollout_stats(object.__new__(trainer), [e])
+    print(len(vectors), list(vectors[0].shape), stats["delta/coef_std"], do._LAST_METRICS)
+"""
+
+
+def test_ray_ships_the_patched_actor_classes(tmp_path):
+    """What Ray does with the driver's patches: export the modified classes with its own
+    serializer (driver process), load them in a fresh worker after the setup hook, re-inject
+    tracing; the policy forward stashes its vectors and the rollout stats read the worker's metrics."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**{k: v for k, v in os.environ.items() if k != do.ENV},
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}
+    path = str(tmp_path / "classes.pkl")
+    driver = subprocess.run([sys.executable, "-c", SHIP_SCRIPT, "driver", path], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    env[do.ENV] = driver.stdout.strip().splitlines()[-1]  # Ray's runtime_env env_vars
+    worker = subprocess.run([sys.executable, "-c", SHIP_SCRIPT, "worker", path], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    assert worker.stdout.strip().splitlines()[-1] == "1 [1, 8, 8] 0.5 {}"  # one forward: [1, S - 1, r]

@@ -18,8 +18,7 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.integrations import response_hidden_states  # noqa: E402
 from delta_kernels.integrations import verl as dv  # noqa: E402
-from delta_kernels.trainer.model import ModelSize, build_default_model  # noqa: E402
-from integration_models import tiny_model  # noqa: E402
+from integration_models import context_free_model, tiny_model  # noqa: E402
 from verl_standins import B, R, cpu_engine, padded_batch, training_worker  # noqa: E402
 from verl.workers.engine.fsdp import transformer_impl as ti  # noqa: E402
 
@@ -39,14 +38,6 @@ def cpu_device(monkeypatch):
     """verl's FSDP engine asks its platform for the device; on this CPU-only machine it is the CPU."""
     monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
     monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
-
-
-def context_free_model():
-    """Zero decoder layers: each token's hidden state depends on its id only, so packing several
-    sequences in one row (which eager attention does not isolate) changes nothing and an
-    independent padded forward is the reference for the packed layout."""
-    return build_default_model(17, ModelSize(hidden_size=32, num_layers=0, num_heads=2, num_kv_heads=1,
-                                             intermediate_size=64), 0, 0, 1, 2)[0]
 
 
 def worker_outputs(model, data, packed, temperature=1.0):
@@ -194,7 +185,7 @@ def test_driver_patches_on_verls_own_trainer_functions():
     torch.testing.assert_close(torch.tensor(metrics["delta/coef_max"]), ref.coef[mask.bool()].max().float())
 
 
-def test_driver_refuses_what_would_silently_drop_delta():
+def test_driver_refuses_what_would_silently_drop_delta(monkeypatch):
     """Workers without the capture, a batch reordered between the passes, a temperature
     mismatch, verl's v1 trainer in a mode that is not DelTA's: each refused, naming what to change."""
     from verl.trainer.ppo import ray_trainer as rt
@@ -231,6 +222,9 @@ def test_driver_refuses_what_would_silently_drop_delta():
     dv.check_trainer(v1)
     dv.check_trainer(driver(tiny_model()).config)
     dv.check_trainer(OmegaConf.create(dict(trainer=dict(use_v1=True, v1=dict(trainer_mode="sync")), algorithm={})))
+    monkeypatch.setattr(dv, "V1_SKIPPED", "ModuleNotFoundError: No module named 'transfer_queue'")
+    with pytest.raises(ValueError, match="v1 trainer could not be imported here .*transfer_queue.*trainer.use_v1=False"):
+        dv.check_trainer(v1)  # delta_sync asked for, but not registered in this environment
 
 
 def import_verl_in_a_subprocess(env, pythonpath):

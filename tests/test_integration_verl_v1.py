@@ -24,8 +24,8 @@ from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.integrations import response_hidden_states, verl_v1  # noqa: E402
-from integration_models import tiny_model  # noqa: E402
-from test_integration_verl import context_free_model, cpu_device, process_group  # noqa: E402,F401
+from integration_models import context_free_model, tiny_model  # noqa: E402
+from test_integration_verl import cpu_device, process_group  # noqa: E402,F401
 from verl_standins import (UIDS, MemoryTQ, padded, padded_batch, plain_run, scores, step, trainer_on,  # noqa: E402
                            use_store, v1_config)
 

@@ -236,16 +236,23 @@ def _advantages_then_fold(original):
     return compute_advantages_and_returns
 
 
+def add_delta_metrics(stats: Dict[str, float]) -> None:
+    """Move the last fold's delta/* metrics of this process into ``stats``."""
+    if not _LAST_METRICS:
+        raise RuntimeError("DelTA is on but this PPO trainer process folded no coefficients: its "
+                           f"worker_process_setup_hook ({HOOK}) did not run; start Ray through enable_delta or with "
+                           "runtime_env=delta_runtime_env(...)")
+    stats.update(_LAST_METRICS)
+    _LAST_METRICS.clear()
+
+
 def _rollout_stats_with_delta(original):
+    # Ray ships this closure by value with the actor class (its globals a snapshot of the driver's:
+    # _SPEC); the metrics live in the worker's module, reached through a module-level function.
     def _compute_rollout_stats(self, experiences):
         stats = original(self, experiences)
         if _SPEC is not None:
-            if not _LAST_METRICS:
-                raise RuntimeError("DelTA is on but this PPO trainer process folded no coefficients: its "
-                                   f"worker_process_setup_hook ({HOOK}) did not run; start Ray through "
-                                   "enable_delta or with runtime_env=delta_runtime_env(...)")
-            stats.update(_LAST_METRICS)
-            _LAST_METRICS.clear()
+            add_delta_metrics(stats)
         return stats
     return _compute_rollout_stats
 

@@ -2,7 +2,7 @@
 
 Enable::
 
-    python -m verl.trainer.main_ppo ... \\
+    python -m verl.trainer.main_ppo ... trainer.v1.trainer_mode=delta_sync \\
         +algorithm.delta.enable=True +algorithm.delta.k=1 +algorithm.delta.sketch_dim=256
 
 This module must be imported in every process (the driver and the Ray workers): the installed
@@ -44,14 +44,16 @@ hook for extra worker outputs, a post-advantage step or extra metrics), verl 0.9
     2. ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` (driver)
     3. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (driver; the module global the fit loop calls)
     4. ``verl.trainer.ppo.ray_trainer.compute_data_metrics`` (driver; adds the delta/* metrics)
-    5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): refuses
-       ``algorithm.delta.enable`` with ``trainer.use_v1=True``
+    5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): with
+       ``algorithm.delta.enable`` and ``trainer.use_v1`` (verl's default), refuses a
+       ``trainer.v1.trainer_mode`` other than ``delta_sync``
 Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set
-(4: unless the batch carries them).
+(3: nor inside ``legacy_fold_inert``; 4: unless the batch carries them).
 
-Trainer: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``). verl 0.9.1's default v1 trainer
-(verl/trainer/ppo/v1, TransferQueue) computes old log-probs and advantages in other methods that
-these patches do not reach, so DelTA would silently be off there: patch 5 refuses it instead.
+Trainers: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``) through patches 2-4; verl
+0.9.1's default v1 trainer (verl/trainer/ppo/v1, TransferQueue) through
+``DeltaPPOTrainerSync``, registered as ``"delta_sync"`` by ``delta_kernels.integrations.verl_v1``
+(imported by ``install``; where verl's v1 package cannot be imported, ``V1_SKIPPED`` says why).
 Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend.
 """
 from __future__ import annotations
