@@ -19,10 +19,23 @@ STANDINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openrlhf_st
 
 
 def use_import_standins() -> None:
-    """vllm and flash_attn cannot install on a CPU-only machine: their import-time stand-ins."""
+    """vllm and flash_attn cannot install on a CPU-only machine: OpenRLHF's modules are imported
+    with their import-time stand-ins, which then leave sys.path and sys.modules again (other
+    packages, such as TRL, probe for a real vllm)."""
+    import importlib
     import importlib.util
-    if any(importlib.util.find_spec(m) is None for m in ("vllm", "flash_attn")) and STANDINS not in sys.path:
-        sys.path.append(STANDINS)
+    missing = [m for m in ("vllm", "flash_attn") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    sys.path.append(STANDINS)
+    try:
+        for module in ("openrlhf.models", "openrlhf.trainer.ray.ppo_actor", "openrlhf.trainer.ppo_trainer",
+                       "openrlhf.trainer.ppo_utils.experience_maker", "openrlhf.cli.train_ppo_ray"):
+            importlib.import_module(module)
+    finally:
+        sys.path.remove(STANDINS)
+        for name in [n for n in sys.modules if n.split(".")[0] in missing]:
+            del sys.modules[name]
 
 
 class _Parsed(Exception):

@@ -80,9 +80,10 @@ def fold(spec: DeltaSpec, advantages: torch.Tensor, log_probs: torch.Tensor, mas
 
 def fold_accumulated(acc: DeltaAccumulator, advantages, mask: torch.Tensor,
                      gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> DeltaFold:
-    """``acc.finalize(advantages, mask)`` over adds of shape [b_i, T], joined into one batch:
-    advantages [sum b] or [sum b, T] (or a list, one per add), mask [sum b, T] (a late mask
-    ANDed with the add masks, or a list)."""
+    """``acc.finalize(advantages, mask)``, the adds' results joined along their first dim: adds
+    of shape [b_i, T] (advantages [sum b] or [sum b, T], mask [sum b, T]) or flat [n_i]
+    (advantages and mask [sum n]); either also as lists, one per add. The mask is a late mask
+    ANDed with the add masks."""
     results = acc.finalize(advantages, mask=mask)
     first = results[0]
     stats = dataclasses.replace(first.stats, pred=torch.cat([r.stats.pred for r in results]))
