@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# verl 0.9.1's own dependency pins (transformers < 5.11, a GPU stack) conflict with the rest, so
-# its extra lists only what its algorithm modules import, and verl is installed without its pins.
-_AFTER = {"verl": " && pip install --no-deps 'verl==0.9.1'"}
+# verl 0.9.1's and OpenRLHF 0.11.2's own dependency pins (transformers < 5.11 / == 5.15, a GPU stack) conflict
+# with the rest, so their extras list only what their modules import, and they are installed without their pins.
+_AFTER = {"verl": " && pip install --no-deps 'verl==0.9.1'",
+          "openrlhf": " && pip install --no-deps 'openrlhf==0.11.2'"}
 
 
 class MissingExtra(ImportError):

@@ -23,6 +23,11 @@ fi
 # so it is installed without its dependency list plus what those import.
 "$VPY" -m pip install -q --no-deps "verl==0.9.1"
 "$VPY" -m pip install -q "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf hydra-core codetiming dill ray \
-  torchdata cachetools uvicorn fastapi
+  torchdata cachetools uvicorn fastapi "transferqueue==0.1.11" aiohttp
+# OpenRLHF 0.11.2 pins flash-attn (a CUDA build), deepspeed and transformers 5.15: installed without its dependency
+# list, plus what its PPO modules import (deepspeed 0.19.6 builds no ops at install; vllm and flash-attn cannot
+# install here, the tests stand in for their imports).
+"$VPY" -m pip install -q --no-deps "openrlhf==0.11.2"
+"$VPY" -m pip install -q "deepspeed==0.19.6" pylatexenc einops jsonlines optree torchmetrics loralib
 "$VPY" -m pip install -q --no-build-isolation -e .
 "$VPY" -c "import delta_kernels as dk; print('delta_kernels backends:', ', '.join(dk.available_backends()))"

@@ -27,6 +27,14 @@ def tiny_model(seed: int = 0):
     return model
 
 
+def context_free_model():
+    """Zero decoder layers: each token's hidden state depends on its id only, so packing several
+    sequences in one row (which eager attention does not isolate) changes nothing and an
+    independent padded forward is the reference for the packed layout. Vocabulary of 17."""
+    return build_default_model(17, ModelSize(hidden_size=32, num_layers=0, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), 0, 0, 1, 2)[0]
+
+
 def prompts(n: int):
     g = torch.Generator().manual_seed(1)
     xs = torch.randint(0, 50, (n, 2), generator=g).tolist()

@@ -2,7 +2,6 @@
 verl builds them: a left/right-padded batch -> verl's left_right_2_no_padding -> verl's own FSDP
 engine forward (dynamic micro-batches, packed or padded model inputs, jagged log-probs) with the
 patched forward_step -> verl's no_padding_2_padding -> the fold after compute_advantage."""
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 pytest.importorskip("verl")
 pytest.importorskip("tensordict")
 from omegaconf import OmegaConf  # noqa: E402
-from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -20,12 +18,10 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 import delta_kernels as dk  # noqa: E402
 from delta_kernels.integrations import response_hidden_states  # noqa: E402
 from delta_kernels.integrations import verl as dv  # noqa: E402
-from delta_kernels.trainer.model import ModelSize, build_default_model  # noqa: E402
-from integration_models import tiny_model  # noqa: E402
-import verl.utils.torch_functional as verl_F  # noqa: E402
+from integration_models import context_free_model, tiny_model  # noqa: E402
+from verl_standins import B, R, cpu_engine, padded_batch, training_worker  # noqa: E402
 from verl.workers.engine.fsdp import transformer_impl as ti  # noqa: E402
 
-B, P, R = 5, 5, 6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,42 +38,6 @@ def cpu_device(monkeypatch):
     """verl's FSDP engine asks its platform for the device; on this CPU-only machine it is the CPU."""
     monkeypatch.setattr(ti, "get_device_id", lambda: "cpu")
     monkeypatch.setattr(ti, "get_device_name", lambda: "cpu")
-
-
-def cpu_engine(model):
-    """verl's FSDPEngineWithLMHead around an unwrapped model: its own forward_backward_batch,
-    micro-batching (dynamic batch size, reordering), prepare_model_inputs/outputs and the
-    DelTA-patched forward_step; only the FSDP/device set-up is left out."""
-    eng = object.__new__(ti.FSDPEngineWithLMHead)
-    eng.module = model.eval()
-    eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
-    eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
-    eng.compute_entropy_from_logits = verl_F.entropy_from_logits
-    eng._autocast_dtype = torch.float32
-    eng.get_data_parallel_group, eng.get_data_parallel_size = (lambda: None), (lambda: 1)
-    return eng
-
-
-def context_free_model():
-    """Zero decoder layers: each token's hidden state depends on its id only, so packing several
-    sequences in one row (which eager attention does not isolate) changes nothing and an
-    independent padded forward is the reference for the packed layout."""
-    return build_default_model(17, ModelSize(hidden_size=32, num_layers=0, num_heads=2, num_kv_heads=1,
-                                             intermediate_size=64), 0, 0, 1, 2)[0]
-
-
-def padded_batch(seed=0):
-    """verl's rollout output: left-padded prompts, right-padded responses."""
-    g = torch.Generator().manual_seed(seed)
-    prompts, responses = torch.randint(3, 17, (B, P), generator=g), torch.randint(3, 17, (B, R), generator=g)
-    p_len, r_len = torch.tensor([5, 3, 4, 2, 5]), torch.tensor([6, 2, 5, 6, 1])
-    p_mask = torch.arange(P)[None] >= P - p_len[:, None]
-    r_mask = torch.arange(R)[None] < r_len[:, None]
-    prompts[~p_mask], responses[~r_mask] = 0, 0
-    attn = torch.cat([p_mask, r_mask], 1).long()
-    return TensorDict(dict(prompts=prompts, responses=responses, input_ids=torch.cat([prompts, responses], 1),
-                           attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp_min(0),
-                           response_mask=r_mask.long()), batch_size=[B])
 
 
 def worker_outputs(model, data, packed, temperature=1.0):
@@ -161,27 +121,6 @@ def test_bad_use_is_refused():
     assert dv.install()["FSDPEngineWithLMHead.forward_step"] == "already patched"
 
 
-class FlopsEstimate:
-    """The one stand-in: verl's FlopsCounter asks CUDA for the device's peak flops."""
-
-    def estimate_flops(self, global_token_num, delta_time, images_seqlens=None):
-        return float(sum(global_token_num)), 1e3
-
-
-def training_worker(model):
-    """verl's TrainingWorker (the actor's infer_batch and _postprocess_output) around the CPU engine."""
-    from verl.workers.engine_workers import TrainingWorker
-    eng = cpu_engine(model)
-    eng.eval_mode = lambda **kw: nullcontext()  # FSDP's eval context: offload and resharding only
-    eng.ulysses_device_mesh = None
-    worker = object.__new__(TrainingWorker)
-    worker.engine, worker.loss_fn, worker.device_name, worker.flops_counter = eng, None, "cpu", FlopsEstimate()
-    worker.model_config = OmegaConf.create(dict(use_remove_padding=False))
-    worker.engine_config = SimpleNamespace(use_dynamic_bsz=True, infer_max_token_len_per_gpu=16,
-                                           infer_micro_batch_size_per_gpu=None, use_fused_kernels=False)
-    return worker
-
-
 class WorkerGroup:
     """The actor worker group as the driver sees it: compute_log_prob(TensorDict) is verl's
     ActorRolloutRefWorker.compute_log_prob (``actor.infer_batch(data).cpu()``) on verl's
@@ -246,9 +185,9 @@ def test_driver_patches_on_verls_own_trainer_functions():
     torch.testing.assert_close(torch.tensor(metrics["delta/coef_max"]), ref.coef[mask.bool()].max().float())
 
 
-def test_driver_refuses_what_would_silently_drop_delta():
+def test_driver_refuses_what_would_silently_drop_delta(monkeypatch):
     """Workers without the capture, a batch reordered between the passes, a temperature
-    mismatch, verl's v1 trainer: each refused, naming what to change."""
+    mismatch, verl's v1 trainer in a mode that is not DelTA's: each refused, naming what to change."""
     from verl.trainer.ppo import ray_trainer as rt
     from verl.utils import config as verl_config
     td = padded_batch(2)
@@ -271,14 +210,21 @@ def test_driver_refuses_what_would_silently_drop_delta():
     assert verl_config.validate_config._delta_kernels_patch
     v1 = driver(tiny_model()).config
     v1.trainer.use_v1 = True
-    with pytest.raises(ValueError, match="trainer.use_v1: .* set trainer.use_v1=False"):
+    v1.trainer.v1 = {"trainer_mode": "sync"}
+    with pytest.raises(ValueError, match="trainer.v1.trainer_mode: 'sync' is not a DelTA trainer.*"
+                                         "trainer.v1.trainer_mode=delta_sync"):
         dv.check_trainer(v1)
     seen = []
-    with pytest.raises(ValueError, match="trainer.use_v1"):
-        dv._validate_config_refusing_v1(lambda config, **kw: seen.append(kw))(config=v1, use_critic=False)
+    with pytest.raises(ValueError, match="trainer.v1.trainer_mode"):
+        dv._validate_config_checking_trainer(lambda config, **kw: seen.append(kw))(config=v1, use_critic=False)
     assert seen == [{"use_critic": False}]  # verl's own check ran first
+    v1.trainer.v1.trainer_mode = "delta_sync"
+    dv.check_trainer(v1)
     dv.check_trainer(driver(tiny_model()).config)
-    dv.check_trainer(OmegaConf.create(dict(trainer=dict(use_v1=True), algorithm={})))
+    dv.check_trainer(OmegaConf.create(dict(trainer=dict(use_v1=True, v1=dict(trainer_mode="sync")), algorithm={})))
+    monkeypatch.setattr(dv, "V1_SKIPPED", "ModuleNotFoundError: No module named 'transfer_queue'")
+    with pytest.raises(ValueError, match="v1 trainer could not be imported here .*transfer_queue.*trainer.use_v1=False"):
+        dv.check_trainer(v1)  # delta_sync asked for, but not registered in this environment
 
 
 def import_verl_in_a_subprocess(env, pythonpath):

@@ -47,8 +47,10 @@ def test_require_names_the_extra(module, extra, monkeypatch):
     assert isinstance(info.value, ImportError)
 
 
-def test_verl_hint_installs_verl_without_its_pins():
+def test_verl_and_openrlhf_hints_install_them_without_their_pins():
     assert install_hint("verl") == "pip install 'delta-kernels[verl]' && pip install --no-deps 'verl==0.9.1'"
+    assert install_hint("openrlhf") == ("pip install 'delta-kernels[openrlhf]' && "
+                                        "pip install --no-deps 'openrlhf==0.11.2'")
 
 
 def test_require_returns_the_module():
@@ -141,8 +143,9 @@ def test_triton_backend_names_the_triton_extra():
 
 @pytest.mark.parametrize("module,hide,extra", [("delta_kernels.integrations.trl", "trl", "trl"),
                                                ("delta_kernels.integrations.verl", "verl", "verl"),
-                                               ("delta_kernels.integrations.verl", "tensordict", "verl")],
-                         ids=["trl", "verl", "verl_without_tensordict"])
+                                               ("delta_kernels.integrations.verl", "tensordict", "verl"),
+                                               ("delta_kernels.integrations.openrlhf", "openrlhf", "openrlhf")],
+                         ids=["trl", "verl", "verl_without_tensordict", "openrlhf"])
 def test_integrations_name_their_extra(module, hide, extra):
     """Importing the TRL / verl adapter without its framework (or, for verl installed with
     --no-deps, without one of verl's own dependencies) fails with one line naming the extra."""

@@ -29,16 +29,15 @@ as GRPOTrainer's; so does evaluation (its advantages stay TRL's). The trainer's 
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from .._optional import require
 from ..accumulator import DeltaAccumulator
-from ..coefficients import DeltaResult
-from .capture import capture_hidden_states, lm_head_parameters, response_hidden_states
-from .options import DeltaSpec
+from . import core
+from .capture import capture_hidden_states, lm_head_parameters
+from .core import DeltaSpec, response_hidden_states
 
 _trl = require("trl", "trl")
 GRPOTrainer = _trl.GRPOTrainer
@@ -139,33 +138,9 @@ class DeltaGRPOTrainer(GRPOTrainer):
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
         # TRL's loss mask, known only now (tool_mask), ANDed with the masks of the pass
-        result = _joined(acc.finalize(output["advantages"], mask=mask))
-        output["advantages"] = result.weighted_advantages.to(output["advantages"].dtype)
-        self.delta_last = result
-        self._log_delta(result, mask.bool())
+        folded = core.fold_accumulated(acc, output["advantages"], mask, gather=self.accelerator.gather)
+        output["advantages"] = folded.advantages
+        self.delta_last = folded.result
+        for name, value in folded.metrics.items():
+            self._metrics["train"][name].append(value)
         return output
-
-    def _log_delta(self, result, mask: torch.Tensor) -> None:
-        coef = result.coef[mask].float()
-        big = torch.finfo(torch.float32).max
-        local = torch.stack([coef.sum(), (coef * coef).sum(), torch.tensor(float(coef.numel()), device=coef.device),
-                             -coef.min() if coef.numel() else torch.tensor(-big, device=coef.device),
-                             coef.max() if coef.numel() else torch.tensor(-big, device=coef.device)])
-        rows = self.accelerator.gather(local[None]).reshape(-1, 5)
-        n = rows[:, 2].sum().clamp_min(1)
-        mean = rows[:, 0].sum() / n
-        std = (rows[:, 1].sum() / n - mean * mean).clamp_min(0).sqrt()
-        metrics = self._metrics["train"]
-        st = result.stats
-        for name, value in (("coef_std", std), ("coef_min", -rows[:, 3].max()), ("coef_max", rows[:, 4].max()),
-                            ("gamma_pos", st.gamma_pos), ("gamma_neg", st.gamma_neg), ("n_pos", st.n_pos),
-                            ("n_neg", st.n_neg)):
-            metrics[f"delta/{name}"].append(float(value))
-
-
-def _joined(results: List[DeltaResult]) -> DeltaResult:
-    """The accumulator's per-add results (row chunks [b, T] of one generation batch) as one [B, T]."""
-    first = results[0]
-    stats = dataclasses.replace(first.stats, pred=torch.cat([r.stats.pred for r in results]))
-    return DeltaResult(coef=torch.cat([r.coef for r in results]),
-                       weighted_advantages=torch.cat([r.weighted_advantages for r in results]), stats=stats)

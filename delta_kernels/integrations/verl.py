@@ -2,7 +2,7 @@
 
 Enable::
 
-    python -m verl.trainer.main_ppo ... \\
+    python -m verl.trainer.main_ppo ... trainer.v1.trainer_mode=delta_sync \\
         +algorithm.delta.enable=True +algorithm.delta.k=1 +algorithm.delta.sketch_dim=256
 
 This module must be imported in every process (the driver and the Ray workers): the installed
@@ -44,29 +44,35 @@ hook for extra worker outputs, a post-advantage step or extra metrics), verl 0.9
     2. ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` (driver)
     3. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (driver; the module global the fit loop calls)
     4. ``verl.trainer.ppo.ray_trainer.compute_data_metrics`` (driver; adds the delta/* metrics)
-    5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): refuses
-       ``algorithm.delta.enable`` with ``trainer.use_v1=True``
+    5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): with
+       ``algorithm.delta.enable`` and ``trainer.use_v1`` (verl's default), refuses a
+       ``trainer.v1.trainer_mode`` other than ``delta_sync``
 Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set
-(4: unless the batch carries them).
+(3: nor inside ``legacy_fold_inert``; 4: unless the batch carries them).
 
-Trainer: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``). verl 0.9.1's default v1 trainer
-(verl/trainer/ppo/v1, TransferQueue) computes old log-probs and advantages in other methods that
-these patches do not reach, so DelTA would silently be off there: patch 5 refuses it instead.
+Trainers: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``) through patches 2-4; verl
+0.9.1's default v1 trainer (verl/trainer/ppo/v1, TransferQueue) through
+``DeltaPPOTrainerSync``, registered as ``"delta_sync"`` by ``delta_kernels.integrations.verl_v1``
+(imported by ``install``; where verl's v1 package cannot be imported, ``V1_SKIPPED`` says why).
 Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend, and vectors=head with
 vocab_sketch_dim (DelTA on the LM-head gradient's factors: the workers send [u | s], r1 + r2 per token, from
-head_gradient_sketch on the captured states, the head's weight and the rolled input ids; the driver splits it).
+head_gradient_sketch on the captured states, the head's weight and the rolled input ids; ``core.fold`` splits it).
 """
 from __future__ import annotations
 
+import contextvars
+import importlib
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
 
 from .._optional import require
-from ..coefficients import DeltaResult, delta_coefficients
+from ..coefficients import DeltaResult
 from ..sketch import token_sketch
+from . import core
 from .capture import capture_hidden_states, lm_head_parameters
-from .options import DeltaSpec
+from .core import DeltaSpec
 
 require("verl", "verl")
 
@@ -243,23 +249,11 @@ def fold_delta_into_advantages(data, algorithm_config, vectors: Optional[torch.T
         return None
     if vectors is None:
         raise ValueError(_MISSING)
-    mask = data.batch["response_mask"].bool()
-    adv = data.batch["advantages"]
-    logp = data.batch["old_log_probs"].clamp_max(0) * mask
-    given = dict(vectors=vectors)
-    if spec.vectors == "head":  # [u | s]: r1 = vocab_sketch_dim columns of u
-        given = dict(head_vectors=vectors.split([spec.vocab_sketch_dim, vectors.shape[-1] - spec.vocab_sketch_dim], -1))
-    result = delta_coefficients(None, logp, adv, mask, **spec.coefficient_kwargs(), **given)
-    data.batch["advantages"] = result.weighted_advantages.to(adv.dtype)
-    coef = result.coef[mask].float()
-    st = result.stats
-    data.meta_info[METRICS_KEY] = {
-        "delta/coef_std": float(coef.std()) if coef.numel() > 1 else 0.0,
-        "delta/coef_min": float(coef.min()) if coef.numel() else 0.0,
-        "delta/coef_max": float(coef.max()) if coef.numel() else 0.0,
-        "delta/gamma_pos": float(st.gamma_pos), "delta/gamma_neg": float(st.gamma_neg),
-        "delta/n_pos": float(st.n_pos), "delta/n_neg": float(st.n_neg)}
-    return result
+    folded = core.fold(spec, data.batch["advantages"], data.batch["old_log_probs"], data.batch["response_mask"],
+                       vectors=vectors)
+    data.batch["advantages"] = folded.advantages
+    data.meta_info[METRICS_KEY] = folded.metrics
+    return folded.result
 
 
 def _data_metrics_with_delta(original):
@@ -272,7 +266,7 @@ def _data_metrics_with_delta(original):
     return compute_data_metrics
 
 
-def _validate_config_refusing_v1(original):
+def _validate_config_checking_trainer(original):
     def validate_config(config, *args, **kwargs):
         result = original(config, *args, **kwargs)
         check_trainer(config)
@@ -282,20 +276,44 @@ def _validate_config_refusing_v1(original):
     return validate_config
 
 
+DELTA_TRAINERS = ("delta_sync",)  # trainer.v1.trainer_mode names registered by delta_kernels.integrations.verl_v1
+
+
 def check_trainer(config) -> None:
-    """Refuse ``algorithm.delta.enable`` with verl's v1 trainer, which the driver patches do not reach."""
+    """With ``algorithm.delta.enable`` and verl's v1 trainer (``trainer.use_v1``, verl's default),
+    refuse a ``trainer.v1.trainer_mode`` that is not a DelTA trainer: DelTA would silently be off."""
     if spec_from_config(config.get("algorithm", None)) is None:
         return
-    if config.get("trainer", {}).get("use_v1", False):
-        raise ValueError("trainer.use_v1: algorithm.delta.enable=True needs verl's RayPPOTrainer; the v1 trainer "
-                         "(TransferQueue) is not supported by delta_kernels.integrations.verl yet: set "
-                         "trainer.use_v1=False")
+    trainer = config.get("trainer", {})
+    if not trainer.get("use_v1", False):
+        return
+    mode = (trainer.get("v1", None) or {}).get("trainer_mode", None)
+    if mode in DELTA_TRAINERS and V1_SKIPPED is None:
+        return
+    why = (f"verl's v1 trainer could not be imported here ({V1_SKIPPED}), so no DelTA trainer is registered"
+           if V1_SKIPPED is not None else f"{mode!r} is not a DelTA trainer")
+    raise ValueError(f"trainer.v1.trainer_mode: {why}; algorithm.delta.enable=True needs "
+                     "trainer.v1.trainer_mode=delta_sync (or trainer.use_v1=False for the legacy trainer)")
+
+
+_IN_V1 = contextvars.ContextVar("delta_kernels_verl_v1_advantage", default=False)
+
+
+@contextmanager
+def legacy_fold_inert():
+    """verl's v1 trainer calls ray_trainer.compute_advantage (imported by name after patch 3):
+    inside this block that patch only calls the original; the v1 trainer folds by itself."""
+    token = _IN_V1.set(True)
+    try:
+        yield
+    finally:
+        _IN_V1.reset(token)
 
 
 def _compute_advantage_then_fold(original):
     def compute_advantage(data, *args, config=None, **kwargs):
         data = original(data, *args, config=config, **kwargs)
-        if spec_from_config(config) is not None:
+        if spec_from_config(config) is not None and not _IN_V1.get():
             fold_delta_into_advantages(data, config, PENDING.take(data.batch["responses"]))
         return data
     compute_advantage.__wrapped__ = original
@@ -315,7 +333,7 @@ def install() -> Dict[str, str]:
     status["FSDPEngineWithLMHead.forward_step"] = _patch(ti.FSDPEngineWithLMHead, "forward_step",
                                                          _forward_step_with_vectors)
     config_utils = require("verl.utils.config", "verl")
-    status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_refusing_v1)
+    status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_checking_trainer)
     try:
         rt = require("verl.trainer.ppo.ray_trainer", "verl")
     except ImportError as e:
@@ -325,6 +343,13 @@ def install() -> Dict[str, str]:
                                                            _compute_old_log_prob_with_vectors)
     status["ray_trainer.compute_advantage"] = _patch(rt, "compute_advantage", _compute_advantage_then_fold)
     status["ray_trainer.compute_data_metrics"] = _patch(rt, "compute_data_metrics", _data_metrics_with_delta)
+    global V1_SKIPPED
+    try:  # registers "delta_sync"; after the patches above (v1's utils import compute_advantage by name)
+        importlib.import_module(".verl_v1", __package__)
+        status["v1.delta_sync"] = "registered"
+    except ImportError as e:
+        V1_SKIPPED = f"{type(e).__name__}: {e}"
+        status["v1.delta_sync"] = f"skipped: {V1_SKIPPED}"
     return status
 
 
@@ -336,4 +361,5 @@ def _patch(owner, name, wrap) -> str:
     return "patched"
 
 
+V1_SKIPPED: Optional[str] = None  # why verl's v1 trainer could not be imported (then "delta_sync" is not registered)
 INSTALLED = install()
