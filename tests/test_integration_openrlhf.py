@@ -187,6 +187,8 @@ def test_refusals(monkeypatch):
         do.enable_delta(k=-1)
     with pytest.raises(ValueError, match="delta: unknown keys"):
         do.delta_runtime_env(k=1, lr=3)
+    with pytest.raises(ValueError, match="vectors: 'head' is not supported by the OpenRLHF adapter"):
+        do.delta_runtime_env(k=1, vectors="head", vocab_sketch_dim=4)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     with pytest.raises(RuntimeError, match="Ray is already initialized.*delta_runtime_env"):
         do.enable_delta(k=1)
