@@ -99,9 +99,13 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
         side_sums=None if side_sums is None else side_sums.contiguous())
     impl = resolve(backend, device, dtype, "delta_coefficients")
     coef, st = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
-    if check_values and not bool(torch.isfinite(coef.sum())):  # a backstop: the checks above should prevent it
-        C.fail("hidden", "the coefficients overflowed the compute dtype: the sums of advantages * token vectors are "
-                         "too large; scale the advantages down")
+    if check_values:  # a backstop: the checks above should prevent it
+        overflow = ("the coefficients overflowed the compute dtype: the sums of advantages * token vectors are too "
+                    "large; scale the advantages down")
+        if C.compiling():
+            C.assert_on_device(torch.isfinite(coef), "hidden", overflow)
+        elif not bool(torch.isfinite(coef.sum())):
+            C.fail("hidden", overflow)
     shape = batch.shape
     coef = coef.reshape(shape)
     st["pred"] = st["pred"].reshape(shape)
