@@ -102,17 +102,26 @@ register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.floa
                  0, lm_head="delta_kernels.fused_linear.torch_chunked"))
 
 
-_modules: Dict[str, ModuleType] = {}  # the backend modules imported so far, by dotted path
+class _Imported:
+    """The backend modules imported so far, as attributes named by the dotted path with "." as
+    "__" (an attribute, not a dict: torch.compile reads it live after a trace-time import)."""
+
+
+_imported_modules = _Imported()
+
+
+def _attr(path: str) -> str:
+    return path.replace(".", "__")
 
 
 @torch.compiler.assume_constant_result
 def _imported(b: Backend, path: str) -> bool:
-    """Import ``path`` into _modules once; False when it does not import. Under torch.compile the
-    import runs at trace time and the answer is a constant (no import inside the graph), so a
-    compiled call can be the first call of a process."""
-    if path not in _modules:
+    """Import ``path`` once; False when it does not import. Under torch.compile the import runs
+    at trace time and the answer is a constant (no import inside the graph), so a compiled call
+    can be the first call of a process."""
+    if not hasattr(_imported_modules, _attr(path)):
         try:
-            _modules[path] = importlib.import_module(path)
+            setattr(_imported_modules, _attr(path), importlib.import_module(path))
         except ImportError as e:  # not built, or triton missing
             _errors[b.name] = f"{type(e).__name__}: {e}"
             return False
@@ -121,7 +130,7 @@ def _imported(b: Backend, path: str) -> bool:
 
 def _load(b: Backend, op: str) -> Optional[ModuleType]:
     path = b.lm_head if op == LM_HEAD else b.module
-    return _modules[path] if _imported(b, path) else None
+    return getattr(_imported_modules, _attr(path)) if _imported(b, path) else None
 
 
 def _serves(mod: ModuleType, op: str) -> bool:
