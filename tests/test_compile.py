@@ -282,3 +282,16 @@ def test_value_checks_under_compile(monkeypatch):
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="logp: log-probabilities must be <= 0"):
         torch.compile(call, fullgraph=True, backend="aot_eager")(x, "cpp")
+    good = inputs()  # the asserts keep the graph whole and change no result
+    for name in ("coef_hidden_exact_f32", "clipped_surrogate_loss"):
+        torch._dynamo.reset()
+        assert_equal_to_eager(*compile_and_compare(CALLS[name], good, "cpp"), "cpp")
+
+
+def test_cuda_backend_registers_its_kernels_for_cuda():
+    """The cuda backend's op bodies are registered when its module imports (its build imports without a GPU)."""
+    pytest.importorskip("delta_kernels._cuda")
+    import delta_kernels.backends.cuda  # noqa: F401
+    for name in set(_ops.SCHEMAS) - {"sketch_matrix"}:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualname(name), "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualname(name), "CPU"), name

@@ -1,5 +1,5 @@
 """The native kernels as torch.library custom ops (namespace ``delta_kernels``), so that
-``torch.compile`` keeps them in one graph (docs/compile.md).
+``torch.compile`` keeps them in one graph (docs/reliability.md, "Under torch.compile").
 
 Each op is declared once here with its schema, its fake (shape/dtype) function and, for the
 surrogate, its autograd formula; a backend module registers its kernel for its device type
