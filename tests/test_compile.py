@@ -295,3 +295,32 @@ def test_cuda_backend_registers_its_kernels_for_cuda():
     for name in set(_ops.SCHEMAS) - {"sketch_matrix"}:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualname(name), "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(_ops.qualname(name), "CPU"), name
+
+
+@pytest.mark.slow  # the model's forward and backward traced by dynamo: about a minute of CPU
+def test_trainer_compiled_step_equals_eager(monkeypatch):
+    """--compile (UpdateConfig.compile) runs the trainer's phases compiled (here under aot_eager) to eager's numbers."""
+    pytest.importorskip("transformers")
+    from delta_kernels.trainer import step as S
+    from delta_kernels.trainer.model import ModelSize, build_default_model
+    from delta_kernels.trainer.task import AdditionTask
+    from delta_kernels.trainer.tokenizer import CharTokenizer
+    counter = CompileCounterWithBackend("aot_eager")
+    for fn in (S.old_logprob_pass, S.credit_coefficients, S.policy_loss):
+        monkeypatch.setitem(S._COMPILED, fn, torch.compile(fn, backend=counter))
+    out = {}
+    for compiled in (False, True):
+        tok = CharTokenizer()
+        model, _ = build_default_model(tok.vocab_size, ModelSize(hidden_size=16, num_layers=1, num_heads=2,
+                                                                 num_kv_heads=1, intermediate_size=24),
+                                       0, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        res = S.rl_step(model.eval(), opt, tok, AdditionTask(), prompts_per_step=2, group_size=4, max_new_tokens=3,
+                        credit=S.CreditConfig(backend="cpp"), update=S.UpdateConfig(minibatches=1, compile=compiled),
+                        generator=torch.Generator().manual_seed(0))
+        out[compiled] = res.metrics, [p.detach().clone() for p in model.parameters()]
+    assert counter.frame_count >= 3  # the three phases ran compiled
+    for key in ("loss", "clip_frac", "coef_min", "coef_max", "entropy"):
+        assert out[True][0][key] == pytest.approx(out[False][0][key], rel=1e-5, abs=1e-7), key
+    for p, q in zip(out[True][1], out[False][1], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
