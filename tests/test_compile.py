@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -125,8 +126,8 @@ def test_compiled_cpp_graph_holds_the_library_ops():
     x = inputs()
     torch.compile(CALLS["coef_hidden_sketch_bf16"], fullgraph=True, backend=keep)(x, "cpp")
     torch.compile(surrogate_call, fullgraph=True, backend=keep)(x, "cpp")
-    targets = {str(n.target).removesuffix(".default") for gm in graphs for n in gm.graph.nodes
-               if n.op == "call_function"}
+    targets = {str(n.target).removesuffix(".default") for gm in graphs for sub in gm.modules()
+               if isinstance(sub, torch.fx.GraphModule) for n in sub.graph.nodes if n.op == "call_function"}
     assert {"delta_kernels.token_vectors", "delta_kernels.margins", "delta_kernels.gated_margins",
             "delta_kernels.clipped_surrogate"} <= targets
 
@@ -217,13 +218,13 @@ class Recorder:
         self.ops, self.calls = ops, []
 
     def __getattr__(self, name):
-        op = getattr(self.ops, name)
+        op = getattr(self.ops, name).default
 
         def call(*args):
             self.calls.append((name, tuple(a.detach().clone().requires_grad_(a.requires_grad)
                                            if isinstance(a, torch.Tensor) else a for a in args)))
             return op(*args)
-        return call
+        return SimpleNamespace(default=call)
 
 
 def test_opcheck_on_the_arguments_of_real_calls(monkeypatch):
@@ -240,9 +241,12 @@ def test_opcheck_on_the_arguments_of_real_calls(monkeypatch):
         key = (name, tuple(None if a is None else getattr(a, "dtype", type(a)) for a in args))
         seen.setdefault(key, args)
     assert {k[0] for k in seen} == set(_ops.SCHEMAS)
-    assert any(k[0] == "clipped_surrogate" and k[1][0] is not None for k in seen)
-    assert any(a.requires_grad for k, args in seen.items() if k[0] == "clipped_surrogate" for a in args[:1])
-    for (name, _), args in seen.items():
+    assert any(k[0] == "clipped_surrogate" and k[1][4] is not None for k in seen)  # with coef
+    cases = list(seen.items())
+    for (name, key), args in seen.items():  # the surrogate's autograd formula: the same arguments, logp requiring grad
+        if name == "clipped_surrogate":
+            cases.append(((name, key), (args[0].clone().requires_grad_(),) + args[1:]))
+    for (name, _), args in cases:
         result = torch.library.opcheck(getattr(torch.ops.delta_kernels, name).default, args)
         assert set(result.values()) == {"SUCCESS"}, (name, result)
 

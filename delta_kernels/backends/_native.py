@@ -46,17 +46,36 @@ def rows_of(logp: torch.Tensor):
     return (1, logp.shape[0]) if logp.dim() == 1 else (logp.shape[0], logp.shape[1])
 
 
+class SurrogateLoss(torch.autograd.Function):
+    """loss = aggregate(rows) over the op delta_kernels::clipped_surrogate, which returns the row
+    statistics and each token's w_t d l_t / d logp_t in one kernel; backward scales that token
+    gradient by the row weights (the op's own autograd formula composed with aggregate's, in one
+    node: less host time per call than the op's autograd wrapper and aggregate's graph)."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, adv, mask, coef, is_weight, cfg, agg):
+        rows, token_grad = ops.clipped_surrogate.default(logp.detach(), old_logp, adv, mask, coef, is_weight,
+                                                         cfg.clip_low, cfg.clip_high, cfg.clip_c)
+        loss, metrics, row_weight = aggregate(rows, agg, token_grad.shape[1])
+        ctx.save_for_backward(token_grad, row_weight.to(token_grad.dtype))
+        metrics = torch.stack([metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"]]).float()
+        ctx.mark_non_differentiable(metrics)
+        return loss.float(), metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        token_grad, row_weight = ctx.saved_tensors
+        return token_grad * (row_weight * grad_loss)[:, None], None, None, None, None, None, None, None
+
+
 def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg):
     """The native backends' phase C: (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32,
-    differentiable in logp, over the op delta_kernels::clipped_surrogate (row partials and each
-    token's d l / d logp in one kernel; its autograd formula scales the token gradient by
-    d loss / d rows[:, 0], the row weight of delta_kernels.aggregation)."""
+    differentiable in logp (SurrogateLoss)."""
     shape = rows_of(logp)
     flat = [None if t is None else f32(t).reshape(shape) for t in (old_logp, adv, coef, rollout_is_weights)]
-    rows, _ = ops.clipped_surrogate(f32(logp).reshape(shape), flat[0], flat[1], mask.reshape(shape).contiguous(),
-                                    flat[2], flat[3], cfg.clip_low, cfg.clip_high, cfg.clip_c)
-    loss, metrics, _ = aggregate(rows, agg, shape[1])
-    return loss.float(), {k: v.detach().float() for k, v in metrics.items()}
+    loss, metrics = SurrogateLoss.apply(f32(logp).reshape(shape), flat[0], flat[1], mask.reshape(shape).contiguous(),
+                                        flat[2], flat[3], cfg, agg)
+    return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
 
 
 class ScaledRows(NamedTuple):
@@ -76,14 +95,14 @@ def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: i
     else float32), sums [2, D] f32)."""
     out_dtype = out_dtype or hidden.dtype
     assert out_dtype in (hidden.dtype, torch.float32)
-    return ops.token_vectors(hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,
-                             out_dtype != hidden.dtype)
+    return ops.token_vectors.default(hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,
+                                     out_dtype != hidden.dtype)
 
 
 def side_sums(v, a_pos, a_neg):
     """v [N, D] (a tensor or ScaledRows) -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
     rows, scale = rows_and_scale(v)
-    return ops.side_sums(rows, scale, f32(a_pos), f32(a_neg))
+    return ops.side_sums.default(rows, scale, f32(a_pos), f32(a_neg))
 
 
 def margin_pass(v, w, c, gate):
@@ -91,8 +110,8 @@ def margin_pass(v, w, c, gate):
     or None); gate = (gamma [2], a_pos, a_neg)."""
     rows, scale = rows_and_scale(v)
     if gate is None:
-        return ops.margins(rows, scale, f32(w), f32(c)), None
-    return ops.gated_margins(rows, scale, f32(w), f32(c), *(f32(x) for x in gate))
+        return ops.margins.default(rows, scale, f32(w), f32(c)), None
+    return ops.gated_margins.default(rows, scale, f32(w), f32(c), *(f32(x) for x in gate))
 
 
 def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:

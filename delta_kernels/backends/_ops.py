@@ -16,7 +16,8 @@ or materialised vectors, ``scale`` (or None) the per-row factor of implicit exac
                       clip_high, clip_c) -> (rows [B,5] of aggregation.STATS (float64 on the
                       CPU, float32 on CUDA), token_grad [B,T] = w_t d l_t / d logp_t)
         differentiable in logp through the loss column rows[:, 0] only (the other columns are
-        counts and metrics; token_grad is marked non-differentiable)
+        counts and metrics; token_grad is marked non-differentiable). The public calls take the
+        gradient in one node with the aggregation instead (_native.SurrogateLoss: less host time)
     sketch_matrix(hidden_size, sketch_dim, seed) -> R [H, r] (CPU; no tensor input)
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ SCHEMAS = {
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
-ops = torch.ops.delta_kernels
+ops = torch.ops.delta_kernels  # callers take the overloads (ops.name.default): no overload resolution per call
 
 
 def qualname(name: str) -> str:
@@ -50,14 +51,11 @@ def qualname(name: str) -> str:
 
 
 def register_kernels(device_type: str, **kernels) -> None:
-    """A backend's kernels for ``device_type`` (keyword = op name in SCHEMAS). sketch_matrix,
-    which has no tensor input to dispatch on, is registered for every device (its kernel
-    allocates on the CPU)."""
+    """A backend's kernels for ``device_type`` (keyword = op name in SCHEMAS), registered as they
+    are (Library.impl: no wrapper, the least host time per call). sketch_matrix, which has no
+    tensor input to dispatch on, is registered for every device (its kernel allocates on the CPU)."""
     for name, fn in kernels.items():
-        if name == "sketch_matrix":
-            _lib.impl(name, fn, "CompositeExplicitAutograd")
-        else:
-            torch.library.register_kernel(qualname(name), device_type, fn, lib=_lib)
+        _lib.impl(name, fn, "CompositeExplicitAutograd" if name == "sketch_matrix" else device_type.upper())
 
 
 def _sums(x: torch.Tensor) -> torch.Tensor:

@@ -81,4 +81,4 @@ token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS
 
 
 def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
-    return ops.sketch_matrix(hidden_size, sketch_dim, seed)
+    return ops.sketch_matrix.default(hidden_size, sketch_dim, seed)

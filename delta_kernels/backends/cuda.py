@@ -17,7 +17,8 @@ from .. import _cuda
 from .._alloc import empty
 from ..aggregation import STATS
 from . import _native
-from ._native import ScaledRows, clipped_surrogate_loss, dtype_code, native_phases, opt_ptr, pipeline_kernels, ptr  # noqa: F401,E501
+from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, native_phases, opt_ptr,  # noqa: F401
+                      pipeline_kernels, ptr)
 from ._ops import register_kernels
 
 
