@@ -212,29 +212,29 @@ def test_inductor_matches_eager():
 
 
 class Recorder:
-    """Stands in for torch.ops.delta_kernels in backends/_native.py: records each op's arguments."""
+    """Stands in for backends/_ops.call (in _native.py) and for cpp's torch.ops.delta_kernels: records each op's
+    arguments, then runs the op itself (the dispatcher's path, as under compile)."""
 
-    def __init__(self, ops):
-        self.ops, self.calls = ops, []
+    def __init__(self):
+        self.calls = []
+
+    def record(self, name, *args):
+        self.calls.append((name, tuple(a.detach().clone().requires_grad_(a.requires_grad)
+                                       if isinstance(a, torch.Tensor) else a for a in args)))
+        return getattr(torch.ops.delta_kernels, name).default(*args)
 
     def __getattr__(self, name):
-        op = getattr(self.ops, name).default
-
-        def call(*args):
-            self.calls.append((name, tuple(a.detach().clone().requires_grad_(a.requires_grad)
-                                           if isinstance(a, torch.Tensor) else a for a in args)))
-            return op(*args)
-        return SimpleNamespace(default=call)
+        return SimpleNamespace(default=lambda *args: self.record(name, *args))
 
 
 def test_opcheck_on_the_arguments_of_real_calls(monkeypatch):
-    recorder = Recorder(_native.ops)
-    monkeypatch.setattr(_native, "ops", recorder)
+    from delta_kernels.backends import cpp
+    recorder = Recorder()
+    monkeypatch.setattr(_native, "call", recorder.record)
+    monkeypatch.setattr(cpp, "ops", recorder)
     x = inputs()
     for name in CALLS:
         CALLS[name](x, "cpp")
-    from delta_kernels.backends import cpp
-    monkeypatch.setattr(cpp, "ops", recorder)
     cpp.sketch_matrix(H, R, 7)
     seen = {}
     for name, args in recorder.calls:  # one case per op and pattern of optional (None) arguments and dtypes

@@ -13,7 +13,7 @@ import torch
 from .._checks import DeltaConfig, TokenBatch
 from ..aggregation import aggregate
 from ..pipeline import run_coefficients
-from ._ops import ops
+from ._ops import call
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -54,8 +54,8 @@ class SurrogateLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, adv, mask, coef, is_weight, cfg, agg):
-        rows, token_grad = ops.clipped_surrogate.default(logp.detach(), old_logp, adv, mask, coef, is_weight,
-                                                         cfg.clip_low, cfg.clip_high, cfg.clip_c)
+        rows, token_grad = call("clipped_surrogate", logp.detach(), old_logp, adv, mask, coef, is_weight,
+                                cfg.clip_low, cfg.clip_high, cfg.clip_c)
         loss, metrics, row_weight = aggregate(rows, agg, token_grad.shape[1])
         ctx.save_for_backward(token_grad, row_weight.to(token_grad.dtype))
         metrics = torch.stack([metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"]]).float()
@@ -95,14 +95,14 @@ def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: i
     else float32), sums [2, D] f32)."""
     out_dtype = out_dtype or hidden.dtype
     assert out_dtype in (hidden.dtype, torch.float32)
-    return ops.token_vectors.default(hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,
-                                     out_dtype != hidden.dtype)
+    return call("token_vectors", hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,
+                out_dtype != hidden.dtype)
 
 
 def side_sums(v, a_pos, a_neg):
     """v [N, D] (a tensor or ScaledRows) -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
     rows, scale = rows_and_scale(v)
-    return ops.side_sums.default(rows, scale, f32(a_pos), f32(a_neg))
+    return call("side_sums", rows, scale, f32(a_pos), f32(a_neg))
 
 
 def margin_pass(v, w, c, gate):
@@ -110,8 +110,8 @@ def margin_pass(v, w, c, gate):
     or None); gate = (gamma [2], a_pos, a_neg)."""
     rows, scale = rows_and_scale(v)
     if gate is None:
-        return ops.margins.default(rows, scale, f32(w), f32(c)), None
-    return ops.gated_margins.default(rows, scale, f32(w), f32(c), *(f32(x) for x in gate))
+        return call("margins", rows, scale, f32(w), f32(c)), None
+    return call("gated_margins", rows, scale, f32(w), f32(c), *(f32(x) for x in gate))
 
 
 def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:

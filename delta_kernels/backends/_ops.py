@@ -22,6 +22,8 @@ or materialised vectors, ``scale`` (or None) the per-row factor of implicit exac
 """
 from __future__ import annotations
 
+from typing import Callable, Dict, Tuple
+
 import torch
 
 from ..aggregation import STATS
@@ -43,19 +45,34 @@ SCHEMAS = {
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
-ops = torch.ops.delta_kernels  # callers take the overloads (ops.name.default): no overload resolution per call
+ops = torch.ops.delta_kernels
 
 
 def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
+_kernels: Dict[Tuple[str, str], Callable] = {}  # (op name, device type) -> the registered kernel
+
+
 def register_kernels(device_type: str, **kernels) -> None:
     """A backend's kernels for ``device_type`` (keyword = op name in SCHEMAS), registered as they
-    are (Library.impl: no wrapper, the least host time per call). sketch_matrix, which has no
-    tensor input to dispatch on, is registered for every device (its kernel allocates on the CPU)."""
+    are (Library.impl: no wrapper). sketch_matrix, which has no tensor input to dispatch on, is
+    registered for every device (its kernel allocates on the CPU)."""
     for name, fn in kernels.items():
+        _kernels[name, device_type] = fn
         _lib.impl(name, fn, "CompositeExplicitAutograd" if name == "sketch_matrix" else device_type.upper())
+
+
+def call(name: str, *args):
+    """Op ``name`` on ``args`` (the first a tensor): under torch.compile the op itself, which the
+    graph holds; in eager the kernel registered for that tensor's device, called directly (the
+    same function and bits, without the dispatcher's hop into Python: ~30 us per call on the
+    2-core dev machine, benchmarks/NOTES.md). The op's autograd formula is not taken in eager:
+    the callers pass tensors that need no gradient (SurrogateLoss carries the surrogate's)."""
+    if torch.compiler.is_compiling():
+        return getattr(ops, name).default(*args)
+    return _kernels[name, args[0].device.type](*args)
 
 
 def _sums(x: torch.Tensor) -> torch.Tensor:
