@@ -70,7 +70,7 @@ def refuse_unreadable(name: str, x) -> None:
         raise TypeError(f"{name}: layout {x.layout} is not accepted; pass a dense tensor ({name}.to_dense())")
     if x.is_nested:
         raise TypeError(f"{name}: nested tensors are not accepted; pad them to a dense tensor")
-    if not compiling() and x._is_zerotensor():  # fake tensors under compile are never zero tensors
+    if not compiling() and x._is_zerotensor():  # not traceable: skipped under compile (docs/reliability.md)
         fail(name, "a zero tensor (torch._efficientzerotensor) has no storage; pass torch.zeros(...) instead")
 
 
@@ -78,7 +78,7 @@ def admit(name: str, x) -> torch.Tensor:
     """refuse_unreadable, then the negation/conjugation view bits resolved (the kernels read raw
     memory, which holds the values before the lazy negation; .contiguous() keeps the bit)."""
     refuse_unreadable(name, x)
-    if compiling():  # the graph's tensors carry no view bits (functionalised), and the ops are traced
+    if compiling():  # not traceable: skipped under compile (docs/reliability.md)
         return x
     if x.is_conj():
         x = x.resolve_conj()
