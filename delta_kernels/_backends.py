@@ -102,13 +102,35 @@ register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.floa
                  0, lm_head="delta_kernels.fused_linear.torch_chunked"))
 
 
+class _Imported:
+    """The backend modules imported so far, as attributes named by the dotted path with "." as
+    "__" (an attribute, not a dict: torch.compile reads it live after a trace-time import)."""
+
+
+_imported_modules = _Imported()
+
+
+def _attr(path: str) -> str:
+    return path.replace(".", "__")
+
+
+@torch.compiler.assume_constant_result
+def _imported(b: Backend, path: str) -> bool:
+    """Import ``path`` once; False when it does not import. Under torch.compile the import runs
+    at trace time and the answer is a constant (no import inside the graph), so a compiled call
+    can be the first call of a process."""
+    if not hasattr(_imported_modules, _attr(path)):
+        try:
+            setattr(_imported_modules, _attr(path), importlib.import_module(path))
+        except ImportError as e:  # not built, or triton missing
+            _errors[b.name] = f"{type(e).__name__}: {e}"
+            return False
+    return True
+
+
 def _load(b: Backend, op: str) -> Optional[ModuleType]:
     path = b.lm_head if op == LM_HEAD else b.module
-    try:
-        return importlib.import_module(path)
-    except ImportError as e:  # not built, or triton missing
-        _errors[b.name] = f"{type(e).__name__}: {e}"
-        return None
+    return getattr(_imported_modules, _attr(path)) if _imported(b, path) else None
 
 
 def _serves(mod: ModuleType, op: str) -> bool:

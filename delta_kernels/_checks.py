@@ -2,15 +2,38 @@
 
 Every public call validates here and hands backends flat, contiguous tensors; kernels
 assume valid input. Errors name the argument and say what was expected.
+
+Under torch.compile (docs/reliability.md, "Under torch.compile"): the checks of types, shapes,
+dtypes, devices and scalar arguments run at trace time and raise the same errors; the value
+checks (which read tensor values: finiteness, logp <= 0, mask values, ranges) read nothing, so
+the graph does not break, unless ``COMPILE_VALUE_CHECKS`` (DELTA_KERNELS_COMPILE_VALUE_CHECKS=1)
+turns each into a ``torch._assert_async`` in the graph (RuntimeError "name: what" when it fails).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Under torch.compile: value checks as device asserts (True) or not made (False). Read at trace
+# time (a change recompiles).
+COMPILE_VALUE_CHECKS = os.environ.get("DELTA_KERNELS_COMPILE_VALUE_CHECKS") == "1"
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call: value checks must not read values."""
+    return torch.compiler.is_compiling()
+
+
+def assert_on_device(ok: torch.Tensor, name: str, what: str) -> None:
+    """A value check under torch.compile: ``ok`` (a bool tensor) asserted in the graph when
+    COMPILE_VALUE_CHECKS, else nothing (no graph break either way)."""
+    if COMPILE_VALUE_CHECKS:
+        torch._assert_async(ok.all(), f"{name}: {what} (a value check under torch.compile)")
 
 
 def fail(name: str, msg: str) -> None:
@@ -47,7 +70,7 @@ def refuse_unreadable(name: str, x) -> None:
         raise TypeError(f"{name}: layout {x.layout} is not accepted; pass a dense tensor ({name}.to_dense())")
     if x.is_nested:
         raise TypeError(f"{name}: nested tensors are not accepted; pad them to a dense tensor")
-    if x._is_zerotensor():
+    if not compiling() and x._is_zerotensor():  # not traceable: skipped under compile (docs/reliability.md)
         fail(name, "a zero tensor (torch._efficientzerotensor) has no storage; pass torch.zeros(...) instead")
 
 
@@ -55,6 +78,8 @@ def admit(name: str, x) -> torch.Tensor:
     """refuse_unreadable, then the negation/conjugation view bits resolved (the kernels read raw
     memory, which holds the values before the lazy negation; .contiguous() keeps the bit)."""
     refuse_unreadable(name, x)
+    if compiling():  # not traceable: skipped under compile (docs/reliability.md)
+        return x
     if x.is_conj():
         x = x.resolve_conj()
     if x.is_neg():
@@ -81,6 +106,10 @@ def check_finite(name: str, x: torch.Tensor, valid: Optional[torch.Tensor] = Non
     sum (any NaN or inf makes it non-finite) and one device sync; the exact index search runs
     only when the sum is not finite (a NaN/inf, or a sum that overflowed: then nothing is raised)."""
     if x.numel() == 0:
+        return
+    if compiling():
+        finite = torch.isfinite(x)
+        assert_on_device(finite if valid is None else finite | ~_leading(valid, x), name, "non-finite value")
         return
     if valid is None:
         total = x.sum()
@@ -122,7 +151,9 @@ def check_mask(mask, shape, check_values: bool) -> torch.Tensor:
         return mask.reshape(-1)
     if mask.is_complex():
         raise TypeError(f"mask: expected bool or 0/1 values, got {mask.dtype}")
-    if check_values and bool(((mask != 0) & (mask != 1)).any()):
+    if check_values and compiling():
+        assert_on_device((mask == 0) | (mask == 1), "mask", "values must be 0 or 1 (or bool)")
+    elif check_values and bool(((mask != 0) & (mask != 1)).any()):
         fail("mask", "values must be 0 or 1 (or bool)")
     return (mask != 0).reshape(-1)
 
@@ -141,7 +172,9 @@ def check_values_of_logp(name: str, logp: torch.Tensor, valid: Optional[torch.Te
     """Finite and <= 0 at the ``valid`` positions (bool, logp's shape), or everywhere when None."""
     check_finite(name, logp, valid)
     positive = logp > 0 if valid is None else (logp > 0) & valid
-    if bool(positive.any()):
+    if compiling():
+        assert_on_device(~positive, name, "log-probabilities must be <= 0")
+    elif bool(positive.any()):
         flat = int(positive.reshape(-1).nonzero()[0, 0])
         fail(name, f"log-probabilities must be <= 0; found {logp.reshape(-1)[flat].item()} at flat index {flat}")
 
@@ -304,7 +337,9 @@ def check_advantage_range(advantages: torch.Tensor, valid: torch.Tensor, dtype: 
     if dtype == torch.float64 or advantages.numel() == 0:
         return
     big = (advantages.abs() > MAX_ADVANTAGE_F32) & valid
-    if bool(big.any()):
+    if compiling():
+        assert_on_device(~big, "advantages", f"|advantages| beyond {MAX_ADVANTAGE_F32:.3g}; scale them down")
+    elif bool(big.any()):
         flat = int(big.reshape(-1).nonzero()[0, 0])
         fail("advantages", f"|{advantages.reshape(-1)[flat].item():.3g}| at flat index {flat} is beyond "
                            f"{MAX_ADVANTAGE_F32:.3g}, where float32 centroid sums overflow; scale the advantages "

@@ -115,9 +115,13 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
 
 
 def _result(coef, st, batch: C.TokenBatch, adv, flat_mask, check_values: bool) -> DeltaResult:
-    if check_values and not bool(torch.isfinite(coef.sum())):  # a backstop: the checks above should prevent it
-        C.fail("hidden", "the coefficients overflowed the compute dtype: the sums of advantages * token vectors are "
-                         "too large; scale the advantages down")
+    if check_values:  # a backstop: the checks above should prevent it
+        overflow = ("the coefficients overflowed the compute dtype: the sums of advantages * token vectors are too "
+                    "large; scale the advantages down")
+        if C.compiling():
+            C.assert_on_device(torch.isfinite(coef), "hidden", overflow)
+        elif not bool(torch.isfinite(coef.sum())):
+            C.fail("hidden", overflow)
     shape = batch.shape
     coef = coef.reshape(shape)
     st["pred"] = st["pred"].reshape(shape)

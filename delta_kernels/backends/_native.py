@@ -1,6 +1,8 @@
-"""Helpers shared by the native wrappers: dtype codes, raw pointers, the surrogate's autograd
-Function (the kernels compute the row partials and each token's d l / d logp in the forward
-pass; delta_kernels.aggregation turns the partials into the loss and the row weights)."""
+"""What the native backends share: the calls of the delta_kernels:: custom ops (backends/_ops.py)
+on the pipeline's arguments, the helpers of the op bodies (dtype codes, raw pointers: only op
+bodies take them), and the phases built from the ops (the surrogate's kernel computes the row
+partials and each token's d l / d logp in the forward pass; delta_kernels.aggregation turns the
+partials into the loss and the row weights)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -11,6 +13,7 @@ import torch
 from .._checks import DeltaConfig, TokenBatch
 from ..aggregation import aggregate
 from ..pipeline import run_coefficients
+from ._ops import call
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -23,6 +26,7 @@ def dtype_code(t: torch.Tensor) -> int:
 
 
 def ptr(t: torch.Tensor) -> int:
+    """The data pointer of a contiguous tensor (op bodies only)."""
     assert t.is_contiguous()
     return t.data_ptr()
 
@@ -42,41 +46,36 @@ def rows_of(logp: torch.Tensor):
     return (1, logp.shape[0]) if logp.dim() == 1 else (logp.shape[0], logp.shape[1])
 
 
-class SurrogateFunction(torch.autograd.Function):
-    """loss = aggregate(rows): ``kernel(logp)`` returns (rows [B, 5] of aggregation.STATS,
-    token_grad [B, T] = w_t d l_t / d logp_t, 0 at padding); backward scales each row of the
-    saved token gradient by its row weight."""
+class SurrogateLoss(torch.autograd.Function):
+    """loss = aggregate(rows) over the op delta_kernels::clipped_surrogate, which returns the row
+    statistics and each token's w_t d l_t / d logp_t in one kernel; backward scales that token
+    gradient by the row weights (the op's own autograd formula composed with aggregate's, in one
+    node: less host time per call than the op's autograd wrapper and aggregate's graph)."""
 
     @staticmethod
-    def forward(ctx, logp, kernel, agg):
-        rows, token_grad = kernel(logp.detach())
+    def forward(ctx, logp, old_logp, adv, mask, coef, is_weight, cfg, agg):
+        rows, token_grad = call("clipped_surrogate", logp.detach(), old_logp, adv, mask, coef, is_weight,
+                                cfg.clip_low, cfg.clip_high, cfg.clip_c)
         loss, metrics, row_weight = aggregate(rows, agg, token_grad.shape[1])
         ctx.save_for_backward(token_grad, row_weight.to(token_grad.dtype))
-        ctx.logp_shape, ctx.logp_dtype = logp.shape, logp.dtype
         metrics = torch.stack([metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"]]).float()
         ctx.mark_non_differentiable(metrics)
         return loss.float(), metrics
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_metrics):
+    def backward(ctx, grad_loss, _grad_metrics):
         token_grad, row_weight = ctx.saved_tensors
-        grad = token_grad * (row_weight * grad_loss)[:, None]
-        return grad.reshape(ctx.logp_shape).to(ctx.logp_dtype), None, None
+        return token_grad * (row_weight * grad_loss)[:, None], None, None, None, None, None, None, None
 
 
-def native_surrogate(launch):
-    """-> the backend's clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights,
-    cfg, agg) = (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32, differentiable in logp.
-    ``launch(cfg, logp, old_logp, adv, mask, coef, is_weight, B, T)`` runs the kernel on float32
-    contiguous inputs (mask bool; coef, is_weight or None) and returns (rows [B, 5], token_grad [B, T])."""
-    def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg):
-        rows, cols = rows_of(logp)
-        inputs = [f32(old_logp), f32(adv), mask.contiguous()] + [None if t is None else f32(t)
-                                                                for t in (coef, rollout_is_weights)]
-        loss, metrics = SurrogateFunction.apply(logp, lambda lp: launch(cfg, f32(lp), *inputs, rows, cols), agg)
-        return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
-
-    return clipped_surrogate_loss
+def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg):
+    """The native backends' phase C: (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32,
+    differentiable in logp (SurrogateLoss)."""
+    shape = rows_of(logp)
+    flat = [None if t is None else f32(t).reshape(shape) for t in (old_logp, adv, coef, rollout_is_weights)]
+    loss, metrics = SurrogateLoss.apply(f32(logp).reshape(shape), flat[0], flat[1], mask.reshape(shape).contiguous(),
+                                        flat[2], flat[3], cfg, agg)
+    return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
 
 
 class ScaledRows(NamedTuple):
@@ -87,8 +86,32 @@ class ScaledRows(NamedTuple):
 
 
 def rows_and_scale(v):
-    """-> (the row tensor, pointer to the per-row scale or None)."""
-    return (v.rows, ptr(v.scale)) if isinstance(v, ScaledRows) else (v, None)
+    """-> (the row tensor, the per-row scale or None)."""
+    return (v.rows, v.scale) if isinstance(v, ScaledRows) else (v, None)
+
+
+def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
+    """hidden [N, H] (f32/bf16/f16), logp, a_pos, a_neg [N] -> (v [N, D] in out_dtype (default hidden's;
+    else float32), sums [2, D] f32)."""
+    out_dtype = out_dtype or hidden.dtype
+    assert out_dtype in (hidden.dtype, torch.float32)
+    return call("token_vectors", hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,
+                out_dtype != hidden.dtype)
+
+
+def side_sums(v, a_pos, a_neg):
+    """v [N, D] (a tensor or ScaledRows) -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
+    rows, scale = rows_and_scale(v)
+    return call("side_sums", rows, scale, f32(a_pos), f32(a_neg))
+
+
+def margin_pass(v, w, c, gate):
+    """v [N, D] (a tensor or ScaledRows), w [D], c [D] -> (m [N] = 2 (v - c).w f32, gated sums [2, D] f32
+    or None); gate = (gamma [2], a_pos, a_neg)."""
+    rows, scale = rows_and_scale(v)
+    if gate is None:
+        return call("margins", rows, scale, f32(w), f32(c)), None
+    return call("gated_margins", rows, scale, f32(w), f32(c), *(f32(x) for x in gate))
 
 
 def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:

@@ -1,88 +1,84 @@
-"""backend="cpp": the C++ CPU kernels of csrc/cpu (delta_kernels._cpp).
+"""backend="cpp": the C++ CPU kernels of csrc/cpu (delta_kernels._cpp), registered as the CPU
+kernels of the delta_kernels:: custom ops (backends/_ops.py).
 
-Python allocates every output with ``_alloc.empty`` and passes raw pointers; the kernels
+Each op body allocates its outputs with ``_alloc.empty`` and passes raw pointers; the kernels
 assume the validated, contiguous inputs that the public API hands over. The coefficient
-pipeline is ``delta_kernels.pipeline.run_coefficients`` over this module's three passes.
+pipeline is ``delta_kernels.pipeline.run_coefficients`` over the three passes of _native.py.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
 from .. import _cpp
 from .._alloc import empty
-from .._checks import SurrogateConfig
 from ..aggregation import STATS
-from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
-                      pipeline_kernels, ptr, rows_and_scale)
+from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, margin_pass, native_phases,  # noqa: F401
+                      opt_ptr, pipeline_kernels, ptr, side_sums, token_vectors)
+from ._ops import ops, register_kernels
 
 
-def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
-    """hidden [N, H] (f32/bf16/f16), logp, a_pos, a_neg [N] -> (v [N, D] in out_dtype (default hidden's;
-    else float32), sums [2, D] f32)."""
+def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
     n, h = hidden.shape
     d = sketch_dim or h
-    out_dtype = out_dtype or hidden.dtype
-    assert out_dtype in (hidden.dtype, torch.float32)
-    out = empty(n, d, dtype=out_dtype)
+    out = empty(n, d, dtype=torch.float32 if out_f32 else hidden.dtype)
     sums = empty(2, d, dtype=torch.float32)
-    logp, a_pos, a_neg = f32(logp), f32(a_pos), f32(a_neg)
     _cpp.token_vectors(dtype=dtype_code(hidden), hidden=ptr(hidden), logp=ptr(logp), a_pos=ptr(a_pos),
-                       a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim or 0, seed=seed,
-                       out_f32=out_dtype != hidden.dtype, out=ptr(out), sums=ptr(sums))
+                       a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
+                       out_f32=out_f32, out=ptr(out), sums=ptr(sums))
     return out, sums
 
 
-def side_sums(v, a_pos, a_neg):
-    """v [N, D] (a tensor or ScaledRows) -> sums [2, D] f32 = (sum a_pos v, sum a_neg v)."""
-    rows, scale = rows_and_scale(v)
-    n, d = rows.shape
+def _side_sums(x, scale, a_pos, a_neg):
+    n, d = x.shape
     sums = empty(2, d, dtype=torch.float32)
-    a_pos, a_neg = f32(a_pos), f32(a_neg)
-    _cpp.side_sums(dtype=dtype_code(rows), x=ptr(rows), scale=scale, a_pos=ptr(a_pos), a_neg=ptr(a_neg), n_tokens=n,
-                   width=d, sums=ptr(sums))
+    _cpp.side_sums(dtype=dtype_code(x), x=ptr(x), scale=opt_ptr(scale), a_pos=ptr(a_pos), a_neg=ptr(a_neg),
+                   n_tokens=n, width=d, sums=ptr(sums))
     return sums
 
 
-def margin_pass(v, w, c, gate):
-    """v [N, D] (a tensor or ScaledRows), w [D], c [D] -> (m [N] = 2 (v - c).w f32, gated sums [2, D] f32
-    or None);
-    gate = (gamma [2], a_pos, a_neg)."""
-    rows, scale = rows_and_scale(v)
-    n, d = rows.shape
-    w, c = f32(w), f32(c)
-    m = empty(n, dtype=torch.float32)
-    common = dict(dtype=dtype_code(rows), x=ptr(rows), scale=scale, w=ptr(w), centre=ptr(c), n_tokens=n, width=d,
-                  margins=ptr(m))
-    if gate is None:
-        _cpp.margin_pass(**common)
-        return m, None
-    gamma, a_pos, a_neg = (f32(x) for x in gate)
-    sums = empty(2, d, dtype=torch.float32)
-    _cpp.margin_pass(**common, gamma=ptr(gamma), a_pos=ptr(a_pos), a_neg=ptr(a_neg), sums=ptr(sums))
+def _margin_args(x, scale, w, centre, m):
+    n, d = x.shape
+    return dict(dtype=dtype_code(x), x=ptr(x), scale=opt_ptr(scale), w=ptr(w), centre=ptr(centre), n_tokens=n,
+                width=d, margins=ptr(m))
+
+
+def _margins(x, scale, w, centre):
+    m = empty(x.shape[0], dtype=torch.float32)
+    _cpp.margin_pass(**_margin_args(x, scale, w, centre, m))
+    return m
+
+
+def _gated_margins(x, scale, w, centre, gamma, a_pos, a_neg):
+    m = empty(x.shape[0], dtype=torch.float32)
+    sums = empty(2, x.shape[1], dtype=torch.float32)
+    _cpp.margin_pass(**_margin_args(x, scale, w, centre, m), gamma=ptr(gamma), a_pos=ptr(a_pos), a_neg=ptr(a_neg),
+                     sums=ptr(sums))
     return m, sums
 
 
-PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
+def _clipped_surrogate(logp, old_logp, adv, mask, coef, is_weight, clip_low, clip_high, clip_c):
+    rows, cols = logp.shape
+    row_stats = empty(rows, len(STATS), dtype=torch.float64)
+    grad = empty(rows, cols, dtype=torch.float32)
+    _cpp.clipped_surrogate(logp=ptr(logp), old_logp=ptr(old_logp), adv=ptr(adv), mask=ptr(mask), coef=opt_ptr(coef),
+                           is_weight=opt_ptr(is_weight), rows=rows, cols=cols, clip_low=clip_low,
+                           clip_high=clip_high, clip_c=clip_c, row_stats=ptr(row_stats), grad=ptr(grad))
+    return row_stats, grad
 
+
+def _sketch_matrix(hidden_size, sketch_dim, seed):
+    out = empty(hidden_size, sketch_dim, dtype=torch.float32)
+    _cpp.sketch_matrix(out=ptr(out), hidden_size=hidden_size, sketch_dim=sketch_dim, seed=seed)
+    return out
+
+
+register_kernels("cpu", token_vectors=_token_vectors, side_sums=_side_sums, margins=_margins,
+                 gated_margins=_gated_margins, clipped_surrogate=_clipped_surrogate, sketch_matrix=_sketch_matrix)
+
+PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 
 token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS)
 
 
-def _surrogate_launch(cfg: SurrogateConfig, lp, old, a, m, c, w, rows, cols):
-    row_stats = empty(rows, len(STATS), dtype=torch.float64)
-    grad = empty(rows, cols, dtype=torch.float32)
-    _cpp.clipped_surrogate(logp=ptr(lp), old_logp=ptr(old), adv=ptr(a), mask=ptr(m), coef=opt_ptr(c),
-                           is_weight=opt_ptr(w), rows=rows, cols=cols, clip_low=cfg.clip_low,
-                           clip_high=cfg.clip_high, clip_c=cfg.clip_c, row_stats=ptr(row_stats), grad=ptr(grad))
-    return row_stats, grad
-
-
-clipped_surrogate_loss = native_surrogate(_surrogate_launch)
-
-
 def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
-    out = empty(hidden_size, sketch_dim, dtype=torch.float32)
-    _cpp.sketch_matrix(out=ptr(out), hidden_size=hidden_size, sketch_dim=sketch_dim, seed=seed)
-    return out
+    return ops.sketch_matrix.default(hidden_size, sketch_dim, seed)

@@ -74,7 +74,9 @@ def check_targets_and_temperature(hidden: torch.Tensor, vocab: int, targets, tem
         C.fail("temperature", f"{temperature!r} is below {tiny:.3g}, the smallest normal number of the compute dtype")
     if check_values:
         bad = (targets < 0) | (targets >= vocab)
-        if bool(bad.any()):
+        if C.compiling():
+            C.assert_on_device(~bad, "targets", f"a value is out of range [0, V={vocab})")
+        elif bool(bad.any()):
             flat = int(bad.reshape(-1).nonzero()[0, 0])
             C.fail("targets", f"value {int(targets.reshape(-1)[flat])} at flat index {flat} is out of range "
                               f"[0, V={vocab})")
@@ -84,9 +86,12 @@ def check_targets_and_temperature(hidden: torch.Tensor, vocab: int, targets, tem
 
 def _check_logits_finite(logp: torch.Tensor, temperature: float) -> None:
     """From finite inputs a non-finite log-prob means the logits overflowed (one device sync)."""
-    if not bool(torch.isfinite(logp.detach().sum())):
-        C.fail("temperature", f"the logits (hidden @ weight.T + bias) / {temperature!r} overflow the compute dtype; "
-                              "raise the temperature or scale the LM head")
+    overflow = (f"the logits (hidden @ weight.T + bias) / {temperature!r} overflow the compute dtype; raise the "
+                "temperature or scale the LM head")
+    if C.compiling():
+        C.assert_on_device(torch.isfinite(logp.detach()), "temperature", overflow)
+    elif not bool(torch.isfinite(logp.detach().sum())):
+        C.fail("temperature", overflow)
 
 
 @torch.no_grad()

@@ -145,9 +145,9 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
             v1 = min(v0 + COLS, vocab)
             x = _logits(h_c, weight, bias, v0, v1, temperature, cdt)
             dx = -torch.exp(x - lse[r0:r1, None].to(cdt))
-            idx = y - v0
-            rows = ((idx >= 0) & (idx < v1 - v0)).nonzero()[:, 0]
-            dx[rows, idx[rows]] += 1.0
+            idx = y - v0  # + 1 at each row's target inside this chunk (+ 0 elsewhere: no data-dependent shapes)
+            inside = (idx >= 0) & (idx < v1 - v0)
+            dx.scatter_add_(1, idx.clamp(0, v1 - v0 - 1)[:, None], inside[:, None].to(cdt))
             dx = dx * g
             if need_hidden:
                 dh_c += dx @ weight[v0:v1].to(cdt)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sft-target-accuracy", type=float, default=d.sft_target_accuracy,
       help="stop the warm start once probe accuracy reaches this")
     a("--html-samples", type=int, default=d.html_samples)
+    a("--compile", action="store_true",
+      help="torch.compile the training step: the old-log-prob pass, the coefficients and the loss with its "
+           "backward (dynamic shapes; the first steps pay the compilation)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar and no printed summary")
     return p
 

@@ -32,6 +32,7 @@ class TrainerConfig:
     out: Optional[str] = None          # default runs/<timestamp>
     progress: bool = True
     html_samples: int = 12
+    compile: bool = False              # torch.compile the training step (old-log-prob pass, coefficients, loss)
     # model
     model: Optional[str] = None        # local checkpoint; None builds the embedded Qwen3-architecture model
     hidden_size: int = 96

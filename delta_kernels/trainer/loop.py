@@ -116,7 +116,8 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
                           micro_batch=cfg.micro_batch, vectors=cfg.delta_vectors,
                           vocab_sketch_dim=cfg.vocab_sketch_dim)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                          clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature)
+                          clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
+                          compile=cfg.compile)
     log = MetricsLog(out if ctx.is_main else None)
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -68,6 +68,20 @@ class UpdateConfig:
     agg: str = "token-mean"
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    compile: bool = False          # torch.compile the training step: phases A, B and C (C's backward with it)
+
+
+_COMPILED: Dict[Callable, Callable] = {}
+
+
+def step_phase(fn: Callable, compile: bool) -> Callable:
+    """``fn``, or (--compile) its torch.compile with dynamic shapes, made once per function (each
+    step's batch has its own response length: one recompile to dynamic shapes, not one per length)."""
+    if not compile:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 class ForwardCounter:
@@ -218,7 +232,8 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
     for idx in order.chunk(cfg.minibatches):
         mb = Rollout(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len,
                      rollout.response_ids[idx], rollout.response_mask[idx])
-        loss, metrics = policy_loss(model, mb, old.logp[idx], advantages[idx], coef[idx], cfg, backend)
+        loss, metrics = step_phase(policy_loss, cfg.compile)(model, mb, old.logp[idx], advantages[idx], coef[idx],
+                                                             cfg, backend)
         optimizer.zero_grad(set_to_none=True)
         if process_group is None:
             loss.backward()
@@ -294,9 +309,10 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
             old = timed("old_logprob", lambda: old_logprob_micro_batches(model, rollout, update.temperature, credit,
                                                                          process_group))
         else:
-            old = timed("old_logprob", lambda: old_logprob_pass(model, rollout, update.temperature, adv, credit))
-        coef, stats = timed("coefficients", lambda: credit_coefficients(old, adv, rollout.response_mask, credit,
-                                                                        process_group))
+            old = timed("old_logprob", lambda: step_phase(old_logprob_pass, update.compile)(
+                model, rollout, update.temperature, adv, credit))
+        coef, stats = timed("coefficients", lambda: step_phase(credit_coefficients, update.compile)(
+            old, adv, rollout.response_mask, credit, process_group))
         upd = timed("update", lambda: policy_update(model, optimizer, rollout, old, adv, coef, update, generator,
                                                     credit.backend, process_group))
     mask = rollout.response_mask
