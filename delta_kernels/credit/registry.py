@@ -187,7 +187,9 @@ def in_loss_credit(credit, logp: torch.Tensor, old_logp: torch.Tensor, adv: torc
                    backend: str):
     """A loss call's credit: -> (valid [B, T] bool with dropped rows removed, coef (the given
     coef times the spec's weights, or None), metrics). Only IN_LOSS methods run in a loss:
-    a BEFORE_UPDATE method is computed once per batch and passed as ``coef``."""
+    a BEFORE_UPDATE method is computed once per batch and passed as ``coef``. None: no credit."""
+    if credit is None:
+        return valid, coef, {}
     spec = credit_spec(credit)
     before = spec.of_kind(BEFORE_UPDATE)
     if before.methods:
