@@ -1,7 +1,7 @@
 """FIPO future-KL weights in Triton: one kernel, one program per block of BLOCK_R rows.
 
-Each program reads its rows twice: a forward walk counting each row's dual-clipped negative
-tokens (keep), then a walk from the row's end in chunks of BLOCK_T tokens, loaded in reverse.
+Each program reads its rows once, from their end, in chunks of BLOCK_T tokens loaded in reverse,
+and counts each row's dual-clipped negative tokens on the way (keep).
 Inside a chunk the discounted sum is an associative scan over pairs (n, v), n counting the
 tokens the pair spans: (n1, v1) then (n2, v2) -> (n1 + n2, v1 * gamma^n2 + v2), with
 gamma^n = exp2(-n / decay_rate) taken in log space, never as a running product, so the scan
@@ -52,12 +52,6 @@ def _fipo_weights_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, futu
     r_in = r < rows
     j = tl.arange(0, BLOCK_T).to(tl.int64)
     dropped = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for c0 in range(0, cols, BLOCK_T):
-        t = c0 + j
-        inb = r_in[:, None] & (t < cols)[None, :]
-        valid, a, d = _row_terms(logp_ptr, old_ptr, adv_ptr, mask_ptr, r[:, None] * cols + t[None, :], inb)
-        dropped += tl.sum((valid & (a < 0) & (tl.exp(d) > clip_c)).to(tl.int32), axis=1)
-    tl.store(keep_ptr + r, (dropped <= 1).to(tl.uint8), mask=r_in)
     carry = tl.zeros([BLOCK_R], dtype=tl.float32)       # F at the first token after the chunk
     to_carry = tl.exp2(-(j + 1).to(tl.float32) * inv_decay)
     for c0 in range(0, cols, BLOCK_T):
@@ -76,9 +70,12 @@ def _fipo_weights_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, futu
             w = tl.minimum(tl.maximum(w, lower), upper)
         else:
             w = tl.minimum(w, upper)
-        w = tl.where((a < 0) & (tl.exp(d) > safety_thresh), tl.minimum(tl.maximum(w, 0.8), 1.0), w)
+        ratio = tl.exp(d)
+        w = tl.where((a < 0) & (ratio > safety_thresh), tl.minimum(tl.maximum(w, 0.8), 1.0), w)
+        dropped += tl.sum((valid & (a < 0) & (ratio > clip_c)).to(tl.int32), axis=1)
         tl.store(weights_ptr + idx, tl.where(valid, w, 0.0), mask=inb)
         tl.store(future_kl_ptr + idx, tl.where(valid, f, 0.0), mask=inb)
+    tl.store(keep_ptr + r, (dropped <= 1).to(tl.uint8), mask=r_in)
 
 
 @triton_op("delta_kernels::fipo_weights_triton", mutates_args=())
