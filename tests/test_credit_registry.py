@@ -83,6 +83,10 @@ def test_composition_is_the_explicit_product(agg):
     (ref + loss).backward()
     assert torch.equal(loss.detach(), ref.detach()) and torch.equal(lp1.grad, lp2.grad)
     assert float(metrics["fipo/rows_dropped"]) == 1.0
+    w = fw.weights[mask]
+    at_bound = ((w >= 1.2 - 1e-7) | (w <= 1.0 + 1e-7)).double().mean()
+    assert [float(metrics[f"fipo/{k}"]) for k in ("weight_mean", "weight_min", "weight_max", "clip_frac")] == \
+        [float(w.mean()), float(w.min()), float(w.max()), float(at_bound)]
     assert float(metrics["entropy/kept_frac"]) == float(hi.sum() / mask.sum())
 
 

@@ -125,9 +125,11 @@ def test_all_padding_gives_zero_weights_kept_rows_and_zero_loss(backend):
     fw = dk.fipo_weights(logp, logp.detach(), torch.full((3,), float("nan")), mask, backend=str(backend))
     assert torch.equal(fw.weights, torch.zeros(3, 7)) and bool(fw.keep.all())
     assert torch.equal(fw.future_kl, torch.zeros(3, 7))
-    loss, _ = dk.clipped_surrogate_loss(logp, logp.detach(), torch.zeros(3), mask, credit="fipo",
-                                        backend="torch" if str(backend) == "torch" else "auto")
+    loss, metrics = dk.clipped_surrogate_loss(logp, logp.detach(), torch.zeros(3), mask, credit="fipo",
+                                              backend="torch" if str(backend) == "torch" else "auto")
     loss.backward()
+    assert all(float(metrics[f"fipo/{k}"]) == 0.0 for k in ("weight_mean", "weight_min", "weight_max",
+                                                             "rows_dropped", "clip_frac"))
     assert float(loss.detach()) == 0.0 and torch.equal(logp.grad, torch.zeros(3, 7))
 
 

@@ -91,19 +91,20 @@ class FipoOptions:
 
 def fipo_metrics(fw: FipoWeights, mask: torch.Tensor, cfg: C.FipoConfig) -> dict:
     """weight_mean / weight_min / weight_max over valid tokens (0 when there are none),
-    rows_dropped, clip_frac: valid tokens within AT_BOUND_TOL of a clip bound."""
+    rows_dropped, clip_frac: valid tokens within AT_BOUND_TOL of a clip bound. Uses that the
+    weights are >= 0 and 0 at padding: the max and the lower-bound count need no mask."""
     valid = mask.bool()
     w = fw.weights.detach()
     n = valid.sum()
+    padding = w.numel() - n
     lower, upper = cfg.bounds()
-    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
-    at_bound = valid & ((w >= upper - AT_BOUND_TOL) | (w <= lower + AT_BOUND_TOL))
-    some = n > 0
+    at_bound = ((w >= upper - AT_BOUND_TOL) | (w <= lower + AT_BOUND_TOL)).sum() - padding  # padding is 0 <= lower
+    empty = w.new_zeros(())
     return dict(weight_mean=w.sum() / n.clamp_min(1),
-                weight_min=torch.where(some, torch.where(valid, w, inf).min(), 0.0) if w.numel() else w.sum(),
-                weight_max=torch.where(some, torch.where(valid, w, -inf).max(), 0.0) if w.numel() else w.sum(),
+                weight_min=torch.where(n > 0, w.masked_fill(~valid, float("inf")).min(), empty) if w.numel() else empty,
+                weight_max=w.max() if w.numel() else empty,
                 rows_dropped=(~fw.keep).sum().to(w.dtype),
-                clip_frac=at_bound.sum().to(w.dtype) / n.clamp_min(1))
+                clip_frac=at_bound.to(w.dtype) / n.clamp_min(1))
 
 
 def _compute(inputs: CreditInputs, options: FipoOptions) -> CreditWeights:
