@@ -205,3 +205,18 @@ def test_loss_and_gradient_match_the_authors_loss(mode, backend):
     assert abs(float(loss) - float(ref)) <= tol * abs(float(ref)), (float(loss), float(ref))
     assert float((mine.grad.double() - lp.grad).norm()) <= tol * float(lp.grad.norm())
     assert float(metrics["fipo/rows_dropped"]) == float((~oracle(logp, old, adv, mask, c=CLIP_C)[1]).sum()) >= 1
+
+
+@pytest.mark.parametrize("backend", [p for p in FIPO if str(p.values[0]) == "triton"])
+def test_fipo_credit_adds_one_triton_launch(backend):
+    """clipped_surrogate_loss(credit="fipo") on triton: the surrogate's kernels plus one (the weights)."""
+    from launch_counter import LaunchCounter
+    logp, old, adv, mask = fipo_batch(3, 40, seed=5, pad_nan=False)
+    counts = []
+    for credit in (None, "fipo"):
+        with LaunchCounter() as lc:
+            loss, _ = dk.clipped_surrogate_loss(logp, old, adv, mask, credit=credit, backend="triton",
+                                                check_values=False)
+        counts.append({k: v for k, v in lc.ops.items() if k.startswith("triton:")})
+    extra = {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in set(counts[0]) | set(counts[1])}
+    assert {k: v for k, v in extra.items() if v} == {"triton:_fipo_weights_kernel": 1}, counts

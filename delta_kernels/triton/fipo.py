@@ -83,12 +83,20 @@ def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tens
                      decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
                      clip_lower: bool, safety_thresh: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T] contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl), float32."""
+    return launch_fipo_weights(wrap_triton(_fipo_weights_kernel), logp, old_logp, adv, mask, decay_rate, log_clip_c,
+                               clip_c, lower, upper, clip_lower, safety_thresh)
+
+
+def launch_fipo_weights(kernel, logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c, lower, upper, clip_lower,
+                        safety_thresh):
+    """The op's body: allocate and launch ``kernel`` (the op passes it wrapped for torch.compile;
+    benchmarks/aot_table.py passes the plain kernel to trace it on meta tensors)."""
     rows, cols = logp.shape
     weights = empty(rows, cols, dtype=torch.float32, device=logp.device)
     future_kl = empty(rows, cols, dtype=torch.float32, device=logp.device)
     keep = empty(rows, dtype=torch.bool, device=logp.device)
     if rows > 0:
-        wrap_triton(_fipo_weights_kernel)[(triton.cdiv(rows, BLOCK_R),)](
+        kernel[(triton.cdiv(rows, BLOCK_R),)](
             logp_ptr=logp, old_ptr=old_logp, adv_ptr=adv, mask_ptr=mask.view(torch.uint8), weights_ptr=weights,
             future_kl_ptr=future_kl, keep_ptr=keep.view(torch.uint8), rows=rows, cols=cols,
             inv_decay=1.0 / decay_rate, log_clip_c=log_clip_c, clip_c=clip_c, lower=lower, upper=upper,
