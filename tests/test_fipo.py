@@ -220,3 +220,16 @@ def test_fipo_credit_adds_one_triton_launch(backend):
         counts.append({k: v for k, v in lc.ops.items() if k.startswith("triton:")})
     extra = {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in set(counts[0]) | set(counts[1])}
     assert {k: v for k, v in extra.items() if v} == {"triton:_fipo_weights_kernel": 1}, counts
+
+
+@pytest.mark.parametrize("op", ["fipo_weights_cpp", "fipo_weights_triton"])
+def test_native_ops_pass_opcheck(op):
+    """The torch.library ops (schema, fake implementation, dispatch) that torch.compile will see."""
+    if op.endswith("triton") and not [p for p in FIPO if str(p.values[0]) == "triton" and not p.marks]:
+        pytest.skip("triton does not run here")
+    import delta_kernels.backends.cpp  # noqa: F401  (registers the ops)
+    import delta_kernels.triton  # noqa: F401
+    logp, old, adv, mask = fipo_batch(3, 9, seed=6, pad_nan=False)
+    args = (logp, old, adv[:, None].expand(3, 9).contiguous(), mask, 32.0, math.log(10.0), 10.0, 1.0, 1.2, True, 10.0)
+    torch.library.opcheck(getattr(torch.ops.delta_kernels, op), args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -16,7 +16,6 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from .._alloc import empty
 from .._checks import FipoConfig
@@ -78,19 +77,26 @@ def _fipo_weights_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, futu
     tl.store(keep_ptr + r, (dropped <= 1).to(tl.uint8), mask=r_in)
 
 
-@triton_op("delta_kernels::fipo_weights_triton", mutates_args=())
+@torch.library.custom_op("delta_kernels::fipo_weights_triton", mutates_args=())
 def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                      decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
                      clip_lower: bool, safety_thresh: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T] contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl), float32."""
-    return launch_fipo_weights(wrap_triton(_fipo_weights_kernel), logp, old_logp, adv, mask, decay_rate, log_clip_c,
-                               clip_c, lower, upper, clip_lower, safety_thresh)
+    return launch_fipo_weights(_fipo_weights_kernel, logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c,
+                               lower, upper, clip_lower, safety_thresh)
+
+
+@_fipo_weights_op.register_fake
+def _(logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c, lower, upper, clip_lower, safety_thresh):
+    return (logp.new_empty(logp.shape, dtype=torch.float32), logp.new_empty(logp.shape[0], dtype=torch.bool),
+            logp.new_empty(logp.shape, dtype=torch.float32))
 
 
 def launch_fipo_weights(kernel, logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c, lower, upper, clip_lower,
                         safety_thresh):
-    """The op's body: allocate and launch ``kernel`` (the op passes it wrapped for torch.compile;
-    benchmarks/aot_table.py passes the plain kernel to trace it on meta tensors)."""
+    """The op's body: allocate and launch ``kernel`` (benchmarks/aot_table.py calls it on meta tensors,
+    where the op would take its fake). A plain custom op, not torch.library.triton_op: triton_op's
+    fake tracing runs the kernel, which the interpreter (the tests) cannot do on fake tensors."""
     rows, cols = logp.shape
     weights = empty(rows, cols, dtype=torch.float32, device=logp.device)
     future_kl = empty(rows, cols, dtype=torch.float32, device=logp.device)
