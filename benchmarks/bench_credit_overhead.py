@@ -51,7 +51,8 @@ def main(argv=None):
              "fipo_weights": lambda: dk.fipo_weights(logp, old, adv, mask, backend=a.backend)}
     med = {n: t.median_ms for n, t in time_providers(calls, reps=a.reps, warmup=2, cuda=dev == "cuda").items()}
     overhead = med["fipo+surrogate"] / med["surrogate"] - 1
-    row = dict(machine=machine_name(dev), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    row = dict(machine=machine_name(dev), date=now,
                commit=git_commit(), torch=torch.__version__, backend=a.backend, tokens=b * a.seq_len,
                seq_len=a.seq_len, dtype="float32", reps=a.reps, median_ms=med, overhead=overhead,
                threads=torch.get_num_threads(), load_average=os.getloadavg())

@@ -15,7 +15,8 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
 Phase C aggregates exactly as verl 0.9.1's agg_loss (``agg=`` and verl's normalisers); the
 rules, and ``trl_loss_aggregation`` for TRL's loss types, are in ``delta_kernels.aggregation``.
 Every call takes ``backend=``: "auto" or a name from ``available_backends()`` (the
-registry of delta_kernels._backends; "torch" is the float64-capable reference). Token credit is one registry, ``delta_kernels.credit``: DelTA (before the update, as above),
+registry of delta_kernels._backends; "torch" is the float64-capable reference).
+Token credit is one registry, ``delta_kernels.credit``: DelTA (before the update, as above),
 FIPO (``fipo_weights``) and high-entropy tokens (``entropy_mask``) in the loss, composed by
 product (``credit="fipo*entropy"`` on either loss; ``coef=`` carries DelTA). ``DeltaAccumulator`` runs phase B over micro-batches
 (add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.

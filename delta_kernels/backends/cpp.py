@@ -13,7 +13,7 @@ import torch
 from .. import _cpp
 from .._alloc import empty
 from .._checks import FipoConfig, SurrogateConfig
-from ..reference.fipo import log_clip_c
+from ..reference.fipo import native_scalars
 from ..aggregation import STATS
 from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
                       pipeline_kernels, ptr, rows_and_scale)
@@ -113,7 +113,4 @@ def _(logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c, lower, upper, c
 
 def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
     """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
-    lower, upper = cfg.bounds()
-    return _fipo_weights_op(f32(logp), f32(old_logp), f32(adv), mask.contiguous(), cfg.decay_rate,
-                            log_clip_c(cfg, torch.float32), cfg.clip_c, lower, upper, cfg.future_kl_clip_ratio > 0,
-                            cfg.safety_thresh)
+    return _fipo_weights_op(f32(logp), f32(old_logp), f32(adv), mask.contiguous(), *native_scalars(cfg))

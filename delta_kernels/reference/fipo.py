@@ -38,6 +38,14 @@ def log_clip_c(cfg: FipoConfig, dtype: torch.dtype) -> float:
     return float(torch.log(torch.tensor(cfg.clip_c, dtype=dtype)))
 
 
+def native_scalars(cfg: FipoConfig) -> tuple:
+    """The scalar arguments of the native fipo ops, float32 compute: (decay_rate, log_clip_c,
+    clip_c, lower, upper, clip_lower, safety_thresh)."""
+    lower, upper = cfg.bounds()
+    return (cfg.decay_rate, log_clip_c(cfg, torch.float32), cfg.clip_c, lower, upper, cfg.future_kl_clip_ratio > 0,
+            cfg.safety_thresh)
+
+
 def fipo_weights(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                  cfg: FipoConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logp, old_logp, adv [B, T] (any float dtype), mask [B, T] bool -> (weights [B, T],

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._checks import FipoConfig
-from ..reference.fipo import log_clip_c
+from ..reference.fipo import native_scalars
 
 BLOCK_R = 4      # rows per program
 BLOCK_T = 256    # tokens per chunk of the scan
@@ -112,7 +112,5 @@ def launch_fipo_weights(kernel, logp, old_logp, adv, mask, decay_rate, log_clip_
 
 def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
     """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
-    lower, upper = cfg.bounds()
     return _fipo_weights_op(logp.contiguous(), old_logp.contiguous(), adv.contiguous(), mask.contiguous(),
-                            cfg.decay_rate, log_clip_c(cfg, torch.float32), cfg.clip_c, lower, upper,
-                            cfg.future_kl_clip_ratio > 0, cfg.safety_thresh)
+                            *native_scalars(cfg))
