@@ -32,12 +32,12 @@ void fipo_weights(const float* logp, const float* old_logp, const float* adv, co
         continue;
       }
       const float d = log_ratio(logp, old_logp, i);
-      const float ratio = std::exp(d);
       f_next = (d <= log_clip_c ? static_cast<double>(d) : 0.0) + gamma * f_next;
       const float fkl = static_cast<float>(f_next);
       float w = std::exp(fkl);
       w = clip_lower ? std::min(std::max(w, lower), upper) : std::min(w, upper);
-      if (adv[i] < 0.0f) {
+      if (adv[i] < 0.0f) {  // the ratio matters only here
+        const float ratio = std::exp(d);
         if (ratio > safety_thresh) w = std::min(std::max(w, 0.8f), 1.0f);
         dropped += ratio > clip_c;
       }
