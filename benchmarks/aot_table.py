@@ -161,7 +161,7 @@ def _run_calls():
     from delta_kernels.triton.fipo import _fipo_weights_kernel, launch_fipo_weights
     launch_fipo_weights(_fipo_weights_kernel, logp.detach(), torch.empty_like(logp.detach()),
                         torch.empty(n // t, t, device=meta), torch.empty(n // t, t, dtype=torch.bool, device=meta),
-                        32.0, 2.3, 10.0, 1.0, 1.2, True, 10.0)
+                        32.0, 2.3, 10.0, 1.0, 1.2, True, 10.0, 1.2 - 1e-7, 1.0 + 1e-7)
     m, v = 8192, 151936
     for dtype in (torch.bfloat16, torch.float32):
         hidden = torch.empty(m // t, t, h, dtype=dtype, device=meta, requires_grad=True)

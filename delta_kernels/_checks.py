@@ -305,6 +305,12 @@ class FipoConfig:
             return 0.0, 10.0
         return (1.0 if self.future_kl_clip_high_only else 1.0 - rho), 1.0 + rho
 
+    def at_bound_limits(self) -> Tuple[float, float]:
+        """A weight >= the first or <= the second counts as at a clip bound (the authors' metric:
+        within 1e-7 of it; compared in the compute dtype)."""
+        lower, upper = self.bounds()
+        return upper - 1e-7, lower + 1e-7
+
 
 @dataclass
 class TokenBatch:

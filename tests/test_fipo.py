@@ -230,6 +230,28 @@ def test_native_ops_pass_opcheck(op):
     import delta_kernels.backends.cpp  # noqa: F401  (registers the ops)
     import delta_kernels.triton  # noqa: F401
     logp, old, adv, mask = fipo_batch(3, 9, seed=6, pad_nan=False)
-    args = (logp, old, adv[:, None].expand(3, 9).contiguous(), mask, 32.0, math.log(10.0), 10.0, 1.0, 1.2, True, 10.0)
+    args = (logp, old, adv[:, None].expand(3, 9).contiguous(), mask, 32.0, math.log(10.0), 10.0, 1.0, 1.2, True, 10.0,
+            1.2 - 1e-7, 1.0 + 1e-7)
     torch.library.opcheck(getattr(torch.ops.delta_kernels, op), args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", FIPO)
+@pytest.mark.parametrize("rho", [0.2, 0.0])
+def test_metrics_from_the_kernels_row_partials(backend, rho):
+    """fipo/* metrics (from each backend's per-row partials) equal the direct reductions of the
+    weights over valid tokens; a fully masked row holds NaN and adds nothing."""
+    logp, old, adv, mask = fipo_batch(5, 70, seed=8)
+    mask[4] = False
+    logp[4], old[4] = float("nan"), float("nan")
+    spec = dk.credit_spec("fipo", fipo=dict(future_kl_clip_ratio=rho, decay_rate=4.0))
+    _, metrics = dk.clipped_surrogate_loss(logp, old, adv, mask, credit=spec, backend=str(backend),
+                                           check_values=False)
+    fw = dk.fipo_weights(logp, old, adv, mask, future_kl_clip_ratio=rho, decay_rate=4.0, backend=str(backend))
+    w = fw.weights[mask].double()
+    lower, upper = (0.0, 10.0) if rho == 0 else (1.0, 1.2)
+    at = ((fw.weights[mask] >= upper - 1e-7) | (fw.weights[mask] <= lower + 1e-7)).double().mean()
+    expect = dict(weight_mean=w.mean(), weight_min=w.min(), weight_max=w.max(), clip_frac=at,
+                  rows_dropped=(~fw.keep).sum().double())
+    for k, v in expect.items():
+        assert abs(float(metrics[f"fipo/{k}"]) - float(v)) <= 1e-6 * max(1.0, abs(float(v))), (k, metrics, expect)

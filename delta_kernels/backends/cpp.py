@@ -13,7 +13,7 @@ import torch
 from .. import _cpp
 from .._alloc import empty
 from .._checks import FipoConfig, SurrogateConfig
-from ..reference.fipo import native_scalars
+from ..reference.fipo import fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
 from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
                       pipeline_kernels, ptr, rows_and_scale)
@@ -92,23 +92,25 @@ def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
 @torch.library.custom_op("delta_kernels::fipo_weights_cpp", mutates_args=())
 def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                      decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
-                     clip_lower: bool, safety_thresh: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, T] float32 contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl)."""
+                     clip_lower: bool, safety_thresh: float, at_upper: float,
+                     at_lower: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] float32 contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl, row_stats [B, 5])."""
     rows, cols = logp.shape
     weights = empty(rows, cols, dtype=torch.float32)
     future_kl = empty(rows, cols, dtype=torch.float32)
     keep = empty(rows, dtype=torch.bool)
+    row_stats = empty(rows, 5, dtype=torch.float32)
     _cpp.fipo_weights(logp=ptr(logp), old_logp=ptr(old_logp), adv=ptr(adv), mask=ptr(mask.view(torch.uint8)),
                       rows=rows, cols=cols, gamma=2.0 ** (-1.0 / decay_rate), log_clip_c=log_clip_c, clip_c=clip_c,
                       lower=lower, upper=upper, clip_lower=clip_lower, safety_thresh=safety_thresh,
-                      weights=ptr(weights), future_kl=ptr(future_kl), keep=ptr(keep.view(torch.uint8)))
-    return weights, keep, future_kl
+                      at_upper=at_upper, at_lower=at_lower, weights=ptr(weights), future_kl=ptr(future_kl),
+                      keep=ptr(keep.view(torch.uint8)), row_stats=ptr(row_stats))
+    return weights, keep, future_kl, row_stats
 
 
 @_fipo_weights_op.register_fake
-def _(logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c, lower, upper, clip_lower, safety_thresh):
-    return (logp.new_empty(logp.shape, dtype=torch.float32), logp.new_empty(logp.shape[0], dtype=torch.bool),
-            logp.new_empty(logp.shape, dtype=torch.float32))
+def _(logp, old_logp, adv, mask, *scalars):
+    return fipo_fake_outputs(logp)
 
 
 def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):

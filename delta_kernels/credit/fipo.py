@@ -15,8 +15,6 @@ from .. import _checks as C
 from .._backends import resolve
 from .registry import IN_LOSS, CreditInputs, CreditMethod, CreditWeights, register
 
-AT_BOUND_TOL = 1e-7  # a weight within this of a clip bound counts as clipped (as the authors' metric)
-
 
 class FipoWeights(NamedTuple):
     weights: torch.Tensor    # [B, T] float32 (float64 for float64), 0 at padding; detached
@@ -69,12 +67,17 @@ def fipo_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
     """
     cfg = C.FipoConfig(decay_rate=decay_rate, future_kl_clip_ratio=future_kl_clip_ratio,
                        future_kl_clip_high_only=future_kl_clip_high_only, safety_thresh=safety_thresh, clip_c=clip_c)
+    return _fipo(logp, old_logp, advantages, mask, cfg, backend, check_values)[0]
+
+
+def _fipo(logp, old_logp, advantages, mask, cfg: C.FipoConfig, backend: str, check_values: bool):
+    """-> (FipoWeights, row_stats [B, 5]: the backend's per-row metric partials)."""
     logp, old_logp, adv, valid = _check_inputs(logp, old_logp, advantages, mask, check_values)
     cdt = C.compute_dtype(logp.dtype, old_logp.dtype, adv.dtype)
     impl = resolve(backend, logp.device, cdt, "fipo_weights")
-    weights, keep, future_kl = impl.fipo_weights(logp.detach().contiguous(), old_logp.detach().contiguous(),
-                                                 adv.detach().contiguous(), valid.contiguous(), cfg)
-    return FipoWeights(weights, keep, future_kl)
+    weights, keep, future_kl, row_stats = impl.fipo_weights(
+        logp.detach().contiguous(), old_logp.detach().contiguous(), adv.detach().contiguous(), valid.contiguous(), cfg)
+    return FipoWeights(weights, keep, future_kl), row_stats
 
 
 @dataclass(frozen=True)
@@ -89,29 +92,24 @@ class FipoOptions:
         C.FipoConfig(**asdict(self))  # the checks
 
 
-def fipo_metrics(fw: FipoWeights, mask: torch.Tensor, cfg: C.FipoConfig) -> dict:
-    """weight_mean / weight_min / weight_max over valid tokens (0 when there are none),
-    rows_dropped, clip_frac: valid tokens within AT_BOUND_TOL of a clip bound. Uses that the
-    weights are >= 0 and 0 at padding: the max and the lower-bound count need no mask."""
-    valid = mask.bool()
-    w = fw.weights.detach()
-    n = valid.sum()
-    padding = w.numel() - n
-    lower, upper = cfg.bounds()
-    at_bound = ((w >= upper - AT_BOUND_TOL) | (w <= lower + AT_BOUND_TOL)).sum() - padding  # padding is 0 <= lower
-    empty = w.new_zeros(())
-    return dict(weight_mean=w.sum() / n.clamp_min(1),
-                weight_min=torch.where(n > 0, w.masked_fill(~valid, float("inf")).min(), empty) if w.numel() else empty,
-                weight_max=w.max() if w.numel() else empty,
-                rows_dropped=(~fw.keep).sum().to(w.dtype),
-                clip_frac=at_bound.to(w.dtype) / n.clamp_min(1))
+def fipo_metrics(fw: FipoWeights, row_stats: torch.Tensor) -> dict:
+    """From the per-row partials (count, sum, min, max, at a bound): weight_mean / weight_min /
+    weight_max over valid tokens (0 when there are none), rows_dropped, clip_frac (valid tokens
+    within 1e-7 of a clip bound, FipoConfig.at_bound_limits). [B]-sized work only."""
+    n = row_stats[:, 0].sum()
+    some = n > 0
+    zero = row_stats.new_zeros(())
+    return dict(weight_mean=row_stats[:, 1].sum() / n.clamp_min(1),
+                weight_min=torch.where(some, row_stats[:, 2].min(), zero) if len(row_stats) else zero,
+                weight_max=torch.where(some, row_stats[:, 3].max(), zero) if len(row_stats) else zero,
+                rows_dropped=(~fw.keep).sum().to(row_stats.dtype),
+                clip_frac=row_stats[:, 4].sum() / n.clamp_min(1))
 
 
 def _compute(inputs: CreditInputs, options: FipoOptions) -> CreditWeights:
     cfg = C.FipoConfig(**asdict(options), clip_c=inputs.clip_c)
-    fw = fipo_weights(inputs.logp, inputs.old_logp, inputs.advantages, inputs.mask, backend=inputs.backend,
-                      check_values=False, **asdict(options), clip_c=inputs.clip_c)
-    return CreditWeights(weights=fw.weights, keep=fw.keep, metrics=fipo_metrics(fw, inputs.mask, cfg))
+    fw, row_stats = _fipo(inputs.logp, inputs.old_logp, inputs.advantages, inputs.mask, cfg, inputs.backend, False)
+    return CreditWeights(weights=fw.weights, keep=fw.keep, metrics=fipo_metrics(fw, row_stats))
 
 
 METHOD = register(CreditMethod(

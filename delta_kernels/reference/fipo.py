@@ -40,17 +40,26 @@ def log_clip_c(cfg: FipoConfig, dtype: torch.dtype) -> float:
 
 def native_scalars(cfg: FipoConfig) -> tuple:
     """The scalar arguments of the native fipo ops, float32 compute: (decay_rate, log_clip_c,
-    clip_c, lower, upper, clip_lower, safety_thresh)."""
+    clip_c, lower, upper, clip_lower, safety_thresh, at_upper, at_lower)."""
     lower, upper = cfg.bounds()
     return (cfg.decay_rate, log_clip_c(cfg, torch.float32), cfg.clip_c, lower, upper, cfg.future_kl_clip_ratio > 0,
-            cfg.safety_thresh)
+            cfg.safety_thresh, *cfg.at_bound_limits())
+
+
+def fipo_fake_outputs(logp: torch.Tensor) -> tuple:
+    """The native ops' outputs as empty tensors (their register_fake): weights, keep, future_kl, row_stats."""
+    rows, cols = logp.shape
+    f32 = torch.float32
+    return (logp.new_empty(rows, cols, dtype=f32), logp.new_empty(rows, dtype=torch.bool),
+            logp.new_empty(rows, cols, dtype=f32), logp.new_empty(rows, 5, dtype=f32))
 
 
 def fipo_weights(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                  cfg: FipoConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logp, old_logp, adv [B, T] (any float dtype), mask [B, T] bool -> (weights [B, T],
-    keep [B] bool, future_kl [B, T]) in the compute dtype (float64 if any input is, else
-    float32); weights and future_kl are 0 at padding, whose values are never read."""
+    keep [B] bool, future_kl [B, T], row_stats [B, 5] (see row_stats)) in the compute dtype
+    (float64 if any input is, else float32); weights and future_kl are 0 at padding, whose
+    values are never read."""
     dtype = compute_dtype(logp.dtype, old_logp.dtype, adv.dtype)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     delta = torch.where(mask, logp.to(dtype) - old_logp.to(dtype), zero).clamp(-20.0, 20.0)
@@ -63,4 +72,18 @@ def fipo_weights(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, 
     f = f.clamp(lower, upper) if cfg.future_kl_clip_ratio > 0 else f.clamp(max=upper)
     f = torch.where((a < 0) & (ratio > cfg.safety_thresh), f.clamp(0.8, 1.0), f)
     dropped = (mask & (a < 0) & (ratio > cfg.clip_c)).sum(1) > 1
-    return torch.where(mask, f, zero), ~dropped, torch.where(mask, future_kl, zero)
+    weights = torch.where(mask, f, zero)
+    return weights, ~dropped, torch.where(mask, future_kl, zero), row_stats(weights, mask, cfg)
+
+
+def row_stats(weights: torch.Tensor, mask: torch.Tensor, cfg: FipoConfig) -> torch.Tensor:
+    """[B, len(ROW_STATS)] per row over valid tokens: count, sum of weights, min (+inf for an
+    empty row), max (-inf), tokens at a clip bound (FipoConfig.at_bound_limits)."""
+    hi, lo = cfg.at_bound_limits()
+    inf = torch.tensor(float("inf"), dtype=weights.dtype, device=weights.device)
+    if weights.shape[1] == 0:
+        none = torch.zeros(weights.shape[0], dtype=weights.dtype, device=weights.device)
+        return torch.stack([none, none, none + inf, none - inf, none], 1)
+    at_bound = mask & ((weights >= hi) | (weights <= lo))
+    return torch.stack([mask.sum(1).to(weights.dtype), weights.sum(1), torch.where(mask, weights, inf).amin(1),
+                        torch.where(mask, weights, -inf).amax(1), at_bound.sum(1).to(weights.dtype)], 1)
