@@ -13,7 +13,7 @@ import torch
 from .. import _cpp
 from .._alloc import empty
 from .._checks import FipoConfig, SurrogateConfig
-from ..reference.fipo import fipo_fake_outputs, native_scalars
+from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
 from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
                       pipeline_kernels, ptr, rows_and_scale)
@@ -89,11 +89,10 @@ def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("delta_kernels::fipo_weights_cpp", mutates_args=())
-def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                     decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
-                     clip_lower: bool, safety_thresh: float, at_upper: float,
-                     at_lower: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fipo_weights_body(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                       decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
+                       clip_lower: bool, safety_thresh: float, at_upper: float,
+                       at_lower: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T] float32 contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl, row_stats [B, 5])."""
     rows, cols = logp.shape
     weights = empty(rows, cols, dtype=torch.float32)
@@ -108,6 +107,10 @@ def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tens
     return weights, keep, future_kl, row_stats
 
 
+_fipo_weights_op = torch.library.custom_op("delta_kernels::fipo_weights_cpp", _fipo_weights_body,
+                                           mutates_args=())
+
+
 @_fipo_weights_op.register_fake
 def _(logp, old_logp, adv, mask, *scalars):
     return fipo_fake_outputs(logp)
@@ -115,4 +118,5 @@ def _(logp, old_logp, adv, mask, *scalars):
 
 def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
     """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
-    return _fipo_weights_op(f32(logp), f32(old_logp), f32(adv), mask.contiguous(), *native_scalars(cfg))
+    return call_native(_fipo_weights_op, _fipo_weights_body, f32(logp), f32(old_logp), f32(adv), mask.contiguous(),
+                       *native_scalars(cfg))

@@ -54,6 +54,13 @@ def fipo_fake_outputs(logp: torch.Tensor) -> tuple:
             logp.new_empty(rows, cols, dtype=f32), logp.new_empty(rows, 5, dtype=f32))
 
 
+def call_native(op, body, *args):
+    """The native fipo kernel: through its torch.library op while torch.compile traces (one opaque
+    node, fake outputs), else its body directly (the op's Python dispatch costs more than the
+    kernel at N = 32k on a CPU)."""
+    return (op if torch.compiler.is_compiling() else body)(*args)
+
+
 def fipo_weights(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                  cfg: FipoConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logp, old_logp, adv [B, T] (any float dtype), mask [B, T] bool -> (weights [B, T],

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._checks import FipoConfig
-from ..reference.fipo import fipo_fake_outputs, native_scalars
+from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
 
 BLOCK_R = 4      # rows per program
 BLOCK_T = 256    # tokens per chunk of the scan
@@ -95,14 +95,17 @@ def _fipo_weights_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, futu
     tl.store(stats + 4, at_bound, mask=r_in)
 
 
-@torch.library.custom_op("delta_kernels::fipo_weights_triton", mutates_args=())
-def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                     decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
-                     clip_lower: bool, safety_thresh: float, at_upper: float,
-                     at_lower: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fipo_weights_body(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                       decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
+                       clip_lower: bool, safety_thresh: float, at_upper: float,
+                       at_lower: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, T] contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl, row_stats [B, 5]), float32."""
     return launch_fipo_weights(_fipo_weights_kernel, logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c,
                                lower, upper, clip_lower, safety_thresh, at_upper, at_lower)
+
+
+_fipo_weights_op = torch.library.custom_op("delta_kernels::fipo_weights_triton", _fipo_weights_body,
+                                           mutates_args=())
 
 
 @_fipo_weights_op.register_fake
@@ -132,5 +135,5 @@ def launch_fipo_weights(kernel, logp, old_logp, adv, mask, decay_rate, log_clip_
 
 def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
     """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
-    return _fipo_weights_op(logp.contiguous(), old_logp.contiguous(), adv.contiguous(), mask.contiguous(),
-                            *native_scalars(cfg))
+    return call_native(_fipo_weights_op, _fipo_weights_body, logp.contiguous(), old_logp.contiguous(),
+                       adv.contiguous(), mask.contiguous(), *native_scalars(cfg))
