@@ -153,6 +153,15 @@ def _run_calls():
                                         torch.empty(n // t, t, dtype=torch.bool, device=meta), backend="triton",
                                         check_values=False)
     loss.backward()
+    loss, _ = dk.clipped_surrogate_loss(logp, torch.empty_like(logp), torch.empty(n // t, device=meta),
+                                        torch.empty(n // t, t, dtype=torch.bool, device=meta), credit="fipo",
+                                        backend="triton", check_values=False)  # the surrogate with coefficients
+    loss.backward()
+    # FIPO's weights: the op's body with the plain kernel (on meta tensors the op would take its fake)
+    from delta_kernels.triton.fipo import _fipo_weights_kernel, launch_fipo_weights
+    launch_fipo_weights(_fipo_weights_kernel, logp.detach(), torch.empty_like(logp.detach()),
+                        torch.empty(n // t, t, device=meta), torch.empty(n // t, t, dtype=torch.bool, device=meta),
+                        32.0, 2.3, 10.0, 1.0, 1.2, True, 10.0, 1.2 - 1e-7, 1.0 + 1e-7)
     m, v = 8192, 151936
     for dtype in (torch.bfloat16, torch.float32):
         hidden = torch.empty(m // t, t, h, dtype=dtype, device=meta, requires_grad=True)

@@ -7,10 +7,14 @@ pipeline is ``delta_kernels.pipeline.run_coefficients`` over the three passes of
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from .. import _cpp
 from .._alloc import empty
+from .._checks import FipoConfig, SurrogateConfig
+from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
 from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, margin_pass, native_phases,  # noqa: F401
                       opt_ptr, pipeline_kernels, ptr, side_sums, token_vectors)
@@ -82,3 +86,35 @@ token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS
 
 def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
     return ops.sketch_matrix.default(hidden_size, sketch_dim, seed)
+
+def _fipo_weights_body(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                       decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
+                       clip_lower: bool, safety_thresh: float, at_upper: float,
+                       at_lower: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] float32 contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl, row_stats [B, 5])."""
+    rows, cols = logp.shape
+    weights = empty(rows, cols, dtype=torch.float32)
+    future_kl = empty(rows, cols, dtype=torch.float32)
+    keep = empty(rows, dtype=torch.bool)
+    row_stats = empty(rows, 5, dtype=torch.float32)
+    _cpp.fipo_weights(logp=ptr(logp), old_logp=ptr(old_logp), adv=ptr(adv), mask=ptr(mask.view(torch.uint8)),
+                      rows=rows, cols=cols, gamma=2.0 ** (-1.0 / decay_rate), log_clip_c=log_clip_c, clip_c=clip_c,
+                      lower=lower, upper=upper, clip_lower=clip_lower, safety_thresh=safety_thresh,
+                      at_upper=at_upper, at_lower=at_lower, weights=ptr(weights), future_kl=ptr(future_kl),
+                      keep=ptr(keep.view(torch.uint8)), row_stats=ptr(row_stats))
+    return weights, keep, future_kl, row_stats
+
+
+_fipo_weights_op = torch.library.custom_op("delta_kernels::fipo_weights_cpp", _fipo_weights_body,
+                                           mutates_args=())
+
+
+@_fipo_weights_op.register_fake
+def _(logp, old_logp, adv, mask, *scalars):
+    return fipo_fake_outputs(logp)
+
+
+def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
+    """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
+    return call_native(_fipo_weights_op, _fipo_weights_body, f32(logp), f32(old_logp), f32(adv), mask.contiguous(),
+                       *native_scalars(cfg))

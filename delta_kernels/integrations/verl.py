@@ -57,6 +57,9 @@ Trainers: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``) through patche
 Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend, and vectors=head with
 vocab_sketch_dim (DelTA on the LM-head gradient's factors: the workers send [u | s], r1 + r2 per token, from
 head_gradient_sketch on the captured states, the head's weight and the rolled input ids; ``core.fold`` splits it).
+
+Credit methods (delta_kernels.credit), a config key each: DelTA ``+algorithm.delta.enable=True``
+(above); FIPO ``actor_rollout_ref.actor.policy_loss.loss_mode=delta_fipo`` (verl_credit.py).
 """
 from __future__ import annotations
 
@@ -363,3 +366,5 @@ def _patch(owner, name, wrap) -> str:
 
 V1_SKIPPED: Optional[str] = None  # why verl's v1 trainer could not be imported (then "delta_sync" is not registered)
 INSTALLED = install()
+
+from . import verl_credit  # noqa: E402,F401  (registers the "delta_fipo" policy loss)

@@ -6,7 +6,14 @@ import sys
 from typing import List, Optional
 
 from .._optional import MissingExtra
-from .config import BACKENDS, CREDIT_MODES, DELTA_VECTORS, TrainerConfig, validate
+from .config import BACKENDS, CREDIT_METHODS, DELTA_VECTORS, TrainerConfig, option_flags, validate
+
+
+def _flag_type(default):
+    """argparse type of an option flag: its default's (true/false words for a bool)."""
+    if isinstance(default, bool):
+        return lambda text: {"true": True, "false": False}[text.lower()]
+    return type(default) if default is not None else float
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "trained with RL on the CPU in a few minutes. Data parallel: torchrun --nproc_per_node=N -m "
                     "delta_kernels.trainer ... (--prompts-per-step is the global count, split between the ranks).")
     a = p.add_argument
-    a("--credit", choices=CREDIT_MODES, default=d.credit,
-      help="delta: DelTA coefficients; none: plain DAPO (coefficients 1, same forwards)")
+    a("--credit", default=d.credit,
+      help=f"token credit: one of {', '.join(CREDIT_METHODS)}, none (plain DAPO), or a product such as "
+           "delta*entropy (delta_kernels.credit); delta is computed before the update, the others in every loss call")
+    for name, f in option_flags():
+        a(f"--{name}-{f.name.replace('_', '-')}", dest=f"{name}__{f.name}", type=_flag_type(f.default),
+          default=argparse.SUPPRESS, help=f"{name} option {f.name} (default {f.default}; only with --credit using {name})")
     a("--k", type=int, default=d.k, help="DelTA refinement steps (>= 0)")
     a("--lam-min", type=float, default=d.lam_min)
     a("--lam-max", type=float, default=d.lam_max)
@@ -68,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Optional[List[str]] = None) -> TrainerConfig:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = TrainerConfig(**vars(args))
+    args = vars(parser.parse_args(argv))
+    options = {}
+    for key in [k for k in args if "__" in k]:
+        name, opt = key.split("__")
+        options.setdefault(name, {})[opt] = args.pop(key)
+    cfg = TrainerConfig(**args, credit_options=options)
     try:
         validate(cfg)
     except (ValueError, FileNotFoundError) as e:

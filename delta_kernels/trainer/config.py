@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
 
 from .._backends import names
+from ..credit import BEFORE_UPDATE, credit_spec, method, methods
 
-CREDIT_MODES = ("delta", "none")
+CREDIT_METHODS = methods()  # the registry's names; --credit takes one, "none", or a product "delta*entropy"
 DELTA_VECTORS = ("hidden", "head")
 BACKENDS = names()
 
@@ -15,7 +16,9 @@ BACKENDS = names()
 @dataclass
 class TrainerConfig:
     # credit assignment
-    credit: str = "delta"              # "delta" (DelTA coefficients) or "none" (plain DAPO, coefficients 1)
+    credit: str = "delta"              # a credit spec: "delta", "fipo", "entropy", "none", or a product "delta*entropy"
+    credit_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # in-loss methods' options given as
+                                       # flags --<method>-<option>: {"fipo": {"decay_rate": 64.0}, ...}
     k: int = 1                         # DelTA refinement steps
     lam_min: float = 0.8
     lam_max: float = 1.2
@@ -63,8 +66,10 @@ class TrainerConfig:
 
 def validate(cfg: TrainerConfig) -> None:
     """Raise ValueError / FileNotFoundError with a message naming the bad option."""
-    if cfg.credit not in CREDIT_MODES:
-        raise ValueError(f"--credit: unknown credit mode {cfg.credit!r}; expected one of {', '.join(CREDIT_MODES)}")
+    try:
+        credit_spec(cfg.credit, **cfg.credit_options)
+    except ValueError as e:
+        raise ValueError(f"--credit {cfg.credit}: {e}") from None
     if cfg.k < 0:
         raise ValueError(f"--k: refinement steps must be >= 0, got {cfg.k}")
     if not cfg.lam_min <= cfg.lam_max:
@@ -109,6 +114,12 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if not 0 <= cfg.clip_low < 1 or cfg.clip_high < 0 or cfg.clip_c <= 1:
         raise ValueError("clip ranges: need 0 <= --clip-low < 1, --clip-high >= 0, --clip-c > 1")
+
+
+def option_flags():
+    """(method, option field) of every registered method computed in the loss: the trainer's flag
+    --<method>-<option> (DelTA's options are the trainer's own --k, --lam-min, ...)."""
+    return [(m, f) for m in CREDIT_METHODS if method(m).kind != BEFORE_UPDATE for f in fields(method(m).options)]
 
 
 def field_names():

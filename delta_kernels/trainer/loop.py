@@ -114,10 +114,10 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     credit = CreditConfig(credit=cfg.credit, k=cfg.k, lam_min=cfg.lam_min, lam_max=cfg.lam_max,
                           sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend,
                           micro_batch=cfg.micro_batch, vectors=cfg.delta_vectors,
-                          vocab_sketch_dim=cfg.vocab_sketch_dim)
+                          vocab_sketch_dim=cfg.vocab_sketch_dim, options=cfg.credit_options)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
-                          compile=cfg.compile)
+                          compile=cfg.compile, credit=credit.in_loss())
     log = MetricsLog(out if ctx.is_main else None)
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}

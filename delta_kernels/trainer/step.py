@@ -47,7 +47,7 @@ class OldLogprobs:
 
 @dataclass
 class CreditConfig:
-    credit: str = "delta"          # "delta" or "none"
+    credit: str = "delta"          # a credit spec (delta_kernels.credit): "delta", "none", "fipo", "delta*entropy", ...
     k: int = 1
     lam_min: float = 0.8
     lam_max: float = 1.2
@@ -57,6 +57,15 @@ class CreditConfig:
     micro_batch: int = 0           # > 0: old-log-prob pass in micro-batches of this many responses
     vectors: str = "hidden"        # "hidden": v = (1 - p) h; "head": the LM-head gradient's factors (u, s)
     vocab_sketch_dim: Optional[int] = None  # "head": r1 (None: exact e_y - p); sketch_dim is r2
+    options: Dict[str, Dict] = field(default_factory=dict)  # the in-loss methods' options, by method name
+
+    def uses_delta(self) -> bool:
+        return "delta" in self.credit.split("*")
+
+    def in_loss(self):
+        """The spec of the methods computed in every loss call (fipo, entropy, ...), or None."""
+        spec = delta_kernels.credit_spec(self.credit, **self.options).of_kind(delta_kernels.credit.IN_LOSS)
+        return spec if spec.methods else None
 
 
 @dataclass
@@ -82,6 +91,7 @@ def step_phase(fn: Callable, compile: bool) -> Callable:
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+    credit: Optional[object] = None   # CreditConfig.in_loss(): the credit computed in every loss call
 
 
 class ForwardCounter:
@@ -138,8 +148,8 @@ def old_logprob_pass(model: torch.nn.Module, rollout: Rollout, temperature: floa
     credit = credit or CreditConfig()
     hidden = response_hidden(model, rollout)
     head = lm_head_of(model)
-    head_mode = credit.credit == "delta" and credit.vectors == "head"
-    with_sums = advantages is not None and credit.credit == "delta" and not head_mode
+    head_mode = credit.uses_delta() and credit.vectors == "head"
+    with_sums = advantages is not None and credit.uses_delta() and not head_mode
     logp, entropy, vectors, sums = delta_kernels.fused_linear_logprob_sketch(
         hidden, head.weight, rollout.response_ids, bias=head.bias, temperature=temperature,
         sketch_dim=credit.sketch_dim, seed=credit.sketch_seed, entropy=True,
@@ -163,7 +173,7 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
     Neither hidden states nor vectors are kept here: logp and entropy are [B, T] as before."""
     credit = credit or CreditConfig()
     acc = None
-    if credit.credit == "delta":
+    if credit.uses_delta():
         acc = delta_kernels.DeltaAccumulator(k=credit.k, lam_min=credit.lam_min, lam_max=credit.lam_max,
                                              sketch_dim=None if credit.vectors == "head" else credit.sketch_dim,
                                              seed=credit.sketch_seed,
@@ -184,11 +194,12 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
 def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor, cfg: CreditConfig,
                         process_group=None):
     """Per-token coefficients [B, T] float32 (mean 1 over valid tokens, 0 on padding), and the
-    DelTA stats (None for --credit none, whose coefficients are 1 on valid tokens). The vectors
+    DelTA stats (None without delta in the spec: coefficients 1 on valid tokens; the in-loss
+    methods of the spec run in policy_loss, UpdateConfig.credit). The vectors
     and side sums come from the old-log-prob pass (no pass over the hidden states here), or its
     accumulator is finalized (micro-batched pass; ``process_group`` was given to it there); with a
     ``process_group`` the statistics are those of the global batch over all ranks."""
-    if cfg.credit == "none":
+    if not cfg.uses_delta():
         return mask.float(), None
     if old.accumulator is not None:  # micro-batched pass: the accumulator holds the vectors
         parts = old.accumulator.finalize(advantages)
@@ -204,16 +215,18 @@ def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.
 
 
 def policy_loss(model, mb: Rollout, old_logp: torch.Tensor, advantages: torch.Tensor, coef: torch.Tensor,
-                cfg: UpdateConfig, backend: str = "auto"):
+                cfg: UpdateConfig, backend: str = "auto", process_group=None):
     """The weighted dual-clip DAPO loss of one mini-batch straight from the LM head:
     fused_linear_clipped_surrogate_loss on the body's hidden states (no [B, T, V] logits);
-    gradients reach the model through the hidden states and the head weight (tied or not)."""
+    gradients reach the model through the hidden states and the head weight (tied or not).
+    The in-loss credit (cfg.credit) takes the log-probs and entropies computed there; the
+    entropy quantile is over the ranks of ``process_group``."""
     head = lm_head_of(model)
     hidden = response_hidden(model, mb)
     return delta_kernels.fused_linear_clipped_surrogate_loss(
         hidden, head.weight, mb.response_ids, old_logp, advantages, mb.response_mask, coef=coef, bias=head.bias,
         temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
-        agg=cfg.agg, backend=fused_backend(backend))
+        agg=cfg.agg, credit=cfg.credit, credit_group=process_group, backend=fused_backend(backend))
 
 
 def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantages: torch.Tensor,
@@ -224,7 +237,8 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
     With a ``process_group`` (data parallel, each rank holding its own rollouts), each rank's
     token-mean loss is scaled by world * local tokens / global tokens and the gradients are
     averaged over the ranks before clipping and the optimizer step, so every rank takes the
-    step of the token-mean loss over the global mini-batch and the parameters stay identical."""
+    step of the token-mean loss over the global mini-batch and the parameters stay identical.
+    The in-loss credit's metrics (cfg.credit: "fipo/weight_mean", ...) join the returned ones."""
     b = rollout.input_ids.shape[0]
     order = torch.randperm(b, generator=generator).to(rollout.input_ids.device)
     totals: Dict[str, float] = {}
@@ -233,7 +247,7 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
         mb = Rollout(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len,
                      rollout.response_ids[idx], rollout.response_mask[idx])
         loss, metrics = step_phase(policy_loss, cfg.compile)(model, mb, old.logp[idx], advantages[idx], coef[idx],
-                                                             cfg, backend)
+                                                             cfg, backend, process_group)
         optimizer.zero_grad(set_to_none=True)
         if process_group is None:
             loss.backward()
@@ -243,7 +257,9 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         for name, val in [("loss", loss), ("grad_norm", grad_norm)] + list(metrics.items()):
-            totals[name] = totals.get(name, 0.0) + float(val.detach()) / cfg.minibatches
+            v = float(val.detach())  # means over the mini-batches; *_min / *_max: min / max
+            pick = min if name.endswith("_min") else max if name.endswith("_max") else None
+            totals[name] = pick(totals.get(name, v), v) if pick else totals.get(name, 0.0) + v / cfg.minibatches
     model.eval()
     return totals
 
