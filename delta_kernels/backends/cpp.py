@@ -7,16 +7,16 @@ pipeline is ``delta_kernels.pipeline.run_coefficients`` over the three passes of
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from .. import _cpp
 from .._alloc import empty
-from .._checks import FipoConfig, SurrogateConfig
+from .._checks import FipoConfig
 from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
-from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, margin_pass, native_phases,  # noqa: F401
+from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, f32, margin_pass, native_phases,  # noqa: F401
                       opt_ptr, pipeline_kernels, ptr, side_sums, token_vectors)
 from ._ops import ops, register_kernels
 

@@ -5,7 +5,7 @@ import datetime
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

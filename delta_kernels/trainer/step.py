@@ -78,6 +78,7 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     compile: bool = False          # torch.compile the training step: phases A, B and C (C's backward with it)
+    credit: Optional[object] = None   # CreditConfig.in_loss(): the credit computed in every loss call
 
 
 _COMPILED: Dict[Callable, Callable] = {}
@@ -91,7 +92,6 @@ def step_phase(fn: Callable, compile: bool) -> Callable:
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
-    credit: Optional[object] = None   # CreditConfig.in_loss(): the credit computed in every loss call
 
 
 class ForwardCounter:
