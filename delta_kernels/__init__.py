@@ -14,11 +14,12 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
     h, W_head, targets, old_logp, advantages, coef  --fused_linear_clipped_surrogate_loss-->  loss  (C)
 Phase C aggregates exactly as verl 0.9.1's agg_loss (``agg=`` and verl's normalisers); the
 rules, and ``trl_loss_aggregation`` for TRL's loss types, are in ``delta_kernels.aggregation``.
-Every call takes ``backend=``: "auto" or a name from ``available_backends()`` (the
-registry of delta_kernels._backends; "torch" is the float64-capable reference). ``DeltaAccumulator`` runs phase B over micro-batches
+Every call takes ``backend=``: "auto" or a declared name (the registry of delta_kernels._backends;
+"torch" is the float64-capable reference); ``available_backends()`` lists those that run on this
+machine, ``backend_report()`` says why each other one cannot (no GPU, no module, interpreter only). ``DeltaAccumulator`` runs phase B over micro-batches
 (add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.
 """
-from ._backends import available_backends
+from ._backends import available_backends, backend_report
 from .accumulator import DeltaAccumulator
 from .coefficients import DeltaResult, DeltaStats, delta_coefficients
 from .fused_linear import fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch
@@ -28,5 +29,6 @@ from .surrogate import clipped_surrogate_loss
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
            "fused_linear_logprob_sketch", "fused_linear_clipped_surrogate_loss",
-           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends"]
+           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends",
+           "backend_report"]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from .._backends import names
+from .._backends import RUNS_HERE, backend_report, names
 
 CREDIT_MODES = ("delta", "none")
 BACKENDS = names()
@@ -73,6 +73,8 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--micro-batch: must be >= 0 (0: no micro-batches), got {cfg.micro_batch}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
+    if cfg.backend != "auto" and backend_report()[cfg.backend] != RUNS_HERE:
+        raise ValueError(f"--backend {cfg.backend}: cannot run here: {backend_report()[cfg.backend]}")
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda":
