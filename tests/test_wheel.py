@@ -33,7 +33,10 @@ def test_wheel_from_sdist_installs_and_runs(tmp_path):
         points = [n for n in whl.namelist() if n.endswith(".dist-info/entry_points.txt")]
         assert len(points) == 1, whl.namelist()
         text = whl.read(points[0]).decode()
+        metadata = whl.read(points[0].replace("entry_points.txt", "METADATA")).decode()
+        licenses = [n for n in whl.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
     assert "[verl.plugins]\ndelta_kernels = delta_kernels.integrations.verl" in text, text
+    assert "License-Expression: Apache-2.0" in metadata and len(licenses) == 1, (metadata[:800], licenses)
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
