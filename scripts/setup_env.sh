@@ -18,8 +18,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY=$VENV/bin/python
 PIP=("$VPY" -m pip install -q -c constraints.txt)
+# verl is installed without its own pins (last step, below); pip then lists them as "dependency conflicts" whenever it
+# installs something verl depends on. Those lines are expected: quiet runs them and drops just those lines.
+quiet() {
+  local log
+  log=$("$@" 2>&1) || { echo "$log" >&2; return 1; }
+  echo "$log" | grep -v -e "^verl .* requires " -e "dependency resolver does not currently" -e "^$" >&2 || true
+}
 if [ -n "${TORCH_SPEC:-}" ]; then
-  "$VPY" -m pip install -q "$TORCH_SPEC"
+  quiet "$VPY" -m pip install -q "$TORCH_SPEC"
 elif ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$VPY" -m pip install -q torch
@@ -30,19 +37,23 @@ elif ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-# A CUDA build of torch requires its own triton; the pinned one only where none imports (the CPU torch).
-"$VPY" -c "import triton" >/dev/null 2>&1 || "${PIP[@]}" triton
-"${PIP[@]}" setuptools wheel pybind11 ninja cmake numpy pytest hypothesis build transformers matplotlib tqdm trl peft \
+# A CUDA build of torch requires its own triton (torch 2.14.1: triton 3.8.0). The constraints' triton pin (for the
+# CPU torch, which requires none) would make pip's resolver swap such a torch for another build: drop the pin there.
+if "$VPY" -c "import importlib.metadata as m, sys; sys.exit(not any(r.startswith('triton') for r in m.requires('torch') or []))"; then
+  CONSTRAINTS=$(mktemp)
+  trap 'rm -f "$CONSTRAINTS"' EXIT
+  grep -v '^triton==' constraints.txt > "$CONSTRAINTS"
+  PIP=("$VPY" -m pip install -q -c "$CONSTRAINTS")
+fi
+"$VPY" -c "import triton" >/dev/null 2>&1 || quiet "${PIP[@]}" triton
+quiet "${PIP[@]}" setuptools wheel pybind11 ninja cmake numpy pytest hypothesis build transformers matplotlib tqdm trl peft \
   tensordict omegaconf hydra-core codetiming dill ray torchdata cachetools uvicorn fastapi
-"$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+quiet "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
 if [ "${WITH_VERL:-1}" = 1 ]; then
   # verl 0.9.1 pins transformers<5.11 and a GPU stack, which conflict with the versions above; the tests use only
   # its algorithm, data and driver modules (installed above), so verl goes in last, without its dependency list.
-  # pip then lists verl's unmet pins as "dependency conflicts": expected, so they are counted here, not printed.
-  log=$("${PIP[@]}" --no-deps verl 2>&1) || { echo "$log" >&2; exit 1; }
-  echo "$log" | grep -v -e "^verl .* requires " -e "dependency resolver does not currently" \
-    -e "^$" >&2 || true
-  echo "setup_env: verl 0.9.1 installed with --no-deps; $(echo "$log" | grep -c "^verl .* requires ") of its pins" \
-       "are not met on purpose (pip reports them as conflicts; README, Install)"
+  quiet "${PIP[@]}" --no-deps verl
+  echo "setup_env: verl 0.9.1 installed with --no-deps: its own pins (transformers<5.11, a GPU stack) are left unmet" \
+       "on purpose; pip lists them as dependency conflicts when it installs something else (README, Two commands)"
 fi
 "$VPY" -c "import delta_kernels as dk, torch; print(f'delta_kernels on torch {torch.__version__}:', dk._backends.describe_backends())"
