@@ -73,8 +73,9 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--micro-batch: must be >= 0 (0: no micro-batches), got {cfg.micro_batch}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
-    if cfg.backend != "auto" and backend_report()[cfg.backend] != RUNS_HERE:
-        raise ValueError(f"--backend {cfg.backend}: cannot run here: {backend_report()[cfg.backend]}")
+    why = RUNS_HERE if cfg.backend == "auto" else backend_report()[cfg.backend]
+    if why != RUNS_HERE:
+        raise ValueError(f"--backend {cfg.backend}: cannot run here: {why}")
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda":
