@@ -16,9 +16,10 @@ COUNT_FIELDS = ("n_pos", "n_neg", "n_valid")
 
 @dataclass
 class DeltaStats:
-    """Final statistics. D is H, or r when sketched. Types, the same on every backend: the counts
-    (n_pos, n_neg, n_valid) are int64 scalars; every other field is in the compute dtype (float32,
-    float64 for float64 inputs on backend "torch"); all on the inputs' device."""
+    """Final statistics. D is H, or r when sketched. Types, the same on every backend: every field
+    is a tensor in the compute dtype (float32, float64 for float64 inputs on backend "torch") on the
+    inputs' device; the counts (n_pos, n_neg, n_valid) hold whole numbers (exact below 2^24 in
+    float32), counted next to the sums they normalise."""
     mu_pos: torch.Tensor     # [D] refined centroid of the positive side
     mu_neg: torch.Tensor     # [D]
     gamma_pos: torch.Tensor  # [] temperature used by the final gates (lags mu by one step)
@@ -26,17 +27,10 @@ class DeltaStats:
     W: torch.Tensor          # [D] mu_pos - mu_neg
     b: torch.Tensor          # [] -(|mu_pos|^2 - |mu_neg|^2) / 2
     pred: torch.Tensor       # like logp: sign(adv) * (v.W + b) * mask
-    n_pos: torch.Tensor      # [] int64: valid tokens with adv > 0 (global with a process group)
-    n_neg: torch.Tensor      # [] int64: valid tokens with adv < 0
-    n_valid: torch.Tensor    # [] int64: valid tokens
+    n_pos: torch.Tensor      # [] valid tokens with adv > 0 (global with a process group)
+    n_neg: torch.Tensor      # [] valid tokens with adv < 0
+    n_valid: torch.Tensor    # [] valid tokens
     scale: torch.Tensor      # [] self-normalisation factor applied to the mapped gates
-
-    def __post_init__(self):
-        # the fast backends count in float32 next to their sums (exact whole numbers below 2^24)
-        for name in COUNT_FIELDS:
-            count = getattr(self, name)
-            if count.dtype != torch.int64:
-                setattr(self, name, count.round().to(torch.int64))
 
 
 @dataclass

@@ -132,7 +132,7 @@ def test_all_advantages_zero_gives_exactly_one(backend, sketch_dim):
 @pytest.mark.parametrize("sketch_dim", [None, 8])
 def test_stats_field_types(backend, sketch_dim):
     """Every DeltaStats field has the type its docstring states, from the one-shot call and from
-    DeltaAccumulator: int64 counts, the compute dtype otherwise, on the inputs' device."""
+    DeltaAccumulator: the compute dtype on the inputs' device, whole numbers in the counts."""
     for dtype in [dt for dt in (torch.float64, F32) if dt in backend.declaration.dtypes]:
         h, logp, adv, mask = inputs(backend, (4, 9), 16, dtype, seed=4)
         acc = dk.DeltaAccumulator(k=1, sketch_dim=sketch_dim, backend=backend)
@@ -141,8 +141,9 @@ def test_stats_field_types(backend, sketch_dim):
                          ("accumulator", acc.finalize(adv)[0])):
             for f in dataclasses.fields(dk.DeltaStats):
                 value = getattr(res.stats, f.name)
-                want = torch.int64 if f.name in COUNT_FIELDS else dtype
-                assert isinstance(value, torch.Tensor) and value.dtype == want, (how, dtype, f.name, value)
+                assert isinstance(value, torch.Tensor) and value.dtype == dtype, (how, dtype, f.name, value)
+                if f.name in COUNT_FIELDS:
+                    assert value.shape == () and float(value) == round(float(value)), (how, f.name, value)
                 assert value.device.type == backend.device, (how, f.name, value.device)
             assert res.stats.n_pos + res.stats.n_neg <= res.stats.n_valid == int(mask.sum()), how
 
