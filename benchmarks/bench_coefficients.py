@@ -125,7 +125,7 @@ def provider_fn(name, inputs, k, r):
         except ImportError as e:
             return None, f"delta_kernels.naive missing ({e})"
         return (lambda: delta_coefficients_naive(hidden, logp, adv, mask, k=k)), ""
-    if name not in dk.available_backends():
+    if name not in dk.available_backends(all=True):
         return None, f"backend {name!r} not available"
     if not BACKENDS[name].runs_on(hidden.device):
         return None, f"{name} does not run on this device"

@@ -18,14 +18,15 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
     h, W_head, targets, old_logp, advantages, coef  --fused_linear_clipped_surrogate_loss-->  loss  (C)
 Phase C aggregates exactly as verl 0.9.1's agg_loss (``agg=`` and verl's normalisers); the
 rules, and ``trl_loss_aggregation`` for TRL's loss types, are in ``delta_kernels.aggregation``.
-Every call takes ``backend=``: "auto" or a name from ``available_backends()`` (the
-registry of delta_kernels._backends; "torch" is the float64-capable reference).
+Every call takes ``backend=``: "auto" or a declared name (the registry of delta_kernels._backends;
+"torch" is the float64-capable reference); ``available_backends()`` lists those that run on this
+machine, ``backend_report()`` says why each other one cannot (no GPU, no module, interpreter only).
 Token credit is one registry, ``delta_kernels.credit``: DelTA (before the update, as above),
 FIPO (``fipo_weights``) and high-entropy tokens (``entropy_mask``) in the loss, composed by
 product (``credit="fipo*entropy"`` on either loss; ``coef=`` carries DelTA). ``DeltaAccumulator`` runs phase B over micro-batches
 (add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.
 """
-from ._backends import available_backends
+from ._backends import available_backends, backend_report
 from .accumulator import DeltaAccumulator
 from .coefficients import DeltaResult, DeltaStats, delta_coefficients
 from .credit import FipoWeights, credit_spec, entropy_mask, fipo_weights
@@ -38,6 +39,6 @@ from .surrogate import clipped_surrogate_loss
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
            "fused_linear_logprob_sketch", "fused_linear_clipped_surrogate_loss",
            "head_gradient_sketch", "head_sketch_matrices",
-           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends", "fipo_weights", "FipoWeights",
-           "entropy_mask", "credit_spec"]
+           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends", "backend_report", "fipo_weights",
+           "FipoWeights", "entropy_mask", "credit_spec"]
 __version__ = "0.1.0"

@@ -139,9 +139,53 @@ def _serves(mod: ModuleType, op: str) -> bool:
     return all(hasattr(mod, f) for f in LM_HEAD_FUNCTIONS) if op == LM_HEAD else hasattr(mod, op)
 
 
-def available_backends() -> List[str]:
-    """Names of the declared backends whose module imports here (whatever the device)."""
-    return [b.name for b in registered() if _load(b, PHASES[0]) is not None]
+RUNS_HERE = "runs here"
+
+
+def _device_present(device_type: str) -> bool:
+    if device_type in ("cpu", ANY):
+        return True
+    mod = getattr(torch, device_type, None)
+    return bool(mod is not None and hasattr(mod, "is_available") and mod.is_available())
+
+
+def _why_not_here(b: Backend) -> str:
+    why = []
+    if _load(b, PHASES[0]) is None:
+        why.append(f"no module ({_errors.get(b.name)})")
+    if not any(_device_present(d) for d in b.devices):
+        lacking = "no GPU" if "cuda" in b.devices else f"no {'/'.join(b.devices)} device"
+        if b.interpreted and os.environ.get("TRITON_INTERPRET") == "1":
+            why.append(f"interpreter only ({lacking}: CPU tensors run under TRITON_INTERPRET=1, slowly, for tests)")
+        else:
+            why.append(f"{lacking} (it takes {b.device_text()})")
+    return "; ".join(why)
+
+
+def backend_report() -> Dict[str, str]:
+    """Every declared backend -> RUNS_HERE ("runs here"), or why it cannot run on this machine:
+    "no module (...)" (not built, or its package not installed), "no GPU (...)" (it takes CUDA
+    tensors and torch sees no CUDA device), "interpreter only (...)" (no GPU, but CPU tensors run
+    under TRITON_INTERPRET=1: slow, for tests; ``auto`` never picks it). Several reasons are joined
+    with "; ". delta-train's banner and --backend errors use these words."""
+    return {b.name: _why_not_here(b) or RUNS_HERE for b in registered()}
+
+
+def describe_backends() -> str:
+    """backend_report() in one line, "runs here: torch, cpp; cuda: no GPU (...)" (delta-train's banner)."""
+    report = backend_report()
+    here = ", ".join(name for name, why in report.items() if why == RUNS_HERE)
+    return "; ".join([f"{RUNS_HERE}: {here}"] + [f"{name}: {why}" for name, why in report.items() if why != RUNS_HERE])
+
+
+def available_backends(all: bool = False) -> List[str]:  # noqa: A002  (the public keyword)
+    """Names of the declared backends that run on this machine: the module imports and a device
+    they take is present (the Triton interpreter does not count). ``all=True``: every declared
+    backend whose module imports (what is installed), whether or not it can run here;
+    ``backend_report()`` says why each one that is not listed cannot run."""
+    if all:
+        return [b.name for b in registered() if _load(b, PHASES[0]) is not None]
+    return [name for name, why in backend_report().items() if why == RUNS_HERE]
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> ModuleType:
@@ -176,7 +220,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> 
         raise NotImplementedError(f"backend: {backend!r} does not implement {op}")
     mod = _load(b, op)
     if mod is None:
-        raise RuntimeError(f"backend: {backend!r} is not available here ({_errors.get(backend)})")
+        raise RuntimeError(f"backend: {backend!r} cannot run here: no module ({_errors.get(backend)})")
     if not _serves(mod, op):
         raise NotImplementedError(f"backend: {backend!r} does not implement {op}")
     return mod

@@ -5,6 +5,8 @@ needs only torch and numpy. Use ``require`` at the point where an optional modul
 needed::
 
     transformers = require("transformers", "trainer")
+
+The hint names what works from a clone, ``pip install '.[trainer]'``, until the package is published.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ class MissingExtra(ImportError):
 
 
 def install_hint(extra: str) -> str:
-    """The command that installs ``extra``, e.g. ``pip install 'delta-kernels[trainer]'``."""
-    return f"pip install 'delta-kernels[{extra}]'" + _AFTER.get(extra, "")
+    """The command that installs ``extra`` from a clone of the repository (the package is not on
+    PyPI yet), e.g. ``pip install '.[trainer]' (in the delta-kernels clone)``."""
+    return f"pip install '.[{extra}]'" + _AFTER.get(extra, "") + " (in the delta-kernels clone)"
 
 
 def require(module: str, extra: str) -> ModuleType:

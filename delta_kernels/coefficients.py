@@ -13,10 +13,16 @@ from .head_factors import HeadFactorPasses, admit_head_vectors, flat_head_vector
 from .pipeline import run_coefficients
 
 
+COUNT_FIELDS = ("n_pos", "n_neg", "n_valid")
+
+
 @dataclass
 class DeltaStats:
     """Final statistics. D is H, or r when sketched; with head_vectors r1 * r2 (an [r1, r2] matrix
-    flattened row-major, the index of u[a] s[b] in z = kron(u, s))."""
+    flattened row-major, the index of u[a] s[b] in z = kron(u, s)). Types, the same on every backend: every field
+    is a tensor in the compute dtype (float32, float64 for float64 inputs on backend "torch") on the
+    inputs' device; the counts (n_pos, n_neg, n_valid) hold whole numbers (exact below 2^24 in
+    float32), counted next to the sums they normalise."""
     mu_pos: torch.Tensor     # [D] refined centroid of the positive side
     mu_neg: torch.Tensor     # [D]
     gamma_pos: torch.Tensor  # [] temperature used by the final gates (lags mu by one step)

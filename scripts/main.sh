@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m delta_kernels.trainer "$@"
+exec "${VENV:-.venv}/bin/python" -m delta_kernels.trainer "$@"

@@ -10,7 +10,7 @@ import torch
 
 import delta_kernels as dk
 from delta_kernels import _backends
-from delta_kernels._backends import LM_HEAD, PHASES, Backend, resolve
+from delta_kernels._backends import LM_HEAD, PHASES, RUNS_HERE, Backend, describe_backends, resolve
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,3 +97,36 @@ def test_a_registered_toy_backend_runs_the_whole_conformance_suite():
     rc, torch_only, tail = _conformance_counts("--collect-only", "-k", "torch and not toy")
     collected = re.search(r"(\d+)/\d+ tests collected", tail) or re.search(r"(\d+) tests? collected", tail)
     assert collected and toy["passed"] == int(collected.group(1)), (toy, tail)
+
+
+def _declare(monkeypatch, name, module, devices, interpreted=False):
+    b = Backend(name, module, devices, (torch.float32,), PHASES, -1, interpreted=interpreted)
+    monkeypatch.setitem(_backends._REGISTRY, name, b)
+
+
+def test_available_backends_are_those_that_run_here(monkeypatch):
+    """backend_report's words: runs here, no module, no GPU, interpreter only; available_backends()
+    lists only what runs here, all=True what imports."""
+    _declare(monkeypatch, "gpu_only", "delta_kernels.reference", ("cuda",))
+    _declare(monkeypatch, "gpu_interp", "delta_kernels.reference", ("cuda",), interpreted=True)
+    _declare(monkeypatch, "unbuilt", "delta_kernels.no_such_module", ("cpu",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    report = dk.backend_report()
+    assert report["torch"] == RUNS_HERE and report["gpu_only"] == "no GPU (it takes CUDA tensors)"
+    assert report["gpu_interp"].startswith("no GPU (it takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
+    assert report["unbuilt"] == "no module (ModuleNotFoundError: No module named 'delta_kernels.no_such_module')"
+    here = dk.available_backends()
+    assert here == [n for n, why in report.items() if why == RUNS_HERE] and "torch" in here
+    assert not {"gpu_only", "gpu_interp", "unbuilt", "cuda", "triton"} & set(here)
+    assert {"gpu_only", "gpu_interp"} <= set(dk.available_backends(all=True)) and \
+        "unbuilt" not in dk.available_backends(all=True)
+    assert describe_backends().startswith(f"runs here: {', '.join(here)}; ") and "gpu_only: no GPU" in \
+        describe_backends()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dk.backend_report()["gpu_interp"].startswith("interpreter only (no GPU: CPU tensors run under")
+    assert "gpu_interp" not in dk.available_backends()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert {"gpu_only", "gpu_interp"} <= set(dk.available_backends())
+    with pytest.raises(RuntimeError, match=r"'unbuilt' cannot run here: no module \(ModuleNotFoundError"):
+        dk.token_sketch(torch.randn(3, 4), -torch.rand(3) - 0.1, backend="unbuilt")

@@ -6,6 +6,7 @@ combinations). Tolerances: docs/design.md (helpers.TOL).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import delta_kernels as dk
 from delta_kernels.aggregation import AGG_MODES
+from delta_kernels.coefficients import COUNT_FIELDS
 from backend_cases import over_cases
 from helpers import TOL, as64, assert_matches_reference, assert_rel, make_flat_or_batched
 
@@ -125,6 +127,25 @@ def test_all_advantages_zero_gives_exactly_one(backend, sketch_dim):
     out = dk.delta_coefficients(h, logp, torch.zeros_like(adv), mask, sketch_dim=sketch_dim, backend=backend)
     assert torch.equal(out.coef, mask.float())
     assert torch.equal(out.weighted_advantages, torch.zeros_like(out.coef))
+
+
+@pytest.mark.parametrize("sketch_dim", [None, 8])
+def test_stats_field_types(backend, sketch_dim):
+    """Every DeltaStats field has the type its docstring states, from the one-shot call and from
+    DeltaAccumulator: the compute dtype on the inputs' device, whole numbers in the counts."""
+    for dtype in [dt for dt in (torch.float64, F32) if dt in backend.declaration.dtypes]:
+        h, logp, adv, mask = inputs(backend, (4, 9), 16, dtype, seed=4)
+        acc = dk.DeltaAccumulator(k=1, sketch_dim=sketch_dim, backend=backend)
+        acc.add(h, logp, mask)
+        for how, res in (("call", dk.delta_coefficients(h, logp, adv, mask, sketch_dim=sketch_dim, backend=backend)),
+                         ("accumulator", acc.finalize(adv)[0])):
+            for f in dataclasses.fields(dk.DeltaStats):
+                value = getattr(res.stats, f.name)
+                assert isinstance(value, torch.Tensor) and value.dtype == dtype, (how, dtype, f.name, value)
+                if f.name in COUNT_FIELDS:
+                    assert value.shape == () and float(value) == round(float(value)), (how, f.name, value)
+                assert value.device.type == backend.device, (how, f.name, value.device)
+            assert res.stats.n_pos + res.stats.n_neg <= res.stats.n_valid == int(mask.sum()), how
 
 
 def test_all_masked_gives_zeros(backend):

@@ -5,6 +5,7 @@ ModuleNotFoundError for that name), in a subprocess where the module may already
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def run_python(code: str, hide: str, **env):
 def one_line_naming(stderr: str, module: str, extra: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert module in lines[0] and f"pip install 'delta-kernels[{extra}]'" in lines[0], lines[0]
+    assert module in lines[0] and lines[0].endswith(install_hint(extra)), lines[0]
     return lines[0]
 
 
@@ -43,14 +44,15 @@ def test_require_names_the_extra(module, extra, monkeypatch):
         require(module, extra)
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(module.split(".")[0] + " is not installed")
-    assert msg.endswith(install_hint(extra)) and f"'delta-kernels[{extra}]'" in msg
+    assert msg.endswith(install_hint(extra)) and f"pip install '.[{extra}]'" in msg
     assert isinstance(info.value, ImportError)
 
 
 def test_verl_and_openrlhf_hints_install_them_without_their_pins():
-    assert install_hint("verl") == "pip install 'delta-kernels[verl]' && pip install --no-deps 'verl==0.9.1'"
-    assert install_hint("openrlhf") == ("pip install 'delta-kernels[openrlhf]' && "
-                                        "pip install --no-deps 'openrlhf==0.11.2'")
+    assert install_hint("verl") == ("pip install '.[verl]' && pip install --no-deps 'verl==0.9.1' "
+                                    "(in the delta-kernels clone)")
+    assert install_hint("openrlhf") == ("pip install '.[openrlhf]' && pip install --no-deps 'openrlhf==0.11.2' "
+                                        "(in the delta-kernels clone)")
 
 
 def test_require_returns_the_module():
@@ -87,8 +89,18 @@ def test_other_import_errors_propagate(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", TRAINER_MODULES)
-def test_delta_train_help_names_the_trainer_extra(module):
-    res = run_python("from delta_kernels.trainer.__main__ import main; sys.exit(main(['--help']))", module)
+def test_delta_train_help_and_argument_errors_need_no_extra(module):
+    main = "from delta_kernels.trainer.__main__ import main; sys.exit(main({}))"
+    res = run_python(main.format("['--help']"), module)
+    assert res.returncode == 0 and res.stdout.startswith("usage: delta-train") and res.stderr == "", res
+    res = run_python(main.format("['--k', '-1']"), module)
+    assert res.returncode == 2 and "--k: refinement steps must be >= 0" in res.stderr, res
+    assert "not installed" not in res.stderr
+
+
+@pytest.mark.parametrize("module", TRAINER_MODULES)
+def test_delta_train_run_names_the_trainer_extra(module):
+    res = run_python("from delta_kernels.trainer.__main__ import main; sys.exit(main(['--steps', '1']))", module)
     assert res.returncode == 1 and res.stdout == ""
     assert one_line_naming(res.stderr, module, "trainer").startswith("delta-train: ")
 
@@ -113,7 +125,7 @@ def test_trainer_run_checks_the_extra_before_any_work(tmp_path, monkeypatch):
     from delta_kernels.trainer import TrainerConfig, run
     monkeypatch.setitem(sys.modules, "tqdm", None)
     out = tmp_path / "run"
-    with pytest.raises(MissingExtra, match=r"tqdm.*not installed.*delta-kernels\[trainer\]"):
+    with pytest.raises(MissingExtra, match=r"tqdm.*not installed.*pip install '\.\[trainer\]'"):
         run(TrainerConfig(steps=1, out=str(out), progress=False))
     assert not out.exists() or not any(out.iterdir())
 
@@ -121,7 +133,8 @@ def test_trainer_run_checks_the_extra_before_any_work(tmp_path, monkeypatch):
 def test_triton_backend_names_the_triton_extra():
     code = """
         import torch, delta_kernels as dk
-        assert "triton" not in dk.available_backends(), dk.available_backends()
+        assert "triton" not in dk.available_backends(all=True), dk.available_backends(all=True)
+        assert dk.backend_report()["triton"].startswith("no module (MissingExtra: triton is not installed")
         h, logp = torch.randn(5, 8), -torch.rand(5) - 0.1
         for call in (lambda: dk.token_sketch(h, logp, backend="triton"),
                      lambda: dk.fused_linear_logprob_sketch(h, torch.randn(11, 8), torch.randint(0, 11, (5,)),
@@ -138,14 +151,16 @@ def test_triton_backend_names_the_triton_extra():
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 2, res.stderr
     for line in lines:
-        assert "triton is not installed" in line and "pip install 'delta-kernels[triton]'" in line, line
+        assert "triton is not installed" in line and install_hint("triton") in line, line
 
 
-@pytest.mark.parametrize("module,hide,extra", [("delta_kernels.integrations.trl", "trl", "trl"),
-                                               ("delta_kernels.integrations.verl", "verl", "verl"),
-                                               ("delta_kernels.integrations.verl", "tensordict", "verl"),
-                                               ("delta_kernels.integrations.openrlhf", "openrlhf", "openrlhf")],
-                         ids=["trl", "verl", "verl_without_tensordict", "openrlhf"])
+@pytest.mark.parametrize("module,hide,extra", [
+    pytest.param("delta_kernels.integrations.trl", "trl", "trl", id="trl"),
+    pytest.param("delta_kernels.integrations.verl", "verl", "verl", id="verl"),
+    pytest.param("delta_kernels.integrations.verl", "tensordict", "verl", id="verl_without_tensordict",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("verl") is None,
+                                          reason="verl is not installed: no verl to import without tensordict")),
+    pytest.param("delta_kernels.integrations.openrlhf", "openrlhf", "openrlhf", id="openrlhf")])
 def test_integrations_name_their_extra(module, hide, extra):
     """Importing the TRL / verl adapter without its framework (or, for verl installed with
     --no-deps, without one of verl's own dependencies) fails with one line naming the extra."""

@@ -65,7 +65,7 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
     w, c = discriminator(mu)
     mu, w, b = mu.to(dtype), w.to(dtype), bias(w, c).to(dtype)
-    counts = reduce(torch.stack([pos.sum(), neg.sum()]))
+    counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(dtype))  # the compute dtype, as on every backend
     pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
     stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b, pred=pred,
                  n_pos=counts[0], n_neg=counts[1], n_valid=n_valid, scale=scale)

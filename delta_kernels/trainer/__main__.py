@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true",
       help="torch.compile the training step: the old-log-prob pass, the coefficients and the loss with its "
            "backward (dynamic shapes; the first steps pay the compilation)")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar and no printed summary")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress bar (on a terminal) or progress lines (under a pipe or CI); the summary is still printed")
     return p
 
 
@@ -93,15 +94,17 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainerConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The CLI. A missing 'trainer' extra ends it at once, --help included, with one line on
+    """The CLI. --help and argument errors need only the base install (config.py imports no
+    extra); a run without the 'trainer' extra ends at once, before any work, with one line on
     stderr that says what to install (exit status 1)."""
+    cfg = parse_config(argv)
     from .loop import require_trainer_extra, run
     try:
         require_trainer_extra()
     except MissingExtra as e:
         print(f"delta-train: {e}", file=sys.stderr)
         return 1
-    run(parse_config(argv))
+    run(cfg)
     return 0
 
 

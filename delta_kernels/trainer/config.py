@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
-from .._backends import names
+from .._backends import RUNS_HERE, backend_report, names
 from ..credit import BEFORE_UPDATE, credit_spec, method, methods
 
 CREDIT_METHODS = methods()  # the registry's names; --credit takes one, "none", or a product "delta*entropy"
@@ -86,6 +86,9 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--micro-batch: must be >= 0 (0: no micro-batches), got {cfg.micro_batch}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {cfg.backend!r}; expected one of {', '.join(BACKENDS)}")
+    why = RUNS_HERE if cfg.backend == "auto" else backend_report()[cfg.backend]
+    if why != RUNS_HERE:
+        raise ValueError(f"--backend {cfg.backend}: cannot run here: {why}")
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda":

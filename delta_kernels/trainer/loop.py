@@ -9,12 +9,14 @@ from typing import Dict
 
 import torch
 
+from .._backends import describe_backends
 from .._optional import require
 from .config import TrainerConfig, validate
 from .distributed import (broadcast_parameters, finish, gather_objects, init_from_env, parameter_checksum,
                           sampling_seed, shutdown)
 from .evaluate import greedy_accuracy
 from .model import ModelSize, build_default_model, count_parameters, load_pretrained
+from .progress import StepProgress
 from .report import MetricsLog, format_summary, plot_curves, write_responses_html
 from .step import CreditConfig, UpdateConfig, rl_step
 from .task import AdditionTask
@@ -72,6 +74,8 @@ def run(cfg: TrainerConfig) -> Dict:
 
 def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     t_start = time.perf_counter()
+    if ctx.is_main:
+        print(f"delta-train: --backend {cfg.backend} on {cfg.device}; backends: {describe_backends()}", flush=True)
     if cfg.prompts_per_step % ctx.world:
         raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {ctx.world} ranks")
     rank_responses = cfg.prompts_per_step // ctx.world * cfg.group_size
@@ -122,11 +126,9 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}
     per_sample = max(cfg.html_samples // len(sample_steps), 1)
-    tqdm = require("tqdm.auto", "trainer").tqdm
-    bar = tqdm(range(cfg.steps), desc=f"RL ({cfg.credit})", disable=not (cfg.progress and ctx.is_main),
-                dynamic_ncols=True)
+    progress = StepProgress(cfg.steps, f"RL ({cfg.credit})", enabled=cfg.progress and ctx.is_main)
     t0 = time.perf_counter()
-    for step in bar:
+    for step in range(cfg.steps):
         res = rl_step(model, optimizer, tok, task, prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size,
                       max_new_tokens=max_new, credit=credit, update=update, generator=gen,
                       sampling_generator=sampling_gen,
@@ -138,8 +140,9 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
             row["heldout_accuracy"] = greedy_accuracy(model, tok, task.heldout, max_new)
         log.append(row)
         samples += [dict(s, step=step) for s in res.samples]
-        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", ent=f"{row['entropy']:.3f}",
-                        step_s=f"{row['time_step']:.2f}")
+        progress.update(step, reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
+                        ent=f"{row['entropy']:.3f}", step_s=f"{row['time_step']:.2f}")
+    progress.close()
     time_rl = time.perf_counter() - t0
     acc_after = log.rows[-1].get("heldout_accuracy", float("nan"))
     checksums = gather_objects(parameter_checksum(model), ctx)
@@ -161,8 +164,7 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     if ctx.is_main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
-        if cfg.progress:
-            print(format_summary(summary))
+        print(format_summary(summary))
     return summary
 
 
