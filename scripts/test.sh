@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -q -ra tests "$@"
+.venv/bin/python -m pytest -q -ra tests "$@"
+# smoke test of the credit comparison: delta-train compare --quick (3 arms x 2 seeds, a tiny model)
+smoke=$(mktemp -d)
+trap 'rm -rf "$smoke"' EXIT
+.venv/bin/python -m delta_kernels.trainer compare --task sparse --quick --out "$smoke/compare" > "$smoke/log" \
+    || { cat "$smoke/log"; exit 1; }
+echo "compare --quick smoke test: ok"

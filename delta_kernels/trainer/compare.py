@@ -44,9 +44,9 @@ BASELINE = "dapo"
 # The trainer options of each task's comparison (its "default settings"), before the user's own.
 TASK_DEFAULTS: Dict[str, List[str]] = {
     "addition": ["--steps", "150", "--eval-every", "25", "--heldout-size", "1024"],
-    "sparse": ["--steps", "100", "--prompts-per-step", "16", "--eval-every", "20", "--final-evals", "3",
-               "--heldout-size", "1024"],
-    "pathstar": ["--steps", "100", "--prompts-per-step", "16", "--eval-every", "20", "--final-evals", "3",
+    "sparse": ["--steps", "80", "--prompts-per-step", "8", "--eval-every", "20", "--final-evals", "3",
+               "--heldout-size", "1024", "--filler-len", "32", "--filler-chars", "16"],
+    "pathstar": ["--steps", "80", "--prompts-per-step", "8", "--eval-every", "20", "--final-evals", "3",
                  "--heldout-size", "1024"],
 }
 DEFAULT_SEEDS = 10
