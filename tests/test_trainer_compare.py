@@ -98,6 +98,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "chess"], "argument --task: invalid choice: 'chess'"),
     (["--arms", "dapo,shapley"], "--arms: unknown arm 'shapley'; expected some of dapo, delta, oracle"),
+    (["--task", "sparse", "--arms", ""], "--arms: expected distinct arms"),
     (["--arms", "dapo,dapo"], "--arms: expected distinct arms"),
     (["--seeds", "0"], "--seeds: must be >= 1"),
     (["--jobs", "0"], "--jobs: must be >= 1"),
@@ -111,11 +112,15 @@ def test_bad_input_one_line(argv, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_arm_whose_credit_mode_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(compare.ARMS, "fipo", ["--credit", "fipo"])
+@pytest.mark.parametrize("options, message", [
+    (["--credit", "shapley"], "needs --credit shapley (choices: delta, none, oracle"),
+    (["--credit", "delta", "--no-such-vectors", "head"], "needs option --no-such-vectors"),
+])
+def test_arm_whose_option_is_missing(tmp_path, monkeypatch, capsys, options, message):
+    monkeypatch.setitem(compare.ARMS, "later", options)
     with pytest.raises(SystemExit):
-        compare.main(["--arms", "dapo,fipo", "--out", str(tmp_path / "x")])
-    assert "--arms: arm 'fipo' needs --credit fipo, which this build lacks" in capsys.readouterr().err
+        compare.main(["--arms", "dapo,later", "--out", str(tmp_path / "x")])
+    assert f"--arms: arm 'later' {message}" in capsys.readouterr().err
 
 
 def test_help_lists_tasks(capsys):

@@ -31,13 +31,17 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .config import CREDIT_MODES, TrainerConfig
+from .config import TrainerConfig
 
-# arm name -> trainer options (one line per arm; an arm whose credit mode this build lacks is refused)
+# arm name -> trainer options, one line per arm. An arm that needs an option or a value this build of the
+# trainer lacks (fipo, entropy: the credit-methods work; delta-head: --delta-vectors) is refused with one line.
 ARMS: Dict[str, List[str]] = {
     "dapo": ["--credit", "none"],
     "delta": ["--credit", "delta"],
     "oracle": ["--credit", "oracle"],
+    "fipo": ["--credit", "fipo"],
+    "entropy": ["--credit", "entropy"],
+    "delta-head": ["--credit", "delta", "--delta-vectors", "head"],
 }
 BASELINE = "dapo"
 
@@ -94,6 +98,7 @@ class Run:
     seed: int
     dir: str
     argv: List[str]
+    device: str = "cpu"
     proc: Optional[multiprocessing.Process] = None
     rc: Optional[int] = None
     started: float = 0.0
@@ -142,14 +147,14 @@ def plan(args, extra: List[str], parser: argparse.ArgumentParser) -> List[Run]:
     """The runs of a comparison, checked before anything starts: arms, options and --out."""
     from .__main__ import build_parser as trainer_parser
     from .config import validate
+    tp = trainer_parser()
     arms = [a for a in args.arms.split(",") if a]
     for arm in arms:
         if arm not in ARMS:
             parser.error(f"--arms: unknown arm {arm!r}; expected some of {', '.join(ARMS)}")
-        credit = ARMS[arm][ARMS[arm].index("--credit") + 1]
-        if credit not in CREDIT_MODES:
-            parser.error(f"--arms: arm {arm!r} needs --credit {credit}, which this build lacks "
-                          f"(credit modes: {', '.join(CREDIT_MODES)})")
+        missing = _missing_option(tp, ARMS[arm])
+        if missing:
+            parser.error(f"--arms: arm {arm!r} needs {missing}, which this build of the trainer lacks")
     if not arms or len(set(arms)) != len(arms):
         parser.error(f"--arms: expected distinct arms from {', '.join(ARMS)}, got {args.arms!r}")
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
@@ -163,7 +168,6 @@ def plan(args, extra: List[str], parser: argparse.ArgumentParser) -> List[Run]:
         if getattr(args, name) is not None:
             task_opts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     common = TASK_DEFAULTS[args.task] + (QUICK if args.quick else []) + task_opts + extra + ["--device", args.device]
-    tp = trainer_parser()
     runs = []
     warm_dir = args.warm_dir or os.path.join(out, "warm")
     for seed in range(args.first_seed, args.first_seed + seeds):
@@ -173,7 +177,7 @@ def plan(args, extra: List[str], parser: argparse.ArgumentParser) -> List[Run]:
             rdir = os.path.join(out, "runs", f"{arm}_seed{seed}")
             argv = common + ARMS[arm] + shared + ["--seed", str(seed), "--out", rdir, "--no-progress",
                                                   "--warm-start-cache", os.path.join(warm_dir, f"seed{warm_seed}.pt")]
-            runs.append(Run(arm, seed, rdir, argv))
+            runs.append(Run(arm, seed, rdir, argv, args.device))
     try:  # one check of the options every run gets (unknown options, bad values), before anything starts
         ns, unknown = tp.parse_known_args(runs[0].argv)
         if unknown:
@@ -184,6 +188,19 @@ def plan(args, extra: List[str], parser: argparse.ArgumentParser) -> List[Run]:
     if os.path.isdir(os.path.join(out, "runs")) and not args.resume:
         parser.error(f"--out: {out} already holds runs; pass --resume to keep the finished ones, or another --out")
     return runs
+
+
+def _missing_option(trainer_parser: argparse.ArgumentParser, options: List[str]) -> Optional[str]:
+    """The first of ``options`` (pairs "--name value") that the trainer's parser does not know,
+    or whose value is not among its choices; None when all are there."""
+    known = {s: a for a in trainer_parser._actions for s in a.option_strings}
+    for name, value in zip(options[::2], options[1::2]):
+        action = known.get(name)
+        if action is None:
+            return f"option {name}"
+        if action.choices is not None and value not in action.choices:
+            return f"{name} {value} (choices: {', '.join(map(str, action.choices))})"
+    return None
 
 
 def execute(runs: List[Run], jobs: int, resume: bool) -> List[Run]:
@@ -268,7 +285,9 @@ def _run_in_child(argv: List[str], log_path: str) -> None:
 
 def _start(r: Run) -> None:
     os.makedirs(r.dir, exist_ok=True)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork: the imports are paid once; spawn on CUDA (a forked child cannot use a CUDA context)
+    fork = "fork" in multiprocessing.get_all_start_methods() and r.device != "cuda"
+    method = "fork" if fork else "spawn"
     r.started = time.perf_counter()
     r.proc = multiprocessing.get_context(method).Process(target=_run_in_child,
                                                          args=(r.argv, os.path.join(r.dir, "log.txt")))
