@@ -27,11 +27,11 @@ import delta_kernels
 
 from .._backends import lm_head_backends
 from .advantages import grpo_advantages
+from .credit_metrics import credit_auc, gradient_cosine, oracle_coefficients
 from .distributed import average_gradients, global_token_share, reduce_metrics
 from .model import body_of, lm_head_of
-from .credit_metrics import credit_auc, gradient_cosine, oracle_coefficients
 from .rollout import Rollout, sample_responses
-from .task import AdditionTask, Problem, decisive_mask
+from .task import Problem, decisive_mask
 
 
 @dataclass
@@ -235,7 +235,8 @@ def gradient_alignment(model, rollout: Rollout, old: OldLogprobs, advantages: to
     decisive tokens alone (the same loss with coefficient 1 on decisive tokens, 0 elsewhere), at
     the current parameters, before clipping and the optimizer. Measured on the first
     rollout-rows / minibatches rows (whole GRPO groups of the step's first prompts): one body
-    forward shared by both losses, two backwards. None when either gradient is zero."""
+    forward shared by both losses, two backwards (under data parallel: this rank's rows, local
+    gradients). None when either gradient is zero."""
     rows = slice(0, max(rollout.input_ids.shape[0] // cfg.minibatches, 1))
     mb = Rollout(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len,
                  rollout.response_ids[rows], rollout.response_mask[rows])
@@ -319,7 +320,7 @@ def rl_step(model, optimizer, tokenizer, task, *, prompts_per_step: int, group_s
                        for ids, n in zip(rollout.response_ids.tolist(), mask.sum(1).tolist())]
         decisive = decisive_mask(task, token_texts, problems, tokenizer.token_text(tokenizer.eos_token_id),
                                  mask.shape[1], device)
-        partial = task.has_free_tokens  # the metrics of credit below are defined
+        free_tokens = task.has_free_tokens  # credit_auc and grad_alignment are defined
         adv = grpo_advantages(rewards, group_size)
         if credit.micro_batch:
             old = timed("old_logprob", lambda: old_logprob_micro_batches(model, rollout, update.temperature, credit,
@@ -330,7 +331,7 @@ def rl_step(model, optimizer, tokenizer, task, *, prompts_per_step: int, group_s
                                                                         process_group, decisive))
         align = timed("alignment", lambda: gradient_alignment(model, rollout, old, adv, coef, decisive, update,
                                                               credit.backend) if measure_alignment else None) \
-            if partial else None
+            if free_tokens else None
         upd = timed("update", lambda: policy_update(model, optimizer, rollout, old, adv, coef, update, generator,
                                                     credit.backend, process_group))
     n_valid = mask.sum().clamp(min=1)
@@ -340,7 +341,7 @@ def rl_step(model, optimizer, tokenizer, task, *, prompts_per_step: int, group_s
                    frac_zero_adv_groups=float((adv.view(-1, group_size) == 0).all(1).float().mean()),
                    coef_min=float(coef[mask].min()), coef_max=float(coef[mask].max()),
                    coef_std=float(coef[mask].std()) if int(mask.sum()) > 1 else 0.0, **upd, **timings)
-    if partial:
+    if free_tokens:
         auc, nan = credit_auc(coef, decisive, mask), float("nan")
         dec = decisive & mask
         metrics.update(decisive_frac=float(dec.sum() / n_valid),
