@@ -102,7 +102,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch, 
     (["--arms", "dapo,dapo"], "--arms: expected distinct arms"),
     (["--seeds", "0"], "--seeds: must be >= 1"),
     (["--jobs", "0"], "--jobs: must be >= 1"),
-    (["--lr", "-1"], "--lr and --sft-lr must be > 0"),
+    (["--lr", "-1"], "arm 'dapo': --lr and --sft-lr must be > 0"),
     (["--no-such-option", "3"], "unrecognized arguments: --no-such-option 3"),
 ])
 def test_bad_input_one_line(argv, message, tmp_path, capsys):

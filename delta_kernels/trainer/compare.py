@@ -178,13 +178,14 @@ def plan(args, extra: List[str], parser: argparse.ArgumentParser) -> List[Run]:
             argv = common + ARMS[arm] + shared + ["--seed", str(seed), "--out", rdir, "--no-progress",
                                                   "--warm-start-cache", os.path.join(warm_dir, f"seed{warm_seed}.pt")]
             runs.append(Run(arm, seed, rdir, argv, args.device))
-    try:  # one check of the options every run gets (unknown options, bad values), before anything starts
-        ns, unknown = tp.parse_known_args(runs[0].argv)
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        validate(TrainerConfig(**vars(ns)))
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    for r in runs[:len(arms)]:  # each arm's options (unknown options, bad values), before anything starts
+        try:
+            ns, unknown = tp.parse_known_args(r.argv)
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            validate(TrainerConfig(**vars(ns)))
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"arm {r.arm!r}: {e}")
     if os.path.isdir(os.path.join(out, "runs")) and not args.resume:
         parser.error(f"--out: {out} already holds runs; pass --resume to keep the finished ones, or another --out")
     return runs
