@@ -15,12 +15,15 @@ With the LM head fused in (no [tokens x vocab] logits in either phase)::
 Phase C aggregates exactly as verl 0.9.1's agg_loss (``agg=`` and verl's normalisers); the
 rules, and ``trl_loss_aggregation`` for TRL's loss types, are in ``delta_kernels.aggregation``.
 Every call takes ``backend=``: "auto" or a name from ``available_backends()`` (the
-registry of delta_kernels._backends; "torch" is the float64-capable reference). ``DeltaAccumulator`` runs phase B over micro-batches
+registry of delta_kernels._backends; "torch" is the float64-capable reference). Token credit is one registry, ``delta_kernels.credit``: DelTA (before the update, as above),
+FIPO (``fipo_weights``) and high-entropy tokens (``entropy_mask``) in the loss, composed by
+product (``credit="fipo*entropy"`` on either loss; ``coef=`` carries DelTA). ``DeltaAccumulator`` runs phase B over micro-batches
 (add each during the old-log-prob pass, finalize once the advantages are known). ``delta_kernels.naive`` mirrors the published code.
 """
 from ._backends import available_backends
 from .accumulator import DeltaAccumulator
 from .coefficients import DeltaResult, DeltaStats, delta_coefficients
+from .credit import FipoWeights, credit_spec, entropy_mask, fipo_weights
 from .fused_linear import fused_linear_clipped_surrogate_loss, fused_linear_logprob_sketch
 from .sketch import token_sketch
 from .sketch_matrix import sketch_matrix
@@ -28,5 +31,6 @@ from .surrogate import clipped_surrogate_loss
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "sketch_matrix",
            "fused_linear_logprob_sketch", "fused_linear_clipped_surrogate_loss",
-           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends"]
+           "DeltaResult", "DeltaStats", "DeltaAccumulator", "available_backends", "fipo_weights", "FipoWeights",
+           "entropy_mask", "credit_spec"]
 __version__ = "0.1.0"

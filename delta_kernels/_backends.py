@@ -2,7 +2,7 @@
 
 A backend is a module of internal functions on validated, flat inputs (see reference/ for the
 contract): ``token_sketch``, ``delta_coefficients``, ``clipped_surrogate_loss`` and
-``PIPELINE_KERNELS`` (the passes DeltaAccumulator drives), and optionally a second module with
+``PIPELINE_KERNELS`` (the passes DeltaAccumulator drives), optionally ``fipo_weights`` (CREDIT_OPS), and optionally a second module with
 the fused LM-head functions ``logprob``, ``token_vectors`` and ``logprob_backward``. Backends
 never call each other. docs/backends.md says how to add one.
 """
@@ -18,6 +18,7 @@ import torch
 
 PHASES = ("token_sketch", "delta_coefficients", "clipped_surrogate_loss", "PIPELINE_KERNELS")
 LM_HEAD = "lm_head"  # the op name of the fused LM-head functions
+CREDIT_OPS = ("fipo_weights",)  # the in-loss credit kernels (delta_kernels.credit)
 LM_HEAD_FUNCTIONS = ("logprob", "token_vectors", "logprob_backward")
 ANY = "any"  # in devices: tensors of any device that holds data (plain torch ops); never meta
 _FAST = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +47,7 @@ class Backend:
     interpreted: bool = False
 
     def __post_init__(self):
-        unknown = set(self.ops) - set(PHASES + (LM_HEAD,))
+        unknown = set(self.ops) - set(PHASES + (LM_HEAD,) + CREDIT_OPS)
         if unknown:
             raise ValueError(f"backend: {self.name!r} declares unknown ops {sorted(unknown)}")
         if (self.lm_head is None) == (LM_HEAD in self.ops):
@@ -94,11 +95,11 @@ def names() -> Tuple[str, ...]:
     return ("auto",) + tuple(b.name for b in registered())
 
 
-register(Backend("triton", "delta_kernels.triton", ("cuda",), _FAST, PHASES + (LM_HEAD,), 30,
+register(Backend("triton", "delta_kernels.triton", ("cuda",), _FAST, PHASES + (LM_HEAD,) + CREDIT_OPS, 30,
                  lm_head="delta_kernels.fused_linear.triton_ops", interpreted=True))
 register(Backend("cuda", "delta_kernels.backends.cuda", ("cuda",), _FAST, PHASES, 20))
-register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES, 10))
-register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.float64,), PHASES + (LM_HEAD,),
+register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES + CREDIT_OPS, 10))
+register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.float64,), PHASES + (LM_HEAD,) + CREDIT_OPS,
                  0, lm_head="delta_kernels.fused_linear.torch_chunked"))
 
 

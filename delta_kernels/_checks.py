@@ -274,6 +274,38 @@ class SurrogateConfig:
             fail("clip_c", f"must be > 1 (dual-clip bound), got {self.clip_c}")
 
 
+@dataclass(frozen=True)
+class FipoConfig:
+    """FIPO's future-KL weight parameters (validated); see delta_kernels.credit.fipo."""
+    decay_rate: float = 32.0
+    future_kl_clip_ratio: float = 0.2
+    future_kl_clip_high_only: bool = True
+    safety_thresh: float = 10.0
+    clip_c: float = 10.0
+
+    def __post_init__(self):
+        check_finite_numbers(self, ("decay_rate", "future_kl_clip_ratio", "safety_thresh", "clip_c"))
+        if not isinstance(self.future_kl_clip_high_only, bool):
+            raise TypeError(f"future_kl_clip_high_only: expected a bool, got "
+                            f"{type(self.future_kl_clip_high_only).__name__}")
+        if not self.decay_rate > 0:
+            fail("decay_rate", f"must be > 0 (gamma = 2 ** (-1 / decay_rate)), got {self.decay_rate}")
+        if self.future_kl_clip_ratio < 0:
+            fail("future_kl_clip_ratio", f"must be >= 0 (0 switches the weight clip off), got "
+                                         f"{self.future_kl_clip_ratio}")
+        if self.clip_c <= 1:
+            fail("clip_c", f"must be > 1 (dual-clip bound; tokens with ratio > clip_c leave the future KL), "
+                           f"got {self.clip_c}")
+
+    def bounds(self) -> Tuple[float, float]:
+        """(lower, upper) of the weight clip before the safety clamp: [1 - rho, 1 + rho],
+        [1, 1 + rho] with clip_high_only, [0, 10] for rho = 0."""
+        rho = self.future_kl_clip_ratio
+        if rho == 0:
+            return 0.0, 10.0
+        return (1.0 if self.future_kl_clip_high_only else 1.0 - rho), 1.0 + rho
+
+
 @dataclass
 class TokenBatch:
     """Validated, flattened inputs of one call. ``shape`` is logp's original shape."""

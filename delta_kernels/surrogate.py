@@ -8,6 +8,7 @@ import torch
 from . import _checks as C
 from ._backends import resolve
 from .aggregation import SEQUENCE_MODES, Aggregation
+from .credit.registry import in_loss_credit
 
 
 def surrogate_aggregation(agg: str, shape, dp_size: int, batch_num_tokens, global_batch_size,
@@ -24,7 +25,8 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
                            clip_c: float = 10.0, agg: str = "token-mean", dp_size: int = 1,
                            batch_num_tokens: Optional[float] = None, global_batch_size: Optional[float] = None,
                            loss_scale_factor: Optional[float] = None,
-                           rollout_is_weights: Optional[torch.Tensor] = None, backend: str = "auto",
+                           rollout_is_weights: Optional[torch.Tensor] = None, credit=None,
+                           entropy: Optional[torch.Tensor] = None, credit_group=None, backend: str = "auto",
                            check_values: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """DAPO dual-clip surrogate with per-token advantages ``A = advantages * coef`` on valid tokens.
 
@@ -43,9 +45,16 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
             (see delta_kernels.aggregation.Aggregation); dp_size > 1 needs the global count.
         rollout_is_weights: optional per-token weights on the loss, shaped like logp
             (verl's off-policy correction; not applied to the metrics).
+        credit: optional in-loss credit (delta_kernels.credit): a spec such as "fipo",
+            "entropy", "fipo*entropy" or a credit_spec(...) with options. Its weights are
+            computed here from the detached current logp (and ``entropy``), multiply coef, and
+            its dropped rows leave the mask (FIPO uses this call's clip_c). [B, T] inputs only.
+        entropy: [B, T] per-token entropies, for the "entropy" method.
+        credit_group: torch.distributed group over which the entropy quantile is taken.
     Returns:
-        (loss [] , metrics {clip_frac, clip_frac_lower, ppo_kl}), float32 (float64 for float64).
-        The metrics are means over this call's valid tokens. The loss is differentiable in logp.
+        (loss [] , metrics {clip_frac, clip_frac_lower, ppo_kl, and "<method>/<metric>" of
+        credit}), float32 (float64 for float64). The metrics are means over this call's valid
+        tokens. The loss is differentiable in logp.
     """
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
     device = C.check_devices(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
@@ -64,10 +73,13 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
     coef = C.check_token_weights("coef", coef, logp.shape, valid, check_values)
     rollout_is_weights = C.check_token_weights("rollout_is_weights", rollout_is_weights, logp.shape, valid,
                                                check_values)
+    valid, coef, credit_metrics = in_loss_credit(credit, logp, old_logp, adv, valid, coef, entropy, clip_c,
+                                                 credit_group, backend)
     dtypes = [t.dtype for t in (logp, old_logp, advantages, coef, rollout_is_weights) if t is not None]
     cdt = C.compute_dtype(*dtypes)
     C.check_representable("clip_c", clip_c, cdt)
     impl = resolve(backend, device, cdt, "clipped_surrogate_loss")
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731
-    return impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
-                                       detach(rollout_is_weights), cfg, aggregation)
+    loss, metrics = impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
+                                                detach(rollout_is_weights), cfg, aggregation)
+    return loss, {**metrics, **credit_metrics}

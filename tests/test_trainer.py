@@ -280,7 +280,10 @@ def test_grpo_advantages():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--credit", "shapley"], "invalid choice: 'shapley'"),
+    (["--credit", "shapley"], "unknown credit method 'shapley'"),
+    (["--credit", "entropy", "--fipo-decay-rate", "8"], "options given for ['fipo']"),
+    (["--credit", "fipo", "--fipo-decay-rate", "0"], "decay_rate: must be > 0"),
+    (["--credit", "entropy", "--entropy-top-quantile", "1.5"], "top_quantile: must be in (0, 1]"),
     (["--k", "-1"], "--k: refinement steps must be >= 0"),
     (["--model", "/nonexistent/checkpoint"], "does not exist"),
     (["--lam-min", "1.5", "--lam-max", "1.2"], "--lam-min 1.5 must be <= --lam-max 1.2"),
@@ -298,7 +301,7 @@ def test_bad_arguments_are_refused(argv, message, capsys):
 
 
 def test_bad_config_refused_by_run(tmp_path):
-    with pytest.raises(ValueError, match="unknown credit mode 'shapley'"):
+    with pytest.raises(ValueError, match="unknown credit method 'shapley'"):
         run(tiny_config(tmp_path, "bad", credit="shapley"))
     with pytest.raises(ValueError, match="--k"):
         run(tiny_config(tmp_path, "bad", k=-2))

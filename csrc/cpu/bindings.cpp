@@ -58,6 +58,16 @@ PYBIND11_MODULE(_cpp, m) {
   }, py::kw_only(), py::arg("logp"), py::arg("old_logp"), py::arg("adv"), py::arg("mask"),
      py::arg("coef") = py::none(), py::arg("is_weight") = py::none(), py::arg("rows"), py::arg("cols"),
      py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_c"), py::arg("row_stats"), py::arg("grad"));
+  m.def("fipo_weights", [](Ptr logp, Ptr old_logp, Ptr adv, Ptr mask, int64_t rows, int64_t cols, double gamma,
+                           float log_clip_c, float clip_c, float lower, float upper, bool clip_lower,
+                           float safety_thresh, Ptr weights, Ptr future_kl, Ptr keep) {
+    py::gil_scoped_release nogil;
+    dk::cpu::fipo_weights(ptr<const float>(logp), ptr<const float>(old_logp), ptr<const float>(adv),
+                          ptr<const uint8_t>(mask), rows, cols, gamma, log_clip_c, clip_c, lower, upper, clip_lower,
+                          safety_thresh, ptr<float>(weights), ptr<float>(future_kl), ptr<uint8_t>(keep));
+  }, py::kw_only(), py::arg("logp"), py::arg("old_logp"), py::arg("adv"), py::arg("mask"), py::arg("rows"),
+     py::arg("cols"), py::arg("gamma"), py::arg("log_clip_c"), py::arg("clip_c"), py::arg("lower"), py::arg("upper"),
+     py::arg("clip_lower"), py::arg("safety_thresh"), py::arg("weights"), py::arg("future_kl"), py::arg("keep"));
   m.def("reduction_block_tokens", &dk::cpu::reduction_block_tokens, py::arg("n_tokens"),
         "tokens per block of the CPU reductions over n_tokens");
   m.def("simd_level", &dk::cpu::simd_level,

@@ -40,5 +40,14 @@ void clipped_surrogate(const float* logp, const float* old_logp, const float* ad
                        const float* coef, const float* is_weight, int64_t B, int64_t T, float clip_low,
                        float clip_high, float clip_c, double* rows, float* grad);
 
+// FIPO future-KL weights over [B, T] float32 inputs (mask as bytes): future_kl [B, T] = the
+// discounted sum (gamma per step, accumulated in double) of the valid log-ratios <= log_clip_c
+// from each token to the row's end; weights [B, T] = exp(future_kl) clamped to [lower, upper]
+// (to <= upper without clip_lower), then to [0.8, 1] where adv < 0 and the ratio > safety_thresh;
+// both 0 at padding. keep [B] = at most one valid token with adv < 0 and ratio > clip_c.
+void fipo_weights(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask, int64_t B,
+                  int64_t T, double gamma, float log_clip_c, float clip_c, float lower, float upper,
+                  bool clip_lower, float safety_thresh, float* weights, float* future_kl, uint8_t* keep);
+
 }  // namespace cpu
 }  // namespace dk

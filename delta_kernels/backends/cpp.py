@@ -6,13 +6,14 @@ pipeline is ``delta_kernels.pipeline.run_coefficients`` over this module's three
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _cpp
 from .._alloc import empty
-from .._checks import SurrogateConfig
+from .._checks import FipoConfig, SurrogateConfig
+from ..reference.fipo import log_clip_c
 from ..aggregation import STATS
 from ._native import (ScaledRows, dtype_code, f32, native_phases, native_surrogate, opt_ptr,  # noqa: F401
                       pipeline_kernels, ptr, rows_and_scale)
@@ -86,3 +87,33 @@ def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
     out = empty(hidden_size, sketch_dim, dtype=torch.float32)
     _cpp.sketch_matrix(out=ptr(out), hidden_size=hidden_size, sketch_dim=sketch_dim, seed=seed)
     return out
+
+
+@torch.library.custom_op("delta_kernels::fipo_weights_cpp", mutates_args=())
+def _fipo_weights_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                     decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
+                     clip_lower: bool, safety_thresh: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] float32 contiguous inputs, mask bool -> (weights, keep [B] bool, future_kl)."""
+    rows, cols = logp.shape
+    weights = empty(rows, cols, dtype=torch.float32)
+    future_kl = empty(rows, cols, dtype=torch.float32)
+    keep = empty(rows, dtype=torch.bool)
+    _cpp.fipo_weights(logp=ptr(logp), old_logp=ptr(old_logp), adv=ptr(adv), mask=ptr(mask.view(torch.uint8)),
+                      rows=rows, cols=cols, gamma=2.0 ** (-1.0 / decay_rate), log_clip_c=log_clip_c, clip_c=clip_c,
+                      lower=lower, upper=upper, clip_lower=clip_lower, safety_thresh=safety_thresh,
+                      weights=ptr(weights), future_kl=ptr(future_kl), keep=ptr(keep.view(torch.uint8)))
+    return weights, keep, future_kl
+
+
+@_fipo_weights_op.register_fake
+def _(logp, old_logp, adv, mask, decay_rate, log_clip_c, clip_c, lower, upper, clip_lower, safety_thresh):
+    return (logp.new_empty(logp.shape, dtype=torch.float32), logp.new_empty(logp.shape[0], dtype=torch.bool),
+            logp.new_empty(logp.shape, dtype=torch.float32))
+
+
+def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
+    """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
+    lower, upper = cfg.bounds()
+    return _fipo_weights_op(f32(logp), f32(old_logp), f32(adv), mask.contiguous(), cfg.decay_rate,
+                            log_clip_c(cfg, torch.float32), cfg.clip_c, lower, upper, cfg.future_kl_clip_ratio > 0,
+                            cfg.safety_thresh)

@@ -16,6 +16,7 @@ from .. import _checks as C
 from .._backends import LM_HEAD, resolve
 from .._formulas import side_masks
 from ..reference.surrogate import clipped_surrogate_loss as _surrogate_from_logp
+from ..credit.registry import NONE, credit_spec, in_loss_credit
 from ..surrogate import surrogate_aggregation
 
 
@@ -165,7 +166,8 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
                                         global_batch_size: Optional[float] = None,
                                         loss_scale_factor: Optional[float] = None,
                                         rollout_is_weights: Optional[torch.Tensor] = None,
-                                        return_logp: bool = False, entropy: bool = False, backend: str = "auto",
+                                        return_logp: bool = False, entropy: bool = False, credit=None,
+                                        credit_group=None, backend: str = "auto",
                                         check_values: bool = True) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Weighted dual-clip DAPO surrogate straight from the LM head (phase C), no [N, V] logits.
 
@@ -183,6 +185,10 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
         temperature > 0; clip_low, clip_high, clip_c, agg, dp_size, batch_num_tokens,
         global_batch_size, loss_scale_factor, rollout_is_weights: as clipped_surrogate_loss.
         return_logp / entropy: add the detached per-token "logp" / "entropy" to metrics.
+        credit: optional in-loss credit spec ("fipo", "entropy", "fipo*entropy" or a
+            delta_kernels.credit.credit_spec), as clipped_surrogate_loss's: its weights come from
+            the logp (and entropy) computed here, so [B, T] is held once for them; the entropy
+            method makes the head emit entropy. credit_group: group of the entropy quantile.
         backend: "auto" or a registered backend that lists the lm_head op (see
             delta_kernels._backends; "auto" takes the highest priority one for the device).
     Returns:
@@ -209,13 +215,19 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
     rollout_is_weights = C.check_token_weights("rollout_is_weights", rollout_is_weights, shape, valid, check_values)
     C.check_representable("clip_c", clip_c, torch.float64 if h.dtype == torch.float64 else torch.float32)
     ops = resolve(backend, h.device, h.dtype, LM_HEAD)
-    logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, entropy)
+    spec = credit_spec(NONE if credit is None else credit)
+    want_entropy = entropy or any("entropy" in m.inputs for m in spec.methods)
+    logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, want_entropy)
     if check_values:
         _check_logits_finite(logp, temperature)
     logp = logp.reshape(shape)
+    valid, coef, credit_metrics = in_loss_credit(spec, logp, old_logp, adv, valid, coef,
+                                                 ent.reshape(shape) if want_entropy else None, clip_c, credit_group,
+                                                 "torch" if h.dtype == torch.float64 else "auto")
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731
     loss, metrics = _surrogate_from_logp(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
                                          detach(rollout_is_weights), cfg, aggregation)
+    metrics.update(credit_metrics)
     if return_logp:
         metrics["logp"] = logp.detach()
     if entropy:

@@ -36,6 +36,8 @@ import torch
 from .._optional import require
 from ..accumulator import DeltaAccumulator
 from ..coefficients import DeltaResult
+from ..credit import credit_spec
+from ..credit.entropy import entropy_mask
 from .capture import capture_hidden_states, response_hidden_states
 from .options import DeltaSpec
 
@@ -52,12 +54,28 @@ class DeltaGRPOTrainer(GRPOTrainer):
         *args, **kwargs: those of ``trl.GRPOTrainer``.
         delta: None (plain GRPO) or a dict of ``delta_coefficients`` options: ``k``, ``lam_min``,
             ``lam_max``, ``eps``, ``sketch_dim``, ``seed``, ``backend``.
+        credit: None (``delta=`` alone decides), or a credit spec (delta_kernels.credit) of "delta",
+            "entropy" or "delta*entropy": DelTA takes its options from ``delta=`` (default: the
+            defaults), entropy its ``top_quantile`` from the spec, and runs inside TRL's own
+            loss as its ``top_entropy_quantile`` does, with the mask from delta_kernels.entropy_mask
+            over all processes. FIPO changes the loss itself, which TRL's loss does not let in:
+            refused here (use the verl plugin's "delta_fipo" or the library's losses).
     Logs ``delta/coef_std``, ``delta/coef_min``, ``delta/coef_max`` (over valid tokens of all
     processes), ``delta/gamma_pos``, ``delta/gamma_neg``, ``delta/n_pos``, ``delta/n_neg``.
     The last coefficients are kept in ``self.delta_last`` (a DeltaResult) for inspection.
     """
 
-    def __init__(self, *args, delta=None, **kwargs):
+    def __init__(self, *args, delta=None, credit=None, **kwargs):
+        self.credit = None if credit is None else credit_spec(credit)
+        names = () if self.credit is None else tuple(m.name for m in self.credit.methods)
+        if set(names) - {"delta", "entropy"}:
+            raise NotImplementedError(f"credit: {self.credit.name!r}: DeltaGRPOTrainer runs delta and entropy inside "
+                                      "TRL's loss; FIPO changes the loss (verl plugin 'delta_fipo', or "
+                                      "delta_kernels.clipped_surrogate_loss(credit='fipo'))")
+        if self.credit is not None:
+            if delta is not None and "delta" not in names:
+                raise ValueError(f"delta: DelTA options given, but credit {self.credit.name!r} does not use delta")
+            delta = ({} if delta is None else delta) if "delta" in names else None
         self.delta_spec: Optional[DeltaSpec] = DeltaSpec.parse(delta)
         self._delta_accumulator: Optional[DeltaAccumulator] = None
         self.delta_last = None
@@ -65,6 +83,17 @@ class DeltaGRPOTrainer(GRPOTrainer):
         if self.delta_spec is not None and self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(f"loss_type: {self.loss_type!r} is not supported with delta=; use one of "
                              f"{list(SUPPORTED_LOSS_TYPES)} (their losses take per-token advantages)")
+        if "entropy" in names:
+            if self.top_entropy_quantile != 1.0:
+                raise ValueError("top_entropy_quantile: set in GRPOConfig and by credit='entropy'; give it once")
+            self.top_entropy_quantile = self.credit.option("entropy").top_quantile
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """With credit "entropy": delta_kernels.entropy_mask over every process (TRL's own otherwise)."""
+        if self.credit is None or "entropy" not in [m.name for m in self.credit.methods]:
+            return super().get_high_entropy_mask(entropies, mask, threshold)
+        return entropy_mask(entropies, mask, top_quantile=self.credit.option("entropy").top_quantile,
+                            process_group=self._process_group())
 
     def _runs_old_logprob_pass(self) -> bool:
         """TRL 1.16's own condition for computing old_per_token_logps in _generate_and_score_completions."""

@@ -53,6 +53,9 @@ Trainer: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``). verl 0.9.1's d
 (verl/trainer/ppo/v1, TransferQueue) computes old log-probs and advantages in other methods that
 these patches do not reach, so DelTA would silently be off there: patch 5 refuses it instead.
 Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, backend.
+
+Credit methods (delta_kernels.credit), a config key each: DelTA ``+algorithm.delta.enable=True``
+(above); FIPO ``actor_rollout_ref.actor.policy_loss.loss_mode=delta_fipo`` (verl_credit.py).
 """
 from __future__ import annotations
 
@@ -318,3 +321,5 @@ def _patch(owner, name, wrap) -> str:
 
 
 INSTALLED = install()
+
+from . import verl_credit  # noqa: E402,F401  (registers the "delta_fipo" policy loss)

@@ -7,8 +7,15 @@ from typing import List, Optional
 
 from .._optional import MissingExtra
 from ..aggregation import AGG_MODES
-from .config import BACKENDS, CREDIT_MODES, TrainerConfig, validate
+from .config import BACKENDS, CREDIT_METHODS, TRAINER_CREDITS, TrainerConfig, option_flags, validate
 from .task import TASKS
+
+
+def _flag_type(default):
+    """argparse type of an option flag: its default's (true/false words for a bool)."""
+    if isinstance(default, bool):
+        return lambda text: {"true": True, "false": False}[text.lower()]
+    return type(default) if default is not None else float
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,10 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "delta_kernels.trainer ... (--prompts-per-step is the global count, split between the ranks). "
                     "'delta-train compare --help': credit arms x seeds, paired by seed.")
     a = p.add_argument
-    a("--credit", choices=CREDIT_MODES, default=d.credit,
-      help="delta: DelTA coefficients; none: plain DAPO (coefficients 1, same forwards); oracle: 1 on the "
-           "task's decisive tokens, --oracle-floor elsewhere, mean 1")
+    a("--credit", default=d.credit,
+      help=f"token credit: one of {', '.join(CREDIT_METHODS)}, none (plain DAPO), or a product such as "
+           "delta*entropy (delta_kernels.credit); delta is computed before the update, the others in every loss call; "
+           "or (trainer only) oracle: 1 on the task's decisive tokens, --oracle-floor elsewhere, mean 1")
     a("--oracle-floor", type=float, default=d.oracle_floor, help="oracle credit of the non-decisive tokens")
+    for name, f in option_flags():
+        a(f"--{name}-{f.name.replace('_', '-')}", dest=f"{name}__{f.name}", type=_flag_type(f.default),
+          default=argparse.SUPPRESS, help=f"{name} option {f.name} (default {f.default}; only with --credit using {name})")
     a("--k", type=int, default=d.k, help="DelTA refinement steps (>= 0)")
     a("--lam-min", type=float, default=d.lam_min)
     a("--lam-max", type=float, default=d.lam_max)
@@ -87,8 +98,12 @@ def add_task_arguments(p: argparse.ArgumentParser, d: TrainerConfig) -> None:
 
 def parse_config(argv: Optional[List[str]] = None) -> TrainerConfig:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = TrainerConfig(**vars(args))
+    args = vars(parser.parse_args(argv))
+    options = {}
+    for key in [k for k in args if "__" in k]:
+        name, opt = key.split("__")
+        options.setdefault(name, {})[opt] = args.pop(key)
+    cfg = TrainerConfig(**args, credit_options=options)
     try:
         validate(cfg)
     except (ValueError, FileNotFoundError) as e:

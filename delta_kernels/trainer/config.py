@@ -2,22 +2,26 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
 
 from .._backends import names
 from ..aggregation import AGG_MODES
+from ..credit import BEFORE_UPDATE, credit_spec, method, methods
 from .task import TASKS
 
-CREDIT_MODES = ("delta", "none", "oracle")
+CREDIT_METHODS = methods()  # the registry's names; --credit takes one, "none", or a product "delta*entropy"
+TRAINER_CREDITS = ("oracle",)  # credit only the trainer can compute (it needs the task's decisive tokens)
 BACKENDS = names()
 
 
 @dataclass
 class TrainerConfig:
     # credit assignment
-    credit: str = "delta"              # "delta" (DelTA coefficients), "none" (plain DAPO, coefficients 1) or
-                                       # "oracle" (1 on the task's decisive tokens, oracle_floor elsewhere)
+    credit: str = "delta"              # a credit spec: "delta", "fipo", "entropy", "none", or a product "delta*entropy";
+                                       # or "oracle" (1 on the task's decisive tokens, oracle_floor elsewhere)
+    credit_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # in-loss methods' options given as
+                                       # flags --<method>-<option>: {"fipo": {"decay_rate": 64.0}, ...}
     oracle_floor: float = 0.1
     k: int = 1                         # DelTA refinement steps
     lam_min: float = 0.8
@@ -74,8 +78,11 @@ class TrainerConfig:
 
 def validate(cfg: TrainerConfig) -> None:
     """Raise ValueError / FileNotFoundError with a message naming the bad option."""
-    if cfg.credit not in CREDIT_MODES:
-        raise ValueError(f"--credit: unknown credit mode {cfg.credit!r}; expected one of {', '.join(CREDIT_MODES)}")
+    if cfg.credit not in TRAINER_CREDITS:
+        try:
+            credit_spec(cfg.credit, **cfg.credit_options)
+        except ValueError as e:
+            raise ValueError(f"--credit {cfg.credit}: {e}") from None
     if cfg.task not in TASKS:
         raise ValueError(f"--task: unknown task {cfg.task!r}; expected one of {', '.join(TASKS)}")
     if not 0 <= cfg.oracle_floor <= 1:
@@ -128,6 +135,12 @@ def validate(cfg: TrainerConfig) -> None:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if not 0 <= cfg.clip_low < 1 or cfg.clip_high < 0 or cfg.clip_c <= 1:
         raise ValueError("clip ranges: need 0 <= --clip-low < 1, --clip-high >= 0, --clip-c > 1")
+
+
+def option_flags():
+    """(method, option field) of every registered method computed in the loss: the trainer's flag
+    --<method>-<option> (DelTA's options are the trainer's own --k, --lam-min, ...)."""
+    return [(m, f) for m in CREDIT_METHODS if method(m).kind != BEFORE_UPDATE for f in fields(method(m).options)]
 
 
 def field_names():

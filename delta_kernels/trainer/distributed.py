@@ -16,8 +16,7 @@ from typing import Dict, Optional
 import torch
 
 # metrics reduced by min / max over ranks; every other metric is averaged
-_MIN_METRICS = ("coef_min",)
-_MAX_METRICS = ("coef_max",)
+_MIN_SUFFIX, _MAX_SUFFIX = "_min", "_max"  # per-step metrics reduced by min / max (coef_min, fipo/weight_max, ...)
 
 
 @dataclass
@@ -110,7 +109,8 @@ def average_gradients(model: torch.nn.Module, group) -> None:
 
 
 def reduce_metrics(metrics: Dict[str, float], group) -> Dict[str, float]:
-    """Per-step metrics over the ranks: mean, except min / max for coef_min / coef_max. Keys must
+    """Per-step metrics over the ranks: mean, except min / max for the keys ending in _min / _max
+    (coef_min, fipo/weight_min, ...). Keys must
     be the same on every rank (they are: one rl_step code path)."""
     import torch.distributed as dist
     keys = sorted(metrics)
@@ -123,7 +123,7 @@ def reduce_metrics(metrics: Dict[str, float], group) -> Dict[str, float]:
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     out = {}
     for i, k in enumerate(keys):
-        out[k] = float(lo[i] if k in _MIN_METRICS else hi[i] if k in _MAX_METRICS else mean[i])
+        out[k] = float(lo[i] if k.endswith(_MIN_SUFFIX) else hi[i] if k.endswith(_MAX_SUFFIX) else mean[i])
     return out
 
 

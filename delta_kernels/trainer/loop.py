@@ -132,10 +132,10 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     credit = CreditConfig(credit=cfg.credit, k=cfg.k, lam_min=cfg.lam_min, lam_max=cfg.lam_max,
                           sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend,
-                          micro_batch=cfg.micro_batch, oracle_floor=cfg.oracle_floor)
+                          micro_batch=cfg.micro_batch, oracle_floor=cfg.oracle_floor, options=cfg.credit_options)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
-                          agg=cfg.agg)
+                          agg=cfg.agg, credit=credit.in_loss())
     log = MetricsLog(out if ctx.is_main else None)
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}

@@ -27,6 +27,7 @@ import delta_kernels
 
 from .._backends import lm_head_backends
 from .advantages import grpo_advantages
+from ..credit.registry import in_loss_credit
 from .credit_metrics import credit_auc, gradient_cosine, oracle_coefficients
 from .distributed import average_gradients, global_token_share, reduce_metrics
 from .model import body_of, lm_head_of
@@ -48,7 +49,8 @@ class OldLogprobs:
 
 @dataclass
 class CreditConfig:
-    credit: str = "delta"          # "delta", "none" or "oracle" (the task's decisive tokens)
+    credit: str = "delta"          # a credit spec (delta_kernels.credit): "delta", "none", "fipo", "delta*entropy", ...;
+                                   # or "oracle" (trainer only: the task's decisive tokens)
     k: int = 1
     lam_min: float = 0.8
     lam_max: float = 1.2
@@ -57,6 +59,17 @@ class CreditConfig:
     backend: str = "auto"
     micro_batch: int = 0           # > 0: old-log-prob pass in micro-batches of this many responses
     oracle_floor: float = 0.1      # oracle credit: raw coefficient of the non-decisive tokens
+    options: Dict[str, Dict] = field(default_factory=dict)  # the in-loss methods' options, by method name
+
+    def uses_delta(self) -> bool:
+        return "delta" in self.credit.split("*")
+
+    def in_loss(self):
+        """The spec of the methods computed in every loss call (fipo, entropy, ...), or None."""
+        if self.credit == "oracle":
+            return None
+        spec = delta_kernels.credit_spec(self.credit, **self.options).of_kind(delta_kernels.credit.IN_LOSS)
+        return spec if spec.methods else None
 
 
 @dataclass
@@ -68,6 +81,7 @@ class UpdateConfig:
     agg: str = "token-mean"
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    credit: Optional[object] = None   # CreditConfig.in_loss(): the credit computed in every loss call
 
 
 class ForwardCounter:
@@ -124,7 +138,7 @@ def old_logprob_pass(model: torch.nn.Module, rollout: Rollout, temperature: floa
     credit = credit or CreditConfig()
     hidden = response_hidden(model, rollout)
     head = lm_head_of(model)
-    with_sums = advantages is not None and credit.credit == "delta"
+    with_sums = advantages is not None and credit.uses_delta()
     logp, entropy, vectors, sums = delta_kernels.fused_linear_logprob_sketch(
         hidden, head.weight, rollout.response_ids, bias=head.bias, temperature=temperature,
         sketch_dim=credit.sketch_dim, seed=credit.sketch_seed, entropy=True,
@@ -142,7 +156,7 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
     Neither hidden states nor vectors are kept here: logp and entropy are [B, T] as before."""
     credit = credit or CreditConfig()
     acc = None
-    if credit.credit == "delta":
+    if credit.uses_delta():
         acc = delta_kernels.DeltaAccumulator(k=credit.k, lam_min=credit.lam_min, lam_max=credit.lam_max,
                                              sketch_dim=credit.sketch_dim, seed=credit.sketch_seed,
                                              process_group=process_group, backend=credit.backend)
@@ -162,17 +176,18 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
 def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor, cfg: CreditConfig,
                         process_group=None, decisive: Optional[torch.Tensor] = None):
     """Per-token coefficients [B, T] float32 (mean 1 over valid tokens, 0 on padding), and the
-    DelTA stats (None for --credit none, whose coefficients are 1 on valid tokens, and for
-    --credit oracle, which needs the task's ``decisive`` [B, T] bool). The vectors
+    DelTA stats (None without delta in the spec: coefficients 1 on valid tokens; the in-loss
+    methods of the spec run in policy_loss, UpdateConfig.credit; None also for --credit oracle,
+    which needs the task's ``decisive`` [B, T] bool). The vectors
     and side sums come from the old-log-prob pass (no pass over the hidden states here), or its
     accumulator is finalized (micro-batched pass; ``process_group`` was given to it there); with a
     ``process_group`` the statistics are those of the global batch over all ranks."""
-    if cfg.credit == "none":
-        return mask.float(), None
     if cfg.credit == "oracle":
         if decisive is None:
             raise ValueError("credit 'oracle' needs the task's decisive positions (decisive=[B, T] bool)")
         return oracle_coefficients(decisive, mask, cfg.oracle_floor, process_group), None
+    if not cfg.uses_delta():
+        return mask.float(), None
     if old.accumulator is not None:  # micro-batched pass: the accumulator holds the vectors
         parts = old.accumulator.finalize(advantages)
         pred = torch.cat([r.stats.pred for r in parts])
@@ -185,17 +200,19 @@ def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.
 
 
 def policy_loss(model, mb: Rollout, old_logp: torch.Tensor, advantages: torch.Tensor, coef: torch.Tensor,
-                cfg: UpdateConfig, backend: str = "auto", hidden: Optional[torch.Tensor] = None):
+                cfg: UpdateConfig, backend: str = "auto", process_group=None, hidden: Optional[torch.Tensor] = None):
     """The weighted dual-clip DAPO loss of one mini-batch straight from the LM head:
     fused_linear_clipped_surrogate_loss on the body's hidden states (no [B, T, V] logits);
     gradients reach the model through the hidden states and the head weight (tied or not).
-    ``hidden``: the body's response hidden states of ``mb`` when already computed."""
+    The in-loss credit (cfg.credit) takes the log-probs and entropies computed there; the
+    entropy quantile is over the ranks of ``process_group``. ``hidden``: the body's response
+    hidden states of ``mb`` when already computed."""
     head = lm_head_of(model)
     hidden = response_hidden(model, mb) if hidden is None else hidden
     return delta_kernels.fused_linear_clipped_surrogate_loss(
         hidden, head.weight, mb.response_ids, old_logp, advantages, mb.response_mask, coef=coef, bias=head.bias,
         temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
-        agg=cfg.agg, backend=fused_backend(backend))
+        agg=cfg.agg, credit=cfg.credit, credit_group=process_group, backend=fused_backend(backend))
 
 
 def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantages: torch.Tensor,
@@ -206,7 +223,8 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
     With a ``process_group`` (data parallel, each rank holding its own rollouts), each rank's
     token-mean loss is scaled by world * local tokens / global tokens and the gradients are
     averaged over the ranks before clipping and the optimizer step, so every rank takes the
-    step of the token-mean loss over the global mini-batch and the parameters stay identical."""
+    step of the token-mean loss over the global mini-batch and the parameters stay identical.
+    The in-loss credit's metrics (cfg.credit: "fipo/weight_mean", ...) join the returned ones."""
     b = rollout.input_ids.shape[0]
     order = torch.randperm(b, generator=generator).to(rollout.input_ids.device)
     totals: Dict[str, float] = {}
@@ -214,7 +232,7 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
     for idx in order.chunk(cfg.minibatches):
         mb = Rollout(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len,
                      rollout.response_ids[idx], rollout.response_mask[idx])
-        loss, metrics = policy_loss(model, mb, old.logp[idx], advantages[idx], coef[idx], cfg, backend)
+        loss, metrics = policy_loss(model, mb, old.logp[idx], advantages[idx], coef[idx], cfg, backend, process_group)
         optimizer.zero_grad(set_to_none=True)
         if process_group is None:
             loss.backward()
@@ -224,9 +242,24 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         for name, val in [("loss", loss), ("grad_norm", grad_norm)] + list(metrics.items()):
-            totals[name] = totals.get(name, 0.0) + float(val.detach()) / cfg.minibatches
+            v = float(val.detach())  # means over the mini-batches; *_min / *_max: min / max
+            pick = min if name.endswith("_min") else max if name.endswith("_max") else None
+            totals[name] = pick(totals.get(name, v), v) if pick else totals.get(name, 0.0) + v / cfg.minibatches
     model.eval()
     return totals
+
+
+def credit_weights_at_rollout(coef: torch.Tensor, old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor,
+                              cfg: UpdateConfig, backend: str = "auto", process_group=None) -> torch.Tensor:
+    """The per-token weight [B, T] an arm gives each token, as credit_auc ranks it: the
+    coefficients times the in-loss methods' weights (cfg.credit: entropy, fipo) evaluated at the
+    behaviour policy, 0 where they drop a row. FIPO's future-KL weights are 1 there (the
+    policy has not moved yet), so its AUC at the rollout is 0.5; its weights form during the update."""
+    if cfg.credit is None:
+        return coef
+    valid, weighted, _ = in_loss_credit(cfg.credit, old.logp, old.logp, advantages, mask, coef, old.entropy,
+                                        cfg.clip_c, process_group, backend)
+    return (coef if weighted is None else weighted) * valid
 
 
 def gradient_alignment(model, rollout: Rollout, old: OldLogprobs, advantages: torch.Tensor, coef: torch.Tensor,
@@ -245,8 +278,10 @@ def gradient_alignment(model, rollout: Rollout, old: OldLogprobs, advantages: to
     with torch.enable_grad():
         hidden = response_hidden(model, mb)
         grads = []
-        for weights in (coef[rows], (decisive[rows] & mb.response_mask).float()):
-            loss, _ = policy_loss(model, mb, old.logp[rows], advantages[rows], weights, cfg, backend, hidden=hidden)
+        uniform = dataclasses.replace(cfg, credit=None)  # the decisive tokens' own gradient: no in-loss credit
+        for weights, loss_cfg in ((coef[rows], cfg), ((decisive[rows] & mb.response_mask).float(), uniform)):
+            loss, _ = policy_loss(model, mb, old.logp[rows], advantages[rows], weights, loss_cfg, backend,
+                                  hidden=hidden)
             grads.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
     model.eval()
     return gradient_cosine(*grads)
@@ -342,7 +377,8 @@ def rl_step(model, optimizer, tokenizer, task, *, prompts_per_step: int, group_s
                    coef_min=float(coef[mask].min()), coef_max=float(coef[mask].max()),
                    coef_std=float(coef[mask].std()) if int(mask.sum()) > 1 else 0.0, **upd, **timings)
     if free_tokens:
-        auc, nan = credit_auc(coef, decisive, mask), float("nan")
+        weights = credit_weights_at_rollout(coef, old, adv, mask, update, credit.backend, process_group)
+        auc, nan = credit_auc(weights, decisive, mask), float("nan")
         dec = decisive & mask
         metrics.update(decisive_frac=float(dec.sum() / n_valid),
                        coef_decisive=float(coef[dec].mean()) if bool(dec.any()) else nan,

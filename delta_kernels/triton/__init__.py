@@ -10,6 +10,7 @@ One file per kernel:
     fused.py          delta_coefficients in 2k + 6 launches: the [N]/[D] math in the passes'
                       epilogues and one finalize kernel per reduction point (finalize.py)
     surrogate.py      phase C: dual-clip surrogate forward + backward (torch.autograd.Function)
+    fipo.py           FIPO future-KL weights: the reverse discounted scan, one program per row block
     row_partials.py   the deterministic two-stage (per-group partials, fixed-order) reduction
     sketch_hash.py    the sketch matrix's hash in Triton
 
@@ -32,6 +33,7 @@ from .._optional import require
 require("triton", "triton")  # before the kernel modules: a missing triton names its extra
 
 from ..pipeline import run_coefficients  # noqa: E402
+from .fipo import fipo_weights  # noqa: E402
 from .fused import fused_coefficients, fused_supported  # noqa: E402
 from .margin_pass import margin_pass  # noqa: E402
 from .side_sums import side_sums  # noqa: E402
@@ -52,4 +54,4 @@ def delta_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
 
 
 __all__ = ["token_sketch", "delta_coefficients", "clipped_surrogate_loss", "token_vectors", "side_sums",
-           "margin_pass", "ScaledRows", "PIPELINE_KERNELS"]
+           "margin_pass", "ScaledRows", "PIPELINE_KERNELS", "fipo_weights"]
