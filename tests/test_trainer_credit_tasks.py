@@ -72,11 +72,11 @@ def test_sparse_task_reward_and_decisive_tokens():
     t = SparseAnswerTask(filler_len=4, n_heldout=32)
     p = t.heldout[0]
     a, b = map(int, p.prompt[:-1].split("+"))
-    assert p.answer == str((a + b) % 10)
+    assert p.answer == str(a + b)
     demo = t.demonstration(p, torch.Generator().manual_seed(0))
-    assert len(demo) == 6 and demo[4] == "|" and t.reward(demo, p) == 1.0
+    assert len(demo) == 5 + len(p.answer) and demo[4] == "|" and t.reward(demo, p) == 1.0
     assert t.reward("zz" + demo, p) == 1.0 and t.reward(demo[:4], p) == 0.0  # filler free; no "|": wrong
-    assert t.decisive(list(demo) + [EOS], p, EOS) == [False] * 5 + [True, True]
+    assert t.decisive(list(demo) + [EOS], p, EOS) == [False] * 5 + [True] * (len(p.answer) + 1)
     assert not set(p.prompt for p in t.sample(200, torch.Generator().manual_seed(1))) & {q.prompt for q in t.heldout}
     with pytest.raises(ValueError, match="--filler-len"):
         SparseAnswerTask(filler_len=-1)

@@ -49,7 +49,7 @@ BASELINE = "dapo"
 TASK_DEFAULTS: Dict[str, List[str]] = {
     "addition": ["--steps", "150", "--eval-every", "25", "--heldout-size", "1024"],
     "sparse": ["--steps", "80", "--prompts-per-step", "8", "--eval-every", "20", "--final-evals", "3",
-               "--heldout-size", "1024", "--filler-len", "32", "--filler-chars", "16"],
+               "--heldout-size", "1024", "--filler-len", "8", "--filler-chars", "8"],
     "pathstar": ["--steps", "80", "--prompts-per-step", "8", "--eval-every", "20", "--final-evals", "3",
                  "--heldout-size", "1024"],
 }

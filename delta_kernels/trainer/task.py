@@ -89,13 +89,12 @@ class AdditionTask:
 
 
 class SparseAnswerTask(AdditionTask):
-    """The units digit of a sum, after L free filler letters and "|":
-    "12+34=" -> "fbhadcge...|6". The reward reads only the text after the first "|". (One answer
-    digit keeps the warm start and RL short on a CPU; the held-out split is addition's.)
+    """Addition whose response is L free filler letters, "|", then the answer:
+    "12+34=" -> "fbhadcge...|46". The reward reads only the text after the first "|".
 
     Why credit matters: the filler letters are drawn uniformly from a small alphabet in the warm
     start, so they stay high-entropy, and the reward ignores them; only the answer tokens after
-    "|" (the digit and the eos ending it) decide the reward. Uniform credit hands each response's advantage
+    "|" (the digits and the eos ending them) decide the reward. Uniform credit hands each response's advantage
     to all L + 1 + |answer| tokens, so the filler gets as much gradient per token as the answer: a
     zero-mean signal that adds noise to the shared parameters, takes a share of the clipped
     gradient norm and of AdamW's second moment, and is L times larger than the answer's at large L.
@@ -125,16 +124,12 @@ class SparseAnswerTask(AdditionTask):
         head, sep, tail = response.partition("|")
         return 1.0 if sep and tail.strip() == problem.answer else 0.0
 
-    def _problem(self, code: int) -> Problem:
-        a, b = divmod(int(code), self.n_values)
-        return Problem(prompt=f"{a}+{b}=", answer=str((a + b) % 10))
-
     def demonstration(self, problem: Problem, generator: torch.Generator) -> str:
         idx = torch.randint(0, len(self.alphabet), (self.filler_len,), generator=generator).tolist()
         return "".join(self.alphabet[i] for i in idx) + "|" + problem.answer
 
     def max_response_chars(self) -> int:
-        return self.filler_len + 2
+        return self.filler_len + 1 + self.max_answer_chars()
 
     def decisive(self, tokens: Sequence[str], problem: Problem, eos: str) -> List[bool]:
         """The tokens after the first one holding "|" (the answer and its eos)."""
