@@ -142,3 +142,8 @@ def test_warm_start_cache_changes_nothing(tmp_path):
     assert second["accuracy_before_rl"] == plain["accuracy_before_rl"]
     with pytest.raises(ValueError, match="--warm-start-cache: .* other settings \\(filler_len\\)"):
         run(tiny(tmp_path, "other", steps=1, seed=7, warm_start_cache=cache, filler_len=5))
+    # --warm-start-seed: seed 8 starts from seed 7's warm start (the cached file), with its own RL stream
+    shared = run(tiny(tmp_path, "shared", steps=1, seed=8, warm_start_seed=7, warm_start_cache=cache))
+    assert shared["accuracy_before_rl"] == plain["accuracy_before_rl"]
+    own = read_metrics(os.path.join(shared["out"], "metrics.jsonl"))[0]
+    assert deterministic_view([own]) != deterministic_view(rows[1][:1])
