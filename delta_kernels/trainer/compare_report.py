@@ -170,10 +170,10 @@ def plot(result: Dict, runs: List[Run], summaries: Dict, path: str) -> None:
         reward = _band([[sum(x[k]["reward"] for k in range(j, min(j + w, n))) / len(range(j, min(j + w, n)))
                          for j in range(0, n, w)] for x in rows])
         xs = list(range(0, n, w))
-        axes[2].plot(xs, reward[0], color=colour, lw=2, label=arm)
+        axes[2].plot(xs, reward[0], "o-", color=colour, lw=2, ms=3, label=arm)
         axes[2].fill_between(xs, reward[1], reward[2], color=colour, alpha=0.15)
     axes[0].set_title("held-out greedy accuracy (mean, 95% band)")
-    axes[1].set_title("credit AUC of the coefficients (0.5 = uniform)")
+    axes[1].set_title("credit AUC of the per-token weights (0.5 = uniform)")
     axes[1].axhline(0.5, color="grey", lw=1, ls="--")
     axes[2].set_title(f"training reward (means of {w}-step windows)")
     for ax in axes:
