@@ -3,8 +3,9 @@
     delta-train compare --task sparse --arms dapo,delta,oracle --seeds 10 --jobs 2
 
 Every (arm, seed) is one trainer run in its own process (forked from this one, so the
-imports are paid once; its output goes to the run's log.txt), up to --jobs at a time. The first run of a seed writes its warm-started model to <out>/warm/seed<S>.pt and
-the seed's other arms load it, so all arms of a seed start from the same weights and the same
+imports are paid once; its output goes to the run's log.txt), up to --jobs at a time. The
+first run of a seed writes its warm-started model to <out>/warm/seed<S>.pt and the seed's
+other arms load it, so all arms of a seed start from the same weights and the same
 prompt stream: the arms are paired by seed. Each run keeps its folder <out>/runs/<arm>_seed<S>/
 (summary.json, metrics.jsonl, curves.png, responses.html, log.txt); a failed run is reported
 and the others go on; --resume skips the runs whose summary.json exists.

@@ -18,8 +18,8 @@ BACKENDS = names()
 @dataclass
 class TrainerConfig:
     # credit assignment
-    credit: str = "delta"              # a credit spec: "delta", "fipo", "entropy", "none", or a product "delta*entropy";
-                                       # or "oracle" (1 on the task's decisive tokens, oracle_floor elsewhere)
+    credit: str = "delta"              # a credit spec: "delta", "fipo", "entropy", "none", or a product
+                                       # "delta*entropy"; or "oracle" (1 on the task's decisive tokens, oracle_floor elsewhere)
     credit_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # in-loss methods' options given as
                                        # flags --<method>-<option>: {"fipo": {"decay_rate": 64.0}, ...}
     oracle_floor: float = 0.1

@@ -164,7 +164,8 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     checksums = gather_objects(parameter_checksum(model), ctx)
 
     rows = log.rows
-    title = f"DelTA trainer, task={cfg.task}, credit={cfg.credit}, seed={cfg.seed}" + (f", {ctx.world} ranks" if ctx.world > 1 else "")
+    title = (f"DelTA trainer, task={cfg.task}, credit={cfg.credit}, seed={cfg.seed}"
+             + (f", {ctx.world} ranks" if ctx.world > 1 else ""))
     if ctx.is_main:
         plot_curves(rows, os.path.join(out, "curves.png"), title, heldout_before=acc_before)
         write_responses_html(samples, os.path.join(out, "responses.html"), title)

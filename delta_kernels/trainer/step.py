@@ -49,8 +49,8 @@ class OldLogprobs:
 
 @dataclass
 class CreditConfig:
-    credit: str = "delta"          # a credit spec (delta_kernels.credit): "delta", "none", "fipo", "delta*entropy", ...;
-                                   # or "oracle" (trainer only: the task's decisive tokens)
+    credit: str = "delta"          # a credit spec (delta_kernels.credit): "delta", "none", "fipo",
+                                   # "delta*entropy", ...; or "oracle" (trainer only: the task's decisive tokens)
     k: int = 1
     lam_min: float = 0.8
     lam_max: float = 1.2

@@ -1,5 +1,6 @@
-"""Supervised warm start on correct responses (the task's demonstrations), stopped as soon as greedy accuracy on a probe set
-reaches a target, so that RL starts from a policy that is right some of the time."""
+"""Supervised warm start on correct responses (the task's demonstrations), stopped as soon as
+greedy accuracy on a probe set reaches a target, so that RL starts from a policy that is right
+some of the time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
