@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from .._optional import MissingExtra
 from ..aggregation import AGG_MODES
-from .config import BACKENDS, CREDIT_METHODS, TRAINER_CREDITS, TrainerConfig, option_flags, validate
+from .config import BACKENDS, CREDIT_METHODS, TrainerConfig, option_flags, validate
 from .task import TASKS
 
 
