@@ -46,7 +46,7 @@ def summarize(out: str, runs: List[Run], meta: Dict) -> Dict:
         settings["interval_note"] = "one seed: intervals are null (need >= 2 seeds)"
 
     def per_seed(arm: str, key: str) -> List[Optional[float]]:
-        return [None if summaries[(arm, s)] is None else summaries[(arm, s)].get(key) for s in seeds]
+        return [(summaries.get((arm, s)) or {}).get(key) for s in seeds]
 
     result_arms = {}
     for arm in arms:
@@ -77,8 +77,7 @@ def summarize(out: str, runs: List[Run], meta: Dict) -> Dict:
                 entry["reason"] = st["reason"]
         paired[arm] = entry
     failed = [r.name for r in runs if summaries[(r.arm, r.seed)] is None]
-    timing = {arm: [None if summaries[(arm, s)] is None else summaries[(arm, s)]["time_total_s"] for s in seeds]
-              for arm in arms}
+    timing = {arm: per_seed(arm, "time_total_s") for arm in arms}
     result = dict(task=task, settings=settings, seeds=seeds, arms=result_arms, paired=paired,
                   runs={arm: {str(s): _rel(os.path.join(r.dir, "summary.json"), out)
                               for r in runs for s in [r.seed] if r.arm == arm} for arm in arms},
