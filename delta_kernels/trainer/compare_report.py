@@ -123,7 +123,7 @@ def markdown(result: Dict) -> str:
                       f"{sum(before) / len(before):.3f}."]
     if result["failed"]:
         lines += ["", f"Runs that did not finish (left out): {', '.join(result['failed'])}."]
-    keys = ("steps", "prompts_per_step", "group_size", "lr", "max_grad_norm", "filler_len", "filler_chars",
+    keys = ("steps", "prompts_per_step", "group_size", "lr", "max_grad_norm", "agg", "filler_len", "filler_chars",
             "branches", "path_len", "digits", "heldout_size", "oracle_floor", "hidden_size", "num_layers")
     lines += ["", "Settings: " + ", ".join(f"{k}={st[k]}" for k in keys if k in st) + ".",
               "", "![compare](compare.png)", ""]
