@@ -10,4 +10,10 @@ VENV=${VENV:-.venv}
 if ! "$VENV/bin/python" -c "import verl" >/dev/null 2>&1; then
   echo "test.sh: verl is not installed (WITH_VERL=0?): the verl integration tests skip" >&2
 fi
-exec "$VENV/bin/python" -m pytest -q -ra tests "$@"
+"$VENV/bin/python" -m pytest -q -ra tests "$@"
+# smoke test of the credit comparison: delta-train compare --quick (3 arms x 2 seeds, a tiny model)
+smoke=$(mktemp -d)
+trap 'rm -rf "$smoke"' EXIT
+"$VENV/bin/python" -m delta_kernels.trainer compare --task sparse --quick --out "$smoke/compare" > "$smoke/log" \
+    || { cat "$smoke/log"; exit 1; }
+echo "compare --quick smoke test: ok"

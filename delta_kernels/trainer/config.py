@@ -6,19 +6,24 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
 from .._backends import RUNS_HERE, backend_report, names
+from ..aggregation import AGG_MODES
 from ..credit import BEFORE_UPDATE, credit_spec, method, methods
+from .task import TASKS
 
 CREDIT_METHODS = methods()  # the registry's names; --credit takes one, "none", or a product "delta*entropy"
 DELTA_VECTORS = ("hidden", "head")
+TRAINER_CREDITS = ("oracle",)  # credit only the trainer can compute (it needs the task's decisive tokens)
 BACKENDS = names()
 
 
 @dataclass
 class TrainerConfig:
     # credit assignment
-    credit: str = "delta"              # a credit spec: "delta", "fipo", "entropy", "none", or a product "delta*entropy"
+    credit: str = "delta"              # a credit spec: "delta", "fipo", "entropy", "none", or a product
+                                       # "delta*entropy"; or "oracle" (1 on the task's decisive tokens, oracle_floor elsewhere)
     credit_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # in-loss methods' options given as
                                        # flags --<method>-<option>: {"fipo": {"decay_rate": 64.0}, ...}
+    oracle_floor: float = 0.1
     k: int = 1                         # DelTA refinement steps
     lam_min: float = 0.8
     lam_max: float = 1.2
@@ -42,9 +47,16 @@ class TrainerConfig:
     num_layers: int = 2
     num_heads: int = 4
     # task
-    digits: int = 2
+    task: str = "addition"             # a name of task.TASKS
+    digits: int = 2                    # addition, sparse: operand digits
+    filler_len: int = 16               # sparse: free filler tokens before "|" and the answer
+    filler_chars: int = 8              # sparse: filler alphabet size
+    branches: int = 3                  # pathstar: arms
+    path_len: int = 6                  # pathstar: digits per arm
     heldout_size: int = 256
     eval_every: int = 25               # held-out greedy accuracy every N RL steps (0: before/after only)
+    final_evals: int = 3               # final_heldout_accuracy: mean of the last N held-out evaluations
+    align_every: int = 5               # gradient alignment every N RL steps (tasks with free tokens; 0: off)
     max_new_tokens: int = 0            # 0: answer width + 1 (eos)
     # RL (DAPO settings)
     prompts_per_step: int = 32
@@ -57,19 +69,36 @@ class TrainerConfig:
     clip_c: float = 10.0
     temperature: float = 1.0
     max_grad_norm: float = 1.0
+    agg: str = "token-mean"            # loss aggregation (delta_kernels.aggregation.AGG_MODES)
     # supervised warm start (embedded model only unless sft_max_steps is set)
     sft_max_steps: Optional[int] = None   # None: 600 for the embedded model, 0 with --model
     sft_target_accuracy: float = 0.3
     sft_lr: float = 3e-3
     sft_batch_size: int = 128
+    warm_start_cache: Optional[str] = None  # file: load the warm-started model if there, else write it
+    warm_start_seed: Optional[int] = None   # seed of model init + warm start (None: --seed); when set, RL
+                                            # draws its prompts and samples from a stream seeded with --seed
 
 
 def validate(cfg: TrainerConfig) -> None:
     """Raise ValueError / FileNotFoundError with a message naming the bad option."""
-    try:
-        credit_spec(cfg.credit, **cfg.credit_options)
-    except ValueError as e:
-        raise ValueError(f"--credit {cfg.credit}: {e}") from None
+    if cfg.credit not in TRAINER_CREDITS:
+        try:
+            credit_spec(cfg.credit, **cfg.credit_options)
+        except ValueError as e:
+            raise ValueError(f"--credit {cfg.credit}: {e}") from None
+    if cfg.task not in TASKS:
+        raise ValueError(f"--task: unknown task {cfg.task!r}; expected one of {', '.join(TASKS)}")
+    if not 0 <= cfg.oracle_floor <= 1:
+        raise ValueError(f"--oracle-floor: expected 0..1, got {cfg.oracle_floor}")
+    if cfg.align_every < 0:
+        raise ValueError(f"--align-every: must be >= 0, got {cfg.align_every}")
+    if cfg.final_evals < 1:
+        raise ValueError(f"--final-evals: must be >= 1, got {cfg.final_evals}")
+    if cfg.max_grad_norm <= 0:
+        raise ValueError(f"--max-grad-norm: must be > 0, got {cfg.max_grad_norm}")
+    if cfg.agg not in AGG_MODES:
+        raise ValueError(f"--agg: unknown aggregation {cfg.agg!r}; expected one of {', '.join(AGG_MODES)}")
     if cfg.k < 0:
         raise ValueError(f"--k: refinement steps must be >= 0, got {cfg.k}")
     if not cfg.lam_min <= cfg.lam_max:

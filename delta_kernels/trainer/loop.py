@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import time
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -19,7 +20,7 @@ from .model import ModelSize, build_default_model, count_parameters, load_pretra
 from .progress import StepProgress
 from .report import MetricsLog, format_summary, plot_curves, write_responses_html
 from .step import CreditConfig, UpdateConfig, rl_step
-from .task import AdditionTask
+from .task import build_task
 from .tokenizer import CharTokenizer, HFTokenizerAdapter
 from .warm_start import WarmStartConfig, supervised_warm_start
 
@@ -38,15 +39,20 @@ def _is_timing(key: str) -> bool:
     return key.startswith("time_")
 
 
-def build_policy(cfg: TrainerConfig, device: torch.device):
-    """(model, tokenizer, model name) for the config."""
+def build_policy(cfg: TrainerConfig, device: torch.device, task=None):
+    """(model, tokenizer, model name) for the config; the embedded model's character tokenizer
+    has the task's alphabet and its positions cover the task's prompts and responses."""
     if cfg.model is not None:
         model, hf_tok = load_pretrained(cfg.model, device)
         return model, HFTokenizerAdapter(hf_tok), cfg.model
-    tok = CharTokenizer()
+    task = task or build_task(cfg)
+    tok = CharTokenizer(task.chars)
+    seed = cfg.seed if cfg.warm_start_seed is None else cfg.warm_start_seed
+    longest = max(len(p.prompt) for p in task.heldout) + 2 + max(task.max_response_chars() + 1, cfg.max_new_tokens)
     size = ModelSize(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                     num_kv_heads=max(cfg.num_heads // 2, 1), intermediate_size=cfg.hidden_size * 8 // 3)
-    model, arch = build_default_model(tok.vocab_size, size, cfg.seed, tok.pad_token_id, tok.bos_token_id,
+                     num_kv_heads=max(cfg.num_heads // 2, 1), intermediate_size=cfg.hidden_size * 8 // 3,
+                     max_positions=max(64, longest))
+    model, arch = build_default_model(tok.vocab_size, size, seed, tok.pad_token_id, tok.bos_token_id,
                                       tok.eos_token_id)
     name = f"embedded {arch} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, char tokenizer)"
     return model.to(device), tok, name
@@ -91,37 +97,51 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
         os.makedirs(out, exist_ok=True)
     out = gather_objects(out, ctx)[0]  # rank 0's directory, named in every rank's summary
 
-    task = AdditionTask(digits=cfg.digits, n_heldout=cfg.heldout_size)
-    model, tok, model_name = build_policy(cfg, device)
+    task = build_task(cfg)
+    model, tok, model_name = build_policy(cfg, device, task)
     model.eval()
-    max_new = cfg.max_new_tokens or task.max_answer_chars() + 1
-    gen = torch.Generator().manual_seed(cfg.seed)  # prompts, mini-batch order (CPU; in step on every rank)
+    max_new = cfg.max_new_tokens or task.max_response_chars() + 1
+    warm_seed = cfg.seed if cfg.warm_start_seed is None else cfg.warm_start_seed
+    gen = torch.Generator().manual_seed(warm_seed)  # prompts, mini-batch order (CPU; in step on every rank)
     if ctx.world > 1:  # each rank samples its responses from its own stream
         sampling_gen = torch.Generator(device=device).manual_seed(sampling_seed(cfg.seed, ctx.rank))
     else:
         sampling_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed)
 
-    t0 = time.perf_counter()
-    sft_steps = cfg.sft_max_steps if cfg.sft_max_steps is not None else (0 if cfg.model else 600)
-    warm = dict(steps=0, history=[])
-    if sft_steps > 0:
-        warm = supervised_warm_start(model, tok, task, WarmStartConfig(
-            max_steps=sft_steps, target_accuracy=cfg.sft_target_accuracy, batch_size=cfg.sft_batch_size,
-            lr=cfg.sft_lr), gen, max_new)
-    if ctx.world > 1:  # the warm start ran identically on every rank; make that exact
-        broadcast_parameters(model, ctx.group)
-    time_warm = time.perf_counter() - t0
-    acc_before = greedy_accuracy(model, tok, task.heldout, max_new) if ctx.is_main else float("nan")
+    if cfg.warm_start_cache and ctx.world > 1:
+        raise ValueError("--warm-start-cache: not supported under torchrun (one process only)")
+    cached = load_warm_start(cfg, model, gen) if cfg.warm_start_cache else None
+    if cached is not None:
+        warm, time_warm, acc_before = cached["warm"], cached["time_warm_start_s"], cached["accuracy_before_rl"]
+    else:
+        t0 = time.perf_counter()
+        sft_steps = cfg.sft_max_steps if cfg.sft_max_steps is not None else (0 if cfg.model else 600)
+        warm = dict(steps=0, history=[])
+        if sft_steps > 0:
+            warm = supervised_warm_start(model, tok, task, WarmStartConfig(
+                max_steps=sft_steps, target_accuracy=cfg.sft_target_accuracy, batch_size=cfg.sft_batch_size,
+                lr=cfg.sft_lr), gen, max_new)
+        if ctx.world > 1:  # the warm start ran identically on every rank; make that exact
+            broadcast_parameters(model, ctx.group)
+        time_warm = time.perf_counter() - t0
+        acc_before = (greedy_accuracy(model, tok, task.heldout, max_new, reward=task.reward) if ctx.is_main
+                      else float("nan"))
+        if cfg.warm_start_cache:
+            save_warm_start(cfg, model, gen, dict(warm=warm, time_warm_start_s=time_warm,
+                                                  accuracy_before_rl=acc_before))
+    if cfg.warm_start_seed is not None:  # a shared warm start: RL's own stream
+        gen.manual_seed(cfg.seed)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     credit = CreditConfig(credit=cfg.credit, k=cfg.k, lam_min=cfg.lam_min, lam_max=cfg.lam_max,
                           sketch_dim=cfg.sketch_dim, sketch_seed=cfg.seed, backend=cfg.backend,
                           micro_batch=cfg.micro_batch, vectors=cfg.delta_vectors,
-                          vocab_sketch_dim=cfg.vocab_sketch_dim, options=cfg.credit_options)
+                          vocab_sketch_dim=cfg.vocab_sketch_dim, oracle_floor=cfg.oracle_floor,
+                          options=cfg.credit_options)
     update = UpdateConfig(minibatches=cfg.minibatches, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                           clip_c=cfg.clip_c, max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
-                          compile=cfg.compile, credit=credit.in_loss())
+                          agg=cfg.agg, compile=cfg.compile, credit=credit.in_loss())
     log = MetricsLog(out if ctx.is_main else None)
     samples = []
     sample_steps = {0, cfg.steps // 2, cfg.steps - 1}
@@ -133,11 +153,12 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
                       max_new_tokens=max_new, credit=credit, update=update, generator=gen,
                       sampling_generator=sampling_gen,
                       keep_samples=per_sample if step in sample_steps else 0,
-                      process_group=ctx.group)
+                      process_group=ctx.group,
+                      measure_alignment=bool(cfg.align_every) and step % cfg.align_every == 0)
         sched.step()
         row = dict(step=step, lr=sched.get_last_lr()[0], **res.metrics)
         if ctx.is_main and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-            row["heldout_accuracy"] = greedy_accuracy(model, tok, task.heldout, max_new)
+            row["heldout_accuracy"] = greedy_accuracy(model, tok, task.heldout, max_new, reward=task.reward)
         log.append(row)
         samples += [dict(s, step=step) for s in res.samples]
         progress.update(step, reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}",
@@ -148,7 +169,8 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
     checksums = gather_objects(parameter_checksum(model), ctx)
 
     rows = log.rows
-    title = f"DelTA trainer, credit={cfg.credit}, seed={cfg.seed}" + (f", {ctx.world} ranks" if ctx.world > 1 else "")
+    title = (f"DelTA trainer, task={cfg.task}, credit={cfg.credit}, seed={cfg.seed}"
+             + (f", {ctx.world} ranks" if ctx.world > 1 else ""))
     if ctx.is_main:
         plot_curves(rows, os.path.join(out, "curves.png"), title, heldout_before=acc_before)
         write_responses_html(samples, os.path.join(out, "responses.html"), title)
@@ -159,13 +181,70 @@ def _run(cfg: TrainerConfig, ctx, device: torch.device) -> Dict:
         warm_start_steps=warm["steps"], warm_start_history=warm["history"], time_warm_start_s=time_warm,
         time_rl_s=time_rl, time_split={k: sum(r[f"time_{k}"] for r in rows) for k in TIME_KEYS},
         forwards_per_step=forwards, out=out, config=vars(cfg).copy(), world_size=ctx.world,
-        parameter_checksum=checksums[ctx.rank], parameter_checksums_by_rank=checksums)
+        parameter_checksum=checksums[ctx.rank], parameter_checksums_by_rank=checksums, task=cfg.task,
+        **outcome_metrics(rows, acc_before, cfg.final_evals))
     summary["time_total_s"] = time.perf_counter() - t_start
     if ctx.is_main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
         print(format_summary(summary))
     return summary
+
+
+def _nanmean(xs: List[Optional[float]]) -> Optional[float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def outcome_metrics(rows: List[Dict], acc_before: float, final_evals: int) -> Dict:
+    """What a comparison reads from a run (compare.py): the held-out curve [[step, accuracy]]
+    (step 0 = before RL, s = after s steps), final_heldout_accuracy (mean of the last
+    ``final_evals`` held-out evaluations after RL), mean_train_reward (sampled reward averaged
+    over all steps) and the per-step means of credit_auc, grad_alignment and coef_decisive (None
+    on tasks where every token is decisive)."""
+    curve = [[0, acc_before]] + [[r["step"] + 1, r["heldout_accuracy"]] for r in rows if "heldout_accuracy" in r]
+    late = curve[1:][-final_evals:]
+    return dict(heldout_curve=curve, final_heldout_accuracy=sum(a for _, a in late) / len(late) if late else None,
+                final_heldout_steps=[s for s, _ in late],
+                mean_train_reward=sum(r["reward"] for r in rows) / len(rows),
+                **{f"{k}_mean": _nanmean([r.get(k) for r in rows]) for k in ("credit_auc", "grad_alignment",
+                                                                             "coef_decisive")})
+
+
+def _cache_key(cfg: TrainerConfig) -> Dict:
+    """The options a warm start depends on (a cache written under other options is refused)."""
+    keep = ("task", "digits", "filler_len", "filler_chars", "branches", "path_len", "heldout_size",
+            "model", "hidden_size", "num_layers", "num_heads", "max_new_tokens", "sft_max_steps",
+            "sft_target_accuracy", "sft_lr", "sft_batch_size", "device")
+    return dict({k: getattr(cfg, k) for k in keep},
+                seed=cfg.seed if cfg.warm_start_seed is None else cfg.warm_start_seed)
+
+
+def load_warm_start(cfg: TrainerConfig, model, gen: torch.Generator) -> Optional[Dict]:
+    """Restore the warm-started weights and the prompt generator's state from
+    cfg.warm_start_cache, so that the run goes on exactly as if it had warmed up itself; None
+    when the file does not exist yet."""
+    if not os.path.exists(cfg.warm_start_cache):
+        return None
+    state = torch.load(cfg.warm_start_cache, map_location="cpu", weights_only=False)
+    key = _cache_key(cfg)
+    if state["key"] != key:
+        diff = sorted(k for k in set(state["key"]) | set(key) if state["key"].get(k) != key.get(k))
+        raise ValueError(f"--warm-start-cache: {cfg.warm_start_cache} was written with other settings "
+                         f"({', '.join(diff)})")
+    model.load_state_dict(state["model"])
+    gen.set_state(state["generator"])
+    return state["info"]
+
+
+def save_warm_start(cfg: TrainerConfig, model, gen: torch.Generator, info: Dict) -> None:
+    """Write the cache atomically (a concurrent reader sees the whole file or none)."""
+    path = cfg.warm_start_cache
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(dict(key=_cache_key(cfg), model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    generator=gen.get_state(), info=info), tmp)
+    os.replace(tmp, path)
 
 
 def deterministic_view(rows, drop=_is_timing):

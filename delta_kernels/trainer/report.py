@@ -1,5 +1,6 @@
 """What a run leaves in --out: metrics.jsonl (one JSON object per RL step), curves.png
-(reward / accuracy / entropy), responses.html (tokens coloured by their DelTA coefficient),
+(reward / accuracy / entropy, and credit AUC / gradient alignment on tasks with free tokens),
+responses.html (tokens coloured by their coefficient, decisive tokens underlined),
 summary.json, and the text summary printed at the end."""
 from __future__ import annotations
 
@@ -36,11 +37,24 @@ def read_metrics(path: str) -> List[Dict]:
 
 def plot_curves(rows: List[Dict], path: str, title: str = "", heldout_before: Optional[float] = None) -> None:
     """Reward, sampled accuracy and entropy per step, plus held-out greedy accuracy (before RL at
-    x=0, then after step s at x=s+1) on the accuracy panel. Agg backend, no display needed."""
+    x=0, then after step s at x=s+1) on the accuracy panel, and on tasks with free tokens a
+    fourth panel: credit AUC and gradient alignment per step. Agg backend, no display needed."""
     require("matplotlib", "trainer").use("Agg")
     plt = require("matplotlib.pyplot", "trainer")
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    credit = "credit_auc" in rows[0]
+    fig, axes = plt.subplots(1, 4 if credit else 3, figsize=(17 if credit else 13, 3.6))
+    if credit:
+        ax = axes[3]
+        for key in ("credit_auc", "grad_alignment"):
+            pts = [(r["step"], r[key]) for r in rows if r[key] == r[key]]  # NaN: not measured that step
+            if pts:
+                ax.plot(*zip(*pts), "o-" if key == "grad_alignment" else "-", lw=1.5, ms=3, label=key)
+        ax.axhline(0.5, color="grey", lw=1, ls="--")
+        ax.set_title("credit vs decisive tokens")
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     for ax, key in zip(axes, ("reward", "accuracy", "entropy")):
         ax.plot(steps, [r[key] for r in rows], lw=1, alpha=0.5, label="per step")
         if len(rows) >= 5:
@@ -76,25 +90,30 @@ def _colour(c: float, lo: float, hi: float) -> str:
 
 def write_responses_html(samples: List[Dict], path: str, title: str) -> None:
     """One table row per response: prompt, answer, reward, advantage and each response token
-    on a background coloured by its coefficient (hover shows the value)."""
+    on a background coloured by its coefficient (hover shows the value); the task's decisive
+    tokens (samples' "decisive" flags, when given) are underlined and bold."""
     coefs = [c for s in samples for c in s["coef"]] or [1.0]
     lo, hi = min(coefs + [1.0]), max(coefs + [1.0])
     rows = []
     for s in samples:
+        flags = s.get("decisive") or [False] * len(s["tokens"])
         toks = "".join(
-            f'<span class="tok" style="background:{_colour(c, lo, hi)}" title="coef {c:.3f}">{html.escape(t)}</span>'
-            for t, c in zip(s["tokens"], s["coef"]))
+            f'<span class="tok{" dec" if d else ""}" style="background:{_colour(c, lo, hi)}" '
+            f'title="coef {c:.3f}{", decisive" if d else ""}">{html.escape(t)}</span>'
+            for t, c, d in zip(s["tokens"], s["coef"], flags))
         rows.append(f"<tr><td>{s.get('step', '')}</td><td><code>{html.escape(s['prompt'])}</code></td>"
                     f"<td><code>{html.escape(s['answer'])}</code></td><td>{s['reward']:.0f}</td>"
                     f"<td>{s['advantage']:+.2f}</td><td>{toks}</td></tr>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
-.tok{{font-family:monospace;font-size:1.2em;padding:2px 4px;margin:1px;border-radius:3px;display:inline-block}}</style>
+.tok{{font-family:monospace;font-size:1.2em;padding:2px 4px;margin:1px;border-radius:3px;display:inline-block}}
+.dec{{text-decoration:underline;font-weight:bold;border:1px solid #333}}</style>
 </head><body><h2>{html.escape(title)}</h2>
 <p>Each response token is coloured by its DelTA coefficient (mean 1 over the batch's valid tokens):
 <span class="tok" style="background:{_colour(hi, lo, hi)}">green</span> amplified (&gt; 1),
 <span class="tok" style="background:{_colour(lo, lo, hi)}">red</span> damped (&lt; 1). Range here
-[{lo:.3f}, {hi:.3f}]. Hover a token for its value. Only responses with a non-zero advantage are shown
+[{lo:.3f}, {hi:.3f}]. Hover a token for its value. <span class="tok dec">Underlined</span> tokens are
+the task's decisive tokens (those whose choice decides the reward). Only responses with a non-zero advantage are shown
 (the others carry no gradient).</p>
 <table><tr><th>step</th><th>prompt</th><th>answer</th><th>reward</th><th>advantage</th><th>response tokens</th></tr>
 {''.join(rows)}</table></body></html>"""

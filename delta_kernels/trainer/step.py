@@ -7,7 +7,9 @@ for --credit delta and --credit none:
     generation: one per generated token (KV cache), at most max_new_tokens;
     old-log-prob: 1 (DelTA's token vectors come from the same hidden states, no extra forward),
         or one per micro-batch with --micro-batch;
-    update: one forward + backward per mini-batch.
+    update: one forward + backward per mini-batch;
+    alignment (tasks with non-decisive tokens only): one forward + two backwards over one
+        mini-batch's worth of rows, an instrumentation pass (see gradient_alignment).
 
 Data parallel (a torch.distributed process group): each rank holds whole GRPO groups, the DelTA
 statistics are all-reduced (global coefficients), and the gradients are averaged.
@@ -25,10 +27,12 @@ import delta_kernels
 
 from .._backends import lm_head_backends
 from .advantages import grpo_advantages
+from ..credit.registry import in_loss_credit
+from .credit_metrics import credit_auc, gradient_cosine, oracle_coefficients
 from .distributed import average_gradients, global_token_share, reduce_metrics
 from .model import body_of, lm_head_of
 from .rollout import Rollout, sample_responses
-from .task import AdditionTask, Problem
+from .task import Problem, decisive_mask
 
 
 @dataclass
@@ -47,7 +51,8 @@ class OldLogprobs:
 
 @dataclass
 class CreditConfig:
-    credit: str = "delta"          # a credit spec (delta_kernels.credit): "delta", "none", "fipo", "delta*entropy", ...
+    credit: str = "delta"          # a credit spec (delta_kernels.credit): "delta", "none", "fipo",
+                                   # "delta*entropy", ...; or "oracle" (trainer only: the task's decisive tokens)
     k: int = 1
     lam_min: float = 0.8
     lam_max: float = 1.2
@@ -57,6 +62,7 @@ class CreditConfig:
     micro_batch: int = 0           # > 0: old-log-prob pass in micro-batches of this many responses
     vectors: str = "hidden"        # "hidden": v = (1 - p) h; "head": the LM-head gradient's factors (u, s)
     vocab_sketch_dim: Optional[int] = None  # "head": r1 (None: exact e_y - p); sketch_dim is r2
+    oracle_floor: float = 0.1      # oracle credit: raw coefficient of the non-decisive tokens
     options: Dict[str, Dict] = field(default_factory=dict)  # the in-loss methods' options, by method name
 
     def uses_delta(self) -> bool:
@@ -64,6 +70,8 @@ class CreditConfig:
 
     def in_loss(self):
         """The spec of the methods computed in every loss call (fipo, entropy, ...), or None."""
+        if self.credit == "oracle":
+            return None
         spec = delta_kernels.credit_spec(self.credit, **self.options).of_kind(delta_kernels.credit.IN_LOSS)
         return spec if spec.methods else None
 
@@ -192,13 +200,18 @@ def old_logprob_micro_batches(model: torch.nn.Module, rollout: Rollout, temperat
 
 
 def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor, cfg: CreditConfig,
-                        process_group=None):
+                        process_group=None, decisive: Optional[torch.Tensor] = None):
     """Per-token coefficients [B, T] float32 (mean 1 over valid tokens, 0 on padding), and the
     DelTA stats (None without delta in the spec: coefficients 1 on valid tokens; the in-loss
-    methods of the spec run in policy_loss, UpdateConfig.credit). The vectors
+    methods of the spec run in policy_loss, UpdateConfig.credit; None also for --credit oracle,
+    which needs the task's ``decisive`` [B, T] bool). The vectors
     and side sums come from the old-log-prob pass (no pass over the hidden states here), or its
     accumulator is finalized (micro-batched pass; ``process_group`` was given to it there); with a
     ``process_group`` the statistics are those of the global batch over all ranks."""
+    if cfg.credit == "oracle":
+        if decisive is None:
+            raise ValueError("credit 'oracle' needs the task's decisive positions (decisive=[B, T] bool)")
+        return oracle_coefficients(decisive, mask, cfg.oracle_floor, process_group), None
     if not cfg.uses_delta():
         return mask.float(), None
     if old.accumulator is not None:  # micro-batched pass: the accumulator holds the vectors
@@ -215,14 +228,15 @@ def credit_coefficients(old: OldLogprobs, advantages: torch.Tensor, mask: torch.
 
 
 def policy_loss(model, mb: Rollout, old_logp: torch.Tensor, advantages: torch.Tensor, coef: torch.Tensor,
-                cfg: UpdateConfig, backend: str = "auto", process_group=None):
+                cfg: UpdateConfig, backend: str = "auto", process_group=None, hidden: Optional[torch.Tensor] = None):
     """The weighted dual-clip DAPO loss of one mini-batch straight from the LM head:
     fused_linear_clipped_surrogate_loss on the body's hidden states (no [B, T, V] logits);
     gradients reach the model through the hidden states and the head weight (tied or not).
     The in-loss credit (cfg.credit) takes the log-probs and entropies computed there; the
-    entropy quantile is over the ranks of ``process_group``."""
+    entropy quantile is over the ranks of ``process_group``. ``hidden``: the body's response
+    hidden states of ``mb`` when already computed."""
     head = lm_head_of(model)
-    hidden = response_hidden(model, mb)
+    hidden = response_hidden(model, mb) if hidden is None else hidden
     return delta_kernels.fused_linear_clipped_surrogate_loss(
         hidden, head.weight, mb.response_ids, old_logp, advantages, mb.response_mask, coef=coef, bias=head.bias,
         temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
@@ -264,6 +278,44 @@ def policy_update(model, optimizer, rollout: Rollout, old: OldLogprobs, advantag
     return totals
 
 
+def credit_weights_at_rollout(coef: torch.Tensor, old: OldLogprobs, advantages: torch.Tensor, mask: torch.Tensor,
+                              cfg: UpdateConfig, backend: str = "auto", process_group=None) -> torch.Tensor:
+    """The per-token weight [B, T] an arm gives each token, as credit_auc ranks it: the
+    coefficients times the in-loss methods' weights (cfg.credit: entropy, fipo) evaluated at the
+    behaviour policy, 0 where they drop a row. FIPO's future-KL weights are 1 there (the
+    policy has not moved yet), so its AUC at the rollout is 0.5; its weights form during the update."""
+    if cfg.credit is None:
+        return coef
+    valid, weighted, _ = in_loss_credit(cfg.credit, old.logp, old.logp, advantages, mask, coef, old.entropy,
+                                        cfg.clip_c, process_group, backend)
+    return (coef if weighted is None else weighted) * valid
+
+
+def gradient_alignment(model, rollout: Rollout, old: OldLogprobs, advantages: torch.Tensor, coef: torch.Tensor,
+                       decisive: torch.Tensor, cfg: UpdateConfig, backend: str = "auto") -> Optional[float]:
+    """Cosine between the arm's policy gradient (its loss with ``coef``) and the gradient of the
+    decisive tokens alone (the same loss with coefficient 1 on decisive tokens, 0 elsewhere), at
+    the current parameters, before clipping and the optimizer. Measured on the first
+    rollout-rows / minibatches rows (whole GRPO groups of the step's first prompts): one body
+    forward shared by both losses, two backwards (under data parallel: this rank's rows, local
+    gradients). None when either gradient is zero."""
+    rows = slice(0, max(rollout.input_ids.shape[0] // cfg.minibatches, 1))
+    mb = Rollout(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len,
+                 rollout.response_ids[rows], rollout.response_mask[rows])
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    with torch.enable_grad():
+        hidden = response_hidden(model, mb)
+        grads = []
+        uniform = dataclasses.replace(cfg, credit=None)  # the decisive tokens' own gradient: no in-loss credit
+        for weights, loss_cfg in ((coef[rows], cfg), ((decisive[rows] & mb.response_mask).float(), uniform)):
+            loss, _ = policy_loss(model, mb, old.logp[rows], advantages[rows], weights, loss_cfg, backend,
+                                  hidden=hidden)
+            grads.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+    model.eval()
+    return gradient_cosine(*grads)
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -275,10 +327,10 @@ class StepResult:
     samples: List[Dict] = field(default_factory=list)
 
 
-def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step: int, group_size: int,
+def rl_step(model, optimizer, tokenizer, task, *, prompts_per_step: int, group_size: int,
             max_new_tokens: int, credit: CreditConfig, update: UpdateConfig, generator: torch.Generator,
             sampling_generator: Optional[torch.Generator] = None, keep_samples: int = 0,
-            process_group=None) -> StepResult:
+            process_group=None, measure_alignment: bool = True) -> StepResult:
     """One full step; metrics include the time split (s) and the model forwards of each phase.
 
     ``generator`` (CPU) draws the prompts and the mini-batch order; ``sampling_generator`` (on the
@@ -288,7 +340,14 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
     W): every rank draws the same prompts from ``generator`` (which therefore must be seeded alike
     on all ranks and stays in step) and keeps its own 1/W of them with all their group_size
     responses, so GRPO groups never straddle ranks; its ``sampling_generator`` must differ per
-    rank. Metrics are then averaged over the ranks (coef_min / coef_max: min / max)."""
+    rank. Metrics are then averaged over the ranks (coef_min / coef_max: min / max).
+
+    ``task`` (task.py) scores the responses and marks their decisive tokens; on a task with
+    free tokens (task.has_free_tokens) the metrics include credit_auc (credit_metrics.credit_auc
+    of the coefficients), coef_decisive (the mean coefficient of decisive tokens), decisive_frac
+    and grad_alignment (gradient_alignment, timed as the "alignment" phase, when
+    ``measure_alignment``); NaN where a step has no pair to rank, a zero gradient or no
+    alignment measured, so that every step (and rank) has the same keys."""
     device = next(model.parameters()).device
     timings: Dict[str, float] = {}
     counter = ForwardCounter(model)
@@ -320,6 +379,12 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
             generator=sampling_generator or generator, temperature=update.temperature))
         texts = [tokenizer.decode(r) for r in rollout.response_ids.tolist()]
         rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, problems)], device=device)
+        mask = rollout.response_mask
+        token_texts = [[tokenizer.token_text(x) for x in ids[:n]]
+                       for ids, n in zip(rollout.response_ids.tolist(), mask.sum(1).tolist())]
+        decisive = decisive_mask(task, token_texts, problems, tokenizer.token_text(tokenizer.eos_token_id),
+                                 mask.shape[1], device)
+        free_tokens = task.has_free_tokens  # credit_auc and grad_alignment are defined
         adv = grpo_advantages(rewards, group_size)
         if credit.micro_batch:
             old = timed("old_logprob", lambda: old_logprob_micro_batches(model, rollout, update.temperature, credit,
@@ -328,10 +393,12 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
             old = timed("old_logprob", lambda: step_phase(old_logprob_pass, update.compile)(
                 model, rollout, update.temperature, adv, credit))
         coef, stats = timed("coefficients", lambda: step_phase(credit_coefficients, update.compile)(
-            old, adv, rollout.response_mask, credit, process_group))
+            old, adv, rollout.response_mask, credit, process_group, decisive))
+        align = timed("alignment", lambda: gradient_alignment(model, rollout, old, adv, coef, decisive, update,
+                                                              credit.backend) if measure_alignment else None) \
+            if free_tokens else None
         upd = timed("update", lambda: policy_update(model, optimizer, rollout, old, adv, coef, update, generator,
                                                     credit.backend, process_group))
-    mask = rollout.response_mask
     n_valid = mask.sum().clamp(min=1)
     metrics = dict(reward=float(rewards.mean()), accuracy=float((rewards == 1).float().mean()),
                    entropy=float((old.entropy * mask).sum() / n_valid),
@@ -339,6 +406,13 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
                    frac_zero_adv_groups=float((adv.view(-1, group_size) == 0).all(1).float().mean()),
                    coef_min=float(coef[mask].min()), coef_max=float(coef[mask].max()),
                    coef_std=float(coef[mask].std()) if int(mask.sum()) > 1 else 0.0, **upd, **timings)
+    if free_tokens:
+        weights = credit_weights_at_rollout(coef, old, adv, mask, update, credit.backend, process_group)
+        auc, nan = credit_auc(weights, decisive, mask), float("nan")
+        dec = decisive & mask
+        metrics.update(decisive_frac=float(dec.sum() / n_valid),
+                       coef_decisive=float(coef[dec].mean()) if bool(dec.any()) else nan,
+                       credit_auc=nan if auc is None else auc, grad_alignment=nan if align is None else align)
     if stats is not None:
         metrics.update(delta_gamma_pos=float(stats.gamma_pos), delta_gamma_neg=float(stats.gamma_neg))
     metrics["forwards_total"] = sum(v for k, v in timings.items() if k.startswith("forwards_"))
@@ -352,5 +426,6 @@ def rl_step(model, optimizer, tokenizer, task: AdditionTask, *, prompts_per_step
         samples.append(dict(prompt=problems[row].prompt, answer=problems[row].answer, response=texts[row],
                             reward=float(rewards[row]), advantage=float(adv[row]),
                             tokens=[tokenizer.token_text(x) for x in rollout.response_ids[row, :n].tolist()],
-                            coef=[float(c) for c in coef[row, :n].tolist()]))
+                            coef=[float(c) for c in coef[row, :n].tolist()],
+                            decisive=[bool(d) for d in decisive[row, :n].tolist()]))
     return StepResult(metrics=metrics, samples=samples)
