@@ -67,11 +67,14 @@ def summarize(out: str, runs: List[Run], meta: Dict) -> Dict:
         if arm == baseline:
             continue
         entry = {}
-        for key, name in (("final_accuracy", "diff"), ("train_reward", "train_reward_diff")):
+        for key, name in (("final_accuracy", "diff"), ("train_reward", "train_reward_diff"),
+                          ("credit_auc", "credit_auc_diff")):
             mine, base = result_arms[arm][key], result_arms[baseline][key]
+            if mine is None or base is None:  # no decisive labels on this task
+                continue
             diff = [None if x is None or y is None else x - y for x, y in zip(mine, base)]
             st = mean_ci(diff)
-            prefix = "" if name == "diff" else "train_reward_"
+            prefix = "" if name == "diff" else name[:-len("diff")]
             entry.update({name: diff, prefix + "mean": st["mean"], prefix + "ci95": st["ci95"]})
             if "reason" in st and name == "diff":
                 entry["reason"] = st["reason"]
