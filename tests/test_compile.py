@@ -331,6 +331,23 @@ def test_credit_value_checks_under_compile(monkeypatch, call):
     assert_equal_to_eager(*compile_and_compare(fn, inputs(), "cpp"), "cpp")
 
 
+def test_entropy_quantile_over_ranks_is_refused_under_compile(tmp_path):
+    """The gather over a process group reads sizes on the host: refused while tracing, naming process_group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        x = inputs()
+        call = torch.compile(lambda e, m: dk.entropy_mask(e, m, process_group=dist.group.WORLD), fullgraph=True,
+                             backend="eager")
+        with pytest.raises(torch._dynamo.exc.Unsupported) as raised:
+            call(x["ent"], x["mask"])
+        assert "ValueError('process_group: the entropy quantile over ranks" in str(raised.value.__cause__)
+        assert torch.equal(dk.entropy_mask(x["ent"], x["mask"], process_group=dist.group.WORLD),
+                           dk.entropy_mask(x["ent"], x["mask"]))  # eager: one rank, the local quantile
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cuda_backend_registers_its_kernels_for_cuda():
     """The cuda backend's op bodies are registered when its module imports (its build imports without a GPU)."""
     pytest.importorskip("delta_kernels._cuda")
