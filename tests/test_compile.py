@@ -38,7 +38,8 @@ def inputs(dtype=torch.float32, seed=0, n_seq=B, seq_len=T):
     g = torch.Generator().manual_seed(seed + 1)
     return dict(h=h, logp=logp, adv=adv, mask=mask, old=logp + 0.1 * torch.randn(logp.shape, generator=g).to(dtype),
                 coef=torch.rand(logp.shape, generator=g) + 0.5, sums=torch.randn(2, H, generator=g).to(dtype),
-                weight=torch.randn(V, H, generator=g).to(dtype), targets=torch.randint(0, V, logp.shape, generator=g))
+                weight=torch.randn(V, H, generator=g).to(dtype), targets=torch.randint(0, V, logp.shape, generator=g),
+                ent=torch.rand(logp.shape, generator=g) * 3)
 
 
 def coefficients_call(src, sketch_dim, dtype):
@@ -55,11 +56,18 @@ def coefficients_call(src, sketch_dim, dtype):
     return call
 
 
-def surrogate_call(x, be):
+def surrogate_call(x, be, credit=None):
     logp = x["logp"].clone().requires_grad_()
-    loss, metrics = dk.clipped_surrogate_loss(logp, x["old"], x["adv"], x["mask"], coef=x["coef"], backend=be)
+    loss, metrics = dk.clipped_surrogate_loss(logp, x["old"].clamp_max(0), x["adv"], x["mask"], coef=x["coef"],
+                                              credit=credit, entropy=x["ent"], backend=be)
     (grad,) = torch.autograd.grad(loss, logp)  # the gradient inside the compiled region
-    return loss.detach(), grad, metrics["clip_frac"], metrics["ppo_kl"]
+    return loss.detach(), grad, *(metrics[k] for k in sorted(metrics))
+
+
+def credit_call(credit, fused=False):
+    """A loss with in-loss credit (delta_kernels.credit): the fipo kernel and/or the entropy quantile compiled too."""
+    return (lambda x, be: fused_surrogate_call(x, be, credit)) if fused else \
+        (lambda x, be: surrogate_call(x, be, credit))
 
 
 def fused_sketch_call(x, be):
@@ -68,11 +76,11 @@ def fused_sketch_call(x, be):
     return logp, ent, z, sums
 
 
-def fused_surrogate_call(x, be):
+def fused_surrogate_call(x, be, credit=None):
     h, w = x["h"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
-    loss, _ = dk.fused_linear_clipped_surrogate_loss(h, w, x["targets"], x["old"], x["adv"], x["mask"],
-                                                     coef=x["coef"])
-    return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    loss, metrics = dk.fused_linear_clipped_surrogate_loss(h, w, x["targets"], x["old"].clamp_max(0), x["adv"],
+                                                           x["mask"], coef=x["coef"], credit=credit)
+    return (loss.detach(), *torch.autograd.grad(loss, (h, w)), *(metrics[k] for k in sorted(metrics)))
 
 
 CALLS = {
@@ -83,9 +91,15 @@ CALLS = {
     "coef_vectors_exact_bf16": coefficients_call("vectors", None, torch.bfloat16),
     "coef_vectors_sketch_f32": coefficients_call("vectors", R, torch.float32),
     "clipped_surrogate_loss": surrogate_call,
+    "fipo_weights": lambda x, be: tuple(dk.fipo_weights(x["logp"], x["old"].clamp_max(0), x["adv"], x["mask"],
+                                                        backend=be)),
+    **{f"clipped_surrogate_loss_credit_{c}": credit_call(c) for c in ("fipo", "entropy", "fipo*entropy")},
 }
 FUSED = {"fused_linear_logprob_sketch": fused_sketch_call, "fused_linear_clipped_surrogate_loss": fused_surrogate_call,
-         "sketch_matrix": lambda x, be: (dk.sketch_matrix(H, R, 7),)}
+         **{f"fused_linear_clipped_surrogate_loss_credit_{c}": credit_call(c, fused=True)
+            for c in ("fipo", "entropy", "fipo*entropy")},
+         "sketch_matrix": lambda x, be: (dk.sketch_matrix(H, R, 7),),
+         "entropy_mask": lambda x, be: (dk.entropy_mask(x["ent"], x["mask"], top_quantile=0.3),)}
 
 
 def assert_equal_to_eager(out, ref, be):
@@ -232,6 +246,8 @@ def test_opcheck_on_the_arguments_of_real_calls(monkeypatch):
     recorder = Recorder()
     monkeypatch.setattr(_native, "call", recorder.record)
     monkeypatch.setattr(cpp, "ops", recorder)
+    fipo_args = []  # the fipo kernel's custom op (eager calls its body: reference.fipo.call_native)
+    monkeypatch.setattr(cpp, "call_native", lambda op, body, *args: fipo_args.append(args) or body(*args))
     x = inputs()
     for name in CALLS:
         CALLS[name](x, "cpp")
@@ -246,6 +262,7 @@ def test_opcheck_on_the_arguments_of_real_calls(monkeypatch):
     for (name, key), args in seen.items():  # the surrogate's autograd formula: the same arguments, logp requiring grad
         if name == "clipped_surrogate":
             cases.append(((name, key), (args[0].clone().requires_grad_(),) + args[1:]))
+    cases += [(("fipo_weights_cpp", None), fipo_args[0])]
     for (name, _), args in cases:
         result = torch.library.opcheck(getattr(torch.ops.delta_kernels, name).default, args)
         assert set(result.values()) == {"SUCCESS"}, (name, result)
@@ -290,6 +307,45 @@ def test_value_checks_under_compile(monkeypatch):
     for name in ("coef_hidden_exact_f32", "clipped_surrogate_loss"):
         torch._dynamo.reset()
         assert_equal_to_eager(*compile_and_compare(CALLS[name], good, "cpp"), "cpp")
+
+
+@pytest.mark.parametrize("call", ["fipo_weights", "entropy_mask"])
+def test_credit_value_checks_under_compile(monkeypatch, call):
+    """The credit calls' value checks: eager raises; compiled, nothing is read unless COMPILE_VALUE_CHECKS."""
+    x = inputs()
+    x["mask"][0, 0] = True
+    if call == "fipo_weights":
+        x["old"][0, 0] = float("nan")
+        fn, error = CALLS[call], "old_logp: non-finite value"
+    else:
+        x["ent"][0, 0] = float("inf")
+        fn, error = FUSED[call], "entropy: non-finite value"
+    with pytest.raises(ValueError, match=f"^{error}"):
+        fn(x, "cpp")
+    torch.compile(fn, fullgraph=True, backend="aot_eager")(x, "cpp")  # not read: no error
+    monkeypatch.setattr(_checks, "COMPILE_VALUE_CHECKS", True)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=error):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(x, "cpp")
+    torch._dynamo.reset()  # the asserts keep the graph whole and change no result
+    assert_equal_to_eager(*compile_and_compare(fn, inputs(), "cpp"), "cpp")
+
+
+def test_entropy_quantile_over_ranks_is_refused_under_compile(tmp_path):
+    """The gather over a process group reads sizes on the host: refused while tracing, naming process_group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        x = inputs()
+        call = torch.compile(lambda e, m: dk.entropy_mask(e, m, process_group=dist.group.WORLD), fullgraph=True,
+                             backend="eager")
+        with pytest.raises(torch._dynamo.exc.Unsupported) as raised:
+            call(x["ent"], x["mask"])
+        assert "ValueError('process_group: the entropy quantile over ranks" in str(raised.value.__cause__)
+        assert torch.equal(dk.entropy_mask(x["ent"], x["mask"], process_group=dist.group.WORLD),
+                           dk.entropy_mask(x["ent"], x["mask"]))  # eager: one rank, the local quantile
+    finally:
+        dist.destroy_process_group()
 
 
 def test_cuda_backend_registers_its_kernels_for_cuda():

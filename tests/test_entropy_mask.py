@@ -113,3 +113,17 @@ def test_non_finite_entropy_at_a_valid_position_is_refused():
 def test_mask_shape_is_checked():
     with pytest.raises(ValueError, match="^mask: shape"):
         dk.entropy_mask(torch.rand(2, 3), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_compiled_threshold_equals_trl(trl_mask, tied):
+    """Under torch.compile the order statistics come from one sort with no host read (padding
+    pushed to +inf, ranks as tensors): the same mask as TRL's, no valid token and bfloat16 included."""
+    torch._dynamo.reset()
+    call = torch.compile(lambda e, m, q: dk.entropy_mask(e, m, top_quantile=q), fullgraph=True, backend="eager")
+    empty = (torch.rand(3, 4), torch.zeros(3, 4, dtype=torch.long))
+    for ent, mask in [batch(9, 40, 5, tied), batch(1, 1, 6, tied), empty, (batch(5, 13, 3, tied)[0].bfloat16(),
+                                                                          batch(5, 13, 3, tied)[1])]:
+        for q in QUANTILES:
+            assert torch.equal(call(ent, mask, q), trl_mask(ent, mask, q)), (tuple(ent.shape), q)
+    torch._dynamo.reset()

@@ -6,7 +6,7 @@ than one dual-clipped negative token are dropped.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -89,7 +89,14 @@ class FipoOptions:
     safety_thresh: float = 10.0
 
     def __post_init__(self):
-        C.FipoConfig(**asdict(self))  # the checks
+        self.config()  # the checks
+
+    def config(self, clip_c: float = 10.0) -> C.FipoConfig:
+        """The kernel's parameters with the surrogate's clip_c (fields spelled out: dataclasses.asdict
+        does not trace under torch.compile)."""
+        return C.FipoConfig(decay_rate=self.decay_rate, future_kl_clip_ratio=self.future_kl_clip_ratio,
+                            future_kl_clip_high_only=self.future_kl_clip_high_only,
+                            safety_thresh=self.safety_thresh, clip_c=clip_c)
 
 
 def fipo_metrics(fw: FipoWeights, row_stats: torch.Tensor) -> dict:
@@ -107,7 +114,7 @@ def fipo_metrics(fw: FipoWeights, row_stats: torch.Tensor) -> dict:
 
 
 def _compute(inputs: CreditInputs, options: FipoOptions) -> CreditWeights:
-    cfg = C.FipoConfig(**asdict(options), clip_c=inputs.clip_c)
+    cfg = options.config(inputs.clip_c)
     fw, row_stats = _fipo(inputs.logp, inputs.old_logp, inputs.advantages, inputs.mask, cfg, inputs.backend, False)
     return CreditWeights(weights=fw.weights, keep=fw.keep, metrics=fipo_metrics(fw, row_stats))
 

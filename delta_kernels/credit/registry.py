@@ -156,12 +156,14 @@ def credit_spec(spec, **options) -> CreditSpec:
         given = options.get(m.name)
         if isinstance(given, m.options):
             opts.append(given)
+        elif not given:
+            opts.append(m.options())
         else:
             known = {f.name for f in fields(m.options)}
-            bad = set(given or {}) - known
+            bad = set(given) - known
             if bad:
                 fail(f"{m.name} options", f"unknown {sorted(bad)}; expected some of {sorted(known)}")
-            opts.append(m.options(**(given or {})))
+            opts.append(m.options(**given))
     return CreditSpec(chosen, tuple(opts))
 
 
