@@ -6,7 +6,8 @@ The convention (README, "Measured numbers"):
   blocks and `code spans` are not read.
 - Each figure sits in a block (a paragraph, a list item or a table row) that names its results file(s):
   `benchmarks/results/<file>` as a code span or a link (a table also counts the files named in the paragraph right
-  above it). The figure's number must be in one of the files that block names, at the README's precision: "18.9"
+  above it); a named folder (`benchmarks/results/compare_pathstar/`) stands for the files directly in it (a
+  comparison's compare.md and compare.json), not those of its subfolders. The figure's number must be in one of the files that block names, at the README's precision: "18.9"
   is backed by 18.9, 18.88 or 18.93 in the file (thousands separators dropped); a ratio or sum computed for the
   README is not, so put it in the results file.
 - A block of numbers that are not measurements here (arithmetic from sizes, figures quoted from a paper) carries
@@ -29,7 +30,7 @@ _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
 FIGURE = re.compile(rf"(?<![\w.\-/])({_NUM})(?:\s?[-–]\s?({_NUM}))?(?:(?:x|%)(?!\w)|\s?(?:ms|s|min|GB/s|GB|GiB|MB|MiB|KB|KiB)\b)"
                     rf"|(?<![\w.\-/])(0\.\d{{2,}})(?![\w.])")
 FILE_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
-NAMED_FILE = re.compile(re.escape(RESULTS) + r"[\w.\-]+")
+NAMED_FILE = re.compile(re.escape(RESULTS) + r"[\w.\-]+(?:/[\w.\-]+)*")
 
 
 def blocks(text: str) -> Iterator[Tuple[int, str]]:
@@ -94,11 +95,13 @@ def unbacked(readme: Path) -> List[str]:
         held, missing = set(), False
         for rel in named:
             path = readme.parent / rel
-            if not path.is_file():
+            if not path.exists():
                 problems.append(f"README.md:{line_no}: {rel} does not exist")
                 missing = True
                 continue
-            held.update(FILE_NUMBER.findall(path.read_text(errors="replace").replace(",", "")))
+            for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+                if file.is_file():
+                    held.update(FILE_NUMBER.findall(file.read_text(errors="replace").replace(",", "")))
         for n in numbers:
             if not missing and not backed(n, held):
                 problems.append(f"README.md:{line_no}: {n} is in none of {', '.join(named)}")
