@@ -24,7 +24,20 @@ class Problem:
     answer: str   # the text the reward checks ("46")
 
 
-class AdditionTask:
+class ExactAnswer:
+    """The reward and demonstration of a task whose response is exactly ``problem.answer``."""
+
+    @staticmethod
+    def reward(response: str, problem: Problem) -> float:
+        """1.0 when the response is exactly the answer (surrounding spaces ignored), else 0.0."""
+        return 1.0 if response.strip() == problem.answer else 0.0
+
+    def demonstration(self, problem: Problem, generator: torch.Generator) -> str:
+        """A correct response (what the supervised warm start imitates)."""
+        return problem.answer
+
+
+class AdditionTask(ExactAnswer):
     """Problems a+b with 0 <= a, b < 10**digits.
 
     Args:
@@ -66,15 +79,6 @@ class AdditionTask:
                 if c not in self._heldout_codes and len(out) < n:
                     out.append(self._problem(c))
         return out
-
-    @staticmethod
-    def reward(response: str, problem: Problem) -> float:
-        """1.0 when the response is exactly the answer (surrounding spaces ignored), else 0.0."""
-        return 1.0 if response.strip() == problem.answer else 0.0
-
-    def demonstration(self, problem: Problem, generator: torch.Generator) -> str:
-        """A correct response (what the supervised warm start imitates)."""
-        return problem.answer
 
     def max_answer_chars(self) -> int:
         return len(str(2 * (self.n_values - 1)))
@@ -140,7 +144,7 @@ class SparseAnswerTask(AdditionTask):
         return out
 
 
-class PathStarTask:
+class PathStarTask(ExactAnswer):
     """"Choose the first edge": the prompt lists `branches` arms of `path_len` digits, then the
     target, the last digit of one arm: "3141,5926,5358>6=" -> "5926". Arms start with distinct
     digits and end with distinct digits, so the first response token decides which arm is
@@ -187,13 +191,6 @@ class PathStarTask:
             if p.prompt not in self._heldout_prompts:
                 out.append(p)
         return out
-
-    @staticmethod
-    def reward(response: str, problem: Problem) -> float:
-        return 1.0 if response.strip() == problem.answer else 0.0
-
-    def demonstration(self, problem: Problem, generator: torch.Generator) -> str:
-        return problem.answer
 
     def max_response_chars(self) -> int:
         return self.path_len
