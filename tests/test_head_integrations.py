@@ -31,33 +31,19 @@ def test_spec_options():
 def test_trl_head_vectors(monkeypatch):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    import trl
     from delta_kernels.integrations.trl import DeltaGRPOTrainer
-    from test_integration_trl import OLD_PASS, make
+    from test_integration_trl import OLD_PASS, keep_plain_advantages, make, unfused_old_pass
     seen = []
-    parent = trl.GRPOTrainer._generate_and_score_completions
     orig = DeltaGRPOTrainer._generate_and_score_completions
-
-    def with_plain(self, inputs):  # TRL's own advantages, before DelTA's fold
-        out = parent(self, inputs)
-        out["plain_adv"] = out["advantages"].clone()
-        return out
 
     def spy(self, inputs):
         out = orig(self, inputs)
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        r = out["completion_ids"].shape[1]
-        with torch.no_grad():  # the model's own unfused forward, on the parameters of the capture
-            o = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        h = response_hidden_states(o.hidden_states[-1], r, attention_mask=mask)
-        logp = torch.log_softmax(o.logits[:, -r - 1:-1] / self.temperature, -1)
-        logp = logp.gather(-1, out["completion_ids"][..., None])[..., 0] * out["completion_mask"]
+        h, logp = unfused_old_pass(self, out)
         weight = self.model.get_output_embeddings().weight.detach().clone()
         seen.append((h, weight, logp, out["plain_adv"], out, self.delta_last))
         return out
 
-    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_plain)
+    keep_plain_advantages(monkeypatch)
     monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", spy)
     tr = make(delta=dict(k=1, vectors="head", vocab_sketch_dim=8, sketch_dim=16), max_steps=2, **OLD_PASS)
     tr.train()

@@ -33,20 +33,38 @@ def make(cls=DeltaGRPOTrainer, model=None, delta=dict(k=1), peft_config=None, **
 def rows_carry_plain_advantages_and_coef(monkeypatch):
     """Each generation batch row carries TRL's own advantage (``plain_adv`` [B]) and its DelTA
     coefficients (``coef`` [B, T]) through TRL's shuffle and split, so a loss call can be redone."""
-    parent = trl.GRPOTrainer._generate_and_score_completions
     child = DeltaGRPOTrainer._generate_and_score_completions
-
-    def with_plain(self, inputs):
-        out = parent(self, inputs)
-        out["plain_adv"] = out["advantages"].clone()
-        return out
 
     def with_coef(self, inputs):
         out = child(self, inputs)
         out["coef"] = self.delta_last.coef
         return out
-    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_plain)
+    keep_plain_advantages(monkeypatch)
     monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", with_coef)
+
+
+def keep_plain_advantages(monkeypatch):
+    """TRL's own advantages (before DelTA's fold) travel in each generation batch as ``plain_adv``."""
+    parent = trl.GRPOTrainer._generate_and_score_completions
+
+    def with_plain(self, inputs):
+        out = parent(self, inputs)
+        out["plain_adv"] = out["advantages"].clone()
+        return out
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_plain)
+
+
+def unfused_old_pass(trainer, out):
+    """The model's own unfused forward on a generation batch, on the parameters of the capture:
+    (response hidden states [B, R, H], response log-probs [B, R], 0 at padding)."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    r = out["completion_ids"].shape[1]
+    with torch.no_grad():
+        o = trainer.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    h = response_hidden_states(o.hidden_states[-1], r, attention_mask=mask)
+    logp = torch.log_softmax(o.logits[:, -r - 1:-1] / trainer.temperature, -1)
+    return h, logp.gather(-1, out["completion_ids"][..., None])[..., 0] * out["completion_mask"]
 
 
 def inject_tool_mask(monkeypatch):
@@ -71,28 +89,14 @@ def test_coefficients_equal_delta_coefficients_and_parameters_move(regime, sketc
     if tools:
         inject_tool_mask(monkeypatch)
     seen = []
-    parent = trl.GRPOTrainer._generate_and_score_completions
     orig = DeltaGRPOTrainer._generate_and_score_completions
-
-    def with_plain(self, inputs):
-        out = parent(self, inputs)
-        out["plain_adv"] = out["advantages"].clone()
-        return out
 
     def spy(self, inputs):
         out = orig(self, inputs)
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        r = out["completion_ids"].shape[1]
-        with torch.no_grad():  # the model's own unfused forward, on the parameters of the capture
-            o = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        h = response_hidden_states(o.hidden_states[-1], r, attention_mask=mask)
-        logp = torch.log_softmax(o.logits[:, -r - 1:-1] / self.temperature, -1)
-        logp = logp.gather(-1, out["completion_ids"][..., None])[..., 0] * out["completion_mask"]
-        seen.append((h, logp, out))
+        seen.append((*unfused_old_pass(self, out), out))
         return out
 
-    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", with_plain)
+    keep_plain_advantages(monkeypatch)
     monkeypatch.setattr(DeltaGRPOTrainer, "_generate_and_score_completions", spy)
     tr = make(delta=dict(k=1, sketch_dim=sketch_dim), **regime)
     p0 = [p.detach().clone() for p in tr.model.parameters()]
