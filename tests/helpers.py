@@ -1,6 +1,10 @@
 """Shared test helpers: the float64 oracle, tolerances, random inputs, an assert that reports."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from delta_kernels.reference.passes import TorchPasses
@@ -101,3 +105,18 @@ def assert_matches_reference(out, ref, tol: float) -> None:
     b_err = abs(float(out.stats.b) - float(ref.stats.b))
     b_scale = 0.5 * float(mu_p.dot(mu_p) + mu_n.dot(mu_n))
     assert b_err <= tol * max(b_scale, 1e-30), f"b: error {b_err:.3e} > {tol:.1e} x centroid scale {b_scale:.3e}"
+
+
+def run_gloo_ranks(worker: str, world: int, tmp_path, case: dict, *extra: str) -> list:
+    """Saves ``case`` to tmp_path/case.pt, runs ``world`` processes of ``worker`` (argv: rank, world,
+    init file, case file, output file, *extra; one OpenMP thread each) and returns each rank's
+    torch.load-ed output, in rank order. A rank that fails fails the test with its output."""
+    torch.save(case, tmp_path / "case.pt")
+    procs = [subprocess.Popen([sys.executable, worker, str(r), str(world), str(tmp_path / "init"),
+                               str(tmp_path / "case.pt"), str(tmp_path / f"out{r}.pt"), *extra],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(world)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()[-3000:]
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]

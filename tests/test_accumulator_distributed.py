@@ -1,15 +1,13 @@
 """DeltaAccumulator with a process group: each rank adds its shard in random micro-batches and
 gets the coefficients of one delta_coefficients call over the whole batch."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import delta_kernels as dk
 from backend_cases import cpu_backend_params
-from helpers import TOL, assert_rel, make_batch
+from helpers import TOL, assert_rel, make_batch, run_gloo_ranks
 
 WORKER = os.path.join(os.path.dirname(__file__), "accumulator_worker.py")
 # the registry's backends on CPU tensors here, but the interpreter (too slow in every rank)
@@ -37,15 +35,8 @@ def test_ranks_with_random_micro_batches_match_one_call(tmp_path, bounds):
             cuts = [random_cuts(bounds[r + 1] - bounds[r], g) for r in range(world)]
             runs.append(dict(backend=backend, dtype=dtype, k=k, sketch_dim=sketch_dim, early=early, store=store,
                              cuts=cuts))
-    torch.save(dict(hidden=h, logp=logp, advantages=adv, mask=mask, bounds=bounds, runs=runs), tmp_path / "case.pt")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(tmp_path / "init"),
-                               str(tmp_path / "case.pt"), str(tmp_path / f"out{r}.pt")],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out.decode()[-3000:]
-    per_rank = [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
+    per_rank = run_gloo_ranks(WORKER, world, tmp_path,
+                              dict(hidden=h, logp=logp, advantages=adv, mask=mask, bounds=bounds, runs=runs))
     for i, run in enumerate(runs):
         dtype = run["dtype"]
         one = dk.delta_coefficients(h.to(dtype), logp.to(dtype), adv.to(dtype), mask, k=run["k"],

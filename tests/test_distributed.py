@@ -1,13 +1,11 @@
 """Global statistics over torch.distributed: each rank gets the single-process answer."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import delta_kernels as dk
-from helpers import TOL, assert_rel, make_batch
+from helpers import TOL, assert_rel, make_batch, run_gloo_ranks
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 
@@ -29,18 +27,7 @@ def fast_backends():
 
 
 def run_ranks(tmp_path, case, backend):
-    world = len(case["bounds"]) - 1
-    torch.save(case, tmp_path / "case.pt")
-    init = tmp_path / "init"
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(init), str(tmp_path / "case.pt"),
-                               str(tmp_path / f"out{r}.pt"), backend], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out.decode()[-3000:]
-    return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
-
+    return run_gloo_ranks(WORKER, len(case["bounds"]) - 1, tmp_path, case, backend)
 
 CASES = {
     # name: (world size, shard bounds over 12 sequences, how to edit the batch)

@@ -5,14 +5,13 @@ TRL's function on the whole batch, which is what its gather computes), inputs pa
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import delta_kernels as dk
+from helpers import run_gloo_ranks
 
 trl = pytest.importorskip("trl")
 WORKER = os.path.join(os.path.dirname(__file__), "entropy_dist_worker.py")
@@ -61,15 +60,7 @@ def test_bfloat16_entropies_compare_as_trl_does(trl_mask):
 def test_gloo_ranks_equal_trl_on_the_whole_batch(tmp_path, trl_mask, world, bounds):
     """Random and tied entropies; rank 1 of the 3-rank case holds no rows: it still joins the gather."""
     batches = [batch(12, 9, 11, tied) for tied in (False, True)]
-    torch.save(dict(batches=batches, bounds=bounds, quantiles=QUANTILES), tmp_path / "case.pt")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(tmp_path / "init"),
-                               str(tmp_path / "case.pt"), str(tmp_path / f"out{r}.pt")],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out.decode()[-3000:]
-    shards = [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
+    shards = run_gloo_ranks(WORKER, world, tmp_path, dict(batches=batches, bounds=bounds, quantiles=QUANTILES))
     for b, (ent, mask) in enumerate(batches):
         for i, q in enumerate(QUANTILES):
             assert torch.equal(torch.cat([s[b][i] for s in shards]), trl_mask(ent, mask, q)), (b, q)
