@@ -9,23 +9,16 @@ import torch
 
 import delta_kernels
 from delta_kernels.trainer.__main__ import parse_config
-from delta_kernels.trainer.advantages import grpo_advantages
 from delta_kernels.trainer.loop import run
 from delta_kernels.trainer.model import lm_head_of
 from delta_kernels.trainer.report import read_metrics
-from delta_kernels.trainer.rollout import sample_responses
 from delta_kernels.trainer.step import CreditConfig, credit_coefficients, old_logprob_micro_batches, old_logprob_pass
 from helpers import TOL, assert_rel
-from test_trainer import random_prompts, tiny_config, tiny_model
+from test_trainer import sampled_rollout, tiny_config
 
 
 def rollout_and_advantages():
-    model, tok = tiny_model(seed=3, hidden=40)
-    g = torch.Generator().manual_seed(1)
-    roll = sample_responses(model, random_prompts(tok, 12, seed=4), max_new_tokens=5, eos_id=tok.eos_token_id,
-                            pad_id=tok.pad_token_id, generator=g)
-    adv = grpo_advantages(torch.tensor([1., 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0]), group_size=4)
-    return model, roll, adv
+    return sampled_rollout(3, 40, 1, 4, [1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0])
 
 
 @pytest.mark.parametrize("vocab_sketch_dim,sketch_dim", [(None, None), (8, 16)])

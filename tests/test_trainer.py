@@ -221,12 +221,18 @@ def test_rollout_masks_after_eos():
             assert ids[n - 1] == tok.eos_token_id
 
 
+def sampled_rollout(model_seed: int, hidden: int, sample_seed: int, prompt_seed: int, rewards):
+    """A tiny model, a rollout of 12 sampled responses (up to 5 tokens) and the GRPO advantages of
+    ``rewards`` (12, groups of 4): (model, rollout, advantages [12])."""
+    model, tok = tiny_model(seed=model_seed, hidden=hidden)
+    g = torch.Generator().manual_seed(sample_seed)
+    roll = sample_responses(model, random_prompts(tok, 12, seed=prompt_seed), max_new_tokens=5,
+                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=g)
+    return model, roll, grpo_advantages(torch.tensor(rewards, dtype=torch.float32), group_size=4)
+
+
 def test_delta_coefficients_of_trainer_match_float64_reference():
-    model, tok = tiny_model(seed=3, hidden=48)
-    g = torch.Generator().manual_seed(1)
-    roll = sample_responses(model, random_prompts(tok, 12, seed=4), max_new_tokens=5, eos_id=tok.eos_token_id,
-                            pad_id=tok.pad_token_id, generator=g)
-    adv = grpo_advantages(torch.tensor([1., 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1]), group_size=4)
+    model, roll, adv = sampled_rollout(3, 48, 1, 4, [1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1])
     for sketch_dim in (None, 16):
         credit = CreditConfig(k=2, sketch_dim=sketch_dim)
         old = old_logprob_pass(model, roll, 1.0, adv, credit)
@@ -245,11 +251,7 @@ def test_delta_coefficients_of_trainer_match_float64_reference():
 def test_micro_batched_old_logprob_pass_gives_the_same_coefficients(sketch_dim):
     """--micro-batch: the old-log-prob pass in micro-batches with a DeltaAccumulator (advantages at
     finalize) gives the coefficients of the one-pass run."""
-    model, tok = tiny_model(seed=5, hidden=40)
-    g = torch.Generator().manual_seed(2)
-    roll = sample_responses(model, random_prompts(tok, 12, seed=6), max_new_tokens=5, eos_id=tok.eos_token_id,
-                            pad_id=tok.pad_token_id, generator=g)
-    adv = grpo_advantages(torch.tensor([1., 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0]), group_size=4)
+    model, roll, adv = sampled_rollout(5, 40, 2, 6, [1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 0, 0])
     one_pass = CreditConfig(k=2, sketch_dim=sketch_dim)
     old = old_logprob_pass(model, roll, 1.0, adv, one_pass)
     coef, stats = credit_coefficients(old, adv, roll.response_mask, one_pass)
