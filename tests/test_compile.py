@@ -83,6 +83,13 @@ def fused_surrogate_call(x, be, credit=None):
     return (loss.detach(), *torch.autograd.grad(loss, (h, w)), *(metrics[k] for k in sorted(metrics)))
 
 
+def head_coefficients_call(x, be):
+    """delta_coefficients on LM-head gradient factors (u, s): r1 = 4, r2 = R columns of the random h."""
+    u, s = x["h"][..., :4], x["h"][..., -R:]
+    r = dk.delta_coefficients(None, x["logp"], x["adv"], x["mask"], head_vectors=(u, s), backend=be)
+    return r.coef, r.weighted_advantages, r.stats.pred
+
+
 CALLS = {
     "token_sketch": lambda x, be: (dk.token_sketch(x["h"], x["logp"], backend=be),
                                    dk.token_sketch(x["h"], x["logp"], sketch_dim=R, seed=3, backend=be)),
@@ -94,12 +101,15 @@ CALLS = {
     "fipo_weights": lambda x, be: tuple(dk.fipo_weights(x["logp"], x["old"].clamp_max(0), x["adv"], x["mask"],
                                                         backend=be)),
     **{f"clipped_surrogate_loss_credit_{c}": credit_call(c) for c in ("fipo", "entropy", "fipo*entropy")},
+    "coef_head_vectors": lambda x, be: head_coefficients_call(x, be),
 }
 FUSED = {"fused_linear_logprob_sketch": fused_sketch_call, "fused_linear_clipped_surrogate_loss": fused_surrogate_call,
          **{f"fused_linear_clipped_surrogate_loss_credit_{c}": credit_call(c, fused=True)
             for c in ("fipo", "entropy", "fipo*entropy")},
          "sketch_matrix": lambda x, be: (dk.sketch_matrix(H, R, 7),),
-         "entropy_mask": lambda x, be: (dk.entropy_mask(x["ent"], x["mask"], top_quantile=0.3),)}
+         "entropy_mask": lambda x, be: (dk.entropy_mask(x["ent"], x["mask"], top_quantile=0.3),),
+         "head_gradient_sketch": lambda x, be: dk.head_gradient_sketch(x["h"], x["weight"], x["targets"],
+                                                                       vocab_sketch_dim=4, sketch_dim=R)}
 
 
 def assert_equal_to_eager(out, ref, be):
