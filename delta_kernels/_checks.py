@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -343,6 +343,34 @@ class FipoConfig:
         within 1e-7 of it; compared in the compute dtype)."""
         lower, upper = self.bounds()
         return upper - 1e-7, lower + 1e-7
+
+
+@dataclass
+class DeltaStats:
+    """Final statistics. D is H, or r when sketched; with head_vectors r1 * r2 (an [r1, r2] matrix
+    flattened row-major, the index of u[a] s[b] in z = kron(u, s)). Types, the same on every backend: every field
+    is a tensor in the compute dtype (float32, float64 for float64 inputs on backend "torch") on the
+    inputs' device; the counts (n_pos, n_neg, n_valid) hold whole numbers (exact below 2^24 in
+    float32), counted next to the sums they normalise."""
+    mu_pos: torch.Tensor     # [D] refined centroid of the positive side
+    mu_neg: torch.Tensor     # [D]
+    gamma_pos: torch.Tensor  # [] temperature used by the final gates (lags mu by one step)
+    gamma_neg: torch.Tensor  # []
+    W: torch.Tensor          # [D] mu_pos - mu_neg
+    b: torch.Tensor          # [] -(|mu_pos|^2 - |mu_neg|^2) / 2
+    pred: torch.Tensor       # like logp: sign(adv) * (v.W + b) * mask ([N] from a backend)
+    n_pos: torch.Tensor      # [] valid tokens with adv > 0 (global with a process group)
+    n_neg: torch.Tensor      # [] valid tokens with adv < 0
+    n_valid: torch.Tensor    # [] valid tokens
+    scale: torch.Tensor      # [] self-normalisation factor applied to the mapped gates
+
+
+class BackendCoefficients(NamedTuple):
+    """What every backend's ``delta_coefficients`` returns, on the flat [N] token axis of its
+    TokenBatch (delta_coefficients reshapes to logp's shape)."""
+    coef: torch.Tensor                 # [N] compute dtype; 0 where masked
+    weighted_advantages: torch.Tensor  # [N] advantages * coef where valid, else 0
+    stats: DeltaStats
 
 
 @dataclass

@@ -16,7 +16,7 @@ from . import _checks as C
 from ._backends import names, resolve
 from ._formulas import side_masks
 from .chunked import ChunkedPasses, Chunks, ChunkStore, big_array, with_big_array
-from .coefficients import DeltaResult, DeltaStats
+from .coefficients import DeltaResult
 from .distributed import group_sum
 from .head_factors import HeadFactorPasses, admit_head_vectors, flat_head_vectors
 from .pipeline import run_coefficients
@@ -344,14 +344,12 @@ class DeltaAccumulator:
                              advantages=torch.cat(adv), mask=torch.cat(masks),
                              hidden=chunks if from_hidden else None, vectors=None if from_hidden else chunks,
                              side_sums=self._side_sums)
-        coef, st = run_coefficients(ChunkedPasses(self._kernels, self._dtype), batch, self._cfg, None, self.seed,
-                                    self._reduce)
-        pred = st.pop("pred")
+        out = run_coefficients(ChunkedPasses(self._kernels, self._dtype), batch, self._cfg, None, self.seed,
+                               self._reduce)
         results = []
-        for i, (a, flat_adv) in enumerate(zip(adds, adv)):
-            lo, hi = bounds[i], bounds[i + 1]
-            c = coef[lo:hi].reshape(a.shape)
-            weighted = torch.where(masks[i].reshape(a.shape), flat_adv.reshape(a.shape).to(c.dtype) * c, 0.0)
-            stats = DeltaStats(pred=pred[lo:hi].reshape(a.shape), **st)
-            results.append(DeltaResult(coef=c, weighted_advantages=weighted, stats=stats))
+        for a, lo, hi in zip(adds, bounds, bounds[1:]):
+            stats = dataclasses.replace(out.stats, pred=out.stats.pred[lo:hi].reshape(a.shape))
+            results.append(DeltaResult(coef=out.coef[lo:hi].reshape(a.shape),
+                                       weighted_advantages=out.weighted_advantages[lo:hi].reshape(a.shape),
+                                       stats=stats))
         return results

@@ -8,32 +8,13 @@ import torch
 
 from . import _checks as C
 from ._backends import resolve
+from ._checks import BackendCoefficients, DeltaStats
 from .distributed import check_group, group_sum
 from .head_factors import HeadFactorPasses, admit_head_vectors, flat_head_vectors
 from .pipeline import run_coefficients
 
 
 COUNT_FIELDS = ("n_pos", "n_neg", "n_valid")
-
-
-@dataclass
-class DeltaStats:
-    """Final statistics. D is H, or r when sketched; with head_vectors r1 * r2 (an [r1, r2] matrix
-    flattened row-major, the index of u[a] s[b] in z = kron(u, s)). Types, the same on every backend: every field
-    is a tensor in the compute dtype (float32, float64 for float64 inputs on backend "torch") on the
-    inputs' device; the counts (n_pos, n_neg, n_valid) hold whole numbers (exact below 2^24 in
-    float32), counted next to the sums they normalise."""
-    mu_pos: torch.Tensor     # [D] refined centroid of the positive side
-    mu_neg: torch.Tensor     # [D]
-    gamma_pos: torch.Tensor  # [] temperature used by the final gates (lags mu by one step)
-    gamma_neg: torch.Tensor  # []
-    W: torch.Tensor          # [D] mu_pos - mu_neg
-    b: torch.Tensor          # [] -(|mu_pos|^2 - |mu_neg|^2) / 2
-    pred: torch.Tensor       # like logp: sign(adv) * (v.W + b) * mask
-    n_pos: torch.Tensor      # [] valid tokens with adv > 0 (global with a process group)
-    n_neg: torch.Tensor      # [] valid tokens with adv < 0
-    n_valid: torch.Tensor    # [] valid tokens
-    scale: torch.Tensor      # [] self-normalisation factor applied to the mapped gates
 
 
 @dataclass
@@ -116,11 +97,12 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
         vectors=None if flat_vectors is None else flat_vectors.contiguous(),
         side_sums=None if side_sums is None else side_sums.contiguous())
     impl = resolve(backend, device, dtype, "delta_coefficients")
-    coef, st = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
-    return _result(coef, st, batch, adv, flat_mask, check_values)
+    out = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
+    return _result(out, batch.shape, check_values)
 
 
-def _result(coef, st, batch: C.TokenBatch, adv, flat_mask, check_values: bool) -> DeltaResult:
+def _result(out: BackendCoefficients, shape, check_values: bool) -> DeltaResult:
+    coef = out.coef
     if check_values:  # a backstop: the checks above should prevent it
         overflow = ("the coefficients overflowed the compute dtype: the sums of advantages * token vectors are too "
                     "large; scale the advantages down")
@@ -128,15 +110,10 @@ def _result(coef, st, batch: C.TokenBatch, adv, flat_mask, check_values: bool) -
             C.assert_on_device(torch.isfinite(coef), "hidden", overflow)
         elif not bool(torch.isfinite(coef.sum())):
             C.fail("hidden", overflow)
-    shape = batch.shape
-    coef = coef.reshape(shape)
-    st["pred"] = st["pred"].reshape(shape)
-    weighted = st.pop("weighted_advantages", None)  # a backend may return it from its last kernel
-    if weighted is None:
-        weighted = torch.where(flat_mask.reshape(shape), adv.reshape(shape).to(coef.dtype) * coef, 0.0)
-    else:
-        weighted = weighted.reshape(shape)
-    return DeltaResult(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**st))
+    stats = out.stats
+    stats.pred = stats.pred.reshape(shape)
+    return DeltaResult(coef=coef.reshape(shape), weighted_advantages=out.weighted_advantages.reshape(shape),
+                       stats=stats)
 
 
 def _head_coefficients(head_vectors, logp, advantages, mask, cfg: C.DeltaConfig, *, hidden, vectors, side_sums,
@@ -168,5 +145,5 @@ def _head_coefficients(head_vectors, logp, advantages, mask, cfg: C.DeltaConfig,
     batch = C.TokenBatch(shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),
                          mask=flat_mask.contiguous(), vectors=factors)
     resolve(backend, device, dtype, "delta_coefficients")
-    coef, st = run_coefficients(HeadFactorPasses(dtype), batch, cfg, None, seed, group_sum(process_group))
-    return _result(coef, st, batch, adv, flat_mask, check_values)
+    out = run_coefficients(HeadFactorPasses(dtype), batch, cfg, None, seed, group_sum(process_group))
+    return _result(out, batch.shape, check_values)

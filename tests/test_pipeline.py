@@ -25,20 +25,21 @@ def run(passes, h, logp, adv, mask, k, sketch_dim=None, vectors=None):
 def test_pipeline_equals_reference(k, sketch_dim):
     h, logp, adv, mask = make_batch(7, 9, 40, seed=k)
     passes = CountingPasses()
-    coef, stats = run(passes, h, logp, adv, mask, k, sketch_dim)
+    coef, weighted, stats = run(passes, h, logp, adv, mask, k, sketch_dim)
     ref = dk.delta_coefficients(*as64(h, logp, adv, mask), k=k, sketch_dim=sketch_dim, backend="torch")
     assert_rel(coef.reshape(7, 9), ref.coef, 1e-5, "coef")
-    assert_rel(stats["mu_pos"], ref.stats.mu_pos, 1e-5, "mu_pos")
-    assert_rel(stats["gamma_neg"], ref.stats.gamma_neg, 1e-5, "gamma_neg")
-    assert_rel(stats["pred"].reshape(7, 9), ref.stats.pred, 1e-5, "pred")
+    assert_rel(weighted.reshape(7, 9), ref.weighted_advantages, 1e-5, "weighted_advantages")
+    assert_rel(stats.mu_pos, ref.stats.mu_pos, 1e-5, "mu_pos")
+    assert_rel(stats.gamma_neg, ref.stats.gamma_neg, 1e-5, "gamma_neg")
+    assert_rel(stats.pred.reshape(7, 9), ref.stats.pred, 1e-5, "pred")
     assert passes.reads == (1 if k == 0 else k + 2) + 1  # the docstring's count, + the side sums in token_vectors
 
 
 def test_pipeline_degenerate_batches():
     h, logp, adv, mask = make_batch(4, 5, 6, seed=1)
-    coef, _ = run(CountingPasses(), h, logp, torch.zeros(4), mask, 2)
+    coef = run(CountingPasses(), h, logp, torch.zeros(4), mask, 2).coef
     assert torch.equal(coef[mask.reshape(-1)], torch.ones(int(mask.sum())))
-    coef, _ = run(CountingPasses(), h, logp, adv, torch.zeros_like(mask), 2)
+    coef = run(CountingPasses(), h, logp, adv, torch.zeros_like(mask), 2).coef
     assert torch.equal(coef, torch.zeros_like(coef))
-    coef, st = run(CountingPasses(), h, logp, adv.abs() + 0.5, mask, 1)
-    assert torch.isfinite(coef).all() and torch.equal(st["mu_neg"], torch.zeros_like(st["mu_neg"]))
+    coef, _, st = run(CountingPasses(), h, logp, adv.abs() + 0.5, mask, 1)
+    assert torch.isfinite(coef).all() and torch.equal(st.mu_neg, torch.zeros_like(st.mu_neg))

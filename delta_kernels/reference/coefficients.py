@@ -6,13 +6,13 @@ concatenated batch.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
-from .._checks import DeltaConfig, TokenBatch, compute_dtype
-from .._formulas import (bias, centroids_from_sums, discriminator, final_coefficients, gated_weights, side_masks,
-                         side_std)
+from .._checks import BackendCoefficients, DeltaConfig, TokenBatch, compute_dtype
+from .._formulas import (bias, centroids_from_sums, coefficient_result, discriminator, final_coefficients,
+                         gated_weights, side_masks, side_std)
 from .sketch import token_vectors
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -23,7 +23,7 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 
 def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int,
-                       reduce: Optional[Reduce] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                       reduce: Optional[Reduce] = None) -> BackendCoefficients:
     reduce = reduce or _identity
     src = batch.vectors if batch.vectors is not None else batch.hidden
     dtype = compute_dtype(src.dtype, batch.logp.dtype, batch.advantages.dtype)
@@ -67,6 +67,6 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
     mu, w, b = mu.to(dtype), w.to(dtype), bias(w, c).to(dtype)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(dtype))  # the compute dtype, as on every backend
     pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
-    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=b, pred=pred,
-                 n_pos=counts[0], n_neg=counts[1], n_valid=n_valid, scale=scale)
-    return coef, stats
+    return coefficient_result(coef, batch.advantages, batch.mask, mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0],
+                              gamma_neg=gamma[1], W=w, b=b, pred=pred, n_pos=counts[0], n_neg=counts[1],
+                              n_valid=n_valid, scale=scale)

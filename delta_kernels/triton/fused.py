@@ -34,6 +34,7 @@ import torch
 import triton
 
 from .._alloc import empty
+from .._checks import BackendCoefficients, DeltaStats
 from .finalize import _centroids_kernel, _final_kernel, _local_sums_kernel, _temperature_kernel
 from . import margin_pass
 from .margin_pass import _margin_rows_kernel, margin_config
@@ -77,8 +78,8 @@ def _side_pass(batch, sketch_dim, seed):
 
 
 def fused_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
-    """Same contract as delta_kernels.reference.delta_coefficients (float32 results), plus the
-    stats entry "weighted_advantages" (adv * coef on valid rows). ``reduce``: a process group's
+    """Same contract as delta_kernels.reference.delta_coefficients (float32 results; the final
+    kernel writes weighted_advantages too). ``reduce``: a process group's
     sum (delta_kernels.distributed.group_sum) or None; see the module docstring."""
     f32 = torch.float32
     logp, adv, mask = batch.logp, batch.advantages, batch.mask
@@ -166,7 +167,6 @@ def fused_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
                                                        scalars, n, d, eps, lam_offset, lam_rise, 1.0 / base,
                                                        BLOCK_G=FINALIZE_BLOCK_G, BLOCK_R=FINALIZE_BLOCK_R,
                                                        BLOCK_D=FINALIZE_BLOCK_C, num_warps=4)
-    stats = dict(mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=scalars[4], pred=pred,
-                 n_pos=scalars[2], n_neg=scalars[3], n_valid=scalars[1], scale=scalars[0],
-                 weighted_advantages=weighted)
-    return coef, stats
+    return BackendCoefficients(coef, weighted, DeltaStats(
+        mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1], W=w, b=scalars[4], pred=pred,
+        n_pos=scalars[2], n_neg=scalars[3], n_valid=scalars[1], scale=scalars[0]))
