@@ -52,24 +52,23 @@ def delta_coefficients_naive(hidden: torch.Tensor, logp: torch.Tensor, advantage
         den_n += wn.sum()
     mu_p, mu_n = num_p / den_p.clamp(min=eps), num_n / den_n.clamp(min=eps)
 
-    def margins_and_temperatures(mu_p, mu_n):
-        pos_m, neg_m, all_m = [], [], []
+    def temperatures(mu_p, mu_n):
+        pos_m, neg_m = [], []
         for sl, v in passes():
             m = sq_dist(v, mu_n) - sq_dist(v, mu_p)
             pos = (adv[sl] > 0) & mask[sl]
             neg = (adv[sl] < 0) & mask[sl]
             pos_m.append(m[pos])
             neg_m.append(-m[neg])
-            all_m.append(m)
         def std(x):
             x = torch.cat(x)
             if x.numel() == 0:
                 return torch.tensor(eps, dtype=dtype, device=dev).sqrt()
             return ((x - x.mean()) ** 2).mean().clamp(min=eps).sqrt()
-        return all_m, std(pos_m), std(neg_m)
+        return std(pos_m), std(neg_m)
 
     # Pass 2: temperatures.
-    _, g_p, g_n = margins_and_temperatures(mu_p, mu_n)
+    g_p, g_n = temperatures(mu_p, mu_n)
     # Passes 3 .. K+2: refinement (gates, new centroids, temperatures of the old centroids).
     for _ in range(k):
         num_p, num_n = torch.zeros(h_dim, dtype=dtype, device=dev), torch.zeros(h_dim, dtype=dtype, device=dev)
@@ -82,7 +81,7 @@ def delta_coefficients_naive(hidden: torch.Tensor, logp: torch.Tensor, advantage
             num_n += (wn.unsqueeze(-1) * v).sum((0, 1))
             den_p += wp.sum()
             den_n += wn.sum()
-        _, g_p, g_n = margins_and_temperatures(mu_p, mu_n)
+        g_p, g_n = temperatures(mu_p, mu_n)
         mu_p, mu_n = num_p / den_p.clamp(min=eps), num_n / den_n.clamp(min=eps)
     # Pass K+3: final weights.
     coef = torch.zeros(logp.shape, dtype=dtype, device=dev)

@@ -18,7 +18,7 @@ from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
 from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, f32, margin_pass, native_phases,  # noqa: F401
                       opt_ptr, pipeline_kernels, ptr, side_sums, token_vectors)
-from ._ops import ops, register_kernels
+from ._ops import register_kernels
 
 
 def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
@@ -83,9 +83,6 @@ PIPELINE_KERNELS = pipeline_kernels(token_vectors, side_sums, margin_pass)
 
 token_sketch, delta_coefficients = native_phases(token_vectors, PIPELINE_KERNELS)
 
-
-def sketch_matrix(hidden_size: int, sketch_dim: int, seed: int) -> torch.Tensor:
-    return ops.sketch_matrix.default(hidden_size, sketch_dim, seed)
 
 def _fipo_weights_body(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
                        decay_rate: float, log_clip_c: float, clip_c: float, lower: float, upper: float,
