@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from delta_kernels.trainer import step as step_module  # noqa: E402
-from delta_kernels.trainer.model import ModelSize, build_default_model, count_parameters  # noqa: E402
+from delta_kernels.trainer.config import TrainerConfig  # noqa: E402
+from delta_kernels.trainer.model import build_default_model, count_parameters, embedded_size  # noqa: E402
 from delta_kernels.trainer.step import CreditConfig, UpdateConfig, rl_step  # noqa: E402
 from delta_kernels.trainer.task import AdditionTask  # noqa: E402
 from delta_kernels.trainer.tokenizer import CharTokenizer  # noqa: E402
@@ -54,7 +55,9 @@ def main() -> None:
         step_module._COMPILED[fn] = torch.compile(fn, dynamic=True, backend=args.backend)  # as step_phase, backend
     commit = git_commit()
     tok, task = CharTokenizer(), AdditionTask()
-    model, arch = build_default_model(tok.vocab_size, ModelSize(), 0, tok.pad_token_id, tok.bos_token_id,
+    d = TrainerConfig()  # the trainer's default embedded model
+    size = embedded_size(d.hidden_size, d.num_layers, d.num_heads)
+    model, arch = build_default_model(tok.vocab_size, size, 0, tok.pad_token_id, tok.bos_token_id,
                                       tok.eos_token_id)
     model.eval()
     gen = torch.Generator().manual_seed(0)

@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from delta_kernels.trainer.model import ModelSize, build_default_model, count_parameters  # noqa: E402
+from delta_kernels.trainer.config import TrainerConfig  # noqa: E402
+from delta_kernels.trainer.model import (ModelSize, build_default_model, count_parameters,  # noqa: E402
+                                         embedded_size)
 from delta_kernels.trainer.step import CreditConfig, UpdateConfig, rl_step  # noqa: E402
 from delta_kernels.trainer.task import AdditionTask  # noqa: E402
 from delta_kernels.trainer.tokenizer import CharTokenizer  # noqa: E402
@@ -63,8 +65,9 @@ def main() -> None:
     commit = git_commit()  # the code being measured (read before the run)
     steps = args.steps or (30 if args.gpu else 60)
     prompts = args.prompts_per_step or (64 if args.gpu else 32)
+    d = TrainerConfig()  # the trainer's default embedded model on the CPU
     size = ModelSize(hidden_size=768, num_layers=16, num_heads=12, num_kv_heads=4, intermediate_size=2048,
-                     max_positions=64) if args.gpu else ModelSize()
+                     max_positions=64) if args.gpu else embedded_size(d.hidden_size, d.num_layers, d.num_heads)
     tok, task = CharTokenizer(), AdditionTask()
     model, arch = build_default_model(tok.vocab_size, size, 0, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     model = model.to(device).eval()

@@ -16,7 +16,7 @@ from .config import TrainerConfig, validate
 from .distributed import (broadcast_parameters, finish, gather_objects, init_from_env, parameter_checksum,
                           sampling_seed, shutdown)
 from .evaluate import greedy_accuracy
-from .model import ModelSize, build_default_model, count_parameters, load_pretrained
+from .model import build_default_model, count_parameters, embedded_size, load_pretrained
 from .progress import StepProgress
 from .report import MetricsLog, format_summary, plot_curves, write_responses_html
 from .step import CreditConfig, UpdateConfig, rl_step
@@ -49,9 +49,7 @@ def build_policy(cfg: TrainerConfig, device: torch.device, task=None):
     tok = CharTokenizer(task.chars)
     seed = cfg.seed if cfg.warm_start_seed is None else cfg.warm_start_seed
     longest = max(len(p.prompt) for p in task.heldout) + 2 + max(task.max_response_chars() + 1, cfg.max_new_tokens)
-    size = ModelSize(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                     num_kv_heads=max(cfg.num_heads // 2, 1), intermediate_size=cfg.hidden_size * 8 // 3,
-                     max_positions=max(64, longest))
+    size = embedded_size(cfg.hidden_size, cfg.num_layers, cfg.num_heads, max_positions=max(64, longest))
     model, arch = build_default_model(tok.vocab_size, size, seed, tok.pad_token_id, tok.bos_token_id,
                                       tok.eos_token_id)
     name = f"embedded {arch} (hidden {cfg.hidden_size}, {cfg.num_layers} layers, char tokenizer)"

@@ -13,12 +13,19 @@ from .._optional import require
 
 @dataclass(frozen=True)
 class ModelSize:
-    hidden_size: int = 96
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
+    """The embedded model's shape; ``embedded_size`` derives the trainer's from its three flags."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
     max_positions: int = 64
+
+
+def embedded_size(hidden_size: int, num_layers: int, num_heads: int, max_positions: int = 64) -> ModelSize:
+    """The trainer's embedded model (--hidden-size, --num-layers, --num-heads): half as many
+    key-value heads (at least one) and an MLP 8/3 as wide as the hidden size."""
+    return ModelSize(hidden_size, num_layers, num_heads, max(num_heads // 2, 1), hidden_size * 8 // 3, max_positions)
 
 
 def default_config_class():
