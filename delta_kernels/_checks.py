@@ -372,6 +372,12 @@ class BackendCoefficients(NamedTuple):
     weighted_advantages: torch.Tensor  # [N] advantages * coef where valid, else 0
     stats: DeltaStats
 
+    @classmethod
+    def of(cls, coef: torch.Tensor, batch: TokenBatch, **stats: torch.Tensor) -> "BackendCoefficients":
+        """Step 7 of docs/design.md on the batch: weighted_adv = adv coef where valid, 0 at padding."""
+        weighted = torch.where(batch.mask, batch.advantages.to(coef.dtype) * coef, 0.0)
+        return cls(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**stats))
+
 
 @dataclass
 class TokenBatch:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import BackendCoefficients, DeltaConfig, DeltaStats
+from ._checks import DeltaConfig
 
 
 def discriminator(mu: torch.Tensor):
@@ -107,10 +107,3 @@ def side_masks(advantages: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype)
     neg = mask & (advantages < 0)
     zero = torch.zeros((), dtype=dtype, device=adv.device)
     return pos, neg, valid, torch.where(pos, adv, zero), torch.where(neg, -adv, zero)
-
-
-def coefficient_result(coef: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                       **stats: torch.Tensor) -> BackendCoefficients:
-    """Step 7: the backend result, with weighted_adv = adv coef where valid (0 at padding)."""
-    weighted = torch.where(mask, advantages.to(coef.dtype) * coef, 0.0)
-    return BackendCoefficients(coef=coef, weighted_advantages=weighted, stats=DeltaStats(**stats))

@@ -36,9 +36,9 @@ from typing import Optional
 
 import torch
 
-from ._checks import DeltaConfig, TokenBatch
-from ._formulas import (bias, centroids_about, centroids_from_sums, coefficient_result, discriminator,
-                        final_coefficients, gated_weights, side_masks, side_std)
+from ._checks import BackendCoefficients, DeltaConfig, TokenBatch
+from ._formulas import (bias, centroids_about, centroids_from_sums, discriminator, final_coefficients, gated_weights,
+                        side_masks, side_std)
 
 
 def _identity(t):
@@ -47,8 +47,7 @@ def _identity(t):
 
 def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int,
                      reduce=None):
-    """The fast backends' ``delta_coefficients``: same contract as the reference's
-    (-> _checks.BackendCoefficients)."""
+    """The fast backends' ``delta_coefficients``: same contract as the reference's."""
     reduce = reduce or _identity
     dtype = getattr(kernels, "compute_dtype", torch.float32)
     pos, neg, valid, a_pos, a_neg = side_masks(batch.advantages, batch.mask, dtype)
@@ -73,6 +72,6 @@ def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: O
     coef, scale, n_valid = final_coefficients(m, gamma, pos, neg, valid, cfg, reduce)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(dtype))
     pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
-    return coefficient_result(coef, batch.advantages, batch.mask, mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0],
-                              gamma_neg=gamma[1], W=w, b=bias(w, c), pred=pred, n_pos=counts[0], n_neg=counts[1],
-                              n_valid=n_valid, scale=scale)
+    return BackendCoefficients.of(coef, batch, mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1],
+                                  W=w, b=bias(w, c), pred=pred, n_pos=counts[0], n_neg=counts[1], n_valid=n_valid,
+                                  scale=scale)

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from .._checks import BackendCoefficients, DeltaConfig, TokenBatch, compute_dtype
-from .._formulas import (bias, centroids_from_sums, coefficient_result, discriminator, final_coefficients,
-                         gated_weights, side_masks, side_std)
+from .._formulas import (bias, centroids_from_sums, discriminator, final_coefficients, gated_weights, side_masks,
+                         side_std)
 from .sketch import token_vectors
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -67,6 +67,6 @@ def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional
     mu, w, b = mu.to(dtype), w.to(dtype), bias(w, c).to(dtype)
     counts = reduce(torch.stack([pos.sum(), neg.sum()]).to(dtype))  # the compute dtype, as on every backend
     pred = torch.where(batch.mask, torch.sign(batch.advantages.to(dtype)) * (m / 2), 0.0)
-    return coefficient_result(coef, batch.advantages, batch.mask, mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0],
-                              gamma_neg=gamma[1], W=w, b=b, pred=pred, n_pos=counts[0], n_neg=counts[1],
-                              n_valid=n_valid, scale=scale)
+    return BackendCoefficients.of(coef, batch, mu_pos=mu[0], mu_neg=mu[1], gamma_pos=gamma[0], gamma_neg=gamma[1],
+                                  W=w, b=b, pred=pred, n_pos=counts[0], n_neg=counts[1], n_valid=n_valid,
+                                  scale=scale)
