@@ -8,17 +8,13 @@ Writes benchmarks/results/public_call_<machine>.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_info import git_commit, machine_name  # noqa: E402
+from bench_info import parser, run_info, write_result  # noqa: E402
 from bench_timer import time_providers  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
@@ -26,13 +22,12 @@ from delta_kernels.naive import delta_coefficients_naive  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="N = 4,096, H = 256, 5 reps")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     if a.quick:
         a.tokens, a.hidden, a.reps = 4096, 256, 5
@@ -48,13 +43,8 @@ def main(argv=None):
         "naive": lambda: delta_coefficients_naive(h, logp, adv, mask, k=1),
     }
     med = {n: t.median_ms for n, t in time_providers(calls, reps=a.reps, warmup=1, cuda=False).items()}
-    row = dict(machine=machine_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               commit=git_commit(), torch=torch.__version__, tokens=a.tokens, hidden=a.hidden, k=1, dtype="float32",
-               reps=a.reps, median_ms=med, cpp_vs_torch=med["torch"] / med["cpp"],
-               cpp_vs_naive=med["naive"] / med["cpp"], load_average=os.getloadavg())
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    out = Path(a.out) / f"public_call_{row['machine']}"
-    out.with_suffix(".json").write_text(json.dumps(row, indent=2) + "\n")
+    row = dict(**run_info(), tokens=a.tokens, hidden=a.hidden, k=1, dtype="float32", reps=a.reps, median_ms=med,
+               cpp_vs_torch=med["torch"] / med["cpp"], cpp_vs_naive=med["naive"] / med["cpp"])
     md = (f"# Public delta_coefficients call, default value checks ({row['machine']})\n\n"
           f"{row['date']}, commit {row['commit']}, torch {row['torch']}; N = {a.tokens}, H = {a.hidden}, float32, "
           f"k = 1; medians of {a.reps} interleaved repetitions; load average {row['load_average']}.\n\n"
@@ -62,8 +52,7 @@ def main(argv=None):
           + "".join(f"| {n} | {v:.1f} |\n" for n, v in med.items())
           + f"\ncpp is **{row['cpp_vs_torch']:.2f}x** faster than the torch reference and "
           f"**{row['cpp_vs_naive']:.1f}x** faster than naive DelTA.\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_result(a.out, "public_call", row, md)
 
 
 if __name__ == "__main__":
