@@ -2,7 +2,7 @@
 FIPO and high-entropy tokens in the loss, composed by explicit product ("delta*entropy").
 
 Every module of this package is imported here, so a new method is one new module that calls
-``register`` (docs/design.md, "Adding a credit method").
+``register`` (docs/design.md, "How to add a credit method").
 """
 import importlib
 import pkgutil
