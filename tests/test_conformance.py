@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import delta_kernels as dk
+from delta_kernels import _backends
+from delta_kernels._checks import BackendCoefficients
 from delta_kernels.aggregation import AGG_MODES
 from delta_kernels.coefficients import COUNT_FIELDS
 from backend_cases import over_cases
@@ -147,6 +149,23 @@ def test_stats_field_types(backend, sketch_dim):
                 assert value.device.type == backend.device, (how, f.name, value.device)
             assert res.stats.n_pos + res.stats.n_neg <= res.stats.n_valid == int(mask.sum()), how
 
+
+
+def test_backend_returns_one_typed_result(backend, monkeypatch):
+    """The backend's delta_coefficients returns BackendCoefficients (coef, weighted_advantages,
+    stats: DeltaStats) on the flat token axis; the public result is it, reshaped like logp."""
+    h, logp, adv, mask = inputs(backend, (4, 9), 16, F32, seed=8)
+    impl = _backends.resolve(backend, h.device, F32, "delta_coefficients")
+    seen = []
+    real = impl.delta_coefficients
+    monkeypatch.setattr(impl, "delta_coefficients", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    res = dk.delta_coefficients(h, logp, adv, mask, backend=backend)
+    (raw,) = seen
+    assert type(raw) is BackendCoefficients and type(raw.stats) is dk.DeltaStats
+    assert raw.coef.shape == raw.weighted_advantages.shape == (logp.numel(),)
+    assert torch.equal(res.weighted_advantages, raw.weighted_advantages.reshape(logp.shape))
+    expected = torch.where(mask, adv[:, None] * res.coef, 0.0)
+    assert_rel(res.weighted_advantages, expected, 1e-6, "weighted_advantages")
 
 def test_all_masked_gives_zeros(backend):
     h, logp, adv, mask = inputs(backend, (3, 9), 16, F32, seed=3)
