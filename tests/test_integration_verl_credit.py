@@ -85,12 +85,12 @@ def test_entropy_policy_loss_through_verls_actor_loss():
     jagged = torch.nested.nested_tensor_from_jagged(values, out["log_probs"].offsets())
     data["old_log_probs"], data["advantages"] = old, adv.contiguous()
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=B)
-    cfg = actor_config(policy_loss=dict(loss_mode="delta_entropy"), calculate_entropy=True)
+    cfg = hydra_actor_config(loss_mode="delta_entropy", top_quantile=0.3)
     loss, metrics = losses.ppo_loss(cfg, {"log_probs": jagged, "entropy": out["entropy"]}, data)
     grad, = torch.autograd.grad(loss, values)
     ref_lp = no_padding_2_padding(jagged.detach(), td).double().requires_grad_()
     entropy = no_padding_2_padding(out["entropy"], td)
-    ref, keep = reference_entropy_loss(ref_lp, old, adv, mask, entropy, 0.2)
+    ref, keep = reference_entropy_loss(ref_lp, old, adv, mask, entropy, 0.3)
     ref_grad, = torch.autograd.grad(ref, ref_lp)
     assert 0 < int(keep.sum()) < int(mask.sum())
     assert abs(float(loss.detach()) - float(ref)) <= 1e-9 * abs(float(ref))
@@ -98,6 +98,34 @@ def test_entropy_policy_loss_through_verls_actor_loss():
     torch.testing.assert_close(no_padding_2_padding(torch.nested.nested_tensor_from_jagged(
         grad, out["log_probs"].offsets()), td)[mask], ref_grad[mask], rtol=1e-9, atol=1e-12)
     assert {"actor/entropy/threshold", "actor/entropy/kept_frac", "actor/pg_loss"} <= set(metrics)
+
+
+def hydra_actor_config(**policy_loss):
+    """The actor config as verl's workers build it from Hydra (omega_conf_to_dataclass on a node
+    with _target_), policy_loss._target_ set to CreditPolicyLossConfig so that it takes the options."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+    return omega_conf_to_dataclass(OmegaConf.create(dict(
+        _target_="verl.workers.config.ActorConfig", strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+        use_torch_compile=False, clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH, clip_ratio_c=CLIP_C,
+        calculate_entropy=True, policy_loss=dict(
+            _target_="delta_kernels.integrations.verl_credit.CreditPolicyLossConfig", **policy_loss))))
+
+
+def test_options_through_verls_structured_config():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config.actor import PolicyLossConfig
+    with pytest.raises(ConfigKeyError):  # why CreditPolicyLossConfig: verl's own refuses the keys
+        omega_conf_to_dataclass(OmegaConf.create(dict(top_quantile=0.5)), PolicyLossConfig)
+    cfg = hydra_actor_config(loss_mode="delta_fipo_entropy", decay_rate=8, top_quantile=0.5)
+    assert isinstance(cfg.policy_loss, verl_credit.CreditPolicyLossConfig)
+    assert verl_credit.options_from_config(verl_credit.FipoOptions, cfg.policy_loss) == verl_credit.FipoOptions(
+        decay_rate=8.0)
+    assert verl_credit.options_from_config(verl_credit.EntropyOptions, cfg.policy_loss).top_quantile == 0.5
+    defaults = hydra_actor_config(loss_mode="delta_fipo").policy_loss
+    assert verl_credit.options_from_config(verl_credit.FipoOptions, defaults) == verl_credit.FipoOptions()
 
 
 def test_entropy_policy_loss_without_entropies_is_refused():

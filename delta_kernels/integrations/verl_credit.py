@@ -14,13 +14,15 @@ and ``global_batch_info`` as verl's own losses. DelTA (``+algorithm.delta.enable
 into the advantages before the update, so it composes with any of these (DelTA x entropy:
 ``algorithm.delta.enable`` plus ``loss_mode=delta_entropy``).
 
-Options, read from ``actor.policy_loss`` when it carries them: FIPO's under the authors' key
-names (``decay_rate``, ``future_kl_clip_ratio``, ``future_kl_clip_high_only``,
-``safety_thresh``; else the paper run's values, ``delta_kernels.credit.fipo.FipoOptions``), c is
-the actor's ``clip_ratio_c``; entropy's ``top_quantile`` (else 0.2, ``EntropyOptions``). verl
-0.9.1 builds ``policy_loss`` as its structured ``PolicyLossConfig``, which refuses unknown keys
-(``+actor_rollout_ref.actor.policy_loss.top_quantile=...`` fails in ``omega_conf_to_dataclass``):
-a Hydra run gets these defaults; other values need a config object that has the keys.
+Options, read from ``actor.policy_loss``: FIPO's under the authors' key names (``decay_rate``,
+``future_kl_clip_ratio``, ``future_kl_clip_high_only``, ``safety_thresh``; else the paper run's
+values, ``delta_kernels.credit.fipo.FipoOptions``), c is the actor's ``clip_ratio_c``; entropy's
+``top_quantile`` (else 0.2, ``EntropyOptions``). verl 0.9.1 builds ``policy_loss`` as its
+``PolicyLossConfig``, which refuses keys it does not know; ``CreditPolicyLossConfig`` is that
+class with these options as fields, so set them with::
+
+    actor_rollout_ref.actor.policy_loss._target_=delta_kernels.integrations.verl_credit.CreditPolicyLossConfig \
+        +actor_rollout_ref.actor.policy_loss.top_quantile=0.5 +actor_rollout_ref.actor.policy_loss.decay_rate=64
 
 Entropies: verl's actor computes them when ``actor.calculate_entropy`` is true (or
 ``entropy_coeff`` != 0) and hands them to ``workers.utils.losses.ppo_loss`` in ``model_output``,
@@ -33,7 +35,9 @@ micro-batch), as each loss call of verl sees only its micro-batch.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import fields
+import typing
+from dataclasses import field, fields, make_dataclass
+from typing import Optional
 
 import torch
 
@@ -47,6 +51,17 @@ LOSS_MODES = {"delta_fipo": "fipo", "delta_entropy": "entropy", "delta_fipo_entr
 OPTIONS = {"fipo": FipoOptions, "entropy": EntropyOptions}
 _core = require("verl.trainer.ppo.core_algos", "verl")
 _LOSS_CALL = contextvars.ContextVar("delta_kernels_verl_loss_call", default=None)
+
+
+def _credit_policy_loss_config():
+    """verl's PolicyLossConfig with every option of OPTIONS as a field (None: the method's default)."""
+    from verl.workers.config.actor import PolicyLossConfig
+    extra = [(f.name, Optional[typing.get_type_hints(cls)[f.name]], field(default=None))
+             for cls in OPTIONS.values() for f in fields(cls)]
+    return make_dataclass("CreditPolicyLossConfig", extra, bases=(PolicyLossConfig,), namespace={"__module__": __name__})
+
+
+CreditPolicyLossConfig = _credit_policy_loss_config()
 
 
 def options_from_config(options_cls, policy_loss_config):
