@@ -76,6 +76,7 @@ _trl = require("trl", "trl")
 GRPOTrainer = _trl.GRPOTrainer
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
 FIPO_CLIP_C = 10.0  # the dual-clip bound c when GRPOConfig.delta is unset: the FIPO paper run's
 
 
@@ -147,6 +148,9 @@ class DeltaGRPOTrainer(GRPOTrainer):
         normalised as TRL's loss_type (module docstring). GRPOTrainer's otherwise."""
         if self._loss_credit is None:
             return super()._compute_loss(model, inputs)
+        if any(inputs.get(key) is not None for key in MULTIMODAL_KEYS):
+            raise NotImplementedError(f"credit {self.credit.name!r}: multimodal inputs are not supported by the FIPO "
+                                      "loss of DeltaGRPOTrainer yet")
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         logps, entropies = self._get_per_token_logps_and_entropies(
@@ -227,7 +231,7 @@ class DeltaGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._delta_accumulator = None
-        if any(key in output for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")):
+        if any(key in output for key in MULTIMODAL_KEYS):
             raise NotImplementedError("delta=: multimodal inputs are not supported by DeltaGRPOTrainer yet; "
                                       "pass delta=None")
         completion_ids, prompt_ids = output["completion_ids"], output["prompt_ids"]
