@@ -1,9 +1,18 @@
-"""DelTA inside TRL's ``GRPOTrainer``: change one class name and pass ``delta=``.
+"""Credit methods inside TRL's ``GRPOTrainer``: change one class name and pass ``delta=`` / ``credit=``.
 
     from delta_kernels.integrations.trl import DeltaGRPOTrainer
     trainer = DeltaGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
                                delta=dict(k=1, lam_min=0.8, lam_max=1.2, sketch_dim=None, backend="auto"))
     # DelTA on the whole LM-head gradient: delta=dict(k=1, vectors="head", vocab_sketch_dim=16, sketch_dim=64)
+
+Every method of delta_kernels.credit, one line each (``credit=`` takes a spec string or a credit_spec):
+
+    DeltaGRPOTrainer(..., delta=dict(k=1))                                  # DelTA (or credit="delta")
+    DeltaGRPOTrainer(..., credit="fipo")                                    # FIPO, paper-run options
+    DeltaGRPOTrainer(..., credit=credit_spec("fipo", fipo=dict(decay_rate=64)))  # FIPO, own options
+    DeltaGRPOTrainer(..., credit=credit_spec("entropy", entropy=dict(top_quantile=0.2)))  # 80/20 tokens
+    DeltaGRPOTrainer(..., credit="delta*fipo", delta=dict(k=1))             # products: delta*entropy,
+                                                                            # fipo*entropy, delta*fipo*entropy
 
 Per generation batch, the hidden states entering the LM head are captured from the decoder body
 (``capture_hidden_states``) during a no-grad log-prob pass, the coefficients are computed over
@@ -21,11 +30,31 @@ marked only after the pass) as its late mask. Memory: the [B, T, H] hidden state
 generation batch, kept by reference (on a GPU, beyond a quarter of its memory, in host memory),
 or only z [B, T, r] float32 with ``sketch_dim=r``; freed once the coefficients are computed.
 
-Targets trl 1.16.0. It overrides two methods: ``_generate_and_score_completions`` (calls the
-original, then replaces ``advantages``) and ``_get_per_token_logps_and_entropies`` (captures
-around the original during the old-log-prob pass). ``delta=None`` (or ``k=None``) leaves both
-as GRPOTrainer's; so does evaluation (its advantages stay TRL's). The trainer's ``delta=`` is not
-``GRPOConfig.delta`` (TRL's two-sided clipping bound), which keeps its meaning.
+Entropy (``credit="entropy"``) runs inside TRL's own loss, as its ``top_entropy_quantile`` does,
+with the mask of ``delta_kernels.entropy_mask`` over all processes (``get_high_entropy_mask``).
+
+FIPO (a spec with ``fipo``) changes the loss: ``_compute_loss`` is replaced by the library's
+dual-clip surrogate, ``clipped_surrogate_loss(logp, old_logp, advantages, mask, credit=<the
+in-loss part of the spec>, clip_low=epsilon, clip_high=epsilon_high, clip_c=c)``, FIPO's weights
+recomputed at every loss call from the current (detached) log-probs and the rollout's
+``old_per_token_logps`` (TRL's on-policy default has none: the current ones, so every weight is
+1); rows FIPO drops (more than one token with A < 0 and ratio > c) leave the loss. Normalised
+exactly as TRL's ``loss_type`` (grpo, bnpo, dr_grpo, dapo; ``delta_kernels.aggregation.
+trl_loss_aggregation``), with TRL's normalisers computed from its mask before the drop (as
+TRL's dapo and verl's global token count are fixed before the loss). c is ``GRPOConfig.delta``
+(TRL's two-sided clip, the same bound on the ratio) when set, else 10 (the FIPO paper run's).
+Refused with FIPO (TRL features this loss does not redo): ``beta`` != 0, sequence-level
+importance sampling, ``off_policy_mask_threshold``, vLLM importance-sampling correction, the
+entropy bonus, and the MoE auxiliary loss. Logged: TRL's ``entropy``, the surrogate's
+``clip_frac`` / ``clip_frac_lower`` and the methods' ``fipo/weight_mean``, ``weight_min``,
+``weight_max``, ``rows_dropped``, ``clip_frac`` (and ``entropy/threshold``, ``kept_frac``).
+
+Targets trl 1.16.0. It overrides three methods: ``_generate_and_score_completions`` (calls the
+original, then replaces ``advantages``), ``_get_per_token_logps_and_entropies`` (captures
+around the original during the old-log-prob pass) and ``_compute_loss`` (only with FIPO).
+``delta=None`` (or ``k=None``) and no ``credit=`` leave all as GRPOTrainer's; evaluation keeps
+TRL's advantages. The trainer's ``delta=`` is not ``GRPOConfig.delta`` (TRL's two-sided
+clipping bound), which keeps its meaning.
 """
 from __future__ import annotations
 
@@ -35,9 +64,11 @@ import torch
 
 from .._optional import require
 from ..accumulator import DeltaAccumulator
+from ..aggregation import trl_loss_aggregation
 from . import core
-from ..credit import credit_spec
+from ..credit import IN_LOSS, credit_spec
 from ..credit.entropy import entropy_mask
+from ..surrogate import clipped_surrogate_loss
 from .capture import capture_hidden_states, lm_head_parameters
 from .core import DeltaSpec, response_hidden_states
 
@@ -45,6 +76,8 @@ _trl = require("trl", "trl")
 GRPOTrainer = _trl.GRPOTrainer
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
+FIPO_CLIP_C = 10.0  # the dual-clip bound c when GRPOConfig.delta is unset: the FIPO paper run's
 
 
 class DeltaGRPOTrainer(GRPOTrainer):
@@ -56,24 +89,25 @@ class DeltaGRPOTrainer(GRPOTrainer):
             ``lam_max``, ``eps``, ``sketch_dim``, ``seed``, ``backend``; and ``vectors="head"``
             (with ``vocab_sketch_dim``) for the LM-head gradient's factors (head_gradient_sketch on the
             captured states, the head's weight and the completion ids; memory N (r1 + r2)).
-        credit: None (``delta=`` alone decides), or a credit spec (delta_kernels.credit) of "delta",
-            "entropy" or "delta*entropy": DelTA takes its options from ``delta=`` (default: the
-            defaults), entropy its ``top_quantile`` from the spec, and runs inside TRL's own
-            loss as its ``top_entropy_quantile`` does, with the mask from delta_kernels.entropy_mask
-            over all processes. FIPO changes the loss itself, which TRL's loss does not let in:
-            refused here (use the verl plugin's "delta_fipo" or the library's losses).
+        credit: None (``delta=`` alone decides), or a credit spec (delta_kernels.credit) of
+            "delta", "fipo", "entropy" or a product of them ("delta*entropy", "delta*fipo",
+            "fipo*entropy", "delta*fipo*entropy"): DelTA takes its options from ``delta=``
+            (default: the defaults), FIPO and entropy theirs from the spec
+            (``credit_spec("fipo", fipo=dict(decay_rate=64))``). Entropy alone runs inside TRL's
+            own loss as its ``top_entropy_quantile`` does, with the mask from
+            delta_kernels.entropy_mask over all processes; with FIPO the loss is the library's
+            dual-clip surrogate with TRL's normalisation (module docstring).
     Logs ``delta/coef_std``, ``delta/coef_min``, ``delta/coef_max`` (over valid tokens of all
-    processes), ``delta/gamma_pos``, ``delta/gamma_neg``, ``delta/n_pos``, ``delta/n_neg``.
+    processes), ``delta/gamma_pos``, ``delta/gamma_neg``, ``delta/n_pos``, ``delta/n_neg``; with
+    FIPO also its metrics and the surrogate's (module docstring).
     The last coefficients are kept in ``self.delta_last`` (a DeltaResult) for inspection.
     """
 
     def __init__(self, *args, delta=None, credit=None, **kwargs):
         self.credit = None if credit is None else credit_spec(credit)
         names = () if self.credit is None else tuple(m.name for m in self.credit.methods)
-        if set(names) - {"delta", "entropy"}:
-            raise NotImplementedError(f"credit: {self.credit.name!r}: DeltaGRPOTrainer runs delta and entropy inside "
-                                      "TRL's loss; FIPO changes the loss (verl plugin 'delta_fipo', or "
-                                      "delta_kernels.clipped_surrogate_loss(credit='fipo'))")
+        # with FIPO the in-loss part of the spec runs in the library's surrogate (_compute_loss)
+        self._loss_credit = self.credit.of_kind(IN_LOSS) if "fipo" in names else None
         if self.credit is not None:
             if delta is not None and "delta" not in names:
                 raise ValueError(f"delta: DelTA options given, but credit {self.credit.name!r} does not use delta")
@@ -89,6 +123,57 @@ class DeltaGRPOTrainer(GRPOTrainer):
             if self.top_entropy_quantile != 1.0:
                 raise ValueError("top_entropy_quantile: set in GRPOConfig and by credit='entropy'; give it once")
             self.top_entropy_quantile = self.credit.option("entropy").top_quantile
+        if self._loss_credit is not None:
+            self._check_fipo_loss()
+
+    def _check_fipo_loss(self) -> None:
+        """Refuse the GRPOTrainer options whose terms the FIPO loss (_compute_loss) does not redo."""
+        refused = [(self.loss_type not in SUPPORTED_LOSS_TYPES, "loss_type", f"{self.loss_type!r}; use one of "
+                    f"{list(SUPPORTED_LOSS_TYPES)}"),
+                   (self.beta != 0.0, "beta", "the KL term; set beta=0.0"),
+                   (self.importance_sampling_level != "token", "importance_sampling_level",
+                    "FIPO weighs tokens; use 'token'"),
+                   (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold", "set it to None"),
+                   (bool(self.use_vllm and self.vllm_importance_sampling_correction),
+                    "vllm_importance_sampling_correction", "set it to False"),
+                   (self._entropy_bonus_enabled, "entropy_coef", "the entropy bonus; set entropy_coef=0"),
+                   (self.aux_loss_enabled, "router_aux_loss_coef", "the MoE auxiliary loss; set it to 0")]
+        for bad, name, why in refused:
+            if bad:
+                raise ValueError(f"{name}: not supported with credit {self.credit.name!r} (FIPO's loss replaces "
+                                 f"TRL's): {why}")
+
+    def _compute_loss(self, model, inputs):
+        """With FIPO in the spec: the library's dual-clip surrogate with the spec's in-loss methods,
+        normalised as TRL's loss_type (module docstring). GRPOTrainer's otherwise."""
+        if self._loss_credit is None:
+            return super()._compute_loss(model, inputs)
+        if any(inputs.get(key) is not None for key in MULTIMODAL_KEYS):
+            raise NotImplementedError(f"credit {self.credit.name!r}: multimodal inputs are not supported by the FIPO "
+                                      "loss of DeltaGRPOTrainer yet")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, entropies = self._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1), completion_ids.size(1),
+            compute_entropy=True)[:2]
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        mode = "train" if self.model.training else "eval"
+        agg = trl_loss_aggregation(
+            self.loss_type, mask, max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs.get("num_items_in_batch"), num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation, training=mode == "train")
+        clip_c = FIPO_CLIP_C if self.args.delta is None else float(self.args.delta)
+        loss, metrics = clipped_surrogate_loss(
+            logps, old, inputs["advantages"], mask, credit=self._loss_credit, entropy=entropies.detach(),
+            credit_group=self._process_group(), clip_low=self.epsilon_low, clip_high=self.epsilon_high,
+            clip_c=clip_c, **agg)
+        metrics["entropy"] = (entropies.detach() * mask).sum() / mask.sum().clamp(min=1)
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather(value.detach().float()).mean().item())
+        return loss
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """With credit "entropy": delta_kernels.entropy_mask over every process (TRL's own otherwise)."""
@@ -146,7 +231,7 @@ class DeltaGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._delta_accumulator = None
-        if any(key in output for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")):
+        if any(key in output for key in MULTIMODAL_KEYS):
             raise NotImplementedError("delta=: multimodal inputs are not supported by DeltaGRPOTrainer yet; "
                                       "pass delta=None")
         completion_ids, prompt_ids = output["completion_ids"], output["prompt_ids"]

@@ -47,8 +47,11 @@ hook for extra worker outputs, a post-advantage step or extra metrics), verl 0.9
     5. ``verl.utils.config.validate_config`` (driver; main_ppo's config check): with
        ``algorithm.delta.enable`` and ``trainer.use_v1`` (verl's default), refuses a
        ``trainer.v1.trainer_mode`` other than ``delta_sync``
+    6. ``ppo_loss`` in ``verl.workers.utils.losses``, ``verl.workers.engine_workers`` and
+       ``verl.trainer.distillation.losses`` (worker): hands the actor's entropies to the policy
+       loss of the same call (verl_credit.py; read only by the ``delta_entropy`` losses)
 Each wrapper calls the original and does nothing unless ``algorithm.delta.enable`` is set
-(3: nor inside ``legacy_fold_inert``; 4: unless the batch carries them).
+(3: nor inside ``legacy_fold_inert``; 4: unless the batch carries them; 6: only passes the entropies on).
 
 Trainers: the legacy ``RayPPOTrainer`` (``trainer.use_v1=False``) through patches 2-4; verl
 0.9.1's default v1 trainer (verl/trainer/ppo/v1, TransferQueue) through
@@ -58,8 +61,15 @@ Config ``algorithm.delta``: enable, k, lam_min, lam_max, eps, sketch_dim, seed, 
 vocab_sketch_dim (DelTA on the LM-head gradient's factors: the workers send [u | s], r1 + r2 per token, from
 head_gradient_sketch on the captured states, the head's weight and the rolled input ids; ``core.fold`` splits it).
 
-Credit methods (delta_kernels.credit), a config key each: DelTA ``+algorithm.delta.enable=True``
-(above); FIPO ``actor_rollout_ref.actor.policy_loss.loss_mode=delta_fipo`` (verl_credit.py).
+Credit methods (delta_kernels.credit), a config key each (verl_credit.py has their options):
+
+    +algorithm.delta.enable=True                                    # DelTA (above), before the update
+    actor_rollout_ref.actor.policy_loss.loss_mode=delta_fipo        # FIPO, in the loss
+    actor_rollout_ref.actor.policy_loss.loss_mode=delta_entropy actor_rollout_ref.actor.calculate_entropy=True
+                                                                    # high-entropy tokens (80/20), in the loss
+    actor_rollout_ref.actor.policy_loss.loss_mode=delta_fipo_entropy actor_rollout_ref.actor.calculate_entropy=True
+
+DelTA composes with each loss mode (its coefficients are already in the advantages).
 """
 from __future__ import annotations
 
@@ -337,6 +347,7 @@ def install() -> Dict[str, str]:
                                                          _forward_step_with_vectors)
     config_utils = require("verl.utils.config", "verl")
     status["utils.config.validate_config"] = _patch(config_utils, "validate_config", _validate_config_checking_trainer)
+    status.update(_patch_ppo_loss())
     try:
         rt = require("verl.trainer.ppo.ray_trainer", "verl")
     except ImportError as e:
@@ -356,6 +367,20 @@ def install() -> Dict[str, str]:
     return status
 
 
+def _patch_ppo_loss() -> Dict[str, str]:
+    """Patch 6: ``ppo_loss`` where verl's workers (and its distillation loss) look it up by name."""
+    from .verl_credit import ppo_loss_passing_entropy
+    status = {}
+    for name in ("verl.workers.utils.losses", "verl.workers.engine_workers", "verl.trainer.distillation.losses"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            status[f"{name}.ppo_loss"] = f"skipped: {e}"
+            continue
+        status[f"{name}.ppo_loss"] = _patch(module, "ppo_loss", ppo_loss_passing_entropy)
+    return status
+
+
 def _patch(owner, name, wrap) -> str:
     current = getattr(owner, name)
     if getattr(current, "_delta_kernels_patch", False):
@@ -367,4 +392,4 @@ def _patch(owner, name, wrap) -> str:
 V1_SKIPPED: Optional[str] = None  # why verl's v1 trainer could not be imported (then "delta_sync" is not registered)
 INSTALLED = install()
 
-from . import verl_credit  # noqa: E402,F401  (registers the "delta_fipo" policy loss)
+from . import verl_credit  # noqa: E402,F401  (registers the delta_fipo / delta_entropy policy losses)
