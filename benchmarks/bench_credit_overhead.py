@@ -8,24 +8,29 @@ Writes benchmarks/results/credit_overhead_<machine>.{json,md}.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_info import parser, run_info, write_result  # noqa: E402
+from bench_info import git_commit, machine_name  # noqa: E402
 from bench_timer import time_providers  # noqa: E402
 
 import delta_kernels as dk  # noqa: E402
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--backend", default="cpp")
     p.add_argument("--reps", type=int, default=31)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     dev = "cuda" if a.backend in ("triton", "cuda") else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -46,15 +51,22 @@ def main(argv=None):
              "fipo_weights": lambda: dk.fipo_weights(logp, old, adv, mask, backend=a.backend)}
     med = {n: t.median_ms for n, t in time_providers(calls, reps=a.reps, warmup=2, cuda=dev == "cuda").items()}
     overhead = med["fipo+surrogate"] / med["surrogate"] - 1
-    row = dict(**run_info(dev), backend=a.backend, tokens=b * a.seq_len, seq_len=a.seq_len, dtype="float32",
-               reps=a.reps, median_ms=med, overhead=overhead)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    row = dict(machine=machine_name(dev), date=now,
+               commit=git_commit(), torch=torch.__version__, backend=a.backend, tokens=b * a.seq_len,
+               seq_len=a.seq_len, dtype="float32", reps=a.reps, median_ms=med, overhead=overhead,
+               threads=torch.get_num_threads(), load_average=os.getloadavg())
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) / f"credit_overhead_{row['machine']}"
+    out.with_suffix(".json").write_text(json.dumps(row, indent=2) + "\n")
     md = (f"# FIPO credit on the surrogate, forward + backward ({row['machine']}, backend {a.backend})\n\n"
           f"{row['date']}, commit {row['commit']}, torch {row['torch']}, {row['threads']} threads; "
           f"N = {row['tokens']} tokens as [{b}, {a.seq_len}], float32, default value checks; medians of {a.reps} "
           f"interleaved repetitions; load average {tuple(round(x, 2) for x in row['load_average'])}.\n\n"
           "| provider | median ms |\n|---|---|\n" + "".join(f"| {n} | {v:.2f} |\n" for n, v in med.items())
           + f"\nFIPO adds **{100 * overhead:.1f}%** to the surrogate step (goal: <= 15%).\n")
-    write_result(a.out, "credit_overhead", row, md)
+    out.with_suffix(".md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
