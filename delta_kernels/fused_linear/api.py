@@ -225,7 +225,8 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
         (masked tokens contribute none), accumulated in float32.
     """
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
-    h, w, y, b, shape, flat_valid = _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values, mask)
+    h, w, y, b, shape, flat_valid = _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values,
+                                                          mask)
     ref = torch.empty(shape, device="meta")
     C.check_devices(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
                     rollout_is_weights=rollout_is_weights)

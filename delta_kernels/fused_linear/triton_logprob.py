@@ -37,7 +37,8 @@ TILES_PER_SPLIT = 32
 @triton.jit
 def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, part_ptr, N, V, H, temperature, n_blocks,
                              cols_per_split, n_splits,
-                             HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, ENTROPY: tl.constexpr,
+                             IEEE: tl.constexpr, UPCAST: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % n_blocks
@@ -92,7 +93,8 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
     _logprob_partials_kernel[(n_blocks * n_splits,)](
         hidden, weight, hidden if bias is None else bias, targets, hidden if valid is None else valid, part, n, vocab,
         hdim, float(temperature), n_blocks, cols_per_split, n_splits,
-        HAS_BIAS=bias is not None, HAS_VALID=valid is not None, ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32,
+        HAS_BIAS=bias is not None, HAS_VALID=valid is not None, ENTROPY=want_entropy,
+        IEEE=hidden.dtype == torch.float32,
         UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
         **TILE)
     m, s, t, x_y = part.unbind(0)            # [splits, N] each

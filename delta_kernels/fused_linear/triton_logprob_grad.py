@@ -32,7 +32,8 @@ CHUNK_BYTES = 512 * 2**20  # size cap of the dx buffer
 @triton.jit
 def _logprob_grad_logits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, valid_ptr, dx_ptr, N, V, H,
                                 temperature, c0, width, n_blocks,
-                                HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                                UPCAST: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % n_blocks
