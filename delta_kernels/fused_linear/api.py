@@ -125,10 +125,11 @@ def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targ
         seed: seed of R, in [0, 2**32).
         entropy: also return the entropy of softmax(logits) per token.
         advantages, mask: give both to get the side sums (advantages shaped like targets, or [B]
-            for [B, T]; mask bool or 0/1 shaped like targets).
+            for [B, T]; mask bool or 0/1 shaped like targets). Padding (mask 0) is don't-care: any
+            hidden, target or advantage there is accepted, enters no sum, and its outputs are 0.
         backend: "auto" or a registered backend that lists the lm_head op (see
             delta_kernels._backends; "auto" takes the highest priority one for the device).
-        check_values: check target range and finiteness (device syncs).
+        check_values: check target range and finiteness, at valid positions (device syncs).
     Returns:
         logp: shaped like targets, float32 (float64 for float64), log p(target) <= 0.
         entropy: like logp, or None.
@@ -209,7 +210,9 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
         hidden: [N, H] or [B, T, H] (requires grad as needed). weight: [V, H]. bias: [V] or None.
         targets: int64 token ids shaped like hidden's leading dims, in [0, V).
         old_logp: like targets. advantages: like targets, or [B] for [B, T].
-        mask: like targets, bool or 0/1. coef: optional per-token coefficients like targets.
+        mask: like targets, bool or 0/1; padding (0) is don't-care: any value of any per-token input
+            there is accepted and enters neither the loss nor a gradient. coef: optional per-token
+            coefficients like targets.
         temperature > 0; clip_low, clip_high, clip_c, agg, dp_size, batch_num_tokens,
         global_batch_size, loss_scale_factor, rollout_is_weights: as clipped_surrogate_loss.
         return_logp / entropy: add the detached per-token "logp" / "entropy" to metrics.
@@ -221,8 +224,9 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
             delta_kernels._backends; "auto" takes the highest priority one for the device).
     Returns:
         (loss [], metrics {clip_frac, clip_frac_lower, ppo_kl[, logp][, entropy]}), float32
-        (float64 for float64). loss.backward() gives gradients for hidden, weight and bias
-        (masked tokens contribute none), accumulated in float32.
+        (float64 for float64); logp and entropy are 0 at padding. loss.backward() gives gradients
+        for hidden (0 at padding), weight and bias (masked tokens contribute none), accumulated in
+        float32.
     """
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
     h, w, y, b, shape, flat_valid = _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values,
