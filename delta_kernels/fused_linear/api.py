@@ -22,7 +22,14 @@ from ..surrogate import surrogate_aggregation
 
 def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: bool):
     """-> hidden [N, H], weight [V, H], targets [N] int64, bias [V] or None (all contiguous),
-    and the token shape (targets' shape)."""
+    and the token shape (targets' shape): _check_masked_lm_head without a mask."""
+    return _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values, None)[:5]
+
+
+def _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values: bool, mask):
+    """-> hidden [N, H], weight [V, H], targets [N] int64, bias [V] or None (all contiguous),
+    the token shape (targets' shape) and valid [N] bool (mask, or None without one). Padding is
+    don't-care: the value checks of hidden and targets look only at valid positions."""
     hidden = _check_hidden(hidden)
     hdim = hidden.shape[-1]
     weight = C.check_tensor("weight", weight)
@@ -39,12 +46,13 @@ def _check_lm_head(hidden, weight, targets, bias, temperature, check_values: boo
             C.fail("bias", f"expected shape [{vocab}] (weight's rows), got {list(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} does not match hidden's {hidden.dtype}")
-    C.check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    y, shape = check_targets_and_temperature(hidden, vocab, targets, temperature, check_values)
+    C.check_devices(hidden=hidden, weight=weight, targets=targets, bias=bias, mask=mask)
+    valid = None if mask is None else C.check_mask(mask, hidden.shape[:-1], check_values)
+    y, shape = check_targets_and_temperature(hidden, vocab, targets, temperature, check_values, valid)
     if check_values and bias is not None:
         C.check_finite("bias", bias)
     return (hidden.reshape(-1, hdim).contiguous(), weight.contiguous(), y, None if bias is None else bias.contiguous(),
-            shape)
+            shape, valid)
 
 
 def _check_hidden(hidden) -> torch.Tensor:
@@ -56,10 +64,11 @@ def _check_hidden(hidden) -> torch.Tensor:
     return hidden
 
 
-def check_targets_and_temperature(hidden: torch.Tensor, vocab: int, targets, temperature, check_values: bool):
+def check_targets_and_temperature(hidden: torch.Tensor, vocab: int, targets, temperature, check_values: bool,
+                                  valid: Optional[torch.Tensor] = None):
     """The LM head's per-token inputs besides its matrix (hidden admitted, on targets' device):
     -> targets [N] int64 contiguous, token shape. With check_values: targets in [0, vocab),
-    hidden finite."""
+    hidden finite, at the ``valid`` positions ([N] bool) only when given."""
     targets = C.check_tensor("targets", targets, floating=False)
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets: expected int64 (or int32) token ids, got {targets.dtype}")
@@ -75,13 +84,15 @@ def check_targets_and_temperature(hidden: torch.Tensor, vocab: int, targets, tem
         C.fail("temperature", f"{temperature!r} is below {tiny:.3g}, the smallest normal number of the compute dtype")
     if check_values:
         bad = (targets < 0) | (targets >= vocab)
+        if valid is not None:
+            bad &= valid.reshape(bad.shape)
         if C.compiling():
             C.assert_on_device(~bad, "targets", f"a value is out of range [0, V={vocab})")
         elif bool(bad.any()):
             flat = int(bad.reshape(-1).nonzero()[0, 0])
             C.fail("targets", f"value {int(targets.reshape(-1)[flat])} at flat index {flat} is out of range "
                               f"[0, V={vocab})")
-        C.check_finite("hidden", hidden)
+        C.check_finite("hidden", hidden, None if valid is None else valid.reshape(hidden.shape[:-1]))
     return targets.reshape(-1).to(torch.int64).contiguous(), tuple(targets.shape)
 
 
@@ -114,10 +125,11 @@ def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targ
         seed: seed of R, in [0, 2**32).
         entropy: also return the entropy of softmax(logits) per token.
         advantages, mask: give both to get the side sums (advantages shaped like targets, or [B]
-            for [B, T]; mask bool or 0/1 shaped like targets).
+            for [B, T]; mask bool or 0/1 shaped like targets). Padding (mask 0) is don't-care: any
+            hidden, target or advantage there is accepted, enters no sum, and its outputs are 0.
         backend: "auto" or a registered backend that lists the lm_head op (see
             delta_kernels._backends; "auto" takes the highest priority one for the device).
-        check_values: check target range and finiteness (device syncs).
+        check_values: check target range and finiteness, at valid positions (device syncs).
     Returns:
         logp: shaped like targets, float32 (float64 for float64), log p(target) <= 0.
         entropy: like logp, or None.
@@ -127,38 +139,36 @@ def fused_linear_logprob_sketch(hidden: torch.Tensor, weight: torch.Tensor, targ
     The outputs feed ``delta_coefficients(None, logp, advantages, mask, vectors=sketch,
     side_sums=side_sums, sketch_dim=sketch_dim)``.
     """
-    h, w, y, b, shape = _check_lm_head(hidden, weight, targets, bias, temperature, check_values)
-    C.check_sketch_args(sketch_dim, seed)
     if (advantages is None) != (mask is None):
         C.fail("advantages" if advantages is None else "mask", "advantages and mask go together (side sums need both)")
+    h, w, y, b, shape, valid = _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values, mask)
+    C.check_sketch_args(sketch_dim, seed)
     a_pos = a_neg = None
     if advantages is not None:
+        C.check_devices(hidden=hidden, advantages=advantages)
         ref = torch.empty(shape, device="meta")
-        adv = C.check_advantages(advantages, ref, False)
-        if check_values:
-            C.check_finite("advantages", advantages)
-        flat_mask = C.check_mask(mask, shape, check_values)
-        C.check_devices(hidden=hidden, advantages=advantages, mask=mask)
+        adv = C.check_advantages(advantages, ref, check_values, valid.reshape(shape))
         cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
-        _, _, _, a_pos, a_neg = side_masks(adv.contiguous(), flat_mask.contiguous(), cdt)
+        _, _, _, a_pos, a_neg = side_masks(adv.contiguous(), valid.contiguous(), cdt)
         a_pos, a_neg = a_pos.contiguous(), a_neg.contiguous()
     ops = resolve(backend, h.device, h.dtype, LM_HEAD)
-    logp, _, ent = ops.logprob(h, w, b, y, float(temperature), entropy)
+    logp, _, ent = ops.logprob(h, w, b, y, float(temperature), entropy, valid=valid)
     if check_values:
         _check_logits_finite(logp, temperature)
-    vec, sums = ops.token_vectors(h, logp, a_pos, a_neg, sketch_dim, seed)
+    vec, sums = ops.token_vectors(h, logp, a_pos, a_neg, sketch_dim, seed, valid=valid)
     return (logp.reshape(shape), None if ent is None else ent.reshape(shape),
             vec.reshape(*shape, vec.shape[-1]), sums)
 
 
 class _FusedLinearLogprob(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V] or None) -> logp [N] (and entropy [N], not
-    differentiable; empty when not asked). Backward recomputes the logits tiles."""
+    differentiable; empty when not asked). Backward recomputes the logits tiles. Rows that are
+    not ``valid`` ([N] bool) are selected out: 0 outputs, 0 hidden gradient, no weight gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ops, want_entropy):
-        logp, lse, ent = ops.logprob(hidden, weight, bias, targets, temperature, want_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    def forward(ctx, hidden, weight, bias, targets, temperature, ops, want_entropy, valid):
+        logp, lse, ent = ops.logprob(hidden, weight, bias, targets, temperature, want_entropy, valid=valid)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, valid)
         ctx.temperature, ctx.ops = temperature, ops
         ent = ent if ent is not None else logp.new_empty(0)
         ctx.mark_non_differentiable(ent)
@@ -166,13 +176,14 @@ class _FusedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ent):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, valid = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         dh, dw, db = ctx.ops.logprob_backward(hidden, weight, bias, targets, ctx.temperature, lse,
-                                              grad_logp.contiguous(), need_h, need_w, need_b and bias is not None)
-        return dh, dw, db, None, None, None, None
+                                              grad_logp.contiguous(), need_h, need_w, need_b and bias is not None,
+                                              valid=valid)
+        return dh, dw, db, None, None, None, None, None
 
 
 def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -199,7 +210,9 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
         hidden: [N, H] or [B, T, H] (requires grad as needed). weight: [V, H]. bias: [V] or None.
         targets: int64 token ids shaped like hidden's leading dims, in [0, V).
         old_logp: like targets. advantages: like targets, or [B] for [B, T].
-        mask: like targets, bool or 0/1. coef: optional per-token coefficients like targets.
+        mask: like targets, bool or 0/1; padding (0) is don't-care: any value of any per-token input
+            there is accepted and enters neither the loss nor a gradient. coef: optional per-token
+            coefficients like targets.
         temperature > 0; clip_low, clip_high, clip_c, agg, dp_size, batch_num_tokens,
         global_batch_size, loss_scale_factor, rollout_is_weights: as clipped_surrogate_loss.
         return_logp / entropy: add the detached per-token "logp" / "entropy" to metrics.
@@ -211,11 +224,13 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
             delta_kernels._backends; "auto" takes the highest priority one for the device).
     Returns:
         (loss [], metrics {clip_frac, clip_frac_lower, ppo_kl[, logp][, entropy]}), float32
-        (float64 for float64). loss.backward() gives gradients for hidden, weight and bias
-        (masked tokens contribute none), accumulated in float32.
+        (float64 for float64); logp and entropy are 0 at padding. loss.backward() gives gradients
+        for hidden (0 at padding), weight and bias (masked tokens contribute none), accumulated in
+        float32.
     """
     cfg = C.SurrogateConfig(clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
-    h, w, y, b, shape = _check_lm_head(hidden, weight, targets, bias, temperature, check_values)
+    h, w, y, b, shape, flat_valid = _check_masked_lm_head(hidden, weight, targets, bias, temperature, check_values,
+                                                          mask)
     ref = torch.empty(shape, device="meta")
     C.check_devices(hidden=hidden, old_logp=old_logp, advantages=advantages, mask=mask, coef=coef,
                     rollout_is_weights=rollout_is_weights)
@@ -223,7 +238,7 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
     if tuple(old_logp.shape) != shape:
         C.fail("old_logp", f"shape {list(old_logp.shape)} does not match targets' {list(shape)}")
     aggregation = surrogate_aggregation(agg, shape, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    valid = C.check_mask(mask, shape, check_values).reshape(shape)
+    valid = flat_valid.reshape(shape)
     if check_values:  # padding is don't-care: only valid positions are looked at
         C.check_values_of_logp("old_logp", old_logp, valid)
     adv = C.check_advantages(advantages, ref, False).reshape(shape)
@@ -235,7 +250,7 @@ def fused_linear_clipped_surrogate_loss(hidden: torch.Tensor, weight: torch.Tens
     ops = resolve(backend, h.device, h.dtype, LM_HEAD)
     spec = credit_spec(NONE if credit is None else credit)
     want_entropy = entropy or any("entropy" in m.inputs for m in spec.methods)
-    logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, want_entropy)
+    logp, ent = _FusedLinearLogprob.apply(h, w, b, y, float(temperature), ops, want_entropy, flat_valid.contiguous())
     if check_values:
         _check_logits_finite(logp, temperature)
     logp = logp.reshape(shape)

@@ -5,11 +5,15 @@ in the compute dtype (float32, or float64 for float64 inputs). Logits are
 ``x = (hidden @ weight.T + bias) / temperature``.
 
 Internal functions (validated, contiguous inputs; hidden [N, H], weight [V, H], bias [V] or
-None, targets [N] int64):
+None, targets [N] int64; valid [N] bool or None = every row valid):
     logprob(...)          -> logp [N], lse [N], entropy [N] or None      one pass over V
     token_vectors(...)    -> v or z [N, D] in hidden's dtype, side sums [2, D] or None
     softmax_sketch(...)   -> softmax(x) @ S1 [N, r1] (S1 a sketch_matrix)             one pass over V
     logprob_backward(...) -> d hidden, d weight, d bias from dL/dlogp     recomputes logits
+
+Padding is don't-care (docs/reliability.md): a row with valid False is selected out
+(``torch.where``, never multiplied by 0: a NaN row times 0 is NaN) before any matmul, so it
+enters no sum over tokens, and its outputs (logp, entropy, v or z, d hidden) are 0.
 """
 from __future__ import annotations
 
@@ -28,6 +32,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows(hidden, r0: int, r1: int, valid, cdt):
+    """Rows r0:r1 of hidden in cdt, invalid rows zeroed (selected, not multiplied); and their
+    validity [r1 - r0, 1] (None: every row valid)."""
+    h_c = hidden[r0:r1].to(cdt)
+    if valid is None:
+        return h_c, None
+    ok = valid[r0:r1, None]
+    return torch.where(ok, h_c, 0.0), ok
+
+
 def _logits(h_c: torch.Tensor, weight: torch.Tensor, bias, v0: int, v1: int, temperature: float, cdt):
     """[rows, v1 - v0] logits chunk in cdt."""
     x = h_c @ weight[v0:v1].to(cdt).T
@@ -36,11 +50,11 @@ def _logits(h_c: torch.Tensor, weight: torch.Tensor, bias, v0: int, v1: int, tem
     return x / temperature
 
 
-def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool):
+def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool, valid=None):
     """Online log-sum-exp over vocabulary chunks.
 
     Returns logp [N] (clamped to <= 0), lse [N] (of the tempered logits) and entropy [N]
-    (or None), in float32 (float64 for float64 inputs)."""
+    (or None), in float32 (float64 for float64 inputs); logp and entropy are 0 where not valid."""
     n, cdt = hidden.shape[0], _compute_dtype(hidden.dtype)
     vocab = weight.shape[0]
     logp = empty(n, dtype=cdt, device=hidden.device)
@@ -48,7 +62,7 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
     ent = empty(n, dtype=cdt, device=hidden.device) if want_entropy else None
     for r0 in range(0, n, ROWS):
         r1 = min(r0 + ROWS, n)
-        h_c, y = hidden[r0:r1].to(cdt), targets[r0:r1]
+        (h_c, ok), y = _rows(hidden, r0, r1, valid, cdt), targets[r0:r1]
         m = torch.full((r1 - r0,), float("-inf"), dtype=cdt, device=hidden.device)
         s = torch.zeros_like(m)
         t = torch.zeros_like(m)   # sum exp(x - m) (x - m): entropy = log s - t / s
@@ -69,16 +83,23 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
             s = alpha * s + p.sum(1)
             m = m_new
         lse[r0:r1] = m + torch.log(s) if want_entropy else m
-        logp[r0:r1] = (x_y - lse[r0:r1]).clamp_max(0.0)
+        logp[r0:r1] = _zero_padding((x_y - lse[r0:r1]).clamp_max(0.0), ok)
         if want_entropy:
-            ent[r0:r1] = (torch.log(s) - t / s).clamp_min(0.0)
+            ent[r0:r1] = _zero_padding((torch.log(s) - t / s).clamp_min(0.0), ok)
     return logp, lse, ent
 
 
+def _zero_padding(x: torch.Tensor, ok) -> torch.Tensor:
+    """x with its rows that are not valid set to 0 (ok [rows, 1] bool or None)."""
+    if ok is None:
+        return x
+    return torch.where(ok if x.dim() == 2 else ok[:, 0], x, 0.0)
+
+
 def token_vectors(hidden, logp, a_pos: Optional[torch.Tensor], a_neg: Optional[torch.Tensor],
-                  sketch_dim: Optional[int], seed: int):
-    """v = (1 - exp(logp)) h, or z = v @ R; with a_pos/a_neg also (sum a+ v, sum a- v) from
-    the compute-dtype vectors before rounding to hidden's dtype."""
+                  sketch_dim: Optional[int], seed: int, valid=None):
+    """v = (1 - exp(logp)) h, or z = v @ R (0 where not valid); with a_pos/a_neg also
+    (sum a+ v, sum a- v) from the compute-dtype vectors before rounding to hidden's dtype."""
     n, hdim = hidden.shape
     cdt = _compute_dtype(hidden.dtype)
     d = hdim if sketch_dim is None else sketch_dim
@@ -87,9 +108,11 @@ def token_vectors(hidden, logp, a_pos: Optional[torch.Tensor], a_neg: Optional[t
     r = None if sketch_dim is None else sketch_matrix(hdim, sketch_dim, seed, dtype=cdt, device=hidden.device)
     for r0 in range(0, n, ROWS):
         r1 = min(r0 + ROWS, n)
-        v = -torch.expm1(logp[r0:r1].to(cdt))[:, None] * hidden[r0:r1].to(cdt)
+        h_c, ok = _rows(hidden, r0, r1, valid, cdt)
+        v = -torch.expm1(logp[r0:r1].to(cdt))[:, None] * h_c
         if r is not None:
             v = v @ r
+        v = _zero_padding(v, ok)  # +0, not the -0 of -expm1(0) * 0
         out[r0:r1] = v.to(hidden.dtype)
         if sums is not None:
             sums += torch.stack([a_pos[r0:r1].to(cdt), a_neg[r0:r1].to(cdt)]) @ v
@@ -124,12 +147,13 @@ def softmax_sketch(hidden, weight, bias, temperature: float, sketch_dim: int, se
 
 
 def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, grad_logp,
-                     need_hidden: bool, need_weight: bool, need_bias: bool):
+                     need_hidden: bool, need_weight: bool, need_bias: bool, valid=None):
     """d logp[t] / d x[t, j] = onehot(j == y_t) - softmax(x[t])_j, and x = (h W^T + b) / T.
 
     Recomputes each logits chunk, forms dx = g / T * (onehot - p) in the compute dtype and
     accumulates dH = dx W, dW = dx^T H, db = sum_t dx (fixed chunk order). Rows with
-    g = 0 (masked tokens) contribute exactly zero."""
+    g = 0 contribute exactly zero; rows that are not valid are selected out (h and g zeroed), and
+    their d hidden is 0."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
@@ -138,8 +162,8 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
     db = torch.zeros(vocab, dtype=cdt, device=hidden.device) if need_bias else None
     for r0 in range(0, n, ROWS):
         r1 = min(r0 + ROWS, n)
-        h_c, y = hidden[r0:r1].to(cdt), targets[r0:r1]
-        g = (grad_logp[r0:r1].to(cdt) / temperature)[:, None]
+        (h_c, ok), y = _rows(hidden, r0, r1, valid, cdt), targets[r0:r1]
+        g = _zero_padding((grad_logp[r0:r1].to(cdt) / temperature)[:, None], ok)
         dh_c = torch.zeros(r1 - r0, hdim, dtype=cdt, device=hidden.device) if need_hidden else None
         for v0 in range(0, vocab, COLS):
             v1 = min(v0 + COLS, vocab)
@@ -156,7 +180,7 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
             if need_bias:
                 db[v0:v1] += dx.sum(0)
         if need_hidden:
-            dh[r0:r1] = dh_c.to(hidden.dtype)
+            dh[r0:r1] = _zero_padding(dh_c, ok).to(hidden.dtype)
     return (dh,
             None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))

@@ -12,6 +12,9 @@ split count depends only on V, never on the GPU.
 
     lse = M + log S,   logp = min(x_y - lse, 0),   entropy = log S - T / S   (shift-free form,
     stable for large or all-negative logits)
+
+Padding is don't-care: with ``valid`` the rows that are not valid load zeros for h (selected,
+never multiplied), and their logp and entropy are 0.
 """
 from __future__ import annotations
 
@@ -32,15 +35,19 @@ TILES_PER_SPLIT = 32
 
 
 @triton.jit
-def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, temperature, n_blocks,
+def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, part_ptr, N, V, H, temperature, n_blocks,
                              cols_per_split, n_splits,
-                             HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, ENTROPY: tl.constexpr,
+                             IEEE: tl.constexpr, UPCAST: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % n_blocks
     pid_s = pid // n_blocks
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    h_ok = row_ok  # rows whose h is read: a padded row loads zeros
+    if HAS_VALID:
+        h_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -50,7 +57,7 @@ def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, temp
     for j in range(0, cols_per_split, BLOCK_V):
         cols = v_lo + j + tl.arange(0, BLOCK_V)
         col_ok = (cols < V) & (cols < v_lo + cols_per_split)
-        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, temperature,
+        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, h_ok, cols, col_ok, H, temperature,
                         HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         x = tl.where(col_ok[None, :], x, float("-inf"))
         x_y += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
@@ -73,9 +80,10 @@ def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, N, V, H, temp
     tl.store(out + 3 * plane, x_y, mask=row_ok)
 
 
-def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool):
+def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: bool, valid=None):
     """hidden [N, H], weight [V, H] (one dtype: fp16/bf16/fp32), bias [V] or None, targets [N]
-    int64 -> logp [N], lse [N], entropy [N] or None, float32."""
+    int64, valid [N] bool or None (all valid) -> logp [N], lse [N], entropy [N] or None, float32;
+    logp and entropy are 0 where not valid."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     cols_per_split = TILE["BLOCK_V"] * TILES_PER_SPLIT
@@ -83,9 +91,10 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
     n_blocks = triton.cdiv(n, TILE["BLOCK_N"])
     part = empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
     _logprob_partials_kernel[(n_blocks * n_splits,)](
-        hidden, weight, hidden if bias is None else bias, targets, part, n, vocab, hdim, float(temperature),
-        n_blocks, cols_per_split, n_splits,
-        HAS_BIAS=bias is not None, ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32,
+        hidden, weight, hidden if bias is None else bias, targets, hidden if valid is None else valid, part, n, vocab,
+        hdim, float(temperature), n_blocks, cols_per_split, n_splits,
+        HAS_BIAS=bias is not None, HAS_VALID=valid is not None, ENTROPY=want_entropy,
+        IEEE=hidden.dtype == torch.float32,
         UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
         **TILE)
     m, s, t, x_y = part.unbind(0)            # [splits, N] each
@@ -98,4 +107,7 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
     if want_entropy:
         big_t = ((t + s * (m - big_m)) * scale).sum(0)
         ent = (torch.log(big_s) - big_t / big_s).clamp_min(0.0)
+    if valid is not None:
+        logp = torch.where(valid, logp, 0.0)
+        ent = None if ent is None else torch.where(valid, ent, 0.0)
     return logp, lse, ent

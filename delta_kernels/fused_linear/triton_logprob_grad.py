@@ -8,7 +8,10 @@ The vocabulary is walked in chunks of CHUNK columns. For each chunk, kernel
 and writes dx for the chunk, [N, CHUNK] in the input dtype (the only buffer that grows with
 V; its size is bounded by CHUNK_BYTES); the two gradient GEMMs of the chunk then run in
 cuBLAS (float32 accumulation; dH accumulates across chunks in a float32 buffer, in fixed
-chunk order, no atomics). Rows with g = 0 (masked tokens) give exactly zero.
+chunk order, no atomics). Rows with g = 0 give exactly zero. Padding is don't-care: with
+``valid`` a row that is not valid loads zeros for h and g (selected, never multiplied), its
+dx row is 0, it is zeroed in the H of the dW GEMM (a NaN row times a zero dx is NaN), and its
+d hidden is 0.
 """
 from __future__ import annotations
 
@@ -27,23 +30,27 @@ CHUNK_BYTES = 512 * 2**20  # size cap of the dx buffer
 
 
 @triton.jit
-def _logprob_grad_logits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dx_ptr, N, V, H, temperature,
-                                c0, width, n_blocks,
-                                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+def _logprob_grad_logits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, valid_ptr, dx_ptr, N, V, H,
+                                temperature, c0, width, n_blocks,
+                                HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                                UPCAST: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % n_blocks
     pid_v = pid // n_blocks
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    h_ok = row_ok  # rows whose h and g are read: a padded row loads zeros
+    if HAS_VALID:
+        h_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)   # column inside the chunk
     col_ok = local < width
     cols = c0 + local
-    x = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, temperature,
+    x = logits_tile(h_ptr, w_ptr, b_ptr, rows, h_ok, cols, col_ok, H, temperature,
                     HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0) / temperature
+    g = tl.load(g_ptr + rows, mask=h_ok, other=0.0) / temperature
     onehot = (cols[None, :] == y[:, None]).to(tl.float32)
     dx = g[:, None] * (onehot - tl.exp(x - lse[:, None]))
     tl.store(dx_ptr + rows[:, None] * width + local[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -63,9 +70,9 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, grad_logp,
-                     need_hidden: bool, need_weight: bool, need_bias: bool):
+                     need_hidden: bool, need_weight: bool, need_bias: bool, valid=None):
     """-> (d hidden [N, H], d weight [V, H], d bias [V]) in the inputs' dtypes, or None where
-    not needed. lse and grad_logp are float32 [N]."""
+    not needed. lse and grad_logp are float32 [N]; valid [N] bool or None (all valid)."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     elem = hidden.element_size()
@@ -75,6 +82,8 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
     n_blocks = triton.cdiv(n, block_n)
     buf = torch.empty(n * chunk, dtype=hidden.dtype, device=hidden.device)
     g = grad_logp.to(torch.float32).contiguous()
+    # the H of dW = dx^T H: padded rows zeroed (one [N, H] copy, only when the weight gradient is needed)
+    h_mm = hidden if valid is None or not need_weight else hidden.masked_fill(~valid[:, None], 0)
     dh_acc = torch.zeros(n, hdim, dtype=torch.float32, device=hidden.device) if need_hidden else None
     dw = empty(vocab, hdim, dtype=weight.dtype, device=hidden.device) if need_weight else None
     db = empty(vocab, dtype=bias.dtype, device=hidden.device) if need_bias else None
@@ -82,18 +91,20 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
         width = min(chunk, vocab - c0)
         dx = buf[:n * width].view(n, width)
         _logprob_grad_logits_kernel[(n_blocks * triton.cdiv(width, block_v),)](
-            hidden, weight, hidden if bias is None else bias, targets, lse, g, dx, n, vocab, hdim,
-            float(temperature), c0, width, n_blocks,
-            HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32,
-        UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
+            hidden, weight, hidden if bias is None else bias, targets, lse, g, hidden if valid is None else valid, dx,
+            n, vocab, hdim, float(temperature), c0, width, n_blocks,
+            HAS_BIAS=bias is not None, HAS_VALID=valid is not None, IEEE=hidden.dtype == torch.float32,
+            UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
             **TILE)
         if need_hidden:
             dh_acc += _mm_f32(dx, weight[c0:c0 + width])
         if need_weight:
             if hidden.is_cuda:  # float32 accumulation inside cuBLAS, written in place
-                torch.mm(dx.T, hidden, out=dw[c0:c0 + width])
+                torch.mm(dx.T, h_mm, out=dw[c0:c0 + width])
             else:
-                dw[c0:c0 + width] = _mm_f32(dx.T, hidden).to(weight.dtype)
+                dw[c0:c0 + width] = _mm_f32(dx.T, h_mm).to(weight.dtype)
         if need_bias:
             db[c0:c0 + width] = dx.sum(0, dtype=torch.float32).to(bias.dtype)
+    if dh_acc is not None and valid is not None:
+        dh_acc.masked_fill_(~valid[:, None], 0.0)  # +0, not the -0 of a zero dx row times W
     return (None if dh_acc is None else dh_acc.to(hidden.dtype), dw, db)
