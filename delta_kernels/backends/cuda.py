@@ -40,18 +40,18 @@ def _check_sums_width(d: int, name: str) -> None:
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
     """hidden [N, H] -> (v [N, D] in out_dtype (hidden's, or float32), sums [2, D] f32).
     D <= _cuda.MAX_SUMS_WIDTH (ValueError naming sketch_dim or hidden otherwise)."""
-    _check_sums_width(sketch_dim or hidden.shape[1], "sketch_dim" if sketch_dim else "hidden")
+    _check_sums_width(sketch_dim or hidden.shape[-1], "sketch_dim" if sketch_dim else "hidden")
     return _native.token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_dtype)
 
 
 def side_sums(v, a_pos, a_neg):
-    _check_sums_width(_native.rows_and_scale(v)[0].shape[1], "vectors")
+    _check_sums_width(_native.rows_and_scale(v)[0].shape[-1], "vectors")
     return _native.side_sums(v, a_pos, a_neg)
 
 
 def margin_pass(v, w, c, gate):
     if gate is not None:
-        _check_sums_width(_native.rows_and_scale(v)[0].shape[1], "vectors")
+        _check_sums_width(_native.rows_and_scale(v)[0].shape[-1], "vectors")
     return _native.margin_pass(v, w, c, gate)
 
 

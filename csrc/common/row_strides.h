@@ -1,0 +1,28 @@
+// Where the rows of a [N, D] kernel operand live: the caller's [B, T, D] view (e.g. the response
+// slice hidden[:, prompt_len:] of [B, S, D] hidden states) read in place. Row n = b * T + t
+// (b = n / T, t = n % T) starts b * stride_b + t * stride_t elements after the base pointer; the
+// D elements of a row are consecutive (last-dim stride 1: Python copies any other view, see
+// delta_kernels/_checks.py rows_for). A contiguous [N, D] array is RowStrides::dense(N, D).
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define DK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DK_HOST_DEVICE inline
+#endif
+
+namespace dk {
+
+struct RowStrides {
+  int64_t T;         // rows per batch entry (>= 1)
+  int64_t stride_b;  // elements between batch entries
+  int64_t stride_t;  // elements between consecutive rows of one entry
+
+  DK_HOST_DEVICE int64_t offset(int64_t n) const { return (n / T) * stride_b + (n % T) * stride_t; }
+  // Rows n .. n + g - 1 lie in one batch entry, stride_t apart.
+  DK_HOST_DEVICE bool one_entry(int64_t n, int64_t g) const { return n / T == (n + g - 1) / T; }
+  DK_HOST_DEVICE static RowStrides dense(int64_t N, int64_t D) { return {N > 0 ? N : 1, N * D, D}; }
+};
+
+}  // namespace dk
