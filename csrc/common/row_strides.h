@@ -4,7 +4,9 @@
 // D elements of a row are consecutive (last-dim stride 1: Python copies any other view, see
 // delta_kernels/_checks.py rows_for). A contiguous [N, D] array is RowStrides::dense(N, D).
 #pragma once
+#include <array>
 #include <cstdint>
+#include <optional>
 
 #ifdef __CUDACC__
 #define DK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -24,5 +26,11 @@ struct RowStrides {
   DK_HOST_DEVICE bool one_entry(int64_t n, int64_t g) const { return n / T == (n + g - 1) / T; }
   DK_HOST_DEVICE static RowStrides dense(int64_t N, int64_t D) { return {N > 0 ? N : 1, N * D, D}; }
 };
+
+// The bindings' row_strides argument: (T, stride_b, stride_t), or None for a contiguous [N, D] array.
+using OptRowStrides = std::optional<std::array<int64_t, 3>>;
+inline RowStrides row_strides_or_dense(const OptRowStrides& s, int64_t N, int64_t D) {
+  return s ? RowStrides{(*s)[0] > 0 ? (*s)[0] : 1, (*s)[1], (*s)[2]} : RowStrides::dense(N, D);
+}
 
 }  // namespace dk

@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <optional>
 
 #include "kernels.h"
@@ -19,39 +18,34 @@ static T* ptr(Ptr p) { return reinterpret_cast<T*>(p); }
 template <typename T>
 static T* ptr(const OptPtr& p) { return p ? reinterpret_cast<T*>(*p) : nullptr; }
 
-using OptStrides = std::optional<std::array<int64_t, 3>>;
-static dk::RowStrides row_strides(const OptStrides& s, int64_t n_tokens, int64_t width) {
-  return s ? dk::RowStrides{(*s)[0] > 0 ? (*s)[0] : 1, (*s)[1], (*s)[2]} : dk::RowStrides::dense(n_tokens, width);
-}
-
 PYBIND11_MODULE(_cpp, m) {
   m.doc() = "delta-kernels C++ CPU kernels (pointers as integers; see delta_kernels/backends/cpp.py)";
   m.def("sketch_matrix", [](Ptr out, int64_t hidden_size, int64_t sketch_dim, uint32_t seed) {
     py::gil_scoped_release nogil;
     dk::cpu::sketch_matrix(ptr<float>(out), hidden_size, sketch_dim, seed);
   }, py::kw_only(), py::arg("out"), py::arg("hidden_size"), py::arg("sketch_dim"), py::arg("seed"));
-  m.def("token_vectors", [](int dtype, Ptr hidden, const OptStrides& rows, Ptr logp, Ptr a_pos, Ptr a_neg,
+  m.def("token_vectors", [](int dtype, Ptr hidden, const dk::OptRowStrides& rows, Ptr logp, Ptr a_pos, Ptr a_neg,
                             int64_t n_tokens, int64_t hidden_size, int64_t sketch_dim, uint32_t seed, bool out_f32,
                             Ptr out, Ptr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::token_vectors(dtype, ptr<const void>(hidden), row_strides(rows, n_tokens, hidden_size),
+    dk::cpu::token_vectors(dtype, ptr<const void>(hidden), dk::row_strides_or_dense(rows, n_tokens, hidden_size),
                            ptr<const float>(logp), ptr<const float>(a_pos), ptr<const float>(a_neg), n_tokens,
                            hidden_size, sketch_dim, seed, out_f32, ptr<void>(out), ptr<float>(sums));
   }, py::kw_only(), py::arg("dtype"), py::arg("hidden"), py::arg("row_strides") = py::none(), py::arg("logp"), py::arg("a_pos"), py::arg("a_neg"),
      py::arg("n_tokens"), py::arg("hidden_size"), py::arg("sketch_dim") = 0, py::arg("seed") = 0,
      py::arg("out_f32") = false, py::arg("out"), py::arg("sums"), "sketch_dim 0: exact vectors");
-  m.def("side_sums", [](int dtype, Ptr x, const OptStrides& rows, OptPtr scale, Ptr a_pos, Ptr a_neg,
+  m.def("side_sums", [](int dtype, Ptr x, const dk::OptRowStrides& rows, OptPtr scale, Ptr a_pos, Ptr a_neg,
                         int64_t n_tokens, int64_t width, Ptr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::side_sums(dtype, ptr<const void>(x), row_strides(rows, n_tokens, width), ptr<const float>(scale),
+    dk::cpu::side_sums(dtype, ptr<const void>(x), dk::row_strides_or_dense(rows, n_tokens, width), ptr<const float>(scale),
                        ptr<const float>(a_pos), ptr<const float>(a_neg), n_tokens, width, ptr<float>(sums));
   }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("row_strides") = py::none(), py::arg("scale") = py::none(), py::arg("a_pos"),
      py::arg("a_neg"), py::arg("n_tokens"), py::arg("width"), py::arg("sums"), "scale None: the rows as stored");
-  m.def("margin_pass", [](int dtype, Ptr x, const OptStrides& rows, OptPtr scale, Ptr w, Ptr centre,
+  m.def("margin_pass", [](int dtype, Ptr x, const dk::OptRowStrides& rows, OptPtr scale, Ptr w, Ptr centre,
                           int64_t n_tokens, int64_t width, OptPtr gamma, OptPtr a_pos, OptPtr a_neg, Ptr margins,
                           OptPtr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::margin_pass(dtype, ptr<const void>(x), row_strides(rows, n_tokens, width), ptr<const float>(scale),
+    dk::cpu::margin_pass(dtype, ptr<const void>(x), dk::row_strides_or_dense(rows, n_tokens, width), ptr<const float>(scale),
                          ptr<const float>(w), ptr<const float>(centre), n_tokens, width, ptr<const float>(gamma),
                          ptr<const float>(a_pos), ptr<const float>(a_neg), ptr<float>(margins), ptr<float>(sums));
   }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("row_strides") = py::none(), py::arg("scale") = py::none(), py::arg("w"), py::arg("centre"),
