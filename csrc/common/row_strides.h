@@ -21,7 +21,22 @@ struct RowStrides {
   int64_t stride_b;  // elements between batch entries
   int64_t stride_t;  // elements between consecutive rows of one entry
 
-  DK_HOST_DEVICE int64_t offset(int64_t n) const { return (n / T) * stride_b + (n % T) * stride_t; }
+  // b = n / T. On the GPU a 32-bit division: inline, where a 64-bit one calls a subroutine that
+  // spills registers (row counts below 2^32: the CUDA bindings refuse more).
+  DK_HOST_DEVICE int64_t entry(int64_t n) const {
+#ifdef __CUDA_ARCH__
+    return static_cast<int64_t>(static_cast<uint32_t>(n) / static_cast<uint32_t>(T));
+#else
+    return n / T;
+#endif
+  }
+  DK_HOST_DEVICE int64_t offset(int64_t n) const {
+    const int64_t b = entry(n);
+    return b * stride_b + (n - b * T) * stride_t;
+  }
+  // The start of row n + 1 from that of row n (at place t = n - b T in its entry): stride_t on,
+  // or to the next entry's first row after the last of one.
+  DK_HOST_DEVICE int64_t step(int64_t t) const { return t + 1 < T ? stride_t : stride_b - (T - 1) * stride_t; }
   // Rows n .. n + g - 1 lie in one batch entry, stride_t apart.
   DK_HOST_DEVICE bool one_entry(int64_t n, int64_t g) const { return n / T == (n + g - 1) / T; }
   DK_HOST_DEVICE static RowStrides dense(int64_t N, int64_t D) { return {N > 0 ? N : 1, N * D, D}; }

@@ -27,6 +27,12 @@ template <typename T>
 static T* ptr(const OptPtr& p) { return p ? reinterpret_cast<T*>(*p) : nullptr; }
 static cudaStream_t stream_of(Ptr s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// Row layout of a row operand (csrc/common/row_strides.h): the kernels divide row indices in 32 bits.
+static dk::RowStrides device_rows(const dk::OptRowStrides& s, int64_t n_tokens, int64_t width) {
+  if (n_tokens >= (int64_t{1} << 32)) throw std::invalid_argument("delta_kernels._cuda: n_tokens must be below 2^32");
+  return dk::row_strides_or_dense(s, n_tokens, width);
+}
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "delta-kernels CUDA kernels (pointers and stream as integers; see delta_kernels/backends/cuda.py)";
   m.def("device_count", [] {
@@ -41,7 +47,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("row_pass", [](int dtype, Ptr x, const dk::OptRowStrides& rows, OptPtr scale, int64_t n_tokens,
                        int64_t width, OptPtr w, OptPtr centre, OptPtr gamma, OptPtr a_pos, OptPtr a_neg,
                        OptPtr margins, OptPtr out, OptPtr partial, OptPtr sums, Ptr stream) {
-    const dk::cuda::RowPassParams p{dtype, ptr<const void>(x), dk::row_strides_or_dense(rows, n_tokens, width),
+    const dk::cuda::RowPassParams p{dtype, ptr<const void>(x), device_rows(rows, n_tokens, width),
                                     ptr<const float>(scale), n_tokens, width,
                                     ptr<const float>(w), ptr<const float>(centre), ptr<const float>(gamma),
                                     ptr<const float>(a_pos), ptr<const float>(a_neg), ptr<float>(margins),
@@ -57,7 +63,7 @@ PYBIND11_MODULE(_cuda, m) {
                             Ptr a_neg, int64_t n_tokens, int64_t hidden_size, int64_t sketch_dim, uint32_t seed,
                             bool out_f32, Ptr out, Ptr scale_ws, Ptr partial, OptPtr sums, Ptr stream) {
     const dk::cuda::TokenVectorsParams p{dtype, ptr<const void>(hidden),
-                                         dk::row_strides_or_dense(rows, n_tokens, hidden_size), ptr<const float>(logp),
+                                         device_rows(rows, n_tokens, hidden_size), ptr<const float>(logp),
                                          ptr<const float>(a_pos), ptr<const float>(a_neg), n_tokens, hidden_size,
                                          sketch_dim, seed, out_f32, ptr<void>(out), ptr<float>(scale_ws),
                                          ptr<float>(partial), ptr<float>(sums)};

@@ -68,13 +68,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_pass_kernel(const
   };
   // Regs: the row of token t + 1 is loaded while token t is dotted and added (two rows in flight).
   RowVec<T, VEC> v[K], next[K];
-  if (Regs && t0 < t1 && needs_row(t0)) load_tile(x + p.rows.offset(t0), 0, next);
+  // Row starts stepped token by token (p.rows.step; one division per block, none per token).
+  const T* next_row = x + p.rows.offset(t0);
+  int64_t place = t0 - p.rows.entry(t0) * p.rows.T;  // next_row's place in its batch entry
+  if (Regs && t0 < t1 && needs_row(t0)) load_tile(next_row, 0, next);
   for (int64_t t = t0; t < t1; ++t) {
-    const T* row = x + p.rows.offset(t);
+    const T* row = next_row;
+    next_row += p.rows.step(place);
+    place = place + 1 < p.rows.T ? place + 1 : 0;
     if (Regs) {
 #pragma unroll
       for (int k = 0; k < K; ++k) v[k] = next[k];
-      if (t + 1 < t1 && needs_row(t + 1)) load_tile(x + p.rows.offset(t + 1), 0, next);
+      if (t + 1 < t1 && needs_row(t + 1)) load_tile(next_row, 0, next);
     }
     const float s = p.scale == nullptr ? 1.0f : p.scale[t];
     float wp = p.a_pos == nullptr ? 0.0f : p.a_pos[t];

@@ -81,7 +81,9 @@ __global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ 
       const int row = e / kStepRows, col = e % kStepRows;
       const int64_t t = t0 + row, i = i0 + col;
       M part[P];
-      split_parts<T, P, M>(t < N && i < H ? hidden[row_start[row] + i] : static_cast<T>(0.0f), part);
+      // volatile: read per element, not kept in registers across the steps of H (float32 rows would spill)
+      const int64_t start = static_cast<volatile int64_t*>(row_start)[row];
+      split_parts<T, P, M>(t < N && i < H ? hidden[start + i] : static_cast<T>(0.0f), part);
 #pragma unroll
       for (int k = 0; k < P; ++k) a_tile[(k * kTileTokens + row) * kLdA + col] = part[k];
     }
