@@ -247,8 +247,8 @@ def rows_for(impl, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def check_tokens(kind: str, src, logp: torch.Tensor, mask, check_values: bool):
-    """Phase B's per-token inputs: -> (src as check_hidden returns it, mask as flat bool [N]). The mask comes first:
-    the value checks of logp and src look only at valid positions (padding is don't-care)."""
+    """Phase B's per-token inputs: -> (src as check_hidden returns it, mask as flat bool [N]). The mask
+    comes first: the value checks of logp and src look only at valid positions (padding is don't-care)."""
     flat_mask = check_mask(mask, logp.shape, check_values)
     valid = flat_mask.reshape(logp.shape)
     if check_values:

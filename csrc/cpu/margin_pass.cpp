@@ -99,7 +99,8 @@ void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
 }  // namespace
 
 void margin_pass(int dtype, const void* v, const RowStrides& rows, const float* scale, const float* w, const float* c,
-                 int64_t N, int64_t D, const float* gamma, const float* a_pos, const float* a_neg, float* m, float* sums) {
+                 int64_t N, int64_t D, const float* gamma, const float* a_pos, const float* a_neg, float* m,
+                 float* sums) {
   const bool gated = gamma != nullptr;
   const MarginArgs a{v, rows, scale, w, c, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m, N};
   switch (dtype) {

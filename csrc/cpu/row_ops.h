@@ -104,7 +104,8 @@ DK_INLINE void prefetch_rows(const RowsAhead<typename Elem<DT>::T>& next, int64_
 // dtype DT; s, c, w float32. next: the rows to prefetch (see prefetch_rows), or none.
 template <int DT, int G>
 DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const float* s, const float* c,
-                                 const float* w, int64_t n, float* out, const RowsAhead<typename Elem<DT>::T>& next = {}) {
+                                 const float* w, int64_t n, float* out,
+                                 const RowsAhead<typename Elem<DT>::T>& next = {}) {
   F8 acc[G][2], sv[G];
   for (int g = 0; g < G; ++g) {
     acc[g][0] = acc[g][1] = splat8(0.0f);

@@ -1,7 +1,7 @@
 // delta_kernels._cuda: device pointers and the stream as integers, passed by keyword (keyword-only
-// arguments; an optional pointer is None when unused; row_strides as in csrc/cpu/bindings.cpp). Links the static CUDA runtime and not
-// libtorch, so it imports on a machine without a GPU driver; calls then raise RuntimeError with
-// the CUDA error string.
+// arguments; an optional pointer is None when unused; row_strides as in csrc/cpu/bindings.cpp).
+// Links the static CUDA runtime and not libtorch, so it imports on a machine without a GPU driver;
+// calls then raise RuntimeError with the CUDA error string.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

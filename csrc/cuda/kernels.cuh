@@ -50,9 +50,9 @@ struct RowPassParams {
 cudaError_t row_pass(const RowPassParams& p, cudaStream_t stream);
 
 // v = (1 - exp(logp)) hidden [N, H] (its rows where `rows` says, as in row_pass), or the sketch
-// z = v @ R [N, r] (sketch_dim r > 0, on the tensor cores), written to out [N, D] in hidden's dtype (float32 when out_f32); sums non-null: side
-// sums [2, D] of the written vectors (partial as in row_pass, D <= kMaxSumsWidth). scale_ws: N
-// floats of workspace (exact vectors).
+// z = v @ R [N, r] (sketch_dim r > 0, on the tensor cores), written to out [N, D] in hidden's dtype
+// (float32 when out_f32); sums non-null: side sums [2, D] of the written vectors (partial as in
+// row_pass, D <= kMaxSumsWidth). scale_ws: N floats of workspace (exact vectors).
 struct TokenVectorsParams {
   int dtype;
   const void* hidden;

@@ -23,15 +23,14 @@ constexpr int64_t kRegWidth = kThreads * kPerThread;  // widest row whose sums s
 // registers, <= 128 registers, no spill).
 template <typename T> constexpr int kMinBlocks = sizeof(T) == 2 ? 3 : 2;
 
-// x [N, D] of T, row t at x + p.rows.offset(t) (a [B, T, D] view read in place), VEC elements per
-// load (D % VEC == 0 and every row pointer 16-byte aligned when VEC > 1). v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t] - c).w, the centre
-// c [D] subtracted element by element (exact under an offset the rows share). Weights: gate
-// (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the rows about
-// the centre, v[t] - c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight stays
-// zero (a padding row may hold anything: it is skipped, never multiplied in). out non-null: v
-// written there. Regs: D <= kRegWidth, the sums in registers and the row read once per token;
-// else the sums in shared memory [2, D] and the row read once more for the sums (from L1/L2).
-// A row is read only when needed (written out, dotted, or with a nonzero weight).
+// x [N, D] of T, row t at x + p.rows.offset(t) (a [B, T, D] view read in place), VEC elements per load (D % VEC == 0
+// and every row pointer 16-byte aligned when VEC > 1). v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2
+// (v[t] - c).w, the centre c [D] subtracted element by element (exact under an offset the rows share). Weights: gate
+// (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the rows about the centre, v[t] -
+// c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight stays zero (a padding row may hold anything:
+// it is skipped, never multiplied in). out non-null: v written there. Regs: D <= kRegWidth, the sums in registers
+// and the row read once per token; else the sums in shared memory [2, D] and the row read once more for the sums
+// (from L1/L2). A row is read only when needed (written out, dotted, or with a nonzero weight).
 template <typename T, int VEC, bool Regs>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_pass_kernel(const RowPassParams p, int64_t chunk) {
   constexpr int K = kPerThread / VEC;  // loads per thread per tile

@@ -106,8 +106,8 @@ def rows_and_scale(v):
 
 
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
-    """hidden [N, H] (f32/bf16/f16; or a [B, T, H] view, row_layout), logp, a_pos, a_neg [N] -> (v [N, D] in out_dtype (default hidden's;
-    else float32), sums [2, D] f32)."""
+    """hidden [N, H] (f32/bf16/f16; or a [B, T, H] view, row_layout), logp, a_pos, a_neg [N] -> (v [N, D]
+    in out_dtype (default hidden's; else float32), sums [2, D] f32)."""
     out_dtype = out_dtype or hidden.dtype
     assert out_dtype in (hidden.dtype, torch.float32)
     return call("token_vectors", hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,

@@ -27,8 +27,8 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
     d = sketch_dim or h
     out = empty(n, d, dtype=torch.float32 if out_f32 else hidden.dtype)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.token_vectors(dtype=dtype_code(hidden), hidden=hidden.data_ptr(), row_strides=strides, logp=ptr(logp), a_pos=ptr(a_pos),
-                       a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
+    _cpp.token_vectors(dtype=dtype_code(hidden), hidden=hidden.data_ptr(), row_strides=strides, logp=ptr(logp),
+                       a_pos=ptr(a_pos), a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
                        out_f32=out_f32, out=ptr(out), sums=ptr(sums))
     return out, sums
 
@@ -36,15 +36,15 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
 def _side_sums(x, scale, a_pos, a_neg):
     n, d, strides = row_layout(x)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.side_sums(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), a_pos=ptr(a_pos), a_neg=ptr(a_neg),
-                   n_tokens=n, width=d, sums=ptr(sums))
+    _cpp.side_sums(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), a_pos=ptr(a_pos),
+                   a_neg=ptr(a_neg), n_tokens=n, width=d, sums=ptr(sums))
     return sums
 
 
 def _margin_args(x, scale, w, centre, m):
     n, d, strides = row_layout(x)
-    return dict(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), w=ptr(w), centre=ptr(centre), n_tokens=n,
-                width=d, margins=ptr(m))
+    return dict(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), w=ptr(w),
+                centre=ptr(centre), n_tokens=n, width=d, margins=ptr(m))
 
 
 def _margins(x, scale, w, centre):

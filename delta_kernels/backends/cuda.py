@@ -63,8 +63,8 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
     out = empty(n, d, dtype=torch.float32 if out_f32 else hidden.dtype, device=dev)
     sums = empty(2, d, dtype=torch.float32, device=dev)
     scale_ws = torch.empty(max(n, 1), dtype=torch.float32, device=dev)
-    _cuda.token_vectors(dtype=dtype_code(hidden), hidden=hidden.data_ptr(), row_strides=strides, logp=ptr(logp), a_pos=ptr(a_pos),
-                        a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
+    _cuda.token_vectors(dtype=dtype_code(hidden), hidden=hidden.data_ptr(), row_strides=strides, logp=ptr(logp),
+                        a_pos=ptr(a_pos), a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
                         out_f32=out_f32, out=ptr(out), scale_ws=ptr(scale_ws), partial=ptr(_partial(n, d, dev)),
                         sums=ptr(sums), stream=_stream())
     return out, sums
@@ -73,15 +73,16 @@ def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
 def _side_sums(x, scale, a_pos, a_neg):
     n, d, strides = row_layout(x)
     sums = empty(2, d, dtype=torch.float32, device=x.device)
-    _cuda.row_pass(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), n_tokens=n, width=d, a_pos=ptr(a_pos),
-                   a_neg=ptr(a_neg), partial=ptr(_partial(n, d, x.device)), sums=ptr(sums), stream=_stream())
+    _cuda.row_pass(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), n_tokens=n,
+                   width=d, a_pos=ptr(a_pos), a_neg=ptr(a_neg), partial=ptr(_partial(n, d, x.device)), sums=ptr(sums),
+                   stream=_stream())
     return sums
 
 
 def _margin_args(x, scale, w, centre, m):
     n, d, strides = row_layout(x)
-    return dict(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), n_tokens=n, width=d, w=ptr(w),
-                centre=ptr(centre), margins=ptr(m), stream=_stream())
+    return dict(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), n_tokens=n,
+                width=d, w=ptr(w), centre=ptr(centre), margins=ptr(m), stream=_stream())
 
 
 def _margins(x, scale, w, centre):
