@@ -119,7 +119,6 @@ def test_accumulator_keeps_and_reads_the_views(backend, layout):
     """Two adds of strided views, advantages at finalize (side sums, gated and final passes over the
     stored views): no [N, H] copy at add or finalize, the same bits as contiguous adds."""
     views, logps, advs, masks = zip(*(strided(layout, 20 + i, torch.float32, backend) for i in range(2)))
-    n = sum(lp.numel() for lp in logps)
 
     def run(xs):
         acc = dk.DeltaAccumulator(k=1, backend=backend, store="device")
@@ -129,7 +128,7 @@ def test_accumulator_keeps_and_reads_the_views(backend, layout):
 
     with Allocations() as seen:
         out = run(views)
-    assert seen.big(n, H) == [] and seen.big(logps[0].numel(), H) == [], "a micro-batch's [n, H] was copied"
+    assert seen.big(logps[0].numel(), H) == [], f"a micro-batch's [n, H] was copied: {seen.big(logps[0].numel(), H)}"
     same = run([v.contiguous() for v in views])
     for o, s in zip(out, same):
         assert torch.equal(o.coef, s.coef) and torch.equal(o.stats.pred, s.stats.pred)
