@@ -58,10 +58,13 @@ class Allocations(TorchDispatchMode):
 
 def strided(layout: str, seed: int, dtype, backend):
     """(view, logp, advantages, mask) of fresh random data: the hidden-state view is
-    "batched" hidden_full[:, P:] ([B, T, H], logp [B, T]) or "rows" wide[:, :H] ([N, H] rows of a
-    wider [N, H + 40] matrix, logp [N])."""
+    "batched" hidden_full[:, P:] ([B, T, H], logp [B, T]), "interleaved" the same slice of a
+    time-major tensor (stride_b H < stride_t B H) or "rows" wide[:, :H] ([N, H] rows of a wider
+    [N, H + 40] matrix, logp [N])."""
     full, logp, adv, mask = make_batch(B, S, H, dtype=dtype, seed=seed, device=backend.device, seq_level=False)
-    if layout == "batched":
+    if layout == "interleaved":
+        full = full.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout in ("batched", "interleaved"):
         view, logp, adv, mask = full[:, P:], logp[:, P:], adv[:, P:], mask[:, P:]
     else:
         wide = torch.cat([full.reshape(B * S, H), full.reshape(B * S, H)[:, :40]], dim=1)
@@ -70,7 +73,7 @@ def strided(layout: str, seed: int, dtype, backend):
     return view, logp.contiguous(), adv.contiguous(), mask.contiguous()
 
 
-LAYOUTS = ("batched", "rows")
+LAYOUTS = ("batched", "interleaved", "rows")
 
 
 @pytest.mark.parametrize("backend", _params("delta_coefficients"))
