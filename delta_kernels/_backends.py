@@ -35,7 +35,9 @@ class Backend:
     implements (names from PHASES, and LM_HEAD when ``lm_head`` names the fused LM-head
     module). priority: ``auto`` takes the highest that runs on the call's device and dtype and
     implements the op. interpreted: also runs on CPU tensors when TRITON_INTERPRET=1 (tests
-    only: ``auto`` never picks the interpreter).
+    only: ``auto`` never picks the interpreter). strided_rows: its passes read the row operands
+    (hidden, vectors) as the caller's [B, T, D] view in place (last dim contiguous, row n = b T + t
+    at b stride_b + t stride_t); the others get a contiguous [N, D] copy (_checks.rows_for).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Backend:
     priority: int
     lm_head: Optional[str] = None
     interpreted: bool = False
+    strided_rows: bool = False
 
     def __post_init__(self):
         unknown = set(self.ops) - set(PHASES + (LM_HEAD,) + CREDIT_OPS)
@@ -98,8 +101,8 @@ def names() -> Tuple[str, ...]:
 
 register(Backend("triton", "delta_kernels.triton", ("cuda",), _FAST, PHASES + (LM_HEAD,) + CREDIT_OPS, 30,
                  lm_head="delta_kernels.fused_linear.triton_ops", interpreted=True))
-register(Backend("cuda", "delta_kernels.backends.cuda", ("cuda",), _FAST, PHASES, 20))
-register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES + CREDIT_OPS, 10))
+register(Backend("cuda", "delta_kernels.backends.cuda", ("cuda",), _FAST, PHASES, 20, strided_rows=True))
+register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES + CREDIT_OPS, 10, strided_rows=True))
 register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.float64,), PHASES + (LM_HEAD,) + CREDIT_OPS,
                  0, lm_head="delta_kernels.fused_linear.torch_chunked"))
 
@@ -186,6 +189,11 @@ def available_backends(all: bool = False) -> List[str]:  # noqa: A002  (the publ
     if all:
         return [b.name for b in registered() if _load(b, PHASES[0]) is not None]
     return [name for name, why in backend_report().items() if why == RUNS_HERE]
+
+
+def reads_strided_rows(impl: ModuleType) -> bool:
+    """Whether the backend whose module is ``impl`` (what ``resolve`` returned) declares strided_rows."""
+    return any(b.strided_rows for b in _REGISTRY.values() if b.module == impl.__name__)
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> ModuleType:

@@ -1,7 +1,8 @@
 """Argument checking, done once in Python before any backend runs.
 
-Every public call validates here and hands backends flat, contiguous tensors; kernels
-assume valid input. Errors name the argument and say what was expected.
+Every public call validates here and hands backends flat, contiguous tensors, except the row
+operands hidden/vectors, which a backend that declares strided_rows gets as the caller's view
+(rows_for); kernels assume valid input. Errors name the argument and say what was expected.
 
 Under torch.compile (docs/reliability.md, "Under torch.compile"): the checks of types, shapes,
 dtypes, devices and scalar arguments run at trace time and raise the same errors; the value
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+from ._backends import reads_strided_rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -212,8 +215,9 @@ def check_token_weights(name: str, x, shape, mask: torch.Tensor, check_values: b
 
 def check_hidden(name: str, hidden, logp: torch.Tensor, check_values: bool,
                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[..., H] with leading dims equal to logp's; returns [N, H]. The value check looks only at
-    the rows of ``valid`` positions (bool, logp's shape) when given."""
+    """[..., H] with leading dims equal to logp's; returns it as given ([N, H] or [B, T, H]: any
+    strides, not copied; rows_for flattens it for the backend). The value check looks only at the
+    rows of ``valid`` positions (bool, logp's shape) when given."""
     hidden = check_tensor(name, hidden)
     if hidden.dim() != logp.dim() + 1 or tuple(hidden.shape[:-1]) != tuple(logp.shape):
         fail(name, f"shape {list(hidden.shape)} must be logp's shape {list(logp.shape)} plus a hidden dim")
@@ -221,12 +225,30 @@ def check_hidden(name: str, hidden, logp: torch.Tensor, check_values: bool,
         fail(name, "hidden size must be >= 1")
     if check_values:
         check_finite(name, hidden, valid)
-    return hidden.reshape(-1, hidden.shape[-1])
+    return hidden
+
+
+def rows_for(impl, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The row operand x (hidden or vectors, [N, D] or [B, T, D], as check_hidden returns it) as
+    the backend module ``impl`` reads it, decided here only. A backend that declares strided_rows
+    (_backends.Backend) gets the caller's view when its last dim is contiguous: a [B, T, D] slice
+    such as hidden[:, prompt_len:] of [B, S, D] costs no copy (an [N, D] copy is 512 MiB at
+    N = 64k, D = 4096, bf16); a contiguous x is flattened to [N, D] (a view). Every other case
+    gets a contiguous [N, D] copy: a backend without strided_rows indexes rows as n * D, and a
+    last-dim stride other than 1 (e.g. x.conj().imag, a transposed slice) would turn each row read
+    into a gather, which neither the vector loads of the kernels nor their row prefetch do."""
+    if x is None:
+        return None
+    if x.is_contiguous():
+        return x.reshape(-1, x.shape[-1])
+    if (x.stride(-1) == 1 or x.shape[-1] == 1) and reads_strided_rows(impl):
+        return x
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def check_tokens(kind: str, src, logp: torch.Tensor, mask, check_values: bool):
-    """Phase B's per-token inputs: -> (src as [N, D], mask as flat bool [N]). The mask comes first:
-    the value checks of logp and src look only at valid positions (padding is don't-care)."""
+    """Phase B's per-token inputs: -> (src as check_hidden returns it, mask as flat bool [N]). The mask
+    comes first: the value checks of logp and src look only at valid positions (padding is don't-care)."""
     flat_mask = check_mask(mask, logp.shape, check_values)
     valid = flat_mask.reshape(logp.shape)
     if check_values:
@@ -381,13 +403,15 @@ class BackendCoefficients(NamedTuple):
 
 @dataclass
 class TokenBatch:
-    """Validated, flattened inputs of one call. ``shape`` is logp's original shape."""
+    """Validated, flattened inputs of one call. ``shape`` is logp's original shape. hidden and
+    vectors are [N, D] contiguous, or, for a backend that declares strided_rows, the caller's
+    [B, T, D] (or [N, D]) view with a contiguous last dim: row n = b T + t (rows_for)."""
     shape: Tuple[int, ...]
     logp: torch.Tensor                      # [N]
     advantages: torch.Tensor                # [N]
     mask: torch.Tensor                      # [N] bool
-    hidden: Optional[torch.Tensor] = None   # [N, H]
-    vectors: Optional[torch.Tensor] = None  # [N, D], precomputed v or z
+    hidden: Optional[torch.Tensor] = None   # [N, H] (or a strided view: rows_for)
+    vectors: Optional[torch.Tensor] = None  # [N, D], precomputed v or z (or a strided view: rows_for)
     side_sums: Optional[torch.Tensor] = None  # [2, D], precomputed (sum a+ v, sum a- v) of vectors
 
 

@@ -98,7 +98,7 @@ class DeltaAccumulator:
         self._items: list = []
         self._side_sums: Optional[torch.Tensor] = None
         self._first = None      # what add 0 fixed: kind, dtypes, device, width, advantages at add
-        self._kernels = self._chunk_store = None
+        self._kernels = self._chunk_store = self._impl = None
         self._spent: Optional[str] = None
         self._stored_bytes = 0
 
@@ -212,6 +212,7 @@ class DeltaAccumulator:
         impl = resolve(self.backend, first["device"], dtype, "PIPELINE_KERNELS")
         self._first, self._dtype = first, dtype
         self._kernels = HeadFactorPasses(dtype) if first["kind"] == "head_vectors" else impl.PIPELINE_KERNELS
+        self._impl = impl
         self._chunk_store = ChunkStore(first["device"], host=self.store == "host")
         self._budget = None
         if self.store == "auto" and first["device"].type == "cuda":
@@ -227,7 +228,7 @@ class DeltaAccumulator:
     def _ingest(self, record: _Add, src, flat_src):
         """-> (stored chunk, its side sums or None). Reads the micro-batch once when it has
         advantages (side sums) or is sketched here; else only stores it."""
-        flat_src = with_big_array(flat_src, big_array(flat_src).contiguous())
+        flat_src = with_big_array(flat_src, C.rows_for(self._impl, big_array(flat_src)))
         early = record.advantages is not None
         if early:
             _, _, _, a_pos, a_neg = side_masks(record.advantages, record.mask, self._dtype)

@@ -90,13 +90,11 @@ def delta_coefficients(hidden: Optional[torch.Tensor], logp: torch.Tensor, advan
     cfg.check_compute_dtype(dtype)
     if check_values:
         C.check_advantage_range(adv, flat_mask, dtype)
+    impl = resolve(backend, device, dtype, "delta_coefficients")
     batch = C.TokenBatch(
         shape=tuple(logp.shape), logp=logp.reshape(-1).contiguous(), advantages=adv.contiguous(),
-        mask=flat_mask.contiguous(),
-        hidden=None if flat_hidden is None else flat_hidden.contiguous(),
-        vectors=None if flat_vectors is None else flat_vectors.contiguous(),
+        mask=flat_mask.contiguous(), hidden=C.rows_for(impl, flat_hidden), vectors=C.rows_for(impl, flat_vectors),
         side_sums=None if side_sums is None else side_sums.contiguous())
-    impl = resolve(backend, device, dtype, "delta_coefficients")
     out = impl.delta_coefficients(batch, cfg, sketch_dim, seed, group_sum(process_group))
     return _result(out, batch.shape, check_values)
 

@@ -10,7 +10,8 @@ synchronisation). Kernels keep v in its input dtype and accumulate in float32. T
 [D]-sized arithmetic runs in ``kernels.compute_dtype`` when the kernel set has one (the plain-torch
 passes of reference/passes.py compute in float64 for float64 inputs), else in float32.
 
-Kernel contract (all tensors contiguous, on one device; float32 unless stated):
+Kernel contract (all tensors contiguous, on one device; float32 unless stated; hidden and v may be
+the caller's [B, T, D] views for a backend that declares strided_rows, docs/backends.md "Strided rows"):
     token_vectors(hidden [N,H], logp [N], a_pos [N], a_neg [N], sketch_dim, seed)
         -> v [N,D] in hidden's dtype (D = H, or r with the sketch of sketch_matrix.py),
            sums [2,D] = (sum a_pos v, sum a_neg v)          one read of hidden

@@ -1,5 +1,7 @@
 // delta_kernels._cpp: host pointers and sizes as integers, passed by keyword (keyword-only
-// arguments; an optional pointer is None when unused). Python validates everything.
+// arguments; an optional pointer is None when unused). Python validates everything. row_strides:
+// (T, stride_b, stride_t) of a [B, T, D] row operand read in place (common/row_strides.h), in
+// elements; None: a contiguous [N, D] array.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -22,30 +24,34 @@ PYBIND11_MODULE(_cpp, m) {
     py::gil_scoped_release nogil;
     dk::cpu::sketch_matrix(ptr<float>(out), hidden_size, sketch_dim, seed);
   }, py::kw_only(), py::arg("out"), py::arg("hidden_size"), py::arg("sketch_dim"), py::arg("seed"));
-  m.def("token_vectors", [](int dtype, Ptr hidden, Ptr logp, Ptr a_pos, Ptr a_neg, int64_t n_tokens,
-                            int64_t hidden_size, int64_t sketch_dim, uint32_t seed, bool out_f32, Ptr out, Ptr sums) {
+  m.def("token_vectors", [](int dtype, Ptr hidden, const dk::OptRowStrides& rows, Ptr logp, Ptr a_pos, Ptr a_neg,
+                            int64_t n_tokens, int64_t hidden_size, int64_t sketch_dim, uint32_t seed, bool out_f32,
+                            Ptr out, Ptr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::token_vectors(dtype, ptr<const void>(hidden), ptr<const float>(logp), ptr<const float>(a_pos),
-                           ptr<const float>(a_neg), n_tokens, hidden_size, sketch_dim, seed, out_f32, ptr<void>(out),
-                           ptr<float>(sums));
-  }, py::kw_only(), py::arg("dtype"), py::arg("hidden"), py::arg("logp"), py::arg("a_pos"), py::arg("a_neg"),
-     py::arg("n_tokens"), py::arg("hidden_size"), py::arg("sketch_dim") = 0, py::arg("seed") = 0,
+    dk::cpu::token_vectors(dtype, ptr<const void>(hidden), dk::row_strides_or_dense(rows, n_tokens, hidden_size),
+                           ptr<const float>(logp), ptr<const float>(a_pos), ptr<const float>(a_neg), n_tokens,
+                           hidden_size, sketch_dim, seed, out_f32, ptr<void>(out), ptr<float>(sums));
+  }, py::kw_only(), py::arg("dtype"), py::arg("hidden"), py::arg("row_strides") = py::none(), py::arg("logp"),
+     py::arg("a_pos"), py::arg("a_neg"), py::arg("n_tokens"), py::arg("hidden_size"), py::arg("sketch_dim") = 0, py::arg("seed") = 0,
      py::arg("out_f32") = false, py::arg("out"), py::arg("sums"), "sketch_dim 0: exact vectors");
-  m.def("side_sums", [](int dtype, Ptr x, OptPtr scale, Ptr a_pos, Ptr a_neg, int64_t n_tokens, int64_t width,
-                        Ptr sums) {
+  m.def("side_sums", [](int dtype, Ptr x, const dk::OptRowStrides& rows, OptPtr scale, Ptr a_pos, Ptr a_neg,
+                        int64_t n_tokens, int64_t width, Ptr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::side_sums(dtype, ptr<const void>(x), ptr<const float>(scale), ptr<const float>(a_pos),
-                       ptr<const float>(a_neg), n_tokens, width, ptr<float>(sums));
-  }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("scale") = py::none(), py::arg("a_pos"),
-     py::arg("a_neg"), py::arg("n_tokens"), py::arg("width"), py::arg("sums"), "scale None: the rows as stored");
-  m.def("margin_pass", [](int dtype, Ptr x, OptPtr scale, Ptr w, Ptr centre, int64_t n_tokens, int64_t width,
-                          OptPtr gamma, OptPtr a_pos, OptPtr a_neg, Ptr margins, OptPtr sums) {
+    dk::cpu::side_sums(dtype, ptr<const void>(x), dk::row_strides_or_dense(rows, n_tokens, width),
+                       ptr<const float>(scale), ptr<const float>(a_pos), ptr<const float>(a_neg), n_tokens, width,
+                       ptr<float>(sums));
+  }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("row_strides") = py::none(), py::arg("scale") = py::none(),
+     py::arg("a_pos"), py::arg("a_neg"), py::arg("n_tokens"), py::arg("width"), py::arg("sums"),
+     "scale None: the rows as stored");
+  m.def("margin_pass", [](int dtype, Ptr x, const dk::OptRowStrides& rows, OptPtr scale, Ptr w, Ptr centre,
+                          int64_t n_tokens, int64_t width, OptPtr gamma, OptPtr a_pos, OptPtr a_neg, Ptr margins,
+                          OptPtr sums) {
     py::gil_scoped_release nogil;
-    dk::cpu::margin_pass(dtype, ptr<const void>(x), ptr<const float>(scale), ptr<const float>(w),
-                         ptr<const float>(centre), n_tokens, width, ptr<const float>(gamma), ptr<const float>(a_pos),
-                         ptr<const float>(a_neg), ptr<float>(margins), ptr<float>(sums));
-  }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("scale") = py::none(), py::arg("w"), py::arg("centre"),
-     py::arg("n_tokens"), py::arg("width"), py::arg("gamma") = py::none(), py::arg("a_pos") = py::none(),
+    dk::cpu::margin_pass(dtype, ptr<const void>(x), dk::row_strides_or_dense(rows, n_tokens, width),
+                         ptr<const float>(scale), ptr<const float>(w), ptr<const float>(centre), n_tokens, width, ptr<const float>(gamma),
+                         ptr<const float>(a_pos), ptr<const float>(a_neg), ptr<float>(margins), ptr<float>(sums));
+  }, py::kw_only(), py::arg("dtype"), py::arg("x"), py::arg("row_strides") = py::none(), py::arg("scale") = py::none(),
+     py::arg("w"), py::arg("centre"), py::arg("n_tokens"), py::arg("width"), py::arg("gamma") = py::none(), py::arg("a_pos") = py::none(),
      py::arg("a_neg") = py::none(), py::arg("margins"), py::arg("sums") = py::none(),
      "scale None: the rows as stored; gamma None: plain margins (a_pos, a_neg, sums unused)");
   m.def("clipped_surrogate", [](Ptr logp, Ptr old_logp, Ptr adv, Ptr mask, OptPtr coef, OptPtr is_weight,

@@ -1,8 +1,11 @@
-// C++ CPU kernels (OpenMP). Inputs are valid, contiguous and on the host: Python checks them.
+// C++ CPU kernels (OpenMP). Inputs are valid, contiguous and on the host: Python checks them; the
+// [N, D] row operands (hidden, x, v) may be [B, T, D] views, read in place (rows: common/row_strides.h).
 // Reductions run over fixed token blocks (a function of N only) and combine the blocks in
 // order, so results do not depend on the number of threads. dtype codes: common/dtypes.h.
 #pragma once
 #include <cstdint>
+
+#include "../common/row_strides.h"
 
 namespace dk {
 namespace cpu {
@@ -19,19 +22,22 @@ void sketch_matrix(float* out, int64_t H, int64_t r, uint32_t seed);
 
 // v = (1 - exp(logp)) h, or z = v @ R when r > 0, written to out [N, D] in hidden's dtype
 // (float32 when out_f32); sums [2, D] = (sum a_pos v, sum a_neg v) in float32 (unrounded vectors).
-void token_vectors(int dtype, const void* hidden, const float* logp, const float* a_pos, const float* a_neg,
-                   int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out, float* sums);
+void token_vectors(int dtype, const void* hidden, const RowStrides& rows, const float* logp, const float* a_pos,
+                   const float* a_neg, int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out,
+                   float* sums);
 
 // sums [2, D] = (sum a_pos v, sum a_neg v) in float32 of vectors v [N, D] (dtype), or of
 // v[t] = scale[t] x[t] when scale [N] is not null (x then holds hidden states).
-void side_sums(int dtype, const void* v, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums);
+void side_sums(int dtype, const void* v, const RowStrides& rows, const float* scale, const float* a_pos,
+               const float* a_neg, int64_t N, int64_t D, float* sums);
 
 // m [N] = 2 (v - c).w in float32, c [D] (the centroids' midpoint) subtracted element by element.
 // With gamma != nullptr (gamma [2], a_pos, a_neg [N]) also the gated sums about c, sums [2, D] =
 // (sum sigmoid(m/gamma[0]) a_pos (v - c), sum sigmoid(-m/gamma[1]) a_neg (v - c)); m is the same
 // with and without the gate. scale as in side_sums.
-void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* c, int64_t N, int64_t D, const float* gamma,
-                 const float* a_pos, const float* a_neg, float* m, float* sums);
+void margin_pass(int dtype, const void* v, const RowStrides& rows, const float* scale, const float* w, const float* c,
+                 int64_t N, int64_t D, const float* gamma, const float* a_pos, const float* a_neg, float* m,
+                 float* sums);
 
 // Weighted dual-clip surrogate over [B, T] float32 inputs (mask as bytes; coef and is_weight
 // may be null): rows [B, kStats] (common/surrogate_math.h SurrogateStat) = per-row partial sums,

@@ -18,6 +18,7 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 struct MarginArgs {
   const void* v;
+  RowStrides rs;       // where v's rows live
   const float* scale;  // null: v as stored
   const float* w;
   const float* centre;  // c [D]
@@ -40,12 +41,12 @@ DK_INLINE void margin_block(const MarginArgs& a, int64_t t0, int64_t t1, float* 
     const T* rows[kGroup];
     float dot[kGroup], s[kGroup];
     for (int k = 0; k < g; ++k) {
-      rows[k] = v + (t + k) * D;
+      rows[k] = v + a.rs.offset(t + k);
       s[k] = a.scale ? a.scale[t + k] : 1.0f;
     }
     if (g == kGroup) {
-      const int64_t ahead = t + kPrefetchGroups * kGroup;  // first row to prefetch (within v)
-      centered_dot_rows<DT, kGroup>(rows, s, a.centre, a.w, D, dot, ahead + kGroup <= a.N ? v + ahead * D : nullptr);
+      centered_dot_rows<DT, kGroup>(rows, s, a.centre, a.w, D, dot,
+                                    rows_ahead(v, a.rs, t + kPrefetchGroups * kGroup, a.N));
     } else {
       for (int k = 0; k < g; ++k) centered_dot_rows<DT, 1>(rows + k, s + k, a.centre, a.w, D, dot + k);
     }
@@ -97,10 +98,11 @@ void margin_pass_impl(const MarginArgs& a, int64_t N, bool gated, float* sums) {
 
 }  // namespace
 
-void margin_pass(int dtype, const void* v, const float* scale, const float* w, const float* c, int64_t N, int64_t D,
-                 const float* gamma, const float* a_pos, const float* a_neg, float* m, float* sums) {
+void margin_pass(int dtype, const void* v, const RowStrides& rows, const float* scale, const float* w, const float* c,
+                 int64_t N, int64_t D, const float* gamma, const float* a_pos, const float* a_neg, float* m,
+                 float* sums) {
   const bool gated = gamma != nullptr;
-  const MarginArgs a{v, scale, w, c, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m, N};
+  const MarginArgs a{v, rows, scale, w, c, D, gated ? gamma[0] : 1.0f, gated ? gamma[1] : 1.0f, a_pos, a_neg, m, N};
   switch (dtype) {
     case kFloat32: return margin_pass_impl<kFloat32>(a, N, gated, sums);
     case kBFloat16: return margin_pass_impl<kBFloat16>(a, N, gated, sums);

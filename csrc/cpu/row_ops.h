@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "../common/dtypes.h"
+#include "../common/row_strides.h"
 
 // F8 values never cross a non-inlined call, so the AVX ABI note for them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -70,13 +71,29 @@ DK_INLINE void chunk_views(const typename Elem<DT>::T* const* x, int64_t c0, int
 // out[g] = sum_i x[g][i] * w[i] for G rows read together. Each row has its own 16 lanes
 // (lane = i mod 16, accumulated in increasing i), added as a fixed pairwise tree: a row's result
 // does not depend on G or on the rows beside it. x rows of dtype DT, w float32.
-// Software prefetch of element i of G rows (row stride n) from next: the rows of the next group,
-// fetched while this group is read. The hardware prefetcher stops at every 4 KiB page (one row
-// of H = 1024 floats), so without this each row starts with a stall. next null: nothing.
+// The rows of the next group, for software prefetch: the first row and the pitch (elements)
+// between rows; first null: nothing to prefetch.
+template <typename T>
+struct RowsAhead {
+  const T* first = nullptr;
+  int64_t pitch = 0;
+};
+
+// The kGroup rows from token `first` on, when they exist (< N) and lie one pitch apart (one batch
+// entry of the row layout); else nothing.
+template <typename T>
+DK_INLINE RowsAhead<T> rows_ahead(const T* base, const RowStrides& rs, int64_t first, int64_t N) {
+  if (first + kGroup > N || !rs.one_entry(first, kGroup)) return {};
+  return {base + rs.offset(first), rs.stride_t};
+}
+
+// Software prefetch of element i of G rows from next: the rows of the next group, fetched while
+// this group is read. The hardware prefetcher stops at every 4 KiB page (one row of H = 1024
+// floats), so without this each row starts with a stall.
 template <int DT, int G>
-DK_INLINE void prefetch_rows(const typename Elem<DT>::T* next, int64_t n, int64_t i) {
-  if (next != nullptr)
-    for (int g = 0; g < G; ++g) __builtin_prefetch(next + g * n + i, 0, 3);
+DK_INLINE void prefetch_rows(const RowsAhead<typename Elem<DT>::T>& next, int64_t i) {
+  if (next.first != nullptr)
+    for (int g = 0; g < G; ++g) __builtin_prefetch(next.first + g * next.pitch + i, 0, 3);
 }
 
 // out[g] = sum_i (s[g] x[g][i] - c[i]) w[i] for G rows read together: the margin of a row about
@@ -84,10 +101,11 @@ DK_INLINE void prefetch_rows(const typename Elem<DT>::T* next, int64_t n, int64_
 // cancels exactly instead of in the rounded dot (its float32 error then does not grow with that
 // offset). Each row has its own 16 lanes (lane = i mod 16, accumulated in increasing i), added as
 // a fixed pairwise tree: a row's result does not depend on G or on the rows beside it. x rows of
-// dtype DT; s, c, w float32. next: the rows to prefetch (see prefetch_rows), or null.
+// dtype DT; s, c, w float32. next: the rows to prefetch (see prefetch_rows), or none.
 template <int DT, int G>
 DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const float* s, const float* c,
-                                 const float* w, int64_t n, float* out, const typename Elem<DT>::T* next = nullptr) {
+                                 const float* w, int64_t n, float* out,
+                                 const RowsAhead<typename Elem<DT>::T>& next = {}) {
   F8 acc[G][2], sv[G];
   for (int g = 0; g < G; ++g) {
     acc[g][0] = acc[g][1] = splat8(0.0f);
@@ -104,7 +122,7 @@ DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const flo
     for (int64_t i = 0; i < len; i += kLanes) {
       const F8 w0 = load8(ws + i), w1 = load8(ws + i + 8);
       const F8 k0 = load8(cs + i), k1 = load8(cs + i + 8);
-      prefetch_rows<DT, G>(next, n, c0 + i);
+      prefetch_rows<DT, G>(next, c0 + i);
       for (int g = 0; g < G; ++g) {
         acc[g][0] += (sv[g] * load8(xs[g] + i) - k0) * w0;
         acc[g][1] += (sv[g] * load8(xs[g] + i + 8) - k1) * w1;
@@ -124,10 +142,10 @@ DK_INLINE void centered_dot_rows(const typename Elem<DT>::T* const* x, const flo
 
 // y[0:n] += c[0] x[0][0:n], then += c[1] x[1][0:n], ... (the same bits as K axpys in row order),
 // with y loaded and stored once per 8 elements. x rows of dtype DT; next: kGroup rows to
-// prefetch (see prefetch_rows), or null.
+// prefetch (see prefetch_rows), or none.
 template <int DT, int K>
 DK_INLINE void axpy_rows_k(const float* c, const typename Elem<DT>::T* const* x, float* y, int64_t n,
-                           const typename Elem<DT>::T* next = nullptr) {
+                           const RowsAhead<typename Elem<DT>::T>& next = {}) {
   alignas(64) float buf[DT == kFloat32 ? 1 : K][kChunk];
   F8 cv[K];
   for (int k = 0; k < K; ++k) cv[k] = splat8(c[k]);
@@ -138,7 +156,7 @@ DK_INLINE void axpy_rows_k(const float* c, const typename Elem<DT>::T* const* x,
     float* ys = y + c0;
     const int64_t full = len - len % 8;
     for (int64_t i = 0; i < full; i += 8) {
-      if (i % 16 == 0) prefetch_rows<DT, kGroup>(next, n, c0 + i);
+      if (i % 16 == 0) prefetch_rows<DT, kGroup>(next, c0 + i);
       F8 acc = load8(ys + i);
       for (int k = 0; k < K; ++k) acc += cv[k] * load8(xs[k] + i);
       store8(ys + i, acc);
@@ -154,7 +172,7 @@ DK_INLINE void axpy_rows_k(const float* c, const typename Elem<DT>::T* const* x,
 // axpy_rows_k for a run-time count k <= kGroup.
 template <int DT>
 DK_INLINE void axpy_rows(int k, const float* c, const typename Elem<DT>::T* const* x, float* y, int64_t n,
-                         const typename Elem<DT>::T* next = nullptr) {
+                         const RowsAhead<typename Elem<DT>::T>& next = {}) {
   static_assert(kGroup == 4, "axpy_rows dispatches counts 1..4");
   switch (k) {
     case 1: return axpy_rows_k<DT, 1>(c, x, y, n, next);

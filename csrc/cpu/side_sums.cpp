@@ -24,6 +24,7 @@ namespace {
 
 struct SideArgs {
   const void* v;
+  RowStrides rs;       // where v's rows live
   const float* scale;  // null: v as stored
   const float* a_pos;
   const float* a_neg;
@@ -38,13 +39,12 @@ DK_INLINE void side_block(const SideArgs& a, int64_t t0, int64_t t1, float* ps, 
   for (int64_t t = t0; t < t1; t += kGroup) {
     const int g = static_cast<int>(std::min<int64_t>(kGroup, t1 - t));
     const T* rows[kGroup];
-    for (int k = 0; k < g; ++k) rows[k] = v + (t + k) * a.D;
+    for (int k = 0; k < g; ++k) rows[k] = v + a.rs.offset(t + k);
     const SideTerms<T> st = side_terms<T>(g, t, rows, a.a_pos, a.a_neg, a.scale, nullptr, nullptr);
     // Prefetch the next group while this one is added (by the first nonempty side's axpy).
-    const int64_t ahead = t + kPrefetchGroups * kGroup;
-    const T* next = ahead + kGroup <= a.N ? v + ahead * a.D : nullptr;
+    const RowsAhead<T> next = rows_ahead(v, a.rs, t + kPrefetchGroups * kGroup, a.N);
     axpy_rows<DT>(st.n_pos, st.pos_coef, st.pos_rows, ps, a.D, next);
-    axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_rows, ns, a.D, st.n_pos > 0 ? nullptr : next);
+    axpy_rows<DT>(st.n_neg, st.neg_coef, st.neg_rows, ns, a.D, st.n_pos > 0 ? RowsAhead<T>{} : next);
   }
 }
 
@@ -67,8 +67,9 @@ void side_sums_impl(const SideArgs& a, int64_t N, float* sums) {
 
 }  // namespace
 
-void side_sums(int dtype, const void* v, const float* scale, const float* a_pos, const float* a_neg, int64_t N, int64_t D, float* sums) {
-  const SideArgs a{v, scale, a_pos, a_neg, D, N};
+void side_sums(int dtype, const void* v, const RowStrides& rows, const float* scale, const float* a_pos,
+               const float* a_neg, int64_t N, int64_t D, float* sums) {
+  const SideArgs a{v, rows, scale, a_pos, a_neg, D, N};
   switch (dtype) {
     case kFloat32: return side_sums_impl<kFloat32>(a, N, sums);
     case kBFloat16: return side_sums_impl<kBFloat16>(a, N, sums);

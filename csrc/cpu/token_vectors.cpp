@@ -84,7 +84,7 @@ DK_AVX2 void sketch_group_avx2(const float* v, int64_t g, int64_t H, const float
 }
 
 template <int DT>
-void token_vectors_impl(const void* hidden_, const float* logp, const float* a_pos, const float* a_neg, int64_t N,
+void token_vectors_impl(const void* hidden_, const RowStrides& rs, const float* logp, const float* a_pos, const float* a_neg, int64_t N,
                         int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out_, float* sums) {
   using E = Elem<DT>;
   const auto* hidden = static_cast<const typename E::T*>(hidden_);
@@ -120,7 +120,7 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
         const int64_t g = std::min(kSketchGroup, t_end - t0);
         for (int64_t k = 0; k < g; ++k) {
           const float s = -std::expm1(logp[t0 + k]);
-          const auto* hrow = hidden + (t0 + k) * H;
+          const auto* hrow = hidden + rs.offset(t0 + k);
           float* vk = vrow + k * H;
           if constexpr (DT == kFloat32) {
             for (int64_t i = 0; i < H; ++i) vk[i] = s * hrow[i];
@@ -157,12 +157,16 @@ void token_vectors_impl(const void* hidden_, const float* logp, const float* a_p
 
 }  // namespace
 
-void token_vectors(int dtype, const void* hidden, const float* logp, const float* a_pos, const float* a_neg,
-                   int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out, float* sums) {
+void token_vectors(int dtype, const void* hidden, const RowStrides& rows, const float* logp, const float* a_pos,
+                   const float* a_neg, int64_t N, int64_t H, int64_t r, uint32_t seed, bool out_f32, void* out,
+                   float* sums) {
   switch (dtype) {
-    case kFloat32: return token_vectors_impl<kFloat32>(hidden, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
-    case kBFloat16: return token_vectors_impl<kBFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
-    default: return token_vectors_impl<kFloat16>(hidden, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
+    case kFloat32:
+      return token_vectors_impl<kFloat32>(hidden, rows, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
+    case kBFloat16:
+      return token_vectors_impl<kBFloat16>(hidden, rows, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
+    default:
+      return token_vectors_impl<kFloat16>(hidden, rows, logp, a_pos, a_neg, N, H, r, seed, out_f32, out, sums);
   }
 }
 

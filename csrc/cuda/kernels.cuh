@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../common/row_strides.h"
+
 namespace dk {
 namespace cuda {
 
@@ -17,18 +19,21 @@ int64_t reduction_chunk_count(int64_t N);
 // memory above 4,096 columns (128 KiB at this width, within sm_80's and sm_90's per-block limit).
 constexpr int64_t kMaxSumsWidth = 16384;
 
-// One pass over x [n_tokens, width] (dtype), v[t] = scale[t] x[t]. Null pointers are unused:
+// One pass over x [n_tokens, width] (dtype; its rows where `rows` says: a [B, T, D] view read in
+// place, common/row_strides.h), v[t] = scale[t] x[t]. Null pointers are unused:
 //   scale null: v = x;
 //   w, centre non-null: margins [N] = 2 (v - centre).w, centre [D] subtracted element by element;
 //   sums non-null (partial: reduction_chunk_count(N) * 2 * D floats of workspace, width <=
 //   kMaxSumsWidth): sums [2, D] = (sum p[t] v[t], sum q[t] v[t]) with p, q = a_pos, a_neg, or with
 //   gamma [2] non-null the gated sigmoid(m/gamma[0]) a_pos, sigmoid(-m/gamma[1]) a_neg, of v[t] - centre;
-//   out non-null: v written to out [N, D] in x's dtype.
-// Rows are read as 16-byte vectors when x, out, w and centre are 16-byte aligned and a row is a
-// multiple of 16 bytes, else element by element (the same sums, possibly other rounding).
+//   out non-null: v written to out [N, D] (contiguous) in x's dtype.
+// Rows are read as 16-byte vectors when x, out, w and centre are 16-byte aligned and a row and the
+// row strides are multiples of 16 bytes, else element by element (the same sums, possibly other
+// rounding; docs/backends.md, "Strided rows").
 struct RowPassParams {
   int dtype;
   const void* x;
+  RowStrides rows;
   const float* scale;
   int64_t n_tokens;
   int64_t width;
@@ -44,13 +49,14 @@ struct RowPassParams {
 };
 cudaError_t row_pass(const RowPassParams& p, cudaStream_t stream);
 
-// v = (1 - exp(logp)) hidden [N, H], or the sketch z = v @ R [N, r] (sketch_dim r > 0, on the
-// tensor cores), written to out in hidden's dtype (float32 when out_f32); sums non-null: side
-// sums [2, D] of the written vectors (partial as in row_pass, D <= kMaxSumsWidth). scale_ws: N
-// floats of workspace (exact vectors).
+// v = (1 - exp(logp)) hidden [N, H] (its rows where `rows` says, as in row_pass), or the sketch
+// z = v @ R [N, r] (sketch_dim r > 0, on the tensor cores), written to out [N, D] in hidden's dtype
+// (float32 when out_f32); sums non-null: side sums [2, D] of the written vectors (partial as in
+// row_pass, D <= kMaxSumsWidth). scale_ws: N floats of workspace (exact vectors).
 struct TokenVectorsParams {
   int dtype;
   const void* hidden;
+  RowStrides rows;
   const float* logp;
   const float* a_pos;
   const float* a_neg;

@@ -23,15 +23,14 @@ constexpr int64_t kRegWidth = kThreads * kPerThread;  // widest row whose sums s
 // registers, <= 128 registers, no spill).
 template <typename T> constexpr int kMinBlocks = sizeof(T) == 2 ? 3 : 2;
 
-// x [N, D] of T, VEC elements per load (D % VEC == 0 and every row pointer 16-byte aligned when
-// VEC > 1). v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2 (v[t] - c).w, the centre
-// c [D] subtracted element by element (exact under an offset the rows share). Weights: gate
-// (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the rows about
-// the centre, v[t] - c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight stays
-// zero (a padding row may hold anything: it is skipped, never multiplied in). out non-null: v
-// written there. Regs: D <= kRegWidth, the sums in registers and the row read once per token;
-// else the sums in shared memory [2, D] and the row read once more for the sums (from L1/L2).
-// A row is read only when needed (written out, dotted, or with a nonzero weight).
+// x [N, D] of T, row t at x + p.rows.offset(t) (a [B, T, D] view read in place), VEC elements per load (D % VEC == 0
+// and every row pointer 16-byte aligned when VEC > 1). v[t] = scale[t] x[t] (scale null: 1). w non-null: m[t] = 2
+// (v[t] - c).w, the centre c [D] subtracted element by element (exact under an offset the rows share). Weights: gate
+// (gamma non-null): sigmoid(m/gamma+) a_pos, sigmoid(-m/gamma-) a_neg, summed over the rows about the centre, v[t] -
+// c; else a_pos, a_neg over v[t] (a_pos null: no sums). A zero weight stays zero (a padding row may hold anything:
+// it is skipped, never multiplied in). out non-null: v written there. Regs: D <= kRegWidth, the sums in registers
+// and the row read once per token; else the sums in shared memory [2, D] and the row read once more for the sums
+// (from L1/L2). A row is read only when needed (written out, dotted, or with a nonzero weight).
 template <typename T, int VEC, bool Regs>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_pass_kernel(const RowPassParams p, int64_t chunk) {
   constexpr int K = kPerThread / VEC;  // loads per thread per tile
@@ -68,13 +67,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_pass_kernel(const
   };
   // Regs: the row of token t + 1 is loaded while token t is dotted and added (two rows in flight).
   RowVec<T, VEC> v[K], next[K];
-  if (Regs && t0 < t1 && needs_row(t0)) load_tile(x + t0 * D, 0, next);
+  // Row starts stepped token by token (p.rows.step; one division per block, none per token).
+  const T* next_row = x + p.rows.offset(t0);
+  int64_t place = t0 - p.rows.entry(t0) * p.rows.T;  // next_row's place in its batch entry
+  if (Regs && t0 < t1 && needs_row(t0)) load_tile(next_row, 0, next);
   for (int64_t t = t0; t < t1; ++t) {
-    const T* row = x + t * D;
+    const T* row = next_row;
+    next_row += p.rows.step(place);
+    place = place + 1 < p.rows.T ? place + 1 : 0;
     if (Regs) {
 #pragma unroll
       for (int k = 0; k < K; ++k) v[k] = next[k];
-      if (t + 1 < t1 && needs_row(t + 1)) load_tile(row + D, 0, next);
+      if (t + 1 < t1 && needs_row(t + 1)) load_tile(next_row, 0, next);
     }
     const float s = p.scale == nullptr ? 1.0f : p.scale[t];
     float wp = p.a_pos == nullptr ? 0.0f : p.a_pos[t];
@@ -176,11 +180,13 @@ cudaError_t launch_rows(const RowPassParams& p, int64_t chunk, int64_t n_chunks,
   return cudaGetLastError();
 }
 
-// 16-byte vectors when every row and the centre and weight vectors allow them, else scalars.
+// 16-byte vectors when every row start (the base pointer and both row strides) and the centre and
+// weight vectors allow them, else scalars (docs/backends.md, "Strided rows").
 template <typename T>
 cudaError_t launch(const RowPassParams& p, int64_t chunk, int64_t n_chunks, cudaStream_t stream) {
   constexpr int V = kVec16<T>;
-  const bool vec = p.width % V == 0 && aligned16(p.x) && aligned16(p.out) && aligned16(p.w) && aligned16(p.centre);
+  const bool rows16 = aligned16(p.x) && p.rows.stride_b % V == 0 && p.rows.stride_t % V == 0;
+  const bool vec = p.width % V == 0 && rows16 && aligned16(p.out) && aligned16(p.w) && aligned16(p.centre);
   const bool regs = p.width <= kRegWidth;
   if (vec) return regs ? launch_rows<T, V, true>(p, chunk, n_chunks, stream)
                        : launch_rows<T, V, false>(p, chunk, n_chunks, stream);

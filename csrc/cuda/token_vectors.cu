@@ -48,7 +48,7 @@ __device__ __forceinline__ void split_parts(T x, M (&part)[P]) {
 }
 
 template <typename T, typename O>
-__global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ hidden,
+__global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ hidden, const RowStrides rows,
                                                           const float* __restrict__ logp, int64_t N, int64_t H,
                                                           int64_t r, uint32_t seed_mixed, float inv_sqrt_r,
                                                           O* __restrict__ out) {
@@ -63,15 +63,17 @@ __global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ 
   M* b_tile = reinterpret_cast<M*>(smem + kBytesA);   // [kStepRows][kLdB]: +-1
   float* c_tile = reinterpret_cast<float*>(smem);     // [kTileTokens][kLdC], after the last step
   __shared__ uint32_t col_keys[kTileCols], row_keys[kStepRows];
+  __shared__ int64_t row_start[kTileTokens];  // where the tile's rows of h start (rows.offset)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
   const int warp = threadIdx.x / 32;
   if (threadIdx.x < kTileCols) col_keys[threadIdx.x] = sketch_col_key(static_cast<uint32_t>(j0 + threadIdx.x));
+  if (threadIdx.x < kTileTokens) row_start[threadIdx.x] = rows.offset(t0 + threadIdx.x);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTileCols / 16];
 #pragma unroll
   for (int n = 0; n < kTileCols / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   for (int64_t i0 = 0; i0 < H; i0 += kStepRows) {
-    __syncthreads();  // the previous step's tiles are consumed (and col_keys written)
+    __syncthreads();  // the previous step's tiles are consumed (and col_keys, row_start written)
     if (threadIdx.x < kStepRows)
       row_keys[threadIdx.x] = sketch_row_key(seed_mixed, static_cast<uint32_t>(i0 + threadIdx.x));
     // h rows [t0, t0 + kTileTokens) x columns [i0, i0 + kStepRows), zero outside [N, H).
@@ -79,7 +81,9 @@ __global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ 
       const int row = e / kStepRows, col = e % kStepRows;
       const int64_t t = t0 + row, i = i0 + col;
       M part[P];
-      split_parts<T, P, M>(t < N && i < H ? hidden[t * H + i] : static_cast<T>(0.0f), part);
+      // volatile: read per element, not kept in registers across the steps of H (float32 rows would spill)
+      const int64_t start = static_cast<volatile int64_t*>(row_start)[row];
+      split_parts<T, P, M>(t < N && i < H ? hidden[start + i] : static_cast<T>(0.0f), part);
 #pragma unroll
       for (int k = 0; k < P; ++k) a_tile[(k * kTileTokens + row) * kLdA + col] = part[k];
     }
@@ -120,21 +124,21 @@ __global__ void __launch_bounds__(kThreads) sketch_kernel(const T* __restrict__ 
 }
 
 template <typename T, typename O>
-cudaError_t launch_sketch(const void* hidden, const float* logp, int64_t N, int64_t H, int64_t r, uint32_t seed,
-                          void* out, cudaStream_t stream) {
+cudaError_t launch_sketch(const void* hidden, const RowStrides& rows, const float* logp, int64_t N, int64_t H,
+                          int64_t r, uint32_t seed, void* out, cudaStream_t stream) {
   const float inv_sqrt_r = static_cast<float>(1.0 / sqrt(static_cast<double>(r)));
   const dim3 grid(static_cast<unsigned>((r + kTileCols - 1) / kTileCols),
                   static_cast<unsigned>((N + kTileTokens - 1) / kTileTokens));
-  sketch_kernel<T, O><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(hidden), logp, N, H, r, mix32(seed),
-                                                     inv_sqrt_r, static_cast<O*>(out));
+  sketch_kernel<T, O><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(hidden), rows, logp, N, H, r,
+                                                     mix32(seed), inv_sqrt_r, static_cast<O*>(out));
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t sketch(bool out_f32, const void* hidden, const float* logp, int64_t N, int64_t H, int64_t r,
-                   uint32_t seed, void* out, cudaStream_t stream) {
-  return out_f32 ? launch_sketch<T, float>(hidden, logp, N, H, r, seed, out, stream)
-                 : launch_sketch<T, T>(hidden, logp, N, H, r, seed, out, stream);
+cudaError_t sketch(bool out_f32, const void* hidden, const RowStrides& rows, const float* logp, int64_t N,
+                   int64_t H, int64_t r, uint32_t seed, void* out, cudaStream_t stream) {
+  return out_f32 ? launch_sketch<T, float>(hidden, rows, logp, N, H, r, seed, out, stream)
+                 : launch_sketch<T, T>(hidden, rows, logp, N, H, r, seed, out, stream);
 }
 
 // v = s h written to out, as one row_pass over h with the scale s = 1 - exp(logp) per token.
@@ -147,26 +151,33 @@ __global__ void row_scale_kernel(const float* __restrict__ logp, int64_t N, floa
 
 cudaError_t token_vectors(const TokenVectorsParams& p, cudaStream_t stream) {
   const int64_t N = p.n_tokens, H = p.hidden_size, r = p.sketch_dim;
-  RowPassParams rows{};  // the side sums (and, for exact vectors, v itself) through one row_pass
-  rows.n_tokens = N;
-  rows.a_pos = p.sums ? p.a_pos : nullptr;
-  rows.a_neg = p.sums ? p.a_neg : nullptr;
-  rows.partial = p.partial;
-  rows.sums = p.sums;
+  RowPassParams pass{};  // the side sums (and, for exact vectors, v itself) through one row_pass
+  pass.n_tokens = N;
+  pass.a_pos = p.sums ? p.a_pos : nullptr;
+  pass.a_neg = p.sums ? p.a_neg : nullptr;
+  pass.partial = p.partial;
+  pass.sums = p.sums;
   if (r > 0) {
     if (N > 0) {
       cudaError_t err;
       switch (p.dtype) {
-        case kFloat32: err = sketch<float>(p.out_f32, p.hidden, p.logp, N, H, r, p.seed, p.out, stream); break;
-        case kBFloat16: err = sketch<__nv_bfloat16>(p.out_f32, p.hidden, p.logp, N, H, r, p.seed, p.out, stream); break;
-        default: err = sketch<__half>(p.out_f32, p.hidden, p.logp, N, H, r, p.seed, p.out, stream); break;
+        case kFloat32:
+          err = sketch<float>(p.out_f32, p.hidden, p.rows, p.logp, N, H, r, p.seed, p.out, stream);
+          break;
+        case kBFloat16:
+          err = sketch<__nv_bfloat16>(p.out_f32, p.hidden, p.rows, p.logp, N, H, r, p.seed, p.out, stream);
+          break;
+        default:
+          err = sketch<__half>(p.out_f32, p.hidden, p.rows, p.logp, N, H, r, p.seed, p.out, stream);
+          break;
       }
       if (err != cudaSuccess || p.sums == nullptr) return err;
     }
-    rows.dtype = p.out_f32 ? static_cast<int>(kFloat32) : p.dtype;
-    rows.x = p.out;
-    rows.width = r;
-    return row_pass(rows, stream);
+    pass.dtype = p.out_f32 ? static_cast<int>(kFloat32) : p.dtype;
+    pass.x = p.out;
+    pass.rows = RowStrides::dense(N, r);  // z as written
+    pass.width = r;
+    return row_pass(pass, stream);
   }
   if (N > 0) {
     row_scale_kernel<<<static_cast<unsigned>((N + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p.logp, N,
@@ -174,12 +185,13 @@ cudaError_t token_vectors(const TokenVectorsParams& p, cudaStream_t stream) {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  rows.dtype = p.dtype;
-  rows.x = p.hidden;
-  rows.scale = p.scale_ws;
-  rows.width = H;
-  rows.out = p.out;
-  return row_pass(rows, stream);
+  pass.dtype = p.dtype;
+  pass.x = p.hidden;
+  pass.rows = p.rows;  // h read in place
+  pass.scale = p.scale_ws;
+  pass.width = H;
+  pass.out = p.out;
+  return row_pass(pass, stream);
 }
 
 }  // namespace cuda

@@ -6,14 +6,14 @@ partials into the loss and the row weights)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .._checks import DeltaConfig, TokenBatch
 from ..aggregation import aggregate
 from ..pipeline import run_coefficients
-from ._ops import call
+from ._ops import call, tokens
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -34,6 +34,21 @@ def ptr(t: torch.Tensor) -> int:
 def opt_ptr(t) -> Optional[int]:
     """ptr(t), or None (an unused pointer argument of the native calls) for None."""
     return None if t is None else ptr(t)
+
+
+def row_layout(x: torch.Tensor) -> Tuple[int, int, Optional[Tuple[int, int, int]]]:
+    """A row operand of the passes (hidden, or vectors: [N, D], or the caller's [B, T, D] view
+    with a contiguous last dim, read in place; _checks.rows_for) -> (N, D, row_strides):
+    row_strides = (T, stride_b, stride_t) in elements (row n = b T + t starts at b stride_b +
+    t stride_t; csrc/common/row_strides.h), None for a contiguous array."""
+    d = x.shape[-1]
+    assert x.dim() in (2, 3) and (x.stride(-1) == 1 or d <= 1)
+    n = tokens(x)
+    if x.is_contiguous():
+        return n, d, None
+    if x.dim() == 2:
+        return n, d, (max(n, 1), 0, x.stride(0))
+    return n, d, (x.shape[1], x.stride(0), x.stride(1))
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +96,7 @@ def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, 
 class ScaledRows(NamedTuple):
     """Token vectors v[t] = scale[t] * rows[t] that are never materialised: the native passes
     read the hidden states and scale each row on the fly (one read of h per pass, no [N, H] write)."""
-    rows: torch.Tensor   # [N, H] hidden states, f32/bf16/f16
+    rows: torch.Tensor   # [N, H] hidden states, f32/bf16/f16 (or the caller's [B, T, H] view: row_layout)
     scale: torch.Tensor  # [N] float32, 1 - exp(logp)
 
 
@@ -91,8 +106,8 @@ def rows_and_scale(v):
 
 
 def token_vectors(hidden, logp, a_pos, a_neg, sketch_dim: Optional[int], seed: int, out_dtype=None):
-    """hidden [N, H] (f32/bf16/f16), logp, a_pos, a_neg [N] -> (v [N, D] in out_dtype (default hidden's;
-    else float32), sums [2, D] f32)."""
+    """hidden [N, H] (f32/bf16/f16; or a [B, T, H] view, row_layout), logp, a_pos, a_neg [N] -> (v [N, D]
+    in out_dtype (default hidden's; else float32), sums [2, D] f32)."""
     out_dtype = out_dtype or hidden.dtype
     assert out_dtype in (hidden.dtype, torch.float32)
     return call("token_vectors", hidden, f32(logp), f32(a_pos), f32(a_neg), sketch_dim or 0, seed,
@@ -131,7 +146,7 @@ def native_phases(token_vectors, pipeline: SimpleNamespace):
     """-> (token_sketch, delta_coefficients) of a native backend, from its token_vectors kernel
     and its pipeline_kernels (the contract of delta_kernels.reference)."""
     def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):
-        zeros = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        zeros = torch.zeros(tokens(hidden), dtype=torch.float32, device=hidden.device)
         return token_vectors(hidden, logp, zeros, zeros, sketch_dim, seed)[0]
 
     def delta_coefficients(batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int, reduce=None):

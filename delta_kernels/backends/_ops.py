@@ -5,7 +5,9 @@ Each op is declared once here with its schema, its fake (shape/dtype) function a
 surrogate, its autograd formula; a backend module registers its kernel for its device type
 (backends/cpp.py: "cpu", backends/cuda.py: "cuda"). Op bodies are the only place where data
 pointers are taken. Inputs are contiguous float32 unless stated; ``x`` is hidden (f32/bf16/f16)
-or materialised vectors, ``scale`` (or None) the per-row factor of implicit exact vectors.
+or materialised vectors, ``scale`` (or None) the per-row factor of implicit exact vectors; ``hidden``
+and ``x`` may also be the caller's [B, T, D] view (last dim contiguous; N = B T), read in place
+where the backend declares strided_rows (_backends.Backend).
 
     token_vectors(hidden [N,H], logp, a_pos, a_neg [N], sketch_dim (0: exact), seed, out_f32)
         -> v [N,D] (hidden's dtype, float32 when out_f32), sums [2,D]
@@ -76,13 +78,18 @@ def call(name: str, *args):
 
 
 def _sums(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(2, x.shape[1], dtype=torch.float32)
+    return x.new_empty(2, x.shape[-1], dtype=torch.float32)
+
+
+def tokens(x: torch.Tensor):
+    """N: the rows of a row operand, [N, D] or [B, T, D]."""
+    return x.shape[:-1].numel()
 
 
 @torch.library.register_fake(qualname("token_vectors"), lib=_lib)
 def _token_vectors_fake(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
-    d = sketch_dim or hidden.shape[1]
-    out = hidden.new_empty(hidden.shape[0], d, dtype=torch.float32 if out_f32 else hidden.dtype)
+    d = sketch_dim or hidden.shape[-1]
+    out = hidden.new_empty(tokens(hidden), d, dtype=torch.float32 if out_f32 else hidden.dtype)
     return out, hidden.new_empty(2, d, dtype=torch.float32)
 
 
@@ -93,12 +100,12 @@ def _side_sums_fake(x, scale, a_pos, a_neg):
 
 @torch.library.register_fake(qualname("margins"), lib=_lib)
 def _margins_fake(x, scale, w, centre):
-    return x.new_empty(x.shape[0], dtype=torch.float32)
+    return x.new_empty(tokens(x), dtype=torch.float32)
 
 
 @torch.library.register_fake(qualname("gated_margins"), lib=_lib)
 def _gated_margins_fake(x, scale, w, centre, gamma, a_pos, a_neg):
-    return x.new_empty(x.shape[0], dtype=torch.float32), _sums(x)
+    return x.new_empty(tokens(x), dtype=torch.float32), _sums(x)
 
 
 def surrogate_rows_dtype(device: torch.device) -> torch.dtype:

@@ -2,7 +2,8 @@
 kernels of the delta_kernels:: custom ops (backends/_ops.py).
 
 Each op body allocates its outputs with ``_alloc.empty`` and passes raw pointers; the kernels
-assume the validated, contiguous inputs that the public API hands over. The coefficient
+assume the validated, contiguous inputs that the public API hands over, except the row operands
+(hidden, vectors), which may be the caller's [B, T, D] views, read in place (_native.row_layout). The coefficient
 pipeline is ``delta_kernels.pipeline.run_coefficients`` over the three passes of _native.py.
 """
 from __future__ import annotations
@@ -17,44 +18,44 @@ from .._checks import FipoConfig
 from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
 from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, f32, margin_pass, native_phases,  # noqa: F401
-                      opt_ptr, pipeline_kernels, ptr, side_sums, token_vectors)
-from ._ops import register_kernels
+                      opt_ptr, pipeline_kernels, ptr, row_layout, side_sums, token_vectors)
+from ._ops import register_kernels, tokens
 
 
 def _token_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, out_f32):
-    n, h = hidden.shape
+    n, h, strides = row_layout(hidden)
     d = sketch_dim or h
     out = empty(n, d, dtype=torch.float32 if out_f32 else hidden.dtype)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.token_vectors(dtype=dtype_code(hidden), hidden=ptr(hidden), logp=ptr(logp), a_pos=ptr(a_pos),
-                       a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
+    _cpp.token_vectors(dtype=dtype_code(hidden), hidden=hidden.data_ptr(), row_strides=strides, logp=ptr(logp),
+                       a_pos=ptr(a_pos), a_neg=ptr(a_neg), n_tokens=n, hidden_size=h, sketch_dim=sketch_dim, seed=seed,
                        out_f32=out_f32, out=ptr(out), sums=ptr(sums))
     return out, sums
 
 
 def _side_sums(x, scale, a_pos, a_neg):
-    n, d = x.shape
+    n, d, strides = row_layout(x)
     sums = empty(2, d, dtype=torch.float32)
-    _cpp.side_sums(dtype=dtype_code(x), x=ptr(x), scale=opt_ptr(scale), a_pos=ptr(a_pos), a_neg=ptr(a_neg),
-                   n_tokens=n, width=d, sums=ptr(sums))
+    _cpp.side_sums(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), a_pos=ptr(a_pos),
+                   a_neg=ptr(a_neg), n_tokens=n, width=d, sums=ptr(sums))
     return sums
 
 
 def _margin_args(x, scale, w, centre, m):
-    n, d = x.shape
-    return dict(dtype=dtype_code(x), x=ptr(x), scale=opt_ptr(scale), w=ptr(w), centre=ptr(centre), n_tokens=n,
-                width=d, margins=ptr(m))
+    n, d, strides = row_layout(x)
+    return dict(dtype=dtype_code(x), x=x.data_ptr(), row_strides=strides, scale=opt_ptr(scale), w=ptr(w),
+                centre=ptr(centre), n_tokens=n, width=d, margins=ptr(m))
 
 
 def _margins(x, scale, w, centre):
-    m = empty(x.shape[0], dtype=torch.float32)
+    m = empty(tokens(x), dtype=torch.float32)
     _cpp.margin_pass(**_margin_args(x, scale, w, centre, m))
     return m
 
 
 def _gated_margins(x, scale, w, centre, gamma, a_pos, a_neg):
-    m = empty(x.shape[0], dtype=torch.float32)
-    sums = empty(2, x.shape[1], dtype=torch.float32)
+    m = empty(tokens(x), dtype=torch.float32)
+    sums = empty(2, x.shape[-1], dtype=torch.float32)
     _cpp.margin_pass(**_margin_args(x, scale, w, centre, m), gamma=ptr(gamma), a_pos=ptr(a_pos), a_neg=ptr(a_neg),
                      sums=ptr(sums))
     return m, sums
