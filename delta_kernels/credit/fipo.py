@@ -6,7 +6,6 @@ than one dual-clipped negative token are dropped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -80,23 +79,7 @@ def _fipo(logp, old_logp, advantages, mask, cfg: C.FipoConfig, backend: str, che
     return FipoWeights(weights, keep, future_kl), row_stats
 
 
-@dataclass(frozen=True)
-class FipoOptions:
-    """FIPO's options in a credit spec (clip_c is the surrogate's)."""
-    decay_rate: float = 32.0
-    future_kl_clip_ratio: float = 0.2
-    future_kl_clip_high_only: bool = True
-    safety_thresh: float = 10.0
-
-    def __post_init__(self):
-        self.config()  # the checks
-
-    def config(self, clip_c: float = 10.0) -> C.FipoConfig:
-        """The kernel's parameters with the surrogate's clip_c (fields spelled out: dataclasses.asdict
-        does not trace under torch.compile)."""
-        return C.FipoConfig(decay_rate=self.decay_rate, future_kl_clip_ratio=self.future_kl_clip_ratio,
-                            future_kl_clip_high_only=self.future_kl_clip_high_only,
-                            safety_thresh=self.safety_thresh, clip_c=clip_c)
+FipoOptions = C.FipoOptions  # FIPO's options in a credit spec (clip_c is the surrogate's)
 
 
 def fipo_metrics(fw: FipoWeights, row_stats: torch.Tensor) -> dict:
