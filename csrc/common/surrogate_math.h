@@ -50,9 +50,25 @@ DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_
 // w l, valid count, clipped, clipped_lower, -log_ratio.
 enum SurrogateStat : int { kStatLoss = 0, kStatValid, kStatClip, kStatClipLower, kStatKl, kStats };
 
-// One token of row-major [B, T] at flat index t: writes w d l / d logp to grad[t] and adds its
-// statistics to acc[kStats] (float on the GPU, double on the CPU). w = is_weight[t], or 1 when
-// is_weight is null. Padding is don't-care: a masked token writes grad 0 and reads nothing else.
+// One valid token at flat index t with weighted advantage A: writes w d l / d logp to grad[t] and adds
+// its statistics to acc[kStats] (float on the GPU, double on the CPU). w = is_weight[t], or 1 when
+// is_weight is null.
+template <typename Acc>
+DK_HD void surrogate_accumulate_valid(int64_t t, float A, const float* logp, const float* old_logp,
+                                      const float* is_weight, float clip_low, float clip_high, float clip_c,
+                                      float* grad, Acc* acc) {
+  const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
+  const float w = is_weight != nullptr ? is_weight[t] : 1.0f;
+  grad[t] = r.dloss * w;
+  acc[kStatLoss] += static_cast<Acc>(r.loss * w);
+  acc[kStatValid] += Acc(1);
+  acc[kStatClip] += r.clipped ? Acc(1) : Acc(0);
+  acc[kStatClipLower] += r.clipped_lower ? Acc(1) : Acc(0);
+  acc[kStatKl] += static_cast<Acc>(-r.log_ratio);
+}
+
+// One token of row-major [B, T] at flat index t (A = adv[t] coef[t], coef null: 1), as
+// surrogate_accumulate_valid. Padding is don't-care: a masked token writes grad 0 and reads nothing else.
 template <typename Acc>
 DK_HD void surrogate_accumulate(int64_t t, const float* logp, const float* old_logp, const float* adv,
                                 const uint8_t* mask, const float* coef, const float* is_weight, float clip_low,
@@ -63,14 +79,7 @@ DK_HD void surrogate_accumulate(int64_t t, const float* logp, const float* old_l
   }
   float A = adv[t];
   if (coef != nullptr) A *= coef[t];
-  const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
-  const float w = is_weight != nullptr ? is_weight[t] : 1.0f;
-  grad[t] = r.dloss * w;
-  acc[kStatLoss] += static_cast<Acc>(r.loss * w);
-  acc[kStatValid] += Acc(1);
-  acc[kStatClip] += r.clipped ? Acc(1) : Acc(0);
-  acc[kStatClipLower] += r.clipped_lower ? Acc(1) : Acc(0);
-  acc[kStatKl] += static_cast<Acc>(-r.log_ratio);
+  surrogate_accumulate_valid(t, A, logp, old_logp, is_weight, clip_low, clip_high, clip_c, grad, acc);
 }
 
 }  // namespace dk

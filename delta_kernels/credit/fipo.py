@@ -12,6 +12,7 @@ import torch
 
 from .. import _checks as C
 from .._backends import resolve
+from ..reference.fipo import METRICS
 from .registry import IN_LOSS, CreditInputs, CreditMethod, CreditWeights, register
 
 
@@ -104,5 +105,5 @@ def _compute(inputs: CreditInputs, options: FipoOptions) -> CreditWeights:
 
 METHOD = register(CreditMethod(
     name="fipo", kind=IN_LOSS, inputs=("logp", "old_logp", "advantages", "mask"), depends_on_theta=True,
-    metrics=("weight_mean", "weight_min", "weight_max", "rows_dropped", "clip_frac"), options=FipoOptions,
-    compute=_compute, summary="FIPO future-KL influence weights (rows with > 1 dual-clipped negative dropped)"))
+    metrics=METRICS, options=FipoOptions, compute=_compute, fused_config=FipoOptions.config,
+    summary="FIPO future-KL influence weights (rows with > 1 dual-clipped negative dropped)"))

@@ -13,6 +13,7 @@ import torch
 from .._checks import FipoConfig, compute_dtype
 
 SCAN_CHUNK = 128
+METRICS = ("weight_mean", "weight_min", "weight_max", "rows_dropped", "clip_frac")  # credit="fipo"'s
 
 
 def discounted_future_sum(x: torch.Tensor, decay_rate: float) -> torch.Tensor:
