@@ -222,6 +222,40 @@ def test_fipo_credit_adds_one_triton_launch(backend):
     assert {k: v for k, v in extra.items() if v} == {"triton:_fipo_weights_kernel": 1}, counts
 
 
+FUSED = [p for p in FIPO if str(p.values[0]) in ("cpp", "triton")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("cols,extra", [(40, "none"), (37, "coef+is"), (1100, "coef")])
+def test_fused_credit_equals_weights_then_surrogate(backend, cols, extra):
+    """credit="fipo" on a backend whose surrogate computes FIPO's weights in the same call equals
+    fipo_weights followed by the surrogate on mask & keep with coef * weights: loss and gradient
+    to the bit (dropped rows, NaN padding, rows past one surrogate tile), the metrics to rounding."""
+    if str(backend) == "triton" and cols > 64:
+        pytest.skip("a long row under the interpreter: cpp covers the tiles")
+    logp, old, adv, mask = fipo_batch(6, cols, seed=11 + cols)
+    g = torch.Generator().manual_seed(cols)
+    coef = torch.rand(6, cols, generator=g) + 0.5 if "coef" in extra else None
+    isw = torch.rand(6, cols, generator=g) + 0.5 if "is" in extra else None
+    kw = dict(clip_c=CLIP_C, agg="seq-mean-token-mean", backend=str(backend), check_values=False)
+    fused, unfused = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, metrics = dk.clipped_surrogate_loss(fused, old, adv, mask, coef=coef, rollout_is_weights=isw, credit="fipo",
+                                              **kw)
+    loss.backward()
+    fw = dk.fipo_weights(logp, old, adv, mask, clip_c=CLIP_C, backend=str(backend), check_values=False)
+    assert int((~fw.keep).sum()) >= 1
+    ref, ref_metrics = dk.clipped_surrogate_loss(unfused, old, adv, mask & fw.keep[:, None], rollout_is_weights=isw,
+                                                 coef=fw.weights if coef is None else coef * fw.weights, **kw)
+    ref.backward()
+    assert torch.equal(loss, ref) and torch.equal(fused.grad, unfused.grad)
+    for k, v in ref_metrics.items():
+        assert torch.equal(metrics[k], v), k
+    w = fw.weights[mask].double()
+    for k, v in dict(weight_mean=w.mean(), weight_min=w.min(), weight_max=w.max(),
+                     rows_dropped=(~fw.keep).sum().double()).items():
+        assert abs(float(metrics[f"fipo/{k}"]) - float(v)) <= 1e-6 * abs(float(v)), (k, metrics)
+
+
 @pytest.mark.parametrize("op", ["fipo_weights_cpp", "fipo_weights_triton"])
 def test_native_ops_pass_opcheck(op):
     """The torch.library ops (schema, fake implementation, dispatch) that torch.compile will see."""
