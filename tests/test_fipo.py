@@ -208,18 +208,29 @@ def test_loss_and_gradient_match_the_authors_loss(mode, backend):
 
 
 @pytest.mark.parametrize("backend", [p for p in FIPO if str(p.values[0]) == "triton"])
-def test_fipo_credit_adds_one_triton_launch(backend):
-    """clipped_surrogate_loss(credit="fipo") on triton: the surrogate's kernels plus one (the weights)."""
+def test_fipo_credit_adds_one_launch_on_triton(backend):
+    """clipped_surrogate_loss(credit="fipo") on triton: every launch counted as the suite counts
+    them (Triton kernels and torch ops, tests/launch_counter.py): the plain surrogate's plus one,
+    FIPO's kernel (the surrogate's kernel reads the weights and keep and reduces the metrics);
+    the backward launches what the plain one does."""
     from launch_counter import LaunchCounter
+    from delta_kernels._alloc import poisoned
     logp, old, adv, mask = fipo_batch(3, 40, seed=5, pad_nan=False)
     counts = []
-    for credit in (None, "fipo"):
-        with LaunchCounter() as lc:
-            loss, _ = dk.clipped_surrogate_loss(logp, old, adv, mask, credit=credit, backend="triton",
-                                                check_values=False)
-        counts.append({k: v for k, v in lc.ops.items() if k.startswith("triton:")})
-    extra = {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in set(counts[0]) | set(counts[1])}
-    assert {k: v for k, v in extra.items() if v} == {"triton:_fipo_weights_kernel": 1}, counts
+    with poisoned(False):  # the poison fill is a test-only launch
+        for credit in (None, "fipo"):
+            lp = logp.clone().requires_grad_()
+            dk.clipped_surrogate_loss(lp, old, adv, mask, credit=credit, backend="triton", check_values=False)
+            with LaunchCounter() as fwd:
+                loss, _ = dk.clipped_surrogate_loss(lp, old, adv, mask, credit=credit, backend="triton",
+                                                    check_values=False)
+            with LaunchCounter() as bwd:
+                loss.backward()
+            counts.append((fwd, bwd))
+    (plain, plain_bwd), (fipo, fipo_bwd) = counts
+    assert fipo.launches == plain.launches + 1, (plain.ops, fipo.ops)
+    assert fipo.ops - plain.ops == {"triton:_fipo_weights_kernel": 1}, (plain.ops, fipo.ops)
+    assert fipo_bwd.ops == plain_bwd.ops, (plain_bwd.ops, fipo_bwd.ops)
 
 
 FUSED = [p for p in FIPO if str(p.values[0]) in ("cpp", "triton")]

@@ -6,6 +6,7 @@ tokens: inside a chunk as one matrix product with the powers gamma^j = exp2(-j /
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -36,7 +37,13 @@ def discounted_future_sum(x: torch.Tensor, decay_rate: float) -> torch.Tensor:
 
 def log_clip_c(cfg: FipoConfig, dtype: torch.dtype) -> float:
     """log c as the authors compute it: torch.log of c in the compute dtype (the participation bound)."""
-    return float(torch.log(torch.tensor(cfg.clip_c, dtype=dtype)))
+    return _log_in(float(cfg.clip_c), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _log_in(value: float, dtype: torch.dtype) -> float:
+    """float(torch.log(value in dtype)), once per value (a loss call then runs no torch op for it)."""
+    return float(torch.log(torch.tensor(value, dtype=dtype)))
 
 
 def native_scalars(cfg: FipoConfig) -> tuple:
