@@ -281,6 +281,17 @@ def test_native_ops_pass_opcheck(op):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_fused_cpp_op_passes_opcheck():
+    """The cpp fused op (FIPO's weights inside the surrogate) as torch.compile sees it."""
+    import delta_kernels.backends.cpp  # noqa: F401  (registers the op)
+    logp, old, adv, mask = fipo_batch(3, 9, seed=7, pad_nan=False)
+    coef = torch.rand(3, 9) + 0.5
+    args = (logp, old, adv[:, None].expand(3, 9).contiguous(), mask, coef, None, 32.0, math.log(10.0), 10.0, 1.0,
+            1.2, True, 10.0, 1.2 - 1e-7, 1.0 + 1e-7, 0.2, 0.28, 10.0)
+    torch.library.opcheck(torch.ops.delta_kernels.fipo_surrogate_cpp, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 @pytest.mark.parametrize("backend", FIPO)
 @pytest.mark.parametrize("rho", [0.2, 0.0])
 def test_metrics_from_the_kernels_row_partials(backend, rho):
