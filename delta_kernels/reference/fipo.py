@@ -37,13 +37,16 @@ def discounted_future_sum(x: torch.Tensor, decay_rate: float) -> torch.Tensor:
 
 def log_clip_c(cfg: FipoConfig, dtype: torch.dtype) -> float:
     """log c as the authors compute it: torch.log of c in the compute dtype (the participation bound)."""
-    return _log_in(float(cfg.clip_c), dtype)
+    if torch.compiler.is_compiling():  # traced as it is (dynamo does not keep an lru_cache)
+        return _log_in(float(cfg.clip_c), dtype)
+    return _log_in_cached(float(cfg.clip_c), dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def _log_in(value: float, dtype: torch.dtype) -> float:
-    """float(torch.log(value in dtype)), once per value (a loss call then runs no torch op for it)."""
     return float(torch.log(torch.tensor(value, dtype=dtype)))
+
+
+_log_in_cached = functools.lru_cache(maxsize=64)(_log_in)  # eager: once per value, no torch op per loss call
 
 
 def native_scalars(cfg: FipoConfig) -> tuple:
