@@ -17,7 +17,26 @@ struct FipoParams {
   float log_clip_c, clip_c, lower, upper;
   bool clip_lower;
   float safety_thresh, at_upper, at_lower;
+  // A future KL <= below_lower has exp < lower (weight lower), >= above_upper has exp > upper (weight upper):
+  // log of the bounds with a margin of 1e-5 (expf is within an ulp), so the weight needs no expf there.
+  float below_lower = -std::numeric_limits<float>::infinity(), above_upper = std::numeric_limits<float>::infinity();
+
+  FipoParams(double gamma_, float log_clip_c_, float clip_c_, float lower_, float upper_, bool clip_lower_,
+             float safety_thresh_, float at_upper_, float at_lower_)
+      : gamma(gamma_), log_clip_c(log_clip_c_), clip_c(clip_c_), lower(lower_), upper(upper_), clip_lower(clip_lower_),
+        safety_thresh(safety_thresh_), at_upper(at_upper_), at_lower(at_lower_) {
+    if (clip_lower && lower > 0.0f && lower <= upper) below_lower = static_cast<float>(std::log(lower) - 1e-5);
+    if (upper > 0.0f) above_upper = static_cast<float>(std::log(upper) + 1e-5);
+  }
 };
+
+// The weight clip of a future KL: exp(fkl) clamped to [lower, upper] (to <= upper without clip_lower).
+inline float fipo_clipped_weight(float fkl, const FipoParams& p) {
+  if (fkl <= p.below_lower) return p.lower;
+  if (fkl >= p.above_upper) return p.upper;
+  const float w = std::exp(fkl);
+  return p.clip_lower ? std::min(std::max(w, p.lower), p.upper) : std::min(w, p.upper);
+}
 
 // A row's metric partials over its valid tokens: count, sum, min, max of the weights, weights at a bound.
 struct FipoRowStats {
@@ -43,8 +62,7 @@ inline bool fipo_row(const float* logp, const float* old_logp, const float* adv,
     const float d = std::min(std::max(logp[t] - old_logp[t], -20.0f), 20.0f);
     f_next = (d <= p.log_clip_c ? static_cast<double>(d) : 0.0) + p.gamma * f_next;
     const float fkl = static_cast<float>(f_next);
-    float w = std::exp(fkl);
-    w = p.clip_lower ? std::min(std::max(w, p.lower), p.upper) : std::min(w, p.upper);
+    float w = fipo_clipped_weight(fkl, p);
     if (adv[t] < 0.0f) {  // the ratio matters only here
       const float ratio = std::exp(d);
       if (ratio > p.safety_thresh) w = std::min(std::max(w, 0.8f), 1.0f);

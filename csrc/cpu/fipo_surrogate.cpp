@@ -53,7 +53,7 @@ void fipo_surrogate(const float* logp, const float* old_logp, const float* adv, 
     future_kl_rows(logp + row0 * T, old_logp + row0 * T, mask + row0 * T, n, T, p, grad + row0 * T);
     for (int64_t row = row0; row < row0 + n; ++row) {
       const int64_t base = row * T;
-      FipoRowStats& s = stats[row];
+      FipoRowStats s;  // in registers: grad's stores could alias stats[row]
       int64_t dropped = 0;
       double* out = rows + row * kStats;
       std::fill(out, out + kStats, 0.0);
@@ -67,8 +67,7 @@ void fipo_surrogate(const float* logp, const float* old_logp, const float* adv, 
           }
           const float diff = logp[i] - old_logp[i];
           const float ratio = std::exp(clamped_log_ratio(diff));
-          float w = std::exp(grad[i]);
-          w = p.clip_lower ? std::min(std::max(w, p.lower), p.upper) : std::min(w, p.upper);
+          float w = fipo_clipped_weight(grad[i], p);
           if (adv[i] < 0.0f) {
             if (ratio > p.safety_thresh) w = std::min(std::max(w, 0.8f), 1.0f);
             dropped += ratio > p.clip_c;
@@ -84,6 +83,7 @@ void fipo_surrogate(const float* logp, const float* old_logp, const float* adv, 
         }
         for (int k = 0; k < kStats; ++k) out[k] += acc[k];
       }
+      stats[row] = s;
       keep[row] = dropped <= 1;
       if (!keep[row]) {  // a dropped row leaves the loss: its tokens are padding to the surrogate
         std::fill(grad + base, grad + base + T, 0.0f);
