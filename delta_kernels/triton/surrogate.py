@@ -23,7 +23,7 @@ from .._alloc import empty
 from .._checks import FipoConfig, SurrogateConfig
 from ..aggregation import STATS, Aggregation, aggregate
 from ..reference.fipo import METRICS as FIPO_METRICS
-from .fipo import fipo_weights
+from .fipo import fipo_weights, weight_stats_init
 
 BLOCK_T = 1024   # tokens per tile
 
@@ -63,12 +63,8 @@ def _credit_metrics(stats_ptr, keep_ptr, metrics_ptr, n_rows, BLOCK: tl.constexp
     """FIPO's metrics [5] (weight mean, min, max over valid tokens, 0 without any; rows dropped;
     the fraction at a clip bound) from its kernel's row partials stats [n_rows, 5] (count, sum,
     min, max, at bound) and keep [n_rows], reduced in row-block order by one program."""
-    count = tl.zeros([BLOCK], dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    at_bound = tl.zeros([BLOCK], dtype=tl.float32)
+    count, w_sum, at_bound, w_min, w_max = weight_stats_init(BLOCK)
     dropped = tl.zeros([BLOCK], dtype=tl.float32)
-    w_min = tl.full([BLOCK], float("inf"), tl.float32)
-    w_max = tl.full([BLOCK], float("-inf"), tl.float32)
     for r0 in range(0, n_rows, BLOCK):
         r = r0 + tl.arange(0, BLOCK).to(tl.int64)
         rin = r < n_rows
