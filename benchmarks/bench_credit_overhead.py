@@ -73,7 +73,8 @@ def main(argv=None):
     md = (f"# FIPO credit on the surrogate, forward + backward ({row['machine']}, backend {a.backend})\n\n"
           f"{row['date']}, commit {row['commit']}, torch {row['torch']}, {row['threads']} threads; "
           f"N = {row['tokens']} tokens as [{b}, {a.seq_len}], float32, default value checks; medians of {a.reps} "
-          f"interleaved repetitions, {'thread CPU time' if a.clock == 'thread' else 'wall clock'}; load average {tuple(round(x, 2) for x in row['load_average'])}.\n\n"
+          f"interleaved repetitions, {'thread CPU time' if a.clock == 'thread' else 'wall clock'}; "
+          f"load average {tuple(round(x, 2) for x in row['load_average'])}.\n\n"
           "| provider | median ms |\n|---|---|\n" + "".join(f"| {n} | {v:.2f} |\n" for n, v in med.items())
           + f"\nFIPO adds **{100 * overhead:.1f}%** to the surrogate step (goal: <= 15%).\n")
     out.with_suffix(".md").write_text(md)

@@ -5,9 +5,9 @@ which each provider is called once, in turn, so that all see the same machine st
 boosts, other users of a shared CPU). Each call is timed on its own: with CUDA events around
 the call on the GPU (the device time of the work the call enqueues; one synchronisation per
 round), with ``time.perf_counter`` on the CPU (or ``clock``: e.g. ``time.thread_time``, the
-calling thread's CPU time, which a shared machine's other users do not inflate). Results are medians with the 20th and 80th
-percentiles as the spread. A provider that raises during its warm-up is dropped from the rounds
-and reported by its error.
+calling thread's CPU time, which a shared machine's other users do not inflate). Results are
+medians with the 20th and 80th percentiles as the spread. A provider that raises during its
+warm-up is dropped from the rounds and reported by its error.
 
 ``capture_graph(fn)`` records fn in a CUDA graph and returns a function that replays it, or the
 reason it cannot be captured.

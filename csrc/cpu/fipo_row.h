@@ -47,7 +47,8 @@ struct FipoRowStats {
 
 // Walks tokens [0, T) of one row from the end: F_t = x_t + gamma F_{t+1} in double (x_t the valid
 // log-ratio when <= log_clip_c, else 0; padding passes F through, discounted). Writes weights[t] and,
-// when not null, future_kl[t] at every token (0 at padding). Returns whether the row is kept (at most one valid token with adv < 0 and ratio > clip_c).
+// when not null, future_kl[t] at every token (0 at padding). Returns whether the row is kept (at most one
+// valid token with adv < 0 and ratio > clip_c).
 inline bool fipo_row(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask, int64_t T,
                      const FipoParams& p, float* weights, float* future_kl, FipoRowStats& s) {
   int64_t dropped = 0;

@@ -161,9 +161,9 @@ def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, 
     (loss, metrics, FIPO's metrics)."""
     if credit is None:
         return _native.clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg)
-    rows, grad, _keep, fipo = call_native(
-        _fipo_surrogate_op, _fipo_surrogate_body, *surrogate_inputs(logp, old_logp, adv, mask, coef, rollout_is_weights),
-        *native_scalars(credit), cfg.clip_low, cfg.clip_high, cfg.clip_c)
+    inputs = surrogate_inputs(logp, old_logp, adv, mask, coef, rollout_is_weights)
+    rows, grad, _keep, fipo = call_native(_fipo_surrogate_op, _fipo_surrogate_body, *inputs, *native_scalars(credit),
+                                          cfg.clip_low, cfg.clip_high, cfg.clip_c)
     loss, metrics = surrogate_result(logp, rows, grad, agg)
     return loss, metrics, dict(zip(FIPO_METRICS, fipo.unbind()))
 
