@@ -4,9 +4,10 @@
 which each provider is called once, in turn, so that all see the same machine state (clock
 boosts, other users of a shared CPU). Each call is timed on its own: with CUDA events around
 the call on the GPU (the device time of the work the call enqueues; one synchronisation per
-round), with ``time.perf_counter`` on the CPU. Results are medians with the 20th and 80th
-percentiles as the spread. A provider that raises during its warm-up is dropped from the rounds
-and reported by its error.
+round), with ``time.perf_counter`` on the CPU (or ``clock``: e.g. ``time.thread_time``, the
+calling thread's CPU time, which a shared machine's other users do not inflate). Results are
+medians with the 20th and 80th percentiles as the spread. A provider that raises during its
+warm-up is dropped from the rounds and reported by its error.
 
 ``capture_graph(fn)`` records fn in a CUDA graph and returns a function that replays it, or the
 reason it cannot be captured.
@@ -34,12 +35,13 @@ def _summary(times: List[float]) -> Timing:
 
 
 def time_providers(fns: Dict[str, Callable[[], object]], reps: int = 15, budget_s: Optional[float] = None,
-                   warmup: int = 2, min_reps: int = 3, cuda: Optional[bool] = None) -> Dict[str, Union[Timing, str]]:
+                   warmup: int = 2, min_reps: int = 3, cuda: Optional[bool] = None,
+                   clock: Callable[[], float] = time.perf_counter) -> Dict[str, Union[Timing, str]]:
     """-> {name: Timing in ms, or "ErrorType: message" when the provider failed its warm-up}.
 
     reps: rounds at most; budget_s: stop starting rounds after this many seconds (at least
     min_reps rounds run); warmup: untimed calls of each provider first; cuda: time with CUDA
-    events (default: when CUDA is available)."""
+    events (default: when CUDA is available); clock: the CPU timer, in seconds."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     out: Dict[str, Union[Timing, str]] = {}
     live = {}
@@ -68,9 +70,9 @@ def time_providers(fns: Dict[str, Callable[[], object]], reps: int = 15, budget_
                 t1.record()
                 events.append((name, t0, t1))
             else:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
         if cuda:
             torch.cuda.synchronize()
             for name, t0, t1 in events:

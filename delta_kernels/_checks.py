@@ -330,16 +330,16 @@ class SurrogateConfig:
 
 
 @dataclass(frozen=True)
-class FipoConfig:
-    """FIPO's future-KL weight parameters (validated); see delta_kernels.credit.fipo."""
+class FipoOptions:
+    """FIPO's options (validated): what a credit spec sets; delta_kernels.credit.fipo has their
+    meaning. The kernels take FipoConfig, these plus the surrogate's clip_c."""
     decay_rate: float = 32.0
     future_kl_clip_ratio: float = 0.2
     future_kl_clip_high_only: bool = True
     safety_thresh: float = 10.0
-    clip_c: float = 10.0
 
     def __post_init__(self):
-        check_finite_numbers(self, ("decay_rate", "future_kl_clip_ratio", "safety_thresh", "clip_c"))
+        check_finite_numbers(self, ("decay_rate", "future_kl_clip_ratio", "safety_thresh"))
         if not isinstance(self.future_kl_clip_high_only, bool):
             raise TypeError(f"future_kl_clip_high_only: expected a bool, got "
                             f"{type(self.future_kl_clip_high_only).__name__}")
@@ -348,6 +348,23 @@ class FipoConfig:
         if self.future_kl_clip_ratio < 0:
             fail("future_kl_clip_ratio", f"must be >= 0 (0 switches the weight clip off), got "
                                          f"{self.future_kl_clip_ratio}")
+
+    def config(self, clip_c: float = 10.0) -> "FipoConfig":
+        """The kernels' parameters: these options with the surrogate's clip_c (fields spelled
+        out: dataclasses.asdict does not trace under torch.compile)."""
+        return FipoConfig(decay_rate=self.decay_rate, future_kl_clip_ratio=self.future_kl_clip_ratio,
+                          future_kl_clip_high_only=self.future_kl_clip_high_only,
+                          safety_thresh=self.safety_thresh, clip_c=clip_c)
+
+
+@dataclass(frozen=True)
+class FipoConfig(FipoOptions):
+    """FIPO's kernel parameters: FipoOptions plus the dual-clip bound c (validated)."""
+    clip_c: float = 10.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_finite_numbers(self, ("clip_c",))
         if self.clip_c <= 1:
             fail("clip_c", f"must be > 1 (dual-clip bound; tokens with ratio > clip_c leave the future KL), "
                            f"got {self.clip_c}")

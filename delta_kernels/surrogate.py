@@ -8,7 +8,7 @@ import torch
 from . import _checks as C
 from ._backends import resolve
 from .aggregation import SEQUENCE_MODES, Aggregation
-from .credit.registry import in_loss_credit
+from .credit.registry import fused_in_loss, in_loss_credit
 
 
 def surrogate_aggregation(agg: str, shape, dp_size: int, batch_num_tokens, global_batch_size,
@@ -73,13 +73,19 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
     coef = C.check_token_weights("coef", coef, logp.shape, valid, check_values)
     rollout_is_weights = C.check_token_weights("rollout_is_weights", rollout_is_weights, logp.shape, valid,
                                                check_values)
-    valid, coef, credit_metrics = in_loss_credit(credit, logp, old_logp, adv, valid, coef, entropy, clip_c,
-                                                 credit_group, backend)
     dtypes = [t.dtype for t in (logp, old_logp, advantages, coef, rollout_is_weights) if t is not None]
-    cdt = C.compute_dtype(*dtypes)
+    cdt = C.compute_dtype(*dtypes)  # credit weights come in the inputs' compute dtype: no change
     C.check_representable("clip_c", clip_c, cdt)
     impl = resolve(backend, device, cdt, "clipped_surrogate_loss")
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731
+    fused = fused_in_loss(credit, impl.clipped_surrogate_loss, logp, clip_c)
+    if fused is not None:  # the backend computes the credit weights inside its surrogate call
+        loss, metrics, credit_metrics = impl.clipped_surrogate_loss(
+            logp, old_logp.detach(), adv.detach(), valid, detach(coef), detach(rollout_is_weights), cfg, aggregation,
+            credit=fused[1])
+        return loss, {**metrics, **{f"{fused[0].name}/{k}": v for k, v in credit_metrics.items()}}
+    valid, coef, credit_metrics = in_loss_credit(credit, logp, old_logp, adv, valid, coef, entropy, clip_c,
+                                                 credit_group, backend)
     loss, metrics = impl.clipped_surrogate_loss(logp, old_logp.detach(), adv.detach(), valid, detach(coef),
                                                 detach(rollout_is_weights), cfg, aggregation)
     return loss, {**metrics, **credit_metrics}

@@ -208,18 +208,63 @@ def test_loss_and_gradient_match_the_authors_loss(mode, backend):
 
 
 @pytest.mark.parametrize("backend", [p for p in FIPO if str(p.values[0]) == "triton"])
-def test_fipo_credit_adds_one_triton_launch(backend):
-    """clipped_surrogate_loss(credit="fipo") on triton: the surrogate's kernels plus one (the weights)."""
+def test_fipo_credit_adds_one_launch_on_triton(backend):
+    """clipped_surrogate_loss(credit="fipo") on triton: every launch counted as the suite counts
+    them (Triton kernels and torch ops, tests/launch_counter.py): the plain surrogate's plus one,
+    FIPO's kernel (the surrogate's kernel reads the weights and keep and reduces the metrics);
+    the backward launches what the plain one does."""
     from launch_counter import LaunchCounter
+    from delta_kernels._alloc import poisoned
     logp, old, adv, mask = fipo_batch(3, 40, seed=5, pad_nan=False)
     counts = []
-    for credit in (None, "fipo"):
-        with LaunchCounter() as lc:
-            loss, _ = dk.clipped_surrogate_loss(logp, old, adv, mask, credit=credit, backend="triton",
-                                                check_values=False)
-        counts.append({k: v for k, v in lc.ops.items() if k.startswith("triton:")})
-    extra = {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in set(counts[0]) | set(counts[1])}
-    assert {k: v for k, v in extra.items() if v} == {"triton:_fipo_weights_kernel": 1}, counts
+    with poisoned(False):  # the poison fill is a test-only launch
+        for credit in (None, "fipo"):
+            lp = logp.clone().requires_grad_()
+            dk.clipped_surrogate_loss(lp, old, adv, mask, credit=credit, backend="triton", check_values=False)
+            with LaunchCounter() as fwd:
+                loss, _ = dk.clipped_surrogate_loss(lp, old, adv, mask, credit=credit, backend="triton",
+                                                    check_values=False)
+            with LaunchCounter() as bwd:
+                loss.backward()
+            counts.append((fwd, bwd))
+    (plain, plain_bwd), (fipo, fipo_bwd) = counts
+    assert fipo.launches == plain.launches + 1, (plain.ops, fipo.ops)
+    assert fipo.ops - plain.ops == {"triton:_fipo_weights_kernel": 1}, (plain.ops, fipo.ops)
+    assert fipo_bwd.ops == plain_bwd.ops, (plain_bwd.ops, fipo_bwd.ops)
+
+
+FUSED = [p for p in FIPO if str(p.values[0]) in ("cpp", "triton")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("cols,extra", [(40, "none"), (37, "coef+is"), (1100, "coef")])
+def test_fused_credit_equals_weights_then_surrogate(backend, cols, extra):
+    """credit="fipo" on a backend whose surrogate computes FIPO's weights in the same call equals
+    fipo_weights followed by the surrogate on mask & keep with coef * weights: loss and gradient
+    to the bit (dropped rows, NaN padding, rows past one surrogate tile), the metrics to rounding."""
+    if str(backend) == "triton" and cols > 64:
+        pytest.skip("a long row under the interpreter: cpp covers the tiles")
+    logp, old, adv, mask = fipo_batch(6, cols, seed=11 + cols)
+    g = torch.Generator().manual_seed(cols)
+    coef = torch.rand(6, cols, generator=g) + 0.5 if "coef" in extra else None
+    isw = torch.rand(6, cols, generator=g) + 0.5 if "is" in extra else None
+    kw = dict(clip_c=CLIP_C, agg="seq-mean-token-mean", backend=str(backend), check_values=False)
+    fused, unfused = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, metrics = dk.clipped_surrogate_loss(fused, old, adv, mask, coef=coef, rollout_is_weights=isw, credit="fipo",
+                                              **kw)
+    loss.backward()
+    fw = dk.fipo_weights(logp, old, adv, mask, clip_c=CLIP_C, backend=str(backend), check_values=False)
+    assert int((~fw.keep).sum()) >= 1
+    ref, ref_metrics = dk.clipped_surrogate_loss(unfused, old, adv, mask & fw.keep[:, None], rollout_is_weights=isw,
+                                                 coef=fw.weights if coef is None else coef * fw.weights, **kw)
+    ref.backward()
+    assert torch.equal(loss, ref) and torch.equal(fused.grad, unfused.grad)
+    for k, v in ref_metrics.items():
+        assert torch.equal(metrics[k], v), k
+    w = fw.weights[mask].double()
+    for k, v in dict(weight_mean=w.mean(), weight_min=w.min(), weight_max=w.max(),
+                     rows_dropped=(~fw.keep).sum().double()).items():
+        assert abs(float(metrics[f"fipo/{k}"]) - float(v)) <= 1e-6 * abs(float(v)), (k, metrics)
 
 
 @pytest.mark.parametrize("op", ["fipo_weights_cpp", "fipo_weights_triton"])
@@ -233,6 +278,17 @@ def test_native_ops_pass_opcheck(op):
     args = (logp, old, adv[:, None].expand(3, 9).contiguous(), mask, 32.0, math.log(10.0), 10.0, 1.0, 1.2, True, 10.0,
             1.2 - 1e-7, 1.0 + 1e-7)
     torch.library.opcheck(getattr(torch.ops.delta_kernels, op), args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_fused_cpp_op_passes_opcheck():
+    """The cpp fused op (FIPO's weights inside the surrogate) as torch.compile sees it."""
+    import delta_kernels.backends.cpp  # noqa: F401  (registers the op)
+    logp, old, adv, mask = fipo_batch(3, 9, seed=7, pad_nan=False)
+    coef = torch.rand(3, 9) + 0.5
+    args = (logp, old, adv[:, None].expand(3, 9).contiguous(), mask, coef, None, 32.0, math.log(10.0), 10.0, 1.0,
+            1.2, True, 10.0, 1.2 - 1e-7, 1.0 + 1e-7, 0.2, 0.28, 10.0)
+    torch.library.opcheck(torch.ops.delta_kernels.fipo_surrogate_cpp, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -171,10 +171,13 @@ comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "
 tok = {"logp_ptr": P("bf16"), "old_ptr": P("bf16"), "adv_ptr": P("bf16"), "mask_ptr": P("u8"), "coef_ptr": P("bf16"),
        "isw_ptr": P("bf16")}
 clips = {"lo": "fp32", "hi": "fp32", "clip_c": "fp32"}
-flags = dict(HAS_COEF=True, HAS_ISW=True, BLOCK=1024)
-comp(su._surrogate_fwd_kernel, {**tok, "partial_ptr": P("fp32"), "row_len": "i32", "tiles": "i32", **clips}, flags)
-comp(su._surrogate_bwd_kernel, {**tok, "row_weight_ptr": P("fp32"), "grad_out_ptr": P("fp32"), "grad_ptr": P("bf16"),
-     "n_tokens": "i32", "row_len": "i32", **clips}, flags)
+credit = {"weight_ptr": P("fp32"), "keep_ptr": P("u8")}
+for has_credit in (False, True):
+    flags = dict(HAS_COEF=True, HAS_ISW=True, HAS_CREDIT=has_credit, BLOCK=1024)
+    comp(su._surrogate_fwd_kernel, {**tok, **credit, "stats_ptr": P("fp32"), "metrics_ptr": P("fp32"),
+         "partial_ptr": P("fp32"), "n_rows": "i32", "row_len": "i32", "tiles": "i32", **clips}, flags)
+    comp(su._surrogate_bwd_kernel, {**tok, **credit, "row_weight_ptr": P("fp32"), "grad_out_ptr": P("fp32"),
+         "grad_ptr": P("bf16"), "n_tokens": "i32", "row_len": "i32", **clips}, flags)
 print("compiled")
 '''
 

@@ -17,13 +17,14 @@ struct TokenLoss {
   bool clipped_lower;  // A < 0 and clip1 > pg3
 };
 
-// A is the weighted advantage (advantages * coef) of a valid token.
-DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_low, float clip_high, float clip_c) {
+DK_HD float clamped_log_ratio(float diff) { return diff < -20.0f ? -20.0f : (diff > 20.0f ? 20.0f : diff); }
+
+// A is the weighted advantage (advantages * coef) of a valid token, diff = logp - old_logp and
+// ratio = expf(clamped_log_ratio(diff)) (for a caller that has the ratio already).
+DK_HD TokenLoss surrogate_token_at(float diff, float ratio, float A, float clip_low, float clip_high, float clip_c) {
   TokenLoss r;
-  const float diff = logp - old_logp;
-  const float lr = diff < -20.0f ? -20.0f : (diff > 20.0f ? 20.0f : diff);
+  const float lr = clamped_log_ratio(diff);
   const float in_range = (diff >= -20.0f && diff <= 20.0f) ? 1.0f : 0.0f;
-  const float ratio = expf(lr);
   const float lo = 1.0f - clip_low, hi = 1.0f + clip_high;
   const float cratio = ratio < lo ? lo : (ratio > hi ? hi : ratio);
   const float pg1 = -A * ratio;
@@ -46,13 +47,31 @@ DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_
   return r;
 }
 
+DK_HD TokenLoss surrogate_token(float logp, float old_logp, float A, float clip_low, float clip_high, float clip_c) {
+  const float diff = logp - old_logp;
+  return surrogate_token_at(diff, expf(clamped_log_ratio(diff)), A, clip_low, clip_high, clip_c);
+}
+
 // The per-row statistics both backends sum (delta_kernels/aggregation.py STATS, same order):
 // w l, valid count, clipped, clipped_lower, -log_ratio.
 enum SurrogateStat : int { kStatLoss = 0, kStatValid, kStatClip, kStatClipLower, kStatKl, kStats };
 
-// One token of row-major [B, T] at flat index t: writes w d l / d logp to grad[t] and adds its
+// One valid token at flat index t with loss terms r: writes w d l / d logp to grad[t] and adds its
 // statistics to acc[kStats] (float on the GPU, double on the CPU). w = is_weight[t], or 1 when
-// is_weight is null. Padding is don't-care: a masked token writes grad 0 and reads nothing else.
+// is_weight is null.
+template <typename Acc>
+DK_HD void surrogate_add(int64_t t, const TokenLoss& r, const float* is_weight, float* grad, Acc* acc) {
+  const float w = is_weight != nullptr ? is_weight[t] : 1.0f;
+  grad[t] = r.dloss * w;
+  acc[kStatLoss] += static_cast<Acc>(r.loss * w);
+  acc[kStatValid] += Acc(1);
+  acc[kStatClip] += r.clipped ? Acc(1) : Acc(0);
+  acc[kStatClipLower] += r.clipped_lower ? Acc(1) : Acc(0);
+  acc[kStatKl] += static_cast<Acc>(-r.log_ratio);
+}
+
+// One token of row-major [B, T] at flat index t (A = adv[t] coef[t], coef null: 1), as surrogate_add.
+// Padding is don't-care: a masked token writes grad 0 and reads nothing else.
 template <typename Acc>
 DK_HD void surrogate_accumulate(int64_t t, const float* logp, const float* old_logp, const float* adv,
                                 const uint8_t* mask, const float* coef, const float* is_weight, float clip_low,
@@ -63,14 +82,7 @@ DK_HD void surrogate_accumulate(int64_t t, const float* logp, const float* old_l
   }
   float A = adv[t];
   if (coef != nullptr) A *= coef[t];
-  const TokenLoss r = surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c);
-  const float w = is_weight != nullptr ? is_weight[t] : 1.0f;
-  grad[t] = r.dloss * w;
-  acc[kStatLoss] += static_cast<Acc>(r.loss * w);
-  acc[kStatValid] += Acc(1);
-  acc[kStatClip] += r.clipped ? Acc(1) : Acc(0);
-  acc[kStatClipLower] += r.clipped_lower ? Acc(1) : Acc(0);
-  acc[kStatKl] += static_cast<Acc>(-r.log_ratio);
+  surrogate_add(t, surrogate_token(logp[t], old_logp[t], A, clip_low, clip_high, clip_c), is_weight, grad, acc);
 }
 
 }  // namespace dk

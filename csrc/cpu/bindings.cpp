@@ -77,6 +77,22 @@ PYBIND11_MODULE(_cpp, m) {
      py::arg("cols"), py::arg("gamma"), py::arg("log_clip_c"), py::arg("clip_c"), py::arg("lower"), py::arg("upper"),
      py::arg("clip_lower"), py::arg("safety_thresh"), py::arg("at_upper"), py::arg("at_lower"), py::arg("weights"),
      py::arg("future_kl"), py::arg("keep"), py::arg("row_stats"));
+  m.def("fipo_surrogate", [](Ptr logp, Ptr old_logp, Ptr adv, Ptr mask, OptPtr coef, OptPtr is_weight, int64_t rows,
+                             int64_t cols, double gamma, float log_clip_c, float fipo_clip_c, float lower, float upper,
+                             bool clip_lower, float safety_thresh, float at_upper, float at_lower, float clip_low,
+                             float clip_high, float clip_c, Ptr row_stats, Ptr grad, Ptr keep, Ptr metrics) {
+    py::gil_scoped_release nogil;
+    dk::cpu::fipo_surrogate(ptr<const float>(logp), ptr<const float>(old_logp), ptr<const float>(adv),
+                            ptr<const uint8_t>(mask), ptr<const float>(coef), ptr<const float>(is_weight), rows, cols,
+                            gamma, log_clip_c, fipo_clip_c, lower, upper, clip_lower, safety_thresh, at_upper,
+                            at_lower, clip_low, clip_high, clip_c, ptr<double>(row_stats), ptr<float>(grad),
+                            ptr<uint8_t>(keep), ptr<float>(metrics));
+  }, py::kw_only(), py::arg("logp"), py::arg("old_logp"), py::arg("adv"), py::arg("mask"),
+     py::arg("coef") = py::none(), py::arg("is_weight") = py::none(), py::arg("rows"), py::arg("cols"),
+     py::arg("gamma"), py::arg("log_clip_c"), py::arg("fipo_clip_c"), py::arg("lower"), py::arg("upper"),
+     py::arg("clip_lower"), py::arg("safety_thresh"), py::arg("at_upper"), py::arg("at_lower"), py::arg("clip_low"),
+     py::arg("clip_high"), py::arg("clip_c"), py::arg("row_stats"), py::arg("grad"), py::arg("keep"),
+     py::arg("metrics"));
   m.def("reduction_block_tokens", &dk::cpu::reduction_block_tokens, py::arg("n_tokens"),
         "tokens per block of the CPU reductions over n_tokens");
   m.def("simd_level", &dk::cpu::simd_level,

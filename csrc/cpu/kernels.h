@@ -39,6 +39,9 @@ void margin_pass(int dtype, const void* v, const RowStrides& rows, const float* 
                  int64_t N, int64_t D, const float* gamma, const float* a_pos, const float* a_neg, float* m,
                  float* sums);
 
+// The surrogate's row sums run over tiles of this many tokens, each in double from 0, added in tile order.
+constexpr int64_t kSurrogateTile = 1024;
+
 // Weighted dual-clip surrogate over [B, T] float32 inputs (mask as bytes; coef and is_weight
 // may be null): rows [B, kStats] (common/surrogate_math.h SurrogateStat) = per-row partial sums,
 // grad [B, T] = is_weight d l / d logp per token (0 at padding). Masked tokens are never read.
@@ -56,6 +59,18 @@ void fipo_weights(const float* logp, const float* old_logp, const float* adv, co
                   int64_t T, double gamma, float log_clip_c, float clip_c, float lower, float upper,
                   bool clip_lower, float safety_thresh, float at_upper, float at_lower, float* weights,
                   float* future_kl, uint8_t* keep, float* row_stats);
+
+// clipped_surrogate with FIPO's weights as coefficients (times coef when not null) and FIPO's
+// dropped rows masked, in one call: each row's backward FIPO walk (fipo_row.h, the weights kept in
+// grad's row) and then its surrogate tiles, as clipped_surrogate sums them (the same bits as
+// fipo_weights followed by clipped_surrogate on mask & keep). keep [B] as fipo_weights';
+// metrics [5] float32 over the valid tokens of every row: weight mean, min, max (0 without valid
+// tokens), rows dropped, the fraction of weights at a clip bound.
+void fipo_surrogate(const float* logp, const float* old_logp, const float* adv, const uint8_t* mask,
+                    const float* coef, const float* is_weight, int64_t B, int64_t T, double gamma, float log_clip_c,
+                    float fipo_clip_c, float lower, float upper, bool clip_lower, float safety_thresh, float at_upper,
+                    float at_lower, float clip_low, float clip_high, float clip_c, double* rows, float* grad,
+                    uint8_t* keep, float* metrics);
 
 }  // namespace cpu
 }  // namespace dk

@@ -62,15 +62,14 @@ def rows_of(logp: torch.Tensor):
 
 
 class SurrogateLoss(torch.autograd.Function):
-    """loss = aggregate(rows) over the op delta_kernels::clipped_surrogate, which returns the row
-    statistics and each token's w_t d l_t / d logp_t in one kernel; backward scales that token
-    gradient by the row weights (the op's own autograd formula composed with aggregate's, in one
-    node: less host time per call than the op's autograd wrapper and aggregate's graph)."""
+    """loss = aggregate(rows) over the row statistics and each token's w_t d l_t / d logp_t that
+    one native kernel returned (delta_kernels::clipped_surrogate, or a kernel that fuses credit
+    weights into it); backward scales that token gradient by the row weights (the op's own
+    autograd formula composed with aggregate's, in one node: less host time per call than the
+    op's autograd wrapper and aggregate's graph). logp only links the loss to the graph."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, coef, is_weight, cfg, agg):
-        rows, token_grad = call("clipped_surrogate", logp.detach(), old_logp, adv, mask, coef, is_weight,
-                                cfg.clip_low, cfg.clip_high, cfg.clip_c)
+    def forward(ctx, logp, rows, token_grad, agg):
         loss, metrics, row_weight = aggregate(rows, agg, token_grad.shape[1])
         ctx.save_for_backward(token_grad, row_weight.to(token_grad.dtype))
         metrics = torch.stack([metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"]]).float()
@@ -80,17 +79,31 @@ class SurrogateLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         token_grad, row_weight = ctx.saved_tensors
-        return token_grad * (row_weight * grad_loss)[:, None], None, None, None, None, None, None, None
+        return token_grad * (row_weight * grad_loss)[:, None], None, None, None
+
+
+def surrogate_inputs(logp, old_logp, adv, mask, coef, rollout_is_weights):
+    """The kernels' [B, T] float32 contiguous views ([N] is one row): logp (detached), old_logp,
+    adv, mask, coef, rollout_is_weights (None stays None)."""
+    shape = rows_of(logp)
+    flat = [None if t is None else f32(t).reshape(shape) for t in (logp.detach(), old_logp, adv, coef,
+                                                                  rollout_is_weights)]
+    return flat[0], flat[1], flat[2], mask.reshape(shape).contiguous(), flat[3], flat[4]
+
+
+def surrogate_result(logp, rows, token_grad, agg):
+    """(loss, {clip_frac, clip_frac_lower, ppo_kl}) from a surrogate kernel's outputs."""
+    loss, metrics = SurrogateLoss.apply(f32(logp).reshape(rows_of(logp)), rows, token_grad, agg)
+    return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
 
 
 def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg):
     """The native backends' phase C: (loss, {clip_frac, clip_frac_lower, ppo_kl}) float32,
     differentiable in logp (SurrogateLoss)."""
-    shape = rows_of(logp)
-    flat = [None if t is None else f32(t).reshape(shape) for t in (old_logp, adv, coef, rollout_is_weights)]
-    loss, metrics = SurrogateLoss.apply(f32(logp).reshape(shape), flat[0], flat[1], mask.reshape(shape).contiguous(),
-                                        flat[2], flat[3], cfg, agg)
-    return loss, dict(clip_frac=metrics[0], clip_frac_lower=metrics[1], ppo_kl=metrics[2])
+    rows, token_grad = call("clipped_surrogate", *surrogate_inputs(logp, old_logp, adv, mask, coef,
+                                                                   rollout_is_weights),
+                            cfg.clip_low, cfg.clip_high, cfg.clip_c)
+    return surrogate_result(logp, rows, token_grad, agg)
 
 
 class ScaledRows(NamedTuple):

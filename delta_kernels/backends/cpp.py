@@ -8,17 +8,19 @@ pipeline is ``delta_kernels.pipeline.run_coefficients`` over the three passes of
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _cpp
 from .._alloc import empty
 from .._checks import FipoConfig
-from ..reference.fipo import call_native, fipo_fake_outputs, native_scalars
+from ..reference.fipo import METRICS as FIPO_METRICS, call_native, fipo_fake_outputs, native_scalars
 from ..aggregation import STATS
-from ._native import (ScaledRows, clipped_surrogate_loss, dtype_code, f32, margin_pass, native_phases,  # noqa: F401
-                      opt_ptr, pipeline_kernels, ptr, row_layout, side_sums, token_vectors)
+from . import _native
+from ._native import (ScaledRows, dtype_code, f32, margin_pass, native_phases, opt_ptr,  # noqa: F401
+                      pipeline_kernels, ptr, row_layout, side_sums, surrogate_inputs, surrogate_result,
+                      token_vectors)
 from ._ops import register_kernels, tokens
 
 
@@ -116,3 +118,53 @@ def fipo_weights(logp, old_logp, adv, mask, cfg: FipoConfig):
     """Backend entry (delta_kernels.reference.fipo_weights' contract), float32 results."""
     return call_native(_fipo_weights_op, _fipo_weights_body, f32(logp), f32(old_logp), f32(adv), mask.contiguous(),
                        *native_scalars(cfg))
+
+
+def _fipo_surrogate_body(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                         coef: Optional[torch.Tensor], is_weight: Optional[torch.Tensor], decay_rate: float,
+                         log_clip_c: float, fipo_clip_c: float, lower: float, upper: float, clip_lower: bool,
+                         safety_thresh: float, at_upper: float, at_lower: float, clip_low: float, clip_high: float,
+                         clip_c: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] float32 contiguous inputs, mask bool -> (rows [B, 5] float64 (aggregation.STATS),
+    token_grad [B, T], keep [B] bool, FIPO's metrics [5] float32 (reference.fipo.METRICS))."""
+    rows, cols = logp.shape
+    row_stats = empty(rows, len(STATS), dtype=torch.float64)
+    grad = empty(rows, cols, dtype=torch.float32)
+    keep = empty(rows, dtype=torch.bool)
+    metrics = empty(len(FIPO_METRICS), dtype=torch.float32)
+    _cpp.fipo_surrogate(logp=ptr(logp), old_logp=ptr(old_logp), adv=ptr(adv), mask=ptr(mask.view(torch.uint8)),
+                        coef=opt_ptr(coef), is_weight=opt_ptr(is_weight), rows=rows, cols=cols,
+                        gamma=2.0 ** (-1.0 / decay_rate), log_clip_c=log_clip_c, fipo_clip_c=fipo_clip_c, lower=lower,
+                        upper=upper, clip_lower=clip_lower, safety_thresh=safety_thresh, at_upper=at_upper,
+                        at_lower=at_lower, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c,
+                        row_stats=ptr(row_stats), grad=ptr(grad), keep=ptr(keep.view(torch.uint8)),
+                        metrics=ptr(metrics))
+    return row_stats, grad, keep, metrics
+
+
+_fipo_surrogate_op = torch.library.custom_op("delta_kernels::fipo_surrogate_cpp", _fipo_surrogate_body,
+                                             mutates_args=())
+
+
+@_fipo_surrogate_op.register_fake
+def _(logp, old_logp, adv, mask, coef, is_weight, *scalars):
+    rows, cols = logp.shape
+    return (logp.new_empty(rows, len(STATS), dtype=torch.float64), logp.new_empty(rows, cols, dtype=torch.float32),
+            logp.new_empty(rows, dtype=torch.bool), logp.new_empty(len(FIPO_METRICS), dtype=torch.float32))
+
+
+def clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg, credit: FipoConfig = None):
+    """The native phase C (_native.clipped_surrogate_loss); with ``credit`` (FIPO's FipoConfig,
+    [B, T] inputs) FIPO's weights multiply coef and its dropped rows leave the mask inside the
+    one kernel call (fipo_surrogate.cpp; the same bits as fipo_weights then the surrogate) ->
+    (loss, metrics, FIPO's metrics)."""
+    if credit is None:
+        return _native.clipped_surrogate_loss(logp, old_logp, adv, mask, coef, rollout_is_weights, cfg, agg)
+    inputs = surrogate_inputs(logp, old_logp, adv, mask, coef, rollout_is_weights)
+    rows, grad, _keep, fipo = call_native(_fipo_surrogate_op, _fipo_surrogate_body, *inputs, *native_scalars(credit),
+                                          cfg.clip_low, cfg.clip_high, cfg.clip_c)
+    loss, metrics = surrogate_result(logp, rows, grad, agg)
+    return loss, metrics, dict(zip(FIPO_METRICS, fipo.unbind()))
+
+
+clipped_surrogate_loss.fused_credit = ("fipo",)  # credit.registry.FUSED_CREDIT

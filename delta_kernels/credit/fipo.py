@@ -6,13 +6,13 @@ than one dual-clipped negative token are dropped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from .. import _checks as C
 from .._backends import resolve
+from ..reference.fipo import METRICS
 from .registry import IN_LOSS, CreditInputs, CreditMethod, CreditWeights, register
 
 
@@ -80,23 +80,7 @@ def _fipo(logp, old_logp, advantages, mask, cfg: C.FipoConfig, backend: str, che
     return FipoWeights(weights, keep, future_kl), row_stats
 
 
-@dataclass(frozen=True)
-class FipoOptions:
-    """FIPO's options in a credit spec (clip_c is the surrogate's)."""
-    decay_rate: float = 32.0
-    future_kl_clip_ratio: float = 0.2
-    future_kl_clip_high_only: bool = True
-    safety_thresh: float = 10.0
-
-    def __post_init__(self):
-        self.config()  # the checks
-
-    def config(self, clip_c: float = 10.0) -> C.FipoConfig:
-        """The kernel's parameters with the surrogate's clip_c (fields spelled out: dataclasses.asdict
-        does not trace under torch.compile)."""
-        return C.FipoConfig(decay_rate=self.decay_rate, future_kl_clip_ratio=self.future_kl_clip_ratio,
-                            future_kl_clip_high_only=self.future_kl_clip_high_only,
-                            safety_thresh=self.safety_thresh, clip_c=clip_c)
+FipoOptions = C.FipoOptions  # FIPO's options in a credit spec (clip_c is the surrogate's)
 
 
 def fipo_metrics(fw: FipoWeights, row_stats: torch.Tensor) -> dict:
@@ -121,5 +105,5 @@ def _compute(inputs: CreditInputs, options: FipoOptions) -> CreditWeights:
 
 METHOD = register(CreditMethod(
     name="fipo", kind=IN_LOSS, inputs=("logp", "old_logp", "advantages", "mask"), depends_on_theta=True,
-    metrics=("weight_mean", "weight_min", "weight_max", "rows_dropped", "clip_frac"), options=FipoOptions,
-    compute=_compute, summary="FIPO future-KL influence weights (rows with > 1 dual-clipped negative dropped)"))
+    metrics=METRICS, options=FipoOptions, compute=_compute, fused_config=FipoOptions.config,
+    summary="FIPO future-KL influence weights (rows with > 1 dual-clipped negative dropped)"))

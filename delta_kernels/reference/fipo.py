@@ -6,6 +6,7 @@ tokens: inside a chunk as one matrix product with the powers gamma^j = exp2(-j /
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from .._checks import FipoConfig, compute_dtype
 
 SCAN_CHUNK = 128
+METRICS = ("weight_mean", "weight_min", "weight_max", "rows_dropped", "clip_frac")  # credit="fipo"'s
 
 
 def discounted_future_sum(x: torch.Tensor, decay_rate: float) -> torch.Tensor:
@@ -35,7 +37,16 @@ def discounted_future_sum(x: torch.Tensor, decay_rate: float) -> torch.Tensor:
 
 def log_clip_c(cfg: FipoConfig, dtype: torch.dtype) -> float:
     """log c as the authors compute it: torch.log of c in the compute dtype (the participation bound)."""
-    return float(torch.log(torch.tensor(cfg.clip_c, dtype=dtype)))
+    if torch.compiler.is_compiling():  # traced as it is (dynamo does not keep an lru_cache)
+        return _log_in(float(cfg.clip_c), dtype)
+    return _log_in_cached(float(cfg.clip_c), dtype)
+
+
+def _log_in(value: float, dtype: torch.dtype) -> float:
+    return float(torch.log(torch.tensor(value, dtype=dtype)))
+
+
+_log_in_cached = functools.lru_cache(maxsize=64)(_log_in)  # eager: once per value, no torch op per loss call
 
 
 def native_scalars(cfg: FipoConfig) -> tuple:

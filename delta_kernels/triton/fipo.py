@@ -32,6 +32,13 @@ def _discounted_combine(n1, v1, k1, n2, v2, k2):
 
 
 @triton.jit
+def weight_stats_init(BLOCK: tl.constexpr):
+    """Zeroed per-lane accumulators of the weights' metric partials: (count, sum, at a bound, min, max)."""
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    return zero, zero, zero, tl.full([BLOCK], float("inf"), tl.float32), tl.full([BLOCK], float("-inf"), tl.float32)
+
+
+@triton.jit
 def _row_terms(logp_ptr, old_ptr, adv_ptr, mask_ptr, idx, inb):
     """(valid, A, D = clamp(logp - old_logp, -20, 20)) of a [BLOCK_R, BLOCK_T] tile; padding reads 0."""
     valid = (tl.load(mask_ptr + idx, mask=inb, other=0) != 0) & inb
@@ -52,11 +59,7 @@ def _fipo_weights_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, weights_ptr, futu
     r_in = r < rows
     j = tl.arange(0, BLOCK_T).to(tl.int64)
     dropped = tl.zeros([BLOCK_R], dtype=tl.int32)
-    count = tl.zeros([BLOCK_R], dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    at_bound = tl.zeros([BLOCK_R], dtype=tl.float32)
-    w_min = tl.full([BLOCK_R], float("inf"), tl.float32)
-    w_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    count, w_sum, at_bound, w_min, w_max = weight_stats_init(BLOCK_R)
     carry = tl.zeros([BLOCK_R], dtype=tl.float32)       # F at the first token after the chunk
     to_carry = tl.exp2(-(j + 1).to(tl.float32) * inv_decay)
     for c0 in range(0, cols, BLOCK_T):

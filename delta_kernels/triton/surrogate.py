@@ -20,22 +20,33 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from .._checks import SurrogateConfig
+from .._checks import FipoConfig, SurrogateConfig
 from ..aggregation import STATS, Aggregation, aggregate
+from ..reference.fipo import METRICS as FIPO_METRICS
+from .fipo import fipo_weights, weight_stats_init
 
 BLOCK_T = 1024   # tokens per tile
 
 
 @triton.jit
-def _token_terms(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, idx, inb,
-                 lo, hi, clip_c, HAS_COEF: tl.constexpr):
+def _token_terms(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, weight_ptr, keep_ptr, idx, inb, row_len,
+                 lo, hi, clip_c, HAS_COEF: tl.constexpr, HAS_CREDIT: tl.constexpr):
     """Loads one tile of tokens (only the valid ones: padding reads as 0) and returns (valid,
-    A, log_ratio, in_clamp, ratio, pg1, pg2, clip1, pg3), float32 except the masks."""
+    A, log_ratio, in_clamp, ratio, pg1, pg2, clip1, pg3), float32 except the masks. With
+    HAS_CREDIT, an in-loss credit's weights multiply coef (A = adv (coef w), the product the
+    unfused call forms) and a row whose keep is 0 is padding."""
     valid = (tl.load(mask_ptr + idx, mask=inb, other=0) != 0) & inb
+    if HAS_CREDIT:
+        valid = valid & (tl.load(keep_ptr + idx // row_len, mask=valid, other=0) != 0)
     x = tl.load(logp_ptr + idx, mask=valid, other=0.0).to(tl.float32) \
         - tl.load(old_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     a = tl.load(adv_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    if HAS_COEF:
+    if HAS_CREDIT:
+        w = tl.load(weight_ptr + idx, mask=valid, other=0.0)
+        if HAS_COEF:
+            w = tl.load(coef_ptr + idx, mask=valid, other=0.0).to(tl.float32) * w
+        a = a * w
+    elif HAS_COEF:
         a = a * tl.load(coef_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     in_clamp = (x >= -20.0) & (x <= 20.0)
     log_ratio = tl.minimum(tl.maximum(x, -20.0), 20.0)
@@ -48,19 +59,51 @@ def _token_terms(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, idx, inb,
 
 
 @triton.jit
-def _surrogate_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_ptr, partial_ptr,
-                          row_len, tiles, lo, hi, clip_c,
-                          HAS_COEF: tl.constexpr, HAS_ISW: tl.constexpr, BLOCK: tl.constexpr):
+def _credit_metrics(stats_ptr, keep_ptr, metrics_ptr, n_rows, BLOCK: tl.constexpr):
+    """FIPO's metrics [5] (weight mean, min, max over valid tokens, 0 without any; rows dropped;
+    the fraction at a clip bound) from its kernel's row partials stats [n_rows, 5] (count, sum,
+    min, max, at bound) and keep [n_rows], reduced in row-block order by one program."""
+    count, w_sum, at_bound, w_min, w_max = weight_stats_init(BLOCK)
+    dropped = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK):
+        r = r0 + tl.arange(0, BLOCK).to(tl.int64)
+        rin = r < n_rows
+        count += tl.load(stats_ptr + r * 5, mask=rin, other=0.0)
+        w_sum += tl.load(stats_ptr + r * 5 + 1, mask=rin, other=0.0)
+        w_min = tl.minimum(w_min, tl.load(stats_ptr + r * 5 + 2, mask=rin, other=float("inf")))
+        w_max = tl.maximum(w_max, tl.load(stats_ptr + r * 5 + 3, mask=rin, other=float("-inf")))
+        at_bound += tl.load(stats_ptr + r * 5 + 4, mask=rin, other=0.0)
+        dropped += tl.where(rin & (tl.load(keep_ptr + r, mask=rin, other=1) == 0), 1.0, 0.0)
+    n = tl.sum(count, axis=0)
+    some = n > 0
+    tl.store(metrics_ptr, tl.sum(w_sum, axis=0) / tl.maximum(n, 1.0))
+    tl.store(metrics_ptr + 1, tl.where(some, tl.min(w_min, axis=0), 0.0))
+    tl.store(metrics_ptr + 2, tl.where(some, tl.max(w_max, axis=0), 0.0))
+    tl.store(metrics_ptr + 3, tl.sum(dropped, axis=0))
+    tl.store(metrics_ptr + 4, tl.sum(at_bound, axis=0) / tl.maximum(n, 1.0))
+
+
+@triton.jit
+def _surrogate_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_ptr, weight_ptr, keep_ptr, stats_ptr,
+                          metrics_ptr, partial_ptr, n_rows, row_len, tiles, lo, hi, clip_c,
+                          HAS_COEF: tl.constexpr, HAS_ISW: tl.constexpr, HAS_CREDIT: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Program g = row * tiles + tile: tokens [tile*BLOCK, min((tile+1)*BLOCK, row_len)) of
     the row; partial[g] = (sum w l, count, sum clipped, sum clipped_lower, sum -log_ratio) over
-    valid tokens, float32. logp/old/adv/coef/isw [B*T] any float dtype; mask [B*T] uint8."""
+    valid tokens, float32. logp/old/adv/coef/isw [B*T] any float dtype; mask [B*T] uint8.
+    HAS_CREDIT: FIPO's weights [B*T] float32 and keep [B] uint8 (see _token_terms); program 0
+    also writes FIPO's metrics from its row partials (_credit_metrics)."""
     pid = tl.program_id(0).to(tl.int64)
     row = pid // tiles
     offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inb = offs < row_len
     idx = row * row_len + offs
     valid, a, log_ratio, in_clamp, ratio, pg1, pg2, clip1, pg3 = _token_terms(
-        logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, idx, inb, lo, hi, clip_c, HAS_COEF)
+        logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, weight_ptr, keep_ptr, idx, inb, row_len, lo, hi, clip_c,
+        HAS_COEF, HAS_CREDIT)
+    if HAS_CREDIT:
+        if pid == 0:
+            _credit_metrics(stats_ptr, keep_ptr, metrics_ptr, n_rows, BLOCK)
     loss = tl.where(a < 0, tl.minimum(clip1, pg3), clip1)
     if HAS_ISW:
         loss = loss * tl.load(isw_ptr + idx, mask=valid, other=0.0).to(tl.float32)
@@ -73,9 +116,10 @@ def _surrogate_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_pt
 
 
 @triton.jit
-def _surrogate_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_ptr, row_weight_ptr, grad_out_ptr,
-                          grad_ptr, n_tokens, row_len, lo, hi, clip_c,
-                          HAS_COEF: tl.constexpr, HAS_ISW: tl.constexpr, BLOCK: tl.constexpr):
+def _surrogate_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_ptr, weight_ptr, keep_ptr, row_weight_ptr,
+                          grad_out_ptr, grad_ptr, n_tokens, row_len, lo, hi, clip_c,
+                          HAS_COEF: tl.constexpr, HAS_ISW: tl.constexpr, HAS_CREDIT: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """grad[t] = grad_out * row_weight[t // row_len] * w[t] * d l[t] / d logp[t] on valid
     tokens, 0 at padding. Follows torch autograd of the reference: clamp passes gradient on
     [min, max] inclusive, maximum/minimum split it half-and-half on ties. grad [N] in logp's dtype."""
@@ -83,7 +127,8 @@ def _surrogate_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_pt
     idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inb = idx < n_tokens
     valid, a, log_ratio, in_clamp, ratio, pg1, pg2, clip1, pg3 = _token_terms(
-        logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, idx, inb, lo, hi, clip_c, HAS_COEF)
+        logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, weight_ptr, keep_ptr, idx, inb, row_len, lo, hi, clip_c,
+        HAS_COEF, HAS_CREDIT)
     w1 = tl.where(pg1 > pg2, 1.0, tl.where(pg1 == pg2, 0.5, 0.0))
     in_bounds = ((ratio >= lo) & (ratio <= hi)).to(tl.float32)
     d_clip1 = -a * (w1 + (1.0 - w1) * in_bounds)           # d clip1 / d ratio
@@ -103,49 +148,69 @@ def _bounds(cfg: SurrogateConfig):
 
 class _ClippedSurrogate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask_u8, coef, isw, cfg: SurrogateConfig, agg: Aggregation):
+    def forward(ctx, logp, old_logp, adv, mask_u8, coef, isw, cfg: SurrogateConfig, agg: Aggregation, credit):
+        """credit: None, or FIPO's (weights [B, T] float32, keep [B] uint8, row stats [B, 5],
+        metrics [5] to fill) from its kernel."""
         n = logp.numel()
         n_rows, row_len = (1, n) if logp.dim() == 1 else tuple(logp.shape)
         lo, hi, clip_c = _bounds(cfg)
         flat = [t.reshape(-1) for t in (logp.detach(), old_logp, adv, mask_u8)]
         coef_flat = flat[0] if coef is None else coef.reshape(-1)
         isw_flat = flat[0] if isw is None else isw.reshape(-1)
+        weights, keep, stats, credit_metrics = (flat[0], flat[3], flat[0], flat[0]) if credit is None else credit
+        weights = weights.reshape(-1)
         block = min(BLOCK_T, triton.next_power_of_2(max(row_len, 16)))
         tiles = max(1, triton.cdiv(row_len, block))
         partial = empty(n_rows, tiles, len(STATS), dtype=torch.float32, device=logp.device)
         if n_rows > 0:
-            _surrogate_fwd_kernel[(n_rows * tiles,)](*flat, coef_flat, isw_flat, partial, row_len, tiles, lo, hi,
-                                                     clip_c, HAS_COEF=coef is not None, HAS_ISW=isw is not None,
-                                                     BLOCK=block, num_warps=4)
+            _surrogate_fwd_kernel[(n_rows * tiles,)](*flat, coef_flat, isw_flat, weights, keep, stats, credit_metrics,
+                                                     partial, n_rows, row_len, tiles, lo, hi, clip_c,
+                                                     HAS_COEF=coef is not None, HAS_ISW=isw is not None,
+                                                     HAS_CREDIT=credit is not None, BLOCK=block, num_warps=4)
         loss, metrics, row_weight = aggregate(partial.sum(1), agg, row_len)
-        ctx.save_for_backward(*flat, coef_flat, isw_flat, row_weight.contiguous())
-        ctx.meta = (logp.shape, logp.dtype, n, row_len, lo, hi, clip_c, coef is not None, isw is not None)
+        ctx.save_for_backward(*flat, coef_flat, isw_flat, weights, keep, row_weight.contiguous())
+        ctx.meta = (logp.shape, logp.dtype, n, row_len, lo, hi, clip_c, coef is not None, isw is not None,
+                    credit is not None)
         metrics = (metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"])
         ctx.mark_non_differentiable(*metrics)
         return (loss,) + metrics
 
     @staticmethod
     def backward(ctx, grad_loss, *grad_metrics):
-        logp, old, adv, mask_u8, coef, isw, row_weight = ctx.saved_tensors
-        shape, dtype, n, row_len, lo, hi, clip_c, has_coef, has_isw = ctx.meta
+        logp, old, adv, mask_u8, coef, isw, weights, keep, row_weight = ctx.saved_tensors
+        shape, dtype, n, row_len, lo, hi, clip_c, has_coef, has_isw, has_credit = ctx.meta
         grad = empty(n, dtype=dtype, device=logp.device)
         grad_out = grad_loss.to(torch.float32).reshape(1).contiguous()
         if n > 0:
-            _surrogate_bwd_kernel[(triton.cdiv(n, BLOCK_T),)](logp, old, adv, mask_u8, coef, isw, row_weight, grad_out,
-                                                              grad, n, row_len, lo, hi, clip_c, HAS_COEF=has_coef,
-                                                              HAS_ISW=has_isw, BLOCK=BLOCK_T, num_warps=4)
-        return grad.reshape(shape), None, None, None, None, None, None, None
+            _surrogate_bwd_kernel[(triton.cdiv(n, BLOCK_T),)](logp, old, adv, mask_u8, coef, isw, weights, keep,
+                                                              row_weight, grad_out, grad, n, row_len, lo, hi, clip_c,
+                                                              HAS_COEF=has_coef, HAS_ISW=has_isw,
+                                                              HAS_CREDIT=has_credit, BLOCK=BLOCK_T, num_warps=4)
+        return grad.reshape(shape), None, None, None, None, None, None, None, None
 
 
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                           coef, rollout_is_weights, cfg: SurrogateConfig, agg: Aggregation
-                           ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                           coef, rollout_is_weights, cfg: SurrogateConfig, agg: Aggregation,
+                           credit: FipoConfig = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Backend entry, same contract as the reference: all inputs shaped like logp ([N] or
     [B, T]); mask bool; coef and rollout_is_weights None or like logp. Returns (loss [],
     {clip_frac, clip_frac_lower, ppo_kl}) float32; the loss is differentiable in logp
-    (gradient in logp's dtype)."""
+    (gradient in logp's dtype). With ``credit`` (FIPO's FipoConfig, [B, T] inputs): FIPO's
+    kernel (triton/fipo.py) then the surrogate's, which reads the weights and keep and reduces
+    FIPO's metrics: one launch more than without; returns (loss, metrics, FIPO's metrics)."""
     tensors = [t.contiguous() for t in (logp, old_logp, adv)]
     mask_u8 = mask.contiguous().view(torch.uint8)
     extra = [None if t is None else t.contiguous() for t in (coef, rollout_is_weights)]
-    loss, clip_frac, clip_frac_lower, ppo_kl = _ClippedSurrogate.apply(*tensors, mask_u8, *extra, cfg, agg)
-    return loss, dict(clip_frac=clip_frac, clip_frac_lower=clip_frac_lower, ppo_kl=ppo_kl)
+    fipo = None
+    if credit is not None:
+        weights, keep, _, row_stats = fipo_weights(logp.detach(), old_logp, adv, mask, credit)
+        fipo = (weights, keep.view(torch.uint8), row_stats, empty(len(FIPO_METRICS), dtype=torch.float32,
+                                                                   device=logp.device))
+    loss, clip_frac, clip_frac_lower, ppo_kl = _ClippedSurrogate.apply(*tensors, mask_u8, *extra, cfg, agg, fipo)
+    metrics = dict(clip_frac=clip_frac, clip_frac_lower=clip_frac_lower, ppo_kl=ppo_kl)
+    if fipo is None:
+        return loss, metrics
+    return loss, metrics, dict(zip(FIPO_METRICS, fipo[3].unbind()))
+
+
+clipped_surrogate_loss.fused_credit = ("fipo",)  # credit.registry.FUSED_CREDIT
