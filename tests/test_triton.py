@@ -12,7 +12,7 @@ from helpers import TOL, as64, assert_matches_reference, assert_rel, make_flat_o
 triton_backend = pytest.importorskip("delta_kernels.triton")
 import importlib  # noqa: E402
 
-margin_mod = importlib.import_module("delta_kernels.triton.margin_pass")  # the module, not the function
+margin_mod = importlib.import_module("delta_kernels.triton.pass3_margins")  # the module, not the function
 row_partials = importlib.import_module("delta_kernels.triton.row_partials")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +84,7 @@ def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
     h, lp, adv, mask = make_flat_or_batched((6, 47), 100, torch.bfloat16, 21 + k, seq_level=False, device=DEVICE)
     n, hid = h.shape[0] * h.shape[1], h.shape[2]
     shapes = []
-    for name in ("token_vectors", "margin_pass", "row_partials", "fused"):
+    for name in ("pass1_token_vectors", "pass3_margins", "row_partials", "fused"):
         mod = importlib.import_module("delta_kernels.triton." + name)
         real = mod.empty
 
@@ -122,7 +122,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 tv, mp, su, rp, fin = (importlib.import_module("delta_kernels.triton." + m)
-                       for m in ("token_vectors", "margin_pass", "surrogate", "row_partials", "finalize"))
+                       for m in ("pass1_token_vectors", "pass3_margins", "surrogate", "row_partials", "pass2_centroids"))
 P = lambda t: "*" + t
 def comp(fn, sig, consts):
     fn = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # under @triton.heuristics

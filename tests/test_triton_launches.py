@@ -198,7 +198,7 @@ def test_cuda_graph_capture(sketch_dim):
 @pytest.mark.parametrize("source", ["exact", "vectors"])
 def test_gpu_row_tiles(monkeypatch, source):
     """The GPU's whole-row tiles (one row per tile, the 2-stage row loop) against float64."""
-    monkeypatch.setattr(importlib.import_module("delta_kernels.triton.margin_pass"), "ROWS_PER_TILE", 1)
+    monkeypatch.setattr(importlib.import_module("delta_kernels.triton.pass3_margins"), "ROWS_PER_TILE", 1)
     args, kw = _inputs(source, n_seq=2, seq_len=9, seed=12)
     out = dk.delta_coefficients(*args, k=1, backend="triton", **kw)
     ref = _reference(args, kw, 1)

@@ -6,7 +6,7 @@ from .._optional import require
 
 require("triton", "triton")  # before the kernel modules: a missing triton names its extra
 
-from ..triton.token_vectors import written_vectors as token_vectors  # noqa: E402
+from ..triton.pass1_token_vectors import written_vectors as token_vectors  # noqa: E402
 from .triton_logprob import logprob  # noqa: E402
 from .triton_logprob_grad import logprob_backward  # noqa: E402
 from .triton_softmax_sketch import softmax_sketch  # noqa: E402

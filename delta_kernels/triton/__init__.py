@@ -35,10 +35,10 @@ require("triton", "triton")  # before the kernel modules: a missing triton names
 from ..pipeline import run_coefficients  # noqa: E402
 from .fipo import fipo_weights  # noqa: E402
 from .fused import fused_coefficients, fused_supported  # noqa: E402
-from .margin_pass import margin_pass  # noqa: E402
+from .pass3_margins import margin_pass  # noqa: E402
 from .side_sums import side_sums  # noqa: E402
 from .surrogate import clipped_surrogate_loss  # noqa: E402
-from .token_vectors import ScaledRows, token_sketch, token_vectors  # noqa: E402
+from .pass1_token_vectors import ScaledRows, token_sketch, token_vectors  # noqa: E402
 
 
 PIPELINE_KERNELS = sys.modules[__name__]  # token_vectors, side_sums, margin_pass (for DeltaAccumulator)

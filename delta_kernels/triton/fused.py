@@ -34,11 +34,11 @@ import torch
 import triton
 
 from .._alloc import empty
-from .finalize import _centroids_kernel, _final_kernel, _local_sums_kernel, _temperature_kernel
-from . import margin_pass
-from .margin_pass import _margin_rows_kernel, margin_config
+from .pass2_centroids import _centroids_kernel, _final_kernel, _local_sums_kernel, _temperature_kernel
+from . import pass3_margins as margin_pass
+from .pass3_margins import _margin_rows_kernel, margin_config
 from .row_partials import row_groups
-from .token_vectors import BLOCK_COLS, BLOCK_ROWS, STATS, _scaled_rows_kernel, sketch_rows
+from .pass1_token_vectors import BLOCK_COLS, BLOCK_ROWS, STATS, _scaled_rows_kernel, sketch_rows
 
 FINALIZE_BLOCK_G = 32    # partial rows per tile of the fixed-order sums
 FINALIZE_BLOCK_C = 256   # columns per program of the centroid kernel

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .token_vectors import rows_and_scale, scaled_rows
+from .pass1_token_vectors import rows_and_scale, scaled_rows
 
 
 def side_sums(v, a_pos: torch.Tensor, a_neg: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .token_vectors import STATS, row_weights
+from .pass1_token_vectors import STATS, row_weights
 
 
 

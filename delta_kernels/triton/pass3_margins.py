@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .._alloc import empty
 from .row_partials import row_groups, sum_partials
-from .finalize import final_totals, group_temperatures, side_moments, store_stats, valid_rows
-from .token_vectors import STATS, neg_expm1, row_weights, rows_and_scale, scaled_rows
+from .pass2_centroids import final_totals, group_temperatures, side_moments, store_stats, valid_rows
+from .pass1_token_vectors import STATS, neg_expm1, row_weights, rows_and_scale, scaled_rows
 
 MAX_BLOCK_D = 16384     # widest row a program holds whole
 ROW_ELEMS_PER_THREAD = 16  # row elements per thread of the whole-row kernel (register budget)
