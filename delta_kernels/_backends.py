@@ -2,7 +2,7 @@
 
 A backend is a module of internal functions on validated, flat inputs (see reference/ for the
 contract): ``token_sketch``, ``delta_coefficients``, ``clipped_surrogate_loss`` and
-``PIPELINE_KERNELS`` (the passes DeltaAccumulator drives), optionally ``fipo_weights``
+``PIPELINE_KERNELS`` (a pipeline.PassKernels: the passes DeltaAccumulator drives), optionally ``fipo_weights``
 (CREDIT_OPS), and optionally a second module with
 the fused LM-head functions ``logprob``, ``token_vectors``, ``logprob_backward`` and ``softmax_sketch``. Backends
 never call each other. docs/backends.md says how to add one.

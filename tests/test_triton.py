@@ -121,8 +121,9 @@ import importlib, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-tv, mp, su, rp, fin = (importlib.import_module("delta_kernels.triton." + m)
-                       for m in ("pass1_token_vectors", "pass3_margins", "surrogate", "row_partials", "pass2_centroids"))
+tv, mp, su, rp, cen, tem, fin = (importlib.import_module("delta_kernels.triton." + m)
+                                 for m in ("pass1_token_vectors", "pass3_margins", "surrogate", "row_partials",
+                                           "pass2_centroids", "pass4_temperatures", "pass5_coefficients"))
 P = lambda t: "*" + t
 def comp(fn, sig, consts):
     fn = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # under @triton.heuristics
@@ -149,16 +150,16 @@ for has_scale, moments, final, temps in ((True, True, False, False), (False, Fal
               BLOCK_D=4096, ROW_STAGES=1))
 fused = {"m_ptr": P("fp32"), "adv_ptr": P("fp32"), "mask_ptr": P("i1"), "gamma_ptr": P("fp32")}
 for sq_out in (False, True):  # without / with a process group
-    comp(fin._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
+    comp(cen._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
          "n_stat_groups": "i32", "centre_ptr": P("fp32"), "mu_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
          **fused, "sq_out_ptr": P("fp32"), "n_cols": "i32", "n_rows": "i32", "eps": "fp32"},
          dict(ABOUT=True, STD=True, SQ_OUT=sq_out, BLOCK_G=32, BLOCK_C=256, BLOCK_R=1024))
 for totals, sq_in, sq_out in ((True, False, False), (False, False, True), (True, True, False)):
-    comp(fin._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
+    comp(tem._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
          "mask_ptr": P("i1"), "gamma_ptr": P("fp32"), "totals_ptr": P("fp32"), "sq_in_ptr": P("fp32"),
          "sq_out_ptr": P("fp32"), "n_rows": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32"},
          dict(TOTALS=totals, SQ_IN=sq_in, SQ_OUT=sq_out, BLOCK_G=32, BLOCK_R=1024))
-comp(fin._local_sums_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
+comp(rp._local_sums_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
      "n_stat_groups": "i32", "out_ptr": P("fp32"), "n_cols": "i32"}, dict(BLOCK_G=32, BLOCK_C=256))
 comp(fin._final_kernel, {**fused, "stat_ptr": P("fp32"), "n_stat_groups": "i32", "w_ptr": P("fp32"), "c_ptr": P("fp32"),
      "coef_ptr": P("fp32"), "weighted_ptr": P("fp32"), "pred_ptr": P("fp32"), "scalar_ptr": P("fp32"), "n_rows": "i32",
