@@ -20,26 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
-SLOTS = tl.constexpr(16)     # width of one row of scalar partials (a power of two: tl.arange)
-WT_POS = tl.constexpr(0)
-WT_NEG = tl.constexpr(1)
-MOM_N_POS = tl.constexpr(2)
-MOM_N_NEG = tl.constexpr(3)
-MOM_SUM_POS = tl.constexpr(4)
-MOM_SUM_NEG = tl.constexpr(5)
-MOM_ABS_POS = tl.constexpr(6)
-MOM_ABS_NEG = tl.constexpr(7)
-TOT_VALID = tl.constexpr(8)
-TOT_U = tl.constexpr(9)
-TOT_N_POS = tl.constexpr(10)
-TOT_N_NEG = tl.constexpr(11)
 
-RESULTS = tl.constexpr(5)    # the final kernel's scalar results
-RES_SCALE = tl.constexpr(0)  # the coefficients' scale over the lam base (stats "scale")
-RES_N_VALID = tl.constexpr(1)
-RES_N_POS = tl.constexpr(2)
-RES_N_NEG = tl.constexpr(3)
-RES_BIAS = tl.constexpr(4)   # b = -c.w
+def _slots(first: int, count: int):
+    return tuple(tl.constexpr(first + i) for i in range(count))
+
+
+SLOTS = tl.constexpr(16)     # width of one row of scalar partials (a power of two: tl.arange)
+WT_POS, WT_NEG = _slots(0, 2)
+MOM_N_POS, MOM_N_NEG, MOM_SUM_POS, MOM_SUM_NEG, MOM_ABS_POS, MOM_ABS_NEG = _slots(2, 6)
+TOT_VALID, TOT_U, TOT_N_POS, TOT_N_NEG = _slots(8, 4)
+
+# the final kernel's scalar results: the coefficients' scale over the lam base (stats "scale"), the valid
+# count, |P|, |Q| and b = -c.w
+RES_SCALE, RES_N_VALID, RES_N_POS, RES_N_NEG, RES_BIAS = _slots(0, 5)
+RESULTS = tl.constexpr(5)
 
 
 class ScaledRows(NamedTuple):
@@ -85,6 +79,16 @@ def row_weights(a_pos_ptr, a_neg_ptr, rows, rmask, FROM_ADV: tl.constexpr):
         ap = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0)
         an = tl.load(a_neg_ptr + rows, mask=rmask, other=0.0)
     return ap, an
+
+
+@triton.jit
+def margins_tile(m_ptr, adv_ptr, mask_ptr, r0, n_rows, BLOCK_R: tl.constexpr):
+    """Rows r0... of a walk over the margins m [N]: (rows, in range, m, a+, a-)."""
+    rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = rows < n_rows
+    m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+    ap, an = row_weights(adv_ptr, mask_ptr, rows, rmask, True)
+    return rows, rmask, m, ap, an
 
 
 @triton.jit
@@ -194,10 +198,7 @@ def side_gamma(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr, sq_in_pt
         sq_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
         sq_neg = tl.zeros([BLOCK_R], dtype=tl.float32)
         for r0 in range(0, n_rows, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-            rmask = rows < n_rows
-            m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
-            ap, an = row_weights(adv_ptr, mask_ptr, rows, rmask, True)
+            rows, rmask, m, ap, an = margins_tile(m_ptr, adv_ptr, mask_ptr, r0, n_rows, BLOCK_R)
             d_pos = tl.where(ap != 0.0, (m - mean_pos) / scale_pos, 0.0)
             d_neg = tl.where(an != 0.0, (-m - mean_neg) / scale_neg, 0.0)
             sq_pos += d_pos * d_pos

@@ -4,8 +4,8 @@ and sketch_hash, never each other).
 
 ``delta_coefficients``: the fused call in few launches, the pipeline of
 delta_kernels/pipeline.py with its [N]- and [D]-sized torch ops moved into the pass kernels'
-epilogues (per-group scalar partials, finalize.py) and one small finalize kernel per reduction
-point. The side masks and the row scale 1 - exp(logp) are computed inside every kernel from
+epilogues (per-group scalar partials in the named slots of _common.py) and one small finalize
+kernel per reduction point (pass2_centroids, pass4_temperatures, pass5_coefficients). The side masks and the row scale 1 - exp(logp) are computed inside every kernel from
 (advantages, mask, logp), so no [N] weight is ever written.
 
 Launches per call (no torch op runs between them): exact k = 0, 5; k >= 1, 2k + 6:

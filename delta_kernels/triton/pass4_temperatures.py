@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SLOTS, final_totals, row_weights, side_gamma, valid_rows
+from ._common import SLOTS, final_totals, margins_tile, side_gamma, valid_rows
 
 # One program walks the [N] margins 1,024 rows at a time with 4 warps: 54 registers, no spills (AOT
 # table, benchmarks/results/aot_sm90.md); a single program, so only the walk's width matters.
@@ -33,10 +33,7 @@ def _temperature_kernel(stat_ptr, n_groups, m_ptr, adv_ptr, mask_ptr, gamma_ptr,
         slot = tl.arange(0, SLOTS)
         totals = tl.zeros([SLOTS], dtype=tl.float32)
         for r0 in range(0, n_rows, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-            rmask = rows < n_rows
-            m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
-            ap, an = row_weights(adv_ptr, mask_ptr, rows, rmask, True)
+            rows, rmask, m, ap, an = margins_tile(m_ptr, adv_ptr, mask_ptr, r0, n_rows, BLOCK_R)
             totals += final_totals(m, ap != 0.0, an != 0.0, valid_rows(mask_ptr, rows, rmask), gamma_pos, gamma_neg,
                                    lam_offset, lam_rise, slot)
         tl.store(totals_ptr + slot, totals)
