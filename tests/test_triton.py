@@ -8,6 +8,7 @@ import torch
 
 import delta_kernels as dk
 from helpers import TOL, as64, assert_matches_reference, assert_rel, make_flat_or_batched
+from launch_counter import LaunchCounter
 
 triton_backend = pytest.importorskip("delta_kernels.triton")
 import importlib  # noqa: E402
@@ -76,6 +77,54 @@ def test_scaled_rows_passes(monkeypatch, dtype, d, wide):
     assert none is None and torch.equal(m2, m)
 
 
+class BigOutputs(LaunchCounter):
+    """The torch ops (outside the Triton launches) whose output holds at least ``limit`` elements."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.big = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self._in_kernel and any(isinstance(t, torch.Tensor) and t.numel() >= self.limit
+                                       for t in (out if isinstance(out, (tuple, list)) else (out,))):
+            self.big.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("source", ["exact", "sketch", "vectors"])
+def test_strided_rows_read_in_place(monkeypatch, source):
+    """A response slice full[:, p:] ([B, T, D], row n = b T + t at b stride_b + t stride_t) is
+    read in place by the coefficient passes, fused and unfused: no op makes an [N, D] array,
+    and every result equals the contiguous call's bit for bit."""
+    from delta_kernels import _checks as C
+    fused = importlib.import_module("delta_kernels.triton.fused")
+    g = torch.Generator().manual_seed(31)
+    b, p, t, d = 3, 4, 11, 24
+    full = torch.randn(b, p + t, d, generator=g).to(DEVICE)
+    view = full[:, p:]
+    assert not view.is_contiguous()
+    logp = -torch.rand(b * t, generator=g).to(DEVICE)
+    adv = torch.randn(b * t, generator=g).to(DEVICE)
+    mask = (torch.rand(b * t, generator=g) > 0.2).to(DEVICE)
+    key = "vectors" if source == "vectors" else "hidden"
+    sketch_dim = 8 if source == "sketch" else None
+
+    def call(rows):
+        batch = C.TokenBatch(shape=(b, t), logp=logp, advantages=adv, mask=mask, **{key: rows})
+        return fused.delta_coefficients(batch, C.DeltaConfig(k=2), sketch_dim, 5)
+
+    for unfused in (False, True):
+        monkeypatch.setattr(fused, "fused_supported", lambda *a, _u=unfused: not _u)
+        with BigOutputs(b * t * d) as ops:
+            coef, stats = call(view)
+        assert not ops.big, ops.big
+        coef_c, stats_c = call(view.reshape(-1, d).clone())
+        assert torch.equal(coef, coef_c), unfused
+        for name in stats:
+            assert torch.equal(stats[name], stats_c[name]), (unfused, name)
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
     """From bf16 hidden states, exact mode: v = (1 - exp(logp)) h stays implicit (float32 scale,
@@ -130,22 +179,23 @@ def comp(fn, sig, consts):
     sig = dict(sig, **{k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
+strides = {"row_len": "i32", "stride_b": "i64", "stride_t": "i32"}  # where the rows of hidden/vectors lie
 rows = {"logp_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
 for dt, fp32 in (("bf16", False), ("fp16", False), ("fp32", True)):
     comp(tv._sketch_rows_kernel, {"h_ptr": P(dt), **rows, "z_ptr": P(dt), "partial_ptr": P("fp32"),
          "weight_ptr": P("fp32"), "n_rows": "i32", "hidden": "i32", "sketch_dim": "i32", "rows_per_group": "i32",
-         "seed_mixed": "i32", "scale": "fp32"},
+         "seed_mixed": "i32", "scale": "fp32", **strides},
          dict(SPLIT=fp32, IEEE=False, SUMS=True, FROM_ADV=True, BLOCK_M=128, BLOCK_R=128, BLOCK_K=64))
 srows = {"scale_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
 for store, sums in ((True, False), (False, True)):  # token_sketch; the side sums of ScaledRows
     comp(tv._scaled_rows_kernel, {"x_ptr": P("bf16"), **srows, "out_ptr": P("bf16"), "partial_ptr": P("fp32"),
-         "weight_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
+         "weight_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", **strides},
          dict(HAS_SCALE=True, STORE=store, SUMS=sums, FROM_ADV=sums, BLOCK_N=16, BLOCK_D=256))
 for has_scale, moments, final, temps in ((True, True, False, False), (False, False, True, True)):
     comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "c_ptr",
          "m_ptr", "gamma_ptr", "a_pos_ptr")}, "a_neg_ptr": P("i1"), "partial_ptr": P("fp32"), "stat_ptr": P("fp32"),
          "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", "lam_offset": "fp32", "lam_rise": "fp32",
-         "mom_ptr": P("fp32"), "sq_ptr": P("fp32"), "eps": "fp32"},
+         "mom_ptr": P("fp32"), "sq_ptr": P("fp32"), "eps": "fp32", **strides},
          dict(HAS_SCALE=has_scale, GATED=True, FROM_ADV=True, TEMPS=temps, MOMENTS=moments, FINAL=final, BLOCK_N=1,
               BLOCK_D=4096, ROW_STAGES=1))
 fused = {"m_ptr": P("fp32"), "adv_ptr": P("fp32"), "mask_ptr": P("i1"), "gamma_ptr": P("fp32")}
@@ -166,7 +216,7 @@ comp(fin._final_kernel, {**fused, "stat_ptr": P("fp32"), "n_stat_groups": "i32",
      "n_cols": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32", "inv_base": "fp32"},
      dict(BLOCK_G=32, BLOCK_R=1024, BLOCK_D=256))
 comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
-     "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32"}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
+     "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", **strides}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
 comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "n_groups": "i32", "n_cols": "i32"},
      dict(BLOCK_G=32, BLOCK_C=256))
 tok = {"logp_ptr": P("bf16"), "old_ptr": P("bf16"), "adv_ptr": P("bf16"), "mask_ptr": P("u8"), "coef_ptr": P("bf16"),

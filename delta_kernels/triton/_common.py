@@ -14,6 +14,7 @@ RES_*). Formulas as in delta_kernels/_formulas.py (docs/design.md), in float32.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -39,8 +40,29 @@ RESULTS = tl.constexpr(5)
 class ScaledRows(NamedTuple):
     """Token vectors v[t] = scale[t] * rows[t] that are never materialised: side_sums and
     margin_pass read the rows and scale each on the fly (one read of the rows per pass)."""
-    rows: torch.Tensor   # [N, D] float32/bf16/fp16 contiguous (the hidden states)
+    rows: torch.Tensor   # [N, D] float32/bf16/fp16, or a [B, T, D] view (row_layout): the hidden states
     scale: torch.Tensor  # [N] float32 contiguous, 1 - exp(logp)
+
+
+def row_count(x: torch.Tensor) -> int:
+    """The rows of a row operand x ([N, D], or the caller's [B, T, D] view): N = B T."""
+    return math.prod(x.shape[:-1])
+
+
+def row_layout(x: torch.Tensor) -> dict:
+    """Where the rows of a row operand lie, as the row kernels' keyword arguments: x [N, D] or the
+    caller's [B, T, D] view, last dim contiguous, read in place (no [N, D] copy): row n = b T + t
+    starts at element b stride_b + t stride_t (row_starts)."""
+    assert x.dim() in (2, 3) and (x.stride(-1) == 1 or x.shape[-1] <= 1), "rows with a contiguous last dim"
+    if x.dim() == 3:
+        return dict(row_len=max(x.shape[1], 1), stride_b=x.stride(0), stride_t=x.stride(1))
+    return dict(row_len=max(x.shape[0], 1), stride_b=0, stride_t=x.stride(0))
+
+
+@triton.jit
+def row_starts(rows, row_len, stride_b, stride_t):
+    """Element offsets (int64) of the rows n = b T + t of a row operand: b stride_b + t stride_t."""
+    return (rows // row_len) * stride_b + (rows % row_len) * stride_t
 
 
 def rows_and_scale(v):

@@ -5,8 +5,9 @@ and sketch_hash, never each other).
 ``delta_coefficients``: the fused call in few launches, the pipeline of
 delta_kernels/pipeline.py with its [N]- and [D]-sized torch ops moved into the pass kernels'
 epilogues (per-group scalar partials in the named slots of _common.py) and one small finalize
-kernel per reduction point (pass2_centroids, pass4_temperatures, pass5_coefficients). The side masks and the row scale 1 - exp(logp) are computed inside every kernel from
-(advantages, mask, logp), so no [N] weight is ever written.
+kernel per reduction point (pass2_centroids, pass4_temperatures, pass5_coefficients). The side
+masks and the row scale 1 - exp(logp) are computed inside every kernel from (advantages, mask,
+logp), so no [N] weight is ever written.
 
 Launches per call (no torch op runs between them): exact k = 0, 5; k >= 1, 2k + 6:
     side pass (hidden/vectors; the sketch kernel when sketched; the weights alone when the
@@ -42,7 +43,7 @@ import triton
 from .._alloc import empty
 from ..pipeline import PassKernels, run_coefficients
 from . import pass3_margins
-from ._common import (RES_BIAS, RES_N_NEG, RES_N_POS, RES_N_VALID, RES_SCALE, RESULTS, SLOTS, rows_and_scale)
+from ._common import RES_BIAS, RES_N_NEG, RES_N_POS, RES_N_VALID, RES_SCALE, RESULTS, SLOTS, row_layout, rows_and_scale
 from .pass1_token_vectors import (launch_scaled_rows, scaled_rows, scaled_rows_groups, side_sums, sketch_rows,
                                   token_sketch, token_vectors)  # noqa: F401  (token_sketch: the package's entry)
 from .pass2_centroids import CENTROIDS, _centroids_kernel
@@ -55,7 +56,7 @@ from .row_partials import SUM_PARTIALS, _local_sums_kernel, row_groups
 def fused_supported(batch, sketch_dim) -> bool:
     """Whether the fused call handles this batch (the rows fit one whole-row tile)."""
     src = batch.vectors if batch.vectors is not None else batch.hidden
-    d = sketch_dim if (batch.vectors is None and sketch_dim is not None) else src.shape[1]
+    d = sketch_dim if (batch.vectors is None and sketch_dim is not None) else src.shape[-1]
     return triton.next_power_of_2(d) <= pass3_margins.MAX_BLOCK_D  # read at call time (tests lower it)
 
 
@@ -72,7 +73,7 @@ def _side_pass(batch, sketch_dim, seed):
         return z, None, partial, n_groups, stat, n_groups
     x = batch.hidden if batch.vectors is None else batch.vectors
     scale = logp if batch.vectors is None else None
-    d = x.shape[1]
+    d = x.shape[-1]
     given = batch.side_sums is not None
     n_groups = scaled_rows_groups(n)[1]
     stat = empty(n_groups, SLOTS, dtype=f32, device=dev)
@@ -89,7 +90,7 @@ def fused_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
     logp, adv, mask = batch.logp, batch.advantages, batch.mask
     dev, n = logp.device, logp.numel()
     x, scale, partial, n_part, stat, n_stat = _side_pass(batch, sketch_dim, seed)
-    d = x.shape[1]
+    d = x.shape[-1]
     eps = float(cfg.eps)
     base = cfg.lam_min if cfg.lam_min > 0 else 1.0
     lam_offset, lam_rise = cfg.lam_min / base, (cfg.lam_max - cfg.lam_min) / base
@@ -126,7 +127,7 @@ def fused_coefficients(batch, cfg, sketch_dim, seed, reduce=None):
             v_ptr=x, scale_ptr=scale, w_ptr=w, c_ptr=c, m_ptr=m, gamma_ptr=gamma, a_pos_ptr=adv, a_neg_ptr=mask,
             partial_ptr=part, stat_ptr=st, n_rows=n, n_cols=d, rows_per_group=rows_per_group, lam_offset=lam_offset,
             lam_rise=lam_rise, mom_ptr=temps[0], sq_ptr=temps[1], eps=eps, MOMENTS=moments, FINAL=final,
-            **margin_config(d, gated))
+            **row_layout(x), **margin_config(d, gated))
         return m, part, st
 
     def temperature(stat, n_stat, m, gamma=None, totals=None, sq_in=None, sq_out=None):
@@ -197,7 +198,7 @@ def margin_pass(v, w: torch.Tensor, c: torch.Tensor, gate: Optional[Tuple[torch.
     w = w.to(f32).contiguous()
     c = c.to(f32).contiguous()
     gate = None if gate is None else tuple(t.to(f32).contiguous() for t in gate)
-    if triton.next_power_of_2(x.shape[1]) <= pass3_margins.MAX_BLOCK_D:
+    if triton.next_power_of_2(x.shape[-1]) <= pass3_margins.MAX_BLOCK_D:
         return margin_rows(x, scale, w, c, gate)
     m = wide_margins(x, scale, w, c)
     if gate is None:

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from .._alloc import empty
 from ..sketch_matrix import sketch_scale
-from ._common import SLOTS, WT_NEG, WT_POS, ScaledRows, neg_expm1, row_weights, rows_and_scale
+from ._common import (SLOTS, WT_NEG, WT_POS, ScaledRows, neg_expm1, row_count, row_layout, row_starts, row_weights,
+                      rows_and_scale)
 from .row_partials import row_groups, sum_partials
 from .sketch_hash import seed_argument, sign_tile
 
@@ -36,14 +37,15 @@ SCALED_ROWS = dict(BLOCK_N=16, BLOCK_D=256, num_warps=4)
                         SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit
 def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr, weight_ptr,
-                        n_rows, n_cols, rows_per_group,
+                        n_rows, n_cols, rows_per_group, row_len, stride_b, stride_t,
                         HAS_SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (g, d): rows [g*rows_per_group, (g+1)*rows_per_group), columns d*BLOCK_D...
     The flags follow the pointers given (None: absent). With s = scale[row] if HAS_SCALE else 1:
     stores y = s x in out's dtype if STORE; writes
     partial[g] = (sum_rows (w_pos s) x, sum_rows (w_neg s) x) over its columns, float32.
-    x [N, D] (fp32/bf16/fp16), scale/w_pos/w_neg [N] float32, partial [G, 2, D] float32.
+    x [N, D] (fp32/bf16/fp16; row n at row_starts), out [N, D] contiguous, scale/w_pos/w_neg [N]
+    float32, partial [G, 2, D] float32.
     FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), w_pos_ptr/w_neg_ptr
     the advantages and mask (row_weights), and program (g, 0) also writes
     weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-) (weight [G, SLOTS] float32)."""
@@ -61,7 +63,8 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
         rmask = rows < n_rows
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None] + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
         if HAS_SCALE:
             if FROM_ADV:
                 s = neg_expm1(tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32))
@@ -111,7 +114,7 @@ SKETCH_BLOCK_K_SPLIT = 16  # float32 h: wider K steps of its three bf16 parts sp
 @triton.heuristics(dict(SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit(do_not_specialize=["seed_mixed"])
 def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr, weight_ptr,
-                        n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
+                        n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale, row_len, stride_b, stride_t,
                         SPLIT: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (g, j): z[rows, cols] = (1 - exp(logp)) * (h[rows] @ sign[:, cols]) * scale for
@@ -120,7 +123,8 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
     accumulation. SPLIT (float32 h): each element is split exactly into three bf16 parts,
     x = hi + mid + lo (8 significand bits each), and the three products are accumulated: every
     product is exact, as in an IEEE float32 dot, without its register spills or TF32 rounding.
-    h [N, H], z [N, r] in h's dtype; logp/w_pos/w_neg [N] float32; partial [G, 2, r] float32.
+    h [N, H] (row n at row_starts), z [N, r] contiguous in h's dtype; logp/w_pos/w_neg [N] float32;
+    partial [G, 2, r] float32.
     FROM_ADV: w_pos_ptr/w_neg_ptr are the advantages and mask (row_weights), and program (g, 0)
     writes weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-) (weight [G, SLOTS] float32)."""
     pid_g = tl.program_id(0).to(tl.int64)
@@ -136,9 +140,10 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
         rows = row0 + start + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < n_rows
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        h_rows = h_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None]
         for k0 in range(0, hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            x = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :],
+            x = tl.load(h_rows + ks[None, :],
                         mask=rmask[:, None] & (ks[None, :] < hidden), other=0.0)
             if SPLIT:
                 signs = sign_tile(ks, cols, seed_mixed, tl.bfloat16)
@@ -177,7 +182,7 @@ def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[
     """Host side of _scaled_rows_kernel, one read of x: -> (y = scale x [N, D] in x's dtype or
     None, sums [2, D] float32 = (sum w_pos scale x, sum w_neg scale x) or None when no weights
     are given). scale/w_pos/w_neg float32 [N] contiguous or None (scale None: 1)."""
-    n, d = x.shape
+    n, d = row_count(x), x.shape[-1]
     sums = w_pos is not None
     out = empty(n, d, dtype=x.dtype, device=x.device) if store else None
     partial = empty(scaled_rows_groups(n)[1], 2, d, dtype=torch.float32, device=x.device) if sums else None
@@ -194,12 +199,12 @@ def launch_scaled_rows(x, scale, w_pos, w_neg, out, partial, weight, sum_cols: i
     """One launch of _scaled_rows_kernel over x [N, D] with SCALED_ROWS' tiles; out, partial
     [G, 2, sum_cols] and weight [G, SLOTS] (G from scaled_rows_groups) are None or written.
     sum_cols: D, or 0 when only the weight stat is wanted (the side sums given)."""
-    n, d = x.shape
+    n, d = row_count(x), x.shape[-1]
     rows_per_group, n_groups = scaled_rows_groups(n)
     block_d = min(SCALED_ROWS["BLOCK_D"], triton.next_power_of_2(d))
     _scaled_rows_kernel[(n_groups, max(1, triton.cdiv(sum_cols, block_d)))](
         x_ptr=x, scale_ptr=scale, w_pos_ptr=w_pos, w_neg_ptr=w_neg, out_ptr=out, partial_ptr=partial,
-        weight_ptr=weight, n_rows=n, n_cols=sum_cols, rows_per_group=rows_per_group,
+        weight_ptr=weight, n_rows=n, n_cols=sum_cols, rows_per_group=rows_per_group, **row_layout(x),
         **dict(SCALED_ROWS, BLOCK_D=block_d))
 
 
@@ -223,7 +228,7 @@ def sketch_rows(hidden: torch.Tensor, logp: torch.Tensor, w_pos, w_neg, sketch_d
     are the side weights, or with from_adv the advantages and mask (the fused call, which also
     gets the weight stat)."""
     f32 = torch.float32
-    n, h = hidden.shape
+    n, h = row_count(hidden), hidden.shape[-1]
     r = sketch_dim
     cfg = sketch_config(r, h, split=hidden.dtype == f32)
     rows_per_group, n_groups = row_groups(n, cfg["BLOCK_M"])
@@ -233,7 +238,7 @@ def sketch_rows(hidden: torch.Tensor, logp: torch.Tensor, w_pos, w_neg, sketch_d
     _sketch_rows_kernel[(n_groups, triton.cdiv(r, cfg["BLOCK_R"]))](
         h_ptr=hidden, logp_ptr=logp, w_pos_ptr=w_pos, w_neg_ptr=w_neg, z_ptr=z, partial_ptr=partial, weight_ptr=stat,
         n_rows=n, hidden=h, sketch_dim=r, rows_per_group=rows_per_group, seed_mixed=seed_argument(seed),
-        scale=sketch_scale(r), IEEE=os.environ.get("TRITON_INTERPRET") == "1", **cfg)
+        scale=sketch_scale(r), IEEE=os.environ.get("TRITON_INTERPRET") == "1", **row_layout(hidden), **cfg)
     return z, partial, stat
 
 

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from ._common import (SLOTS, WT_NEG, WT_POS, final_totals, group_temperatures, neg_expm1, put, row_weights,
-                      side_moments, valid_rows)
+from ._common import (SLOTS, WT_NEG, WT_POS, final_totals, group_temperatures, neg_expm1, put, row_count, row_layout,
+                      row_starts, row_weights, side_moments, valid_rows)
 from .row_partials import row_groups, sum_partials
 
 MAX_BLOCK_D = 16384     # widest row a program holds whole
@@ -37,7 +37,8 @@ CHUNK_D = 4096          # column chunk of the wide-row kernel
                         FROM_ADV=lambda a: a["stat_ptr"] is not None, TEMPS=lambda a: a["sq_ptr"] is not None))
 @triton.jit
 def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr, stat_ptr,
-                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise, mom_ptr, sq_ptr, eps,
+                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise, mom_ptr, sq_ptr, eps, row_len, stride_b,
+                        stride_t,
                         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, FROM_ADV: tl.constexpr, TEMPS: tl.constexpr,
                         MOMENTS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         ROW_STAGES: tl.constexpr):
@@ -59,7 +60,6 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)  # int32 offsets from a 64-bit row pointer: fewer registers than int64 addresses
     cmask = cols < n_cols
-    tile_offs = tl.arange(0, BLOCK_N)[:, None] * n_cols + cols[None, :]  # < 2^31: BLOCK_N * D is small
     acc_pos = tl.zeros([1, BLOCK_D], dtype=tl.float32)  # 2-D, in the tile's layout: no conversion per row tile
     acc_neg = tl.zeros([1, BLOCK_D], dtype=tl.float32)
     slot = tl.arange(0, SLOTS)
@@ -76,7 +76,8 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     for start in tl.range(0, rows_per_group, BLOCK_N, num_stages=ROW_STAGES):  # 2: next row loaded during this one
         rows = row0 + start + tl.arange(0, BLOCK_N).to(tl.int64)
         rmask = rows < n_rows
-        tile = tl.load(v_ptr + (row0 + start) * n_cols + tile_offs, mask=rmask[:, None] & cmask[None, :],
+        tile = tl.load(v_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None] + cols[None, :],
+                       mask=rmask[:, None] & cmask[None, :],
                        other=0.0).to(tl.float32)
         # w and c reloaded per tile (L1 hits), not held across the loop: fewer registers, more CTAs per SM
         w = tl.load(w_ptr + cols[None, :], mask=cmask[None, :], other=0.0)
@@ -114,7 +115,7 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
 
 @triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None))
 @triton.jit
-def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
+def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols, row_len, stride_b, stride_t,
                         HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """m = 2 (s x - c).w for rows too wide to hold: program i walks rows i*BLOCK_N... in column
     chunks of BLOCK_D (fixed order). Same shapes and dtypes as _margin_rows_kernel."""
@@ -122,6 +123,7 @@ def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rmask = rows < n_rows
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+    starts = row_starts(rows, row_len, stride_b, stride_t)
     if HAS_SCALE:
         s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
     for c0 in range(0, n_cols, BLOCK_D):
@@ -129,7 +131,7 @@ def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
         cmask = cols < n_cols
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
         c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
-        tile = tl.load(v_ptr + rows[:, None] * n_cols + cols[None, :],
+        tile = tl.load(v_ptr + starts[:, None] + cols[None, :],
                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         if HAS_SCALE:
             tile = tile * s[:, None]
@@ -154,7 +156,7 @@ def margin_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w: torch.Tensor,
     float32/bf16/fp16 contiguous, scale [N] float32 or None, w [D], c [D] float32 contiguous,
     gate None or (gamma [2], a_pos [N], a_neg [N]) float32 contiguous. -> (m [N] float32,
     gated sums [2, D] float32 about c, or None). One read of x."""
-    n, d = x.shape
+    n, d = row_count(x), x.shape[-1]
     gamma, a_pos, a_neg = gate if gate is not None else (None, None, None)
     cfg = margin_config(d, gated=gate is not None)
     rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
@@ -163,7 +165,7 @@ def margin_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w: torch.Tensor,
     _margin_rows_kernel[(n_groups,)](
         v_ptr=x, scale_ptr=scale, w_ptr=w, c_ptr=c, m_ptr=m, gamma_ptr=gamma, a_pos_ptr=a_pos, a_neg_ptr=a_neg,
         partial_ptr=partial, stat_ptr=None, n_rows=n, n_cols=d, rows_per_group=rows_per_group, lam_offset=0.0,
-        lam_rise=0.0, mom_ptr=None, sq_ptr=None, eps=0.0, MOMENTS=False, FINAL=False, **cfg)
+        lam_rise=0.0, mom_ptr=None, sq_ptr=None, eps=0.0, MOMENTS=False, FINAL=False, **row_layout(x), **cfg)
     return m, None if partial is None else sum_partials(partial)
 
 
@@ -175,8 +177,9 @@ MARGIN_WIDE = dict(BLOCK_N=4, num_warps=8)
 def wide_margins(x: torch.Tensor, scale: Optional[torch.Tensor], w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """m [N] float32 = 2 (s x - c).w for rows wider than MAX_BLOCK_D (same arguments as
     margin_rows, no gate). One read of x."""
-    n, d = x.shape
+    n, d = row_count(x), x.shape[-1]
     m = empty(n, dtype=torch.float32, device=x.device)
     _margin_wide_kernel[(triton.cdiv(n, MARGIN_WIDE["BLOCK_N"]),)](
-        v_ptr=x, scale_ptr=scale, w_ptr=w, c_ptr=c, m_ptr=m, n_rows=n, n_cols=d, BLOCK_D=CHUNK_D, **MARGIN_WIDE)
+        v_ptr=x, scale_ptr=scale, w_ptr=w, c_ptr=c, m_ptr=m, n_rows=n, n_cols=d, BLOCK_D=CHUNK_D, **row_layout(x),
+        **MARGIN_WIDE)
     return m
