@@ -25,7 +25,9 @@ k = 0 and k + 3 times for k > 0 (the side sums, the temperature pass, k fused ga
 passes, the final margins), each pass scaling the rows by the float32 1 - exp(logp), and
 nothing [N, H] is written. Sketched: hidden once, z [N, r] written once, then z read once for
 k = 0, else k + 2 times. From given vectors: v read as for z (plus once for the side sums when
-not given). No host synchronisation.
+not given). No host synchronisation. The row kernels read hidden/vectors at row strides
+(_common.row_layout): an [N, D] array or the caller's [B, T, D] view (a response slice
+hidden[:, prompt_len:]) in place, with no [N, D] copy.
 """
 from __future__ import annotations
 
