@@ -43,7 +43,7 @@ from launch_counter import LaunchCounter  # noqa: E402
 
 if not HAS_GPU:  # the interpreter pays per loop iteration: 16 rows per tile, as the tests set (launches unchanged)
     import importlib
-    importlib.import_module("delta_kernels.triton.margin_pass").ROWS_PER_TILE = 16
+    importlib.import_module("delta_kernels.triton.pass3_margins").ROWS_PER_TILE = 16
 
 
 def pass_bytes(kernel: str, n: int, h: int, r, elem: int):

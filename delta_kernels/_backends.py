@@ -2,7 +2,7 @@
 
 A backend is a module of internal functions on validated, flat inputs (see reference/ for the
 contract): ``token_sketch``, ``delta_coefficients``, ``clipped_surrogate_loss`` and
-``PIPELINE_KERNELS`` (the passes DeltaAccumulator drives), optionally ``fipo_weights``
+``PIPELINE_KERNELS`` (a pipeline.PassKernels: the passes DeltaAccumulator drives), optionally ``fipo_weights``
 (CREDIT_OPS), and optionally a second module with
 the fused LM-head functions ``logprob``, ``token_vectors``, ``logprob_backward`` and ``softmax_sketch``. Backends
 never call each other. docs/backends.md says how to add one.
@@ -100,7 +100,7 @@ def names() -> Tuple[str, ...]:
 
 
 register(Backend("triton", "delta_kernels.triton", ("cuda",), _FAST, PHASES + (LM_HEAD,) + CREDIT_OPS, 30,
-                 lm_head="delta_kernels.fused_linear.triton_ops", interpreted=True))
+                 lm_head="delta_kernels.fused_linear.triton_ops", interpreted=True, strided_rows=True))
 register(Backend("cuda", "delta_kernels.backends.cuda", ("cuda",), _FAST, PHASES, 20, strided_rows=True))
 register(Backend("cpp", "delta_kernels.backends.cpp", ("cpu",), _FAST, PHASES + CREDIT_OPS, 10, strided_rows=True))
 register(Backend("torch", "delta_kernels.reference", (ANY,), _FAST + (torch.float64,), PHASES + (LM_HEAD,) + CREDIT_OPS,

@@ -33,7 +33,8 @@ times (2 when k = 0), the first read being the side sums, and nothing [N, H] is 
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -42,11 +43,23 @@ from ._formulas import (bias, centroids_about, centroids_from_sums, discriminato
                         side_masks, side_std)
 
 
+@dataclass(frozen=True)
+class PassKernels:
+    """A backend's three pass kernels (the contract above): what ``run_coefficients`` and
+    DeltaAccumulator take, and what every backend's ``PIPELINE_KERNELS`` is. The wrappers
+    chunked.ChunkedPasses and head_factors.HeadFactorPasses offer the same methods (and a
+    ``compute_dtype``)."""
+
+    token_vectors: Callable[..., Tuple[Any, torch.Tensor]]
+    side_sums: Callable[..., torch.Tensor]
+    margin_pass: Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
 def _identity(t):
     return t
 
 
-def run_coefficients(kernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int,
+def run_coefficients(kernels: PassKernels, batch: TokenBatch, cfg: DeltaConfig, sketch_dim: Optional[int], seed: int,
                      reduce=None):
     """The fast backends' ``delta_coefficients``: same contract as the reference's."""
     reduce = reduce or _identity

@@ -28,7 +28,7 @@ def interpreter_tiles(monkeypatch):
         return
     import importlib
     try:  # the module (the package's attribute of that name is the function)
-        margin_pass = importlib.import_module("delta_kernels.triton.margin_pass")
+        margin_pass = importlib.import_module("delta_kernels.triton.pass3_margins")
     except ImportError:  # no triton: nothing to set
         return
     monkeypatch.setattr(margin_pass, "ROWS_PER_TILE", 16)

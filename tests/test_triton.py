@@ -3,16 +3,19 @@
 tests/test_conformance.py (on the CPU under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import delta_kernels as dk
 from helpers import TOL, as64, assert_matches_reference, assert_rel, make_flat_or_batched
+from launch_counter import LaunchCounter
 
 triton_backend = pytest.importorskip("delta_kernels.triton")
 import importlib  # noqa: E402
 
-margin_mod = importlib.import_module("delta_kernels.triton.margin_pass")  # the module, not the function
+margin_mod = importlib.import_module("delta_kernels.triton.pass3_margins")  # the module, not the function
 row_partials = importlib.import_module("delta_kernels.triton.row_partials")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,6 +79,55 @@ def test_scaled_rows_passes(monkeypatch, dtype, d, wide):
     assert none is None and torch.equal(m2, m)
 
 
+class BigOutputs(LaunchCounter):
+    """The torch ops (outside the Triton launches) whose output holds at least ``limit`` elements."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.big = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self._in_kernel and any(isinstance(t, torch.Tensor) and t.numel() >= self.limit
+                                       for t in (out if isinstance(out, (tuple, list)) else (out,))):
+            self.big.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("source", ["exact", "sketch", "vectors"])
+def test_strided_rows_read_in_place(monkeypatch, source):
+    """A response slice full[:, p:] ([B, T, D], row n = b T + t at b stride_b + t stride_t) is
+    read in place by the coefficient passes, fused and unfused: no op makes an [N, D] array,
+    and every result equals the contiguous call's bit for bit."""
+    from delta_kernels import _checks as C
+    fused = importlib.import_module("delta_kernels.triton.fused")
+    g = torch.Generator().manual_seed(31)
+    b, p, t, d = 3, 4, 11, 24
+    full = torch.randn(b, p + t, d, generator=g).to(DEVICE)
+    view = full[:, p:]
+    assert not view.is_contiguous()
+    logp = -torch.rand(b * t, generator=g).to(DEVICE)
+    adv = torch.randn(b * t, generator=g).to(DEVICE)
+    mask = (torch.rand(b * t, generator=g) > 0.2).to(DEVICE)
+    key = "vectors" if source == "vectors" else "hidden"
+    sketch_dim = 8 if source == "sketch" else None
+
+    def call(rows):
+        batch = C.TokenBatch(shape=(b, t), logp=logp, advantages=adv, mask=mask, **{key: rows})
+        return fused.delta_coefficients(batch, C.DeltaConfig(k=2), sketch_dim, 5)
+
+    for unfused in (False, True):
+        monkeypatch.setattr(fused, "fused_supported", lambda *a, _u=unfused: not _u)
+        with BigOutputs(b * t * d) as ops:
+            out = call(view)
+        assert not ops.big, ops.big
+        ref = call(view.reshape(-1, d).clone())
+        assert torch.equal(out.coef, ref.coef), unfused
+        assert torch.equal(out.weighted_advantages, ref.weighted_advantages), unfused
+        for f in dataclasses.fields(out.stats):
+            assert torch.equal(getattr(out.stats, f.name), getattr(ref.stats, f.name)), (unfused, f.name)
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
     """From bf16 hidden states, exact mode: v = (1 - exp(logp)) h stays implicit (float32 scale,
@@ -84,7 +136,7 @@ def test_exact_pipeline_keeps_vectors_implicit(monkeypatch, k):
     h, lp, adv, mask = make_flat_or_batched((6, 47), 100, torch.bfloat16, 21 + k, seq_level=False, device=DEVICE)
     n, hid = h.shape[0] * h.shape[1], h.shape[2]
     shapes = []
-    for name in ("token_vectors", "margin_pass", "row_partials", "fused"):
+    for name in ("pass1_token_vectors", "pass3_margins", "row_partials", "fused"):
         mod = importlib.import_module("delta_kernels.triton." + name)
         real = mod.empty
 
@@ -121,51 +173,53 @@ import importlib, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-tv, mp, su, rp, fin = (importlib.import_module("delta_kernels.triton." + m)
-                       for m in ("token_vectors", "margin_pass", "surrogate", "row_partials", "finalize"))
+tv, mp, su, rp, cen, tem, fin = (importlib.import_module("delta_kernels.triton." + m)
+                                 for m in ("pass1_token_vectors", "pass3_margins", "surrogate", "row_partials",
+                                           "pass2_centroids", "pass4_temperatures", "pass5_coefficients"))
 P = lambda t: "*" + t
 def comp(fn, sig, consts):
     fn = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # under @triton.heuristics
     sig = dict(sig, **{k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
+strides = {"row_len": "i32", "stride_b": "i64", "stride_t": "i32"}  # where the rows of hidden/vectors lie
 rows = {"logp_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
 for dt, fp32 in (("bf16", False), ("fp16", False), ("fp32", True)):
     comp(tv._sketch_rows_kernel, {"h_ptr": P(dt), **rows, "z_ptr": P(dt), "partial_ptr": P("fp32"),
          "weight_ptr": P("fp32"), "n_rows": "i32", "hidden": "i32", "sketch_dim": "i32", "rows_per_group": "i32",
-         "seed_mixed": "i32", "scale": "fp32"},
+         "seed_mixed": "i32", "scale": "fp32", **strides},
          dict(SPLIT=fp32, IEEE=False, SUMS=True, FROM_ADV=True, BLOCK_M=128, BLOCK_R=128, BLOCK_K=64))
 srows = {"scale_ptr": P("fp32"), "w_pos_ptr": P("fp32"), "w_neg_ptr": P("fp32")}
 for store, sums in ((True, False), (False, True)):  # token_sketch; the side sums of ScaledRows
     comp(tv._scaled_rows_kernel, {"x_ptr": P("bf16"), **srows, "out_ptr": P("bf16"), "partial_ptr": P("fp32"),
-         "weight_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32"},
+         "weight_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", **strides},
          dict(HAS_SCALE=True, STORE=store, SUMS=sums, FROM_ADV=sums, BLOCK_N=16, BLOCK_D=256))
 for has_scale, moments, final, temps in ((True, True, False, False), (False, False, True, True)):
     comp(mp._margin_rows_kernel, {"v_ptr": P("bf16"), **{k: P("fp32") for k in ("scale_ptr", "w_ptr", "c_ptr",
          "m_ptr", "gamma_ptr", "a_pos_ptr")}, "a_neg_ptr": P("i1"), "partial_ptr": P("fp32"), "stat_ptr": P("fp32"),
          "n_rows": "i32", "n_cols": "i32", "rows_per_group": "i32", "lam_offset": "fp32", "lam_rise": "fp32",
-         "mom_ptr": P("fp32"), "sq_ptr": P("fp32"), "eps": "fp32"},
+         "mom_ptr": P("fp32"), "sq_ptr": P("fp32"), "eps": "fp32", **strides},
          dict(HAS_SCALE=has_scale, GATED=True, FROM_ADV=True, TEMPS=temps, MOMENTS=moments, FINAL=final, BLOCK_N=1,
               BLOCK_D=4096, ROW_STAGES=1))
 fused = {"m_ptr": P("fp32"), "adv_ptr": P("fp32"), "mask_ptr": P("i1"), "gamma_ptr": P("fp32")}
 for sq_out in (False, True):  # without / with a process group
-    comp(fin._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
+    comp(cen._centroids_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
          "n_stat_groups": "i32", "centre_ptr": P("fp32"), "mu_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
          **fused, "sq_out_ptr": P("fp32"), "n_cols": "i32", "n_rows": "i32", "eps": "fp32"},
          dict(ABOUT=True, STD=True, SQ_OUT=sq_out, BLOCK_G=32, BLOCK_C=256, BLOCK_R=1024))
 for totals, sq_in, sq_out in ((True, False, False), (False, False, True), (True, True, False)):
-    comp(fin._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
+    comp(tem._temperature_kernel, {"stat_ptr": P("fp32"), "n_groups": "i32", "m_ptr": P("fp32"), "adv_ptr": P("fp32"),
          "mask_ptr": P("i1"), "gamma_ptr": P("fp32"), "totals_ptr": P("fp32"), "sq_in_ptr": P("fp32"),
          "sq_out_ptr": P("fp32"), "n_rows": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32"},
          dict(TOTALS=totals, SQ_IN=sq_in, SQ_OUT=sq_out, BLOCK_G=32, BLOCK_R=1024))
-comp(fin._local_sums_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
+comp(rp._local_sums_kernel, {"partial_ptr": P("fp32"), "n_groups": "i32", "stat_ptr": P("fp32"),
      "n_stat_groups": "i32", "out_ptr": P("fp32"), "n_cols": "i32"}, dict(BLOCK_G=32, BLOCK_C=256))
 comp(fin._final_kernel, {**fused, "stat_ptr": P("fp32"), "n_stat_groups": "i32", "w_ptr": P("fp32"), "c_ptr": P("fp32"),
      "coef_ptr": P("fp32"), "weighted_ptr": P("fp32"), "pred_ptr": P("fp32"), "scalar_ptr": P("fp32"), "n_rows": "i32",
      "n_cols": "i32", "eps": "fp32", "lam_offset": "fp32", "lam_rise": "fp32", "inv_base": "fp32"},
      dict(BLOCK_G=32, BLOCK_R=1024, BLOCK_D=256))
 comp(mp._margin_wide_kernel, {"v_ptr": P("bf16"), "scale_ptr": P("fp32"), "w_ptr": P("fp32"), "c_ptr": P("fp32"),
-     "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32"}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
+     "m_ptr": P("fp32"), "n_rows": "i32", "n_cols": "i32", **strides}, dict(HAS_SCALE=True, BLOCK_N=4, BLOCK_D=4096))
 comp(rp._sum_partials_kernel, {"partial_ptr": P("fp32"), "out_ptr": P("fp32"), "n_groups": "i32", "n_cols": "i32"},
      dict(BLOCK_G=32, BLOCK_C=256))
 tok = {"logp_ptr": P("bf16"), "old_ptr": P("bf16"), "adv_ptr": P("bf16"), "mask_ptr": P("u8"), "coef_ptr": P("bf16"),

@@ -123,9 +123,10 @@ def test_small_tiles_match_reference_and_unfused(monkeypatch, source, k):
     tiles per [N] walk, several column tiles, multi-tile row groups): the GPU's code paths, set at
     call time. Against float64, and against the unfused pipeline on the same kernels."""
     monkeypatch.setattr(row_partials, "MAX_GROUPS", 5)
-    monkeypatch.setattr(fused, "FINALIZE_BLOCK_G", 2)
-    monkeypatch.setattr(fused, "FINALIZE_BLOCK_R", 16)
-    monkeypatch.setattr(fused, "FINALIZE_BLOCK_C", 16)
+    small = dict(BLOCK_G=2, BLOCK_R=16, BLOCK_C=16, BLOCK_D=16)
+    for config in (fused.CENTROIDS, fused.TEMPERATURES, fused.COEFFICIENTS, fused.SUM_PARTIALS):  # read at call time
+        for key in small.keys() & config.keys():
+            monkeypatch.setitem(config, key, small[key])
     args, kw = _inputs(source, seed=5 + k)
     out = dk.delta_coefficients(*args, k=k, backend="triton", **kw)
     ref = _reference(args, kw, k)
@@ -138,7 +139,7 @@ def test_small_tiles_match_reference_and_unfused(monkeypatch, source, k):
     assert_rel(torch.stack([getattr(out.stats, n).double() for n in scalars]),
                torch.stack([getattr(ref.stats, n).double() for n in scalars]), tol, "scalar stats")
     # the unfused pipeline over the same passes (what a process group and DeltaAccumulator run)
-    monkeypatch.setattr(triton_backend, "fused_supported", lambda *a: False)
+    monkeypatch.setattr(fused, "fused_supported", lambda *a: False)
     unfused = dk.delta_coefficients(*args, k=k, backend="triton", **kw)
     assert_rel(out.coef, unfused.coef, tol, "coef vs unfused")
     assert_rel(out.stats.pred, unfused.stats.pred, tol, "pred vs unfused")
@@ -198,7 +199,7 @@ def test_cuda_graph_capture(sketch_dim):
 @pytest.mark.parametrize("source", ["exact", "vectors"])
 def test_gpu_row_tiles(monkeypatch, source):
     """The GPU's whole-row tiles (one row per tile, the 2-stage row loop) against float64."""
-    monkeypatch.setattr(importlib.import_module("delta_kernels.triton.margin_pass"), "ROWS_PER_TILE", 1)
+    monkeypatch.setattr(importlib.import_module("delta_kernels.triton.pass3_margins"), "ROWS_PER_TILE", 1)
     args, kw = _inputs(source, n_seq=2, seq_len=9, seed=12)
     out = dk.delta_coefficients(*args, k=1, backend="triton", **kw)
     ref = _reference(args, kw, 1)

@@ -5,14 +5,13 @@ partials and each token's d l / d logp in the forward pass; delta_kernels.aggreg
 partials into the loss and the row weights)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .._checks import DeltaConfig, TokenBatch
 from ..aggregation import aggregate
-from ..pipeline import run_coefficients
+from ..pipeline import PassKernels, run_coefficients
 from ._ops import call, tokens
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -142,7 +141,7 @@ def margin_pass(v, w, c, gate):
     return call("gated_margins", rows, scale, f32(w), f32(c), *(f32(x) for x in gate))
 
 
-def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:
+def pipeline_kernels(token_vectors, side_sums, margin_pass) -> PassKernels:
     """The three passes of delta_kernels.pipeline's contract for a native backend. The sketch z
     is materialised in float32 ([N, r], small; no rounding to hidden's dtype); exact vectors stay
     implicit as ScaledRows(hidden, 1 - exp(logp)), their side sums from one read of h."""
@@ -152,10 +151,10 @@ def pipeline_kernels(token_vectors, side_sums, margin_pass) -> SimpleNamespace:
         v = ScaledRows(hidden, f32(-torch.expm1(logp.to(torch.float32))))
         return v, side_sums(v, a_pos, a_neg)
 
-    return SimpleNamespace(token_vectors=pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
+    return PassKernels(token_vectors=pipeline_token_vectors, side_sums=side_sums, margin_pass=margin_pass)
 
 
-def native_phases(token_vectors, pipeline: SimpleNamespace):
+def native_phases(token_vectors, pipeline: PassKernels):
     """-> (token_sketch, delta_coefficients) of a native backend, from its token_vectors kernel
     and its pipeline_kernels (the contract of delta_kernels.reference)."""
     def token_sketch(hidden, logp, sketch_dim: Optional[int], seed: int):

@@ -10,6 +10,11 @@ TRITON_INTERPRET=1 for bfloat16) feeds float32 operands to tl.dot.
 import triton
 import triton.language as tl
 
+# The head kernels' absent inputs are None pointers, turned into constexpr flags once (triton.heuristics):
+# bias (all three kernels) and the token mask (the log-prob forward and backward, padding rows read as 0).
+HAS_BIAS = dict(HAS_BIAS=lambda a: a["b_ptr"] is not None)
+OPTIONAL = dict(HAS_BIAS, HAS_VALID=lambda a: a["valid_ptr"] is not None)
+
 
 @triton.jit
 def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, temperature,

@@ -25,15 +25,18 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from .triton_logits_tile import logits_tile
+from .triton_logits_tile import OPTIONAL, logits_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 dot quirk only (UPCAST)
-# 128 x 128 tiles, 64-wide K steps; a split is 32 tiles (4096 columns). Read at call time: the
-# interpreter's tests set small tiles and 2-tile splits (tests/conftest.py) so small shapes cross every boundary.
+# 128 x 128 tiles, 64-wide K steps, 8 warps, 3 stages: 254 registers and no spills for bf16, 1 CTA/SM (AOT
+# table, benchmarks/results/aot_sm90.md; float32's IEEE products spill 224 bytes at this tile). A split is
+# 32 tiles (4096 columns). Read at call time: the interpreter's tests set small tiles and 2-tile splits
+# (tests/conftest.py) so small shapes cross every boundary.
 TILE = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 TILES_PER_SPLIT = 32
 
 
+@triton.heuristics(OPTIONAL)
 @triton.jit
 def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, part_ptr, N, V, H, temperature, n_blocks,
                              cols_per_split, n_splits,
@@ -91,11 +94,9 @@ def logprob(hidden, weight, bias, targets, temperature: float, want_entropy: boo
     n_blocks = triton.cdiv(n, TILE["BLOCK_N"])
     part = empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
     _logprob_partials_kernel[(n_blocks * n_splits,)](
-        hidden, weight, hidden if bias is None else bias, targets, hidden if valid is None else valid, part, n, vocab,
-        hdim, float(temperature), n_blocks, cols_per_split, n_splits,
-        HAS_BIAS=bias is not None, HAS_VALID=valid is not None, ENTROPY=want_entropy,
-        IEEE=hidden.dtype == torch.float32,
-        UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias, y_ptr=targets, valid_ptr=valid, part_ptr=part, N=n, V=vocab, H=hdim,
+        temperature=float(temperature), n_blocks=n_blocks, cols_per_split=cols_per_split, n_splits=n_splits,
+        ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32, UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
         **TILE)
     m, s, t, x_y = part.unbind(0)            # [splits, N] each
     big_m = m.max(0).values

@@ -22,13 +22,16 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from .triton_logits_tile import logits_tile
+from .triton_logits_tile import OPTIONAL, logits_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 dot quirk only (UPCAST)
-TILE = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)  # read at call time (tests: smaller)
+# The forward's tiles (triton_logprob.TILE): 194 registers and no spills for bf16, 1 CTA/SM (AOT table,
+# benchmarks/results/aot_sm90.md). Read at call time (tests: smaller).
+TILE = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 CHUNK_BYTES = 512 * 2**20  # size cap of the dx buffer
 
 
+@triton.heuristics(OPTIONAL)
 @triton.jit
 def _logprob_grad_logits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, valid_ptr, dx_ptr, N, V, H,
                                 temperature, c0, width, n_blocks,
@@ -91,11 +94,9 @@ def logprob_backward(hidden, weight, bias, targets, temperature: float, lse, gra
         width = min(chunk, vocab - c0)
         dx = buf[:n * width].view(n, width)
         _logprob_grad_logits_kernel[(n_blocks * triton.cdiv(width, block_v),)](
-            hidden, weight, hidden if bias is None else bias, targets, lse, g, hidden if valid is None else valid, dx,
-            n, vocab, hdim, float(temperature), c0, width, n_blocks,
-            HAS_BIAS=bias is not None, HAS_VALID=valid is not None, IEEE=hidden.dtype == torch.float32,
-            UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-            **TILE)
+            h_ptr=hidden, w_ptr=weight, b_ptr=bias, y_ptr=targets, lse_ptr=lse, g_ptr=g, valid_ptr=valid, dx_ptr=dx,
+            N=n, V=vocab, H=hdim, temperature=float(temperature), c0=c0, width=width, n_blocks=n_blocks,
+            IEEE=hidden.dtype == torch.float32, UPCAST=INTERPRET and hidden.dtype == torch.bfloat16, **TILE)
         if need_hidden:
             dh_acc += _mm_f32(dx, weight[c0:c0 + width])
         if need_weight:

@@ -21,9 +21,10 @@ from .._alloc import empty
 from ..sketch_matrix import sketch_scale
 from ..triton.sketch_hash import seed_argument, sign_tile
 from . import triton_logprob
-from .triton_logits_tile import logits_tile
+from .triton_logits_tile import HAS_BIAS, logits_tile
 
 
+@triton.heuristics(HAS_BIAS)
 @triton.jit
 def _softmax_sketch_partials_kernel(h_ptr, w_ptr, b_ptr, part_ptr, acc_ptr, N, V, H, R, temperature, seed_mixed,
                                     n_blocks, cols_per_split, n_splits,
@@ -76,10 +77,10 @@ def softmax_sketch(hidden, weight, bias, temperature: float, sketch_dim: int, se
     part = empty(2, n_splits, n, dtype=torch.float32, device=hidden.device)
     acc = empty(n_splits, n, sketch_dim, dtype=torch.float32, device=hidden.device)
     _softmax_sketch_partials_kernel[(n_blocks * n_splits,)](
-        h_ptr=hidden, w_ptr=weight, b_ptr=hidden if bias is None else bias, part_ptr=part, acc_ptr=acc,
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias, part_ptr=part, acc_ptr=acc,
         N=n, V=vocab, H=hdim, R=sketch_dim, temperature=float(temperature), seed_mixed=seed_argument(seed),
         n_blocks=n_blocks, cols_per_split=cols_per_split, n_splits=n_splits,
-        HAS_BIAS=bias is not None, IEEE=hidden.dtype == torch.float32,
+        IEEE=hidden.dtype == torch.float32,
         UPCAST=triton_logprob.INTERPRET and hidden.dtype == torch.bfloat16,
         BLOCK_R=max(16, triton.next_power_of_2(sketch_dim)), **tile)
     m, s = part.unbind(0)                     # [splits, N] each

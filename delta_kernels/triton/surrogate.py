@@ -1,6 +1,6 @@
 """Phase C in Triton: the weighted dual-clip DAPO surrogate, forward and backward.
 
-Forward: one kernel; program (row, tile) owns BLOCK_T consecutive tokens of a row (a sequence
+Forward: one kernel; program (row, tile) owns SURROGATE["BLOCK"] consecutive tokens of a row (a sequence
 of [B, T]; an [N] batch is one row) and writes their partial sums, the columns of
 delta_kernels.aggregation.STATS over valid tokens, to partial [B, tiles, 5] float32. The tiles
 of a row are added in order (torch, no atomics) and delta_kernels.aggregation.aggregate turns
@@ -25,7 +25,9 @@ from ..aggregation import STATS, Aggregation, aggregate
 from ..reference.fipo import METRICS as FIPO_METRICS
 from .fipo import fipo_weights, weight_stats_init
 
-BLOCK_T = 1024   # tokens per tile
+# 1,024 tokens per program (fewer for short rows), 4 warps, for both kernels: 40 / 38 registers, no spills,
+# 12 CTAs/SM (register-bound; AOT table, benchmarks/results/aot_sm90.md).
+SURROGATE = dict(BLOCK=1024, num_warps=4)
 
 
 @triton.jit
@@ -83,6 +85,12 @@ def _credit_metrics(stats_ptr, keep_ptr, metrics_ptr, n_rows, BLOCK: tl.constexp
     tl.store(metrics_ptr + 4, tl.sum(at_bound, axis=0) / tl.maximum(n, 1.0))
 
 
+# absent inputs are None pointers: constexpr flags derived once from them
+_OPTIONAL = dict(HAS_COEF=lambda a: a["coef_ptr"] is not None, HAS_ISW=lambda a: a["isw_ptr"] is not None,
+                 HAS_CREDIT=lambda a: a["weight_ptr"] is not None)
+
+
+@triton.heuristics(_OPTIONAL)
 @triton.jit
 def _surrogate_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_ptr, weight_ptr, keep_ptr, stats_ptr,
                           metrics_ptr, partial_ptr, n_rows, row_len, tiles, lo, hi, clip_c,
@@ -115,6 +123,7 @@ def _surrogate_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_pt
     tl.store(base + 4, tl.sum(tl.where(valid, -log_ratio, 0.0), axis=0))
 
 
+@triton.heuristics(_OPTIONAL)
 @triton.jit
 def _surrogate_bwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, coef_ptr, isw_ptr, weight_ptr, keep_ptr, row_weight_ptr,
                           grad_out_ptr, grad_ptr, n_tokens, row_len, lo, hi, clip_c,
@@ -155,22 +164,22 @@ class _ClippedSurrogate(torch.autograd.Function):
         n_rows, row_len = (1, n) if logp.dim() == 1 else tuple(logp.shape)
         lo, hi, clip_c = _bounds(cfg)
         flat = [t.reshape(-1) for t in (logp.detach(), old_logp, adv, mask_u8)]
-        coef_flat = flat[0] if coef is None else coef.reshape(-1)
-        isw_flat = flat[0] if isw is None else isw.reshape(-1)
-        weights, keep, stats, credit_metrics = (flat[0], flat[3], flat[0], flat[0]) if credit is None else credit
-        weights = weights.reshape(-1)
-        block = min(BLOCK_T, triton.next_power_of_2(max(row_len, 16)))
+        coef_flat = None if coef is None else coef.reshape(-1)
+        isw_flat = None if isw is None else isw.reshape(-1)
+        weights, keep, stats, credit_metrics = (None, None, None, None) if credit is None else credit
+        weights = None if weights is None else weights.reshape(-1)
+        block = min(SURROGATE["BLOCK"], triton.next_power_of_2(max(row_len, 16)))
         tiles = max(1, triton.cdiv(row_len, block))
         partial = empty(n_rows, tiles, len(STATS), dtype=torch.float32, device=logp.device)
         if n_rows > 0:
-            _surrogate_fwd_kernel[(n_rows * tiles,)](*flat, coef_flat, isw_flat, weights, keep, stats, credit_metrics,
-                                                     partial, n_rows, row_len, tiles, lo, hi, clip_c,
-                                                     HAS_COEF=coef is not None, HAS_ISW=isw is not None,
-                                                     HAS_CREDIT=credit is not None, BLOCK=block, num_warps=4)
+            _surrogate_fwd_kernel[(n_rows * tiles,)](
+                logp_ptr=flat[0], old_ptr=flat[1], adv_ptr=flat[2], mask_ptr=flat[3], coef_ptr=coef_flat,
+                isw_ptr=isw_flat, weight_ptr=weights, keep_ptr=keep, stats_ptr=stats, metrics_ptr=credit_metrics,
+                partial_ptr=partial, n_rows=n_rows, row_len=row_len, tiles=tiles, lo=lo, hi=hi, clip_c=clip_c,
+                **dict(SURROGATE, BLOCK=block))
         loss, metrics, row_weight = aggregate(partial.sum(1), agg, row_len)
         ctx.save_for_backward(*flat, coef_flat, isw_flat, weights, keep, row_weight.contiguous())
-        ctx.meta = (logp.shape, logp.dtype, n, row_len, lo, hi, clip_c, coef is not None, isw is not None,
-                    credit is not None)
+        ctx.meta = (logp.shape, logp.dtype, n, row_len, lo, hi, clip_c)
         metrics = (metrics["clip_frac"], metrics["clip_frac_lower"], metrics["ppo_kl"])
         ctx.mark_non_differentiable(*metrics)
         return (loss,) + metrics
@@ -178,14 +187,14 @@ class _ClippedSurrogate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *grad_metrics):
         logp, old, adv, mask_u8, coef, isw, weights, keep, row_weight = ctx.saved_tensors
-        shape, dtype, n, row_len, lo, hi, clip_c, has_coef, has_isw, has_credit = ctx.meta
+        shape, dtype, n, row_len, lo, hi, clip_c = ctx.meta
         grad = empty(n, dtype=dtype, device=logp.device)
         grad_out = grad_loss.to(torch.float32).reshape(1).contiguous()
         if n > 0:
-            _surrogate_bwd_kernel[(triton.cdiv(n, BLOCK_T),)](logp, old, adv, mask_u8, coef, isw, weights, keep,
-                                                              row_weight, grad_out, grad, n, row_len, lo, hi, clip_c,
-                                                              HAS_COEF=has_coef, HAS_ISW=has_isw,
-                                                              HAS_CREDIT=has_credit, BLOCK=BLOCK_T, num_warps=4)
+            _surrogate_bwd_kernel[(triton.cdiv(n, SURROGATE["BLOCK"]),)](
+                logp_ptr=logp, old_ptr=old, adv_ptr=adv, mask_ptr=mask_u8, coef_ptr=coef, isw_ptr=isw,
+                weight_ptr=weights, keep_ptr=keep, row_weight_ptr=row_weight, grad_out_ptr=grad_out, grad_ptr=grad,
+                n_tokens=n, row_len=row_len, lo=lo, hi=hi, clip_c=clip_c, **SURROGATE)
         return grad.reshape(shape), None, None, None, None, None, None, None, None
 
 

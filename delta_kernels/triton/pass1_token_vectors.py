@@ -8,12 +8,12 @@ to hidden's dtype). Memory traffic per call: hidden is read once; exact mode wri
 [N, H]; the sketch writes z [N, r] once; ``token_sketch`` (the public op) writes v or z once.
 The side sums go through [G, 2, D] float32 partials (G <= 512 row groups, see row_partials)
 reduced in a fixed order. R is never read: its +-1 signs are hashed inside the kernel
-(sketch_hash).
+(sketch_hash). ``side_sums`` (given vectors) is the same row kernel without a store.
 """
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -21,78 +21,34 @@ import triton.language as tl
 
 from .._alloc import empty
 from ..sketch_matrix import sketch_scale
+from ._common import (SLOTS, WT_NEG, WT_POS, ScaledRows, neg_expm1, row_count, row_layout, row_starts, row_weights,
+                      rows_and_scale)
 from .row_partials import row_groups, sum_partials
 from .sketch_hash import seed_argument, sign_tile
 
-STATS = tl.constexpr(16)  # per-group scalar partials of the fused call (fused.py names the slots)
-BLOCK_ROWS = 16     # rows per tile of the exact kernel
-BLOCK_COLS = 256    # columns per program of the exact kernel
-SKETCH_BLOCK_M = 128   # rows per tile: each tile regenerates its R signs, so taller tiles hash less
-SKETCH_BLOCK_R = 128
-SKETCH_BLOCK_K = 64
-SKETCH_BLOCK_K_SPLIT = 16  # float32 h: wider tiles of its three bf16 parts spill registers (sm_80, sm_90)
-
-
-class ScaledRows(NamedTuple):
-    """Token vectors v[t] = scale[t] * rows[t] that are never materialised: side_sums and
-    margin_pass read the rows and scale each on the fly (one read of the rows per pass)."""
-    rows: torch.Tensor   # [N, D] float32/bf16/fp16 contiguous (the hidden states)
-    scale: torch.Tensor  # [N] float32 contiguous, 1 - exp(logp)
-
-
-def rows_and_scale(v):
-    """v: a tensor [N, D] or ScaledRows -> (rows [N, D], scale [N] float32 or None)."""
-    return (v.rows, v.scale) if isinstance(v, ScaledRows) else (v, None)
-
-
-@triton.jit
-def neg_expm1(x):
-    """1 - exp(x) = -expm1(x) in float32, accurate for x near 0: a degree-10 Taylor series
-    (Horner) for |x| < 0.5, where the rounding of exp(x) near 1 would dominate, else 1 - exp(x)."""
-    p = 1.0 + x * (1.0 / 10.0)
-    p = 1.0 + x * (1.0 / 9.0) * p
-    p = 1.0 + x * (1.0 / 8.0) * p
-    p = 1.0 + x * (1.0 / 7.0) * p
-    p = 1.0 + x * (1.0 / 6.0) * p
-    p = 1.0 + x * (1.0 / 5.0) * p
-    p = 1.0 + x * (1.0 / 4.0) * p
-    p = 1.0 + x * (1.0 / 3.0) * p
-    p = 1.0 + x * 0.5 * p
-    return tl.where(tl.abs(x) < 0.5, -x * p, 1.0 - tl.exp(x))
-
-
-@triton.jit
-def row_weights(a_pos_ptr, a_neg_ptr, rows, rmask, FROM_ADV: tl.constexpr):
-    """-> (a+, a-) float32 for ``rows``. FROM_ADV: a_pos_ptr holds the advantages (any float
-    dtype) and a_neg_ptr the mask (bool), and the weights are side_masks' in-kernel:
-    a+ = adv where valid and adv > 0, a- = -adv where valid and adv < 0, else 0. Otherwise both
-    are loaded as given (float32 [N])."""
-    if FROM_ADV:
-        a = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        valid = (tl.load(a_neg_ptr + rows, mask=rmask, other=0) != 0) & rmask
-        ap = tl.where(valid & (a > 0.0), a, 0.0)
-        an = tl.where(valid & (a < 0.0), -a, 0.0)
-    else:
-        ap = tl.load(a_pos_ptr + rows, mask=rmask, other=0.0)
-        an = tl.load(a_neg_ptr + rows, mask=rmask, other=0.0)
-    return ap, an
+# One config per kernel, next to it; the reasons are the AOT table's (benchmarks/results/aot_sm90.md,
+# bf16, sm_90; benchmarks/aot_table.py). Exact kernel: 16 rows x 256 columns per tile, 4 warps: 80
+# registers with the side sums (40 storing v), no spills, 6 CTAs/SM (register-bound); narrower rows
+# take a power-of-two BLOCK_D below 256.
+SCALED_ROWS = dict(BLOCK_N=16, BLOCK_D=256, num_warps=4)
 
 
 @triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None, STORE=lambda a: a["out_ptr"] is not None,
                         SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit
 def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial_ptr, weight_ptr,
-                        n_rows, n_cols, rows_per_group,
+                        n_rows, n_cols, rows_per_group, row_len, stride_b, stride_t,
                         HAS_SCALE: tl.constexpr, STORE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (g, d): rows [g*rows_per_group, (g+1)*rows_per_group), columns d*BLOCK_D...
     The flags follow the pointers given (None: absent). With s = scale[row] if HAS_SCALE else 1:
     stores y = s x in out's dtype if STORE; writes
     partial[g] = (sum_rows (w_pos s) x, sum_rows (w_neg s) x) over its columns, float32.
-    x [N, D] (fp32/bf16/fp16), scale/w_pos/w_neg [N] float32, partial [G, 2, D] float32.
+    x [N, D] (fp32/bf16/fp16; row n at row_starts), out [N, D] contiguous, scale/w_pos/w_neg [N]
+    float32, partial [G, 2, D] float32.
     FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), w_pos_ptr/w_neg_ptr
     the advantages and mask (row_weights), and program (g, 0) also writes
-    weight[g, 0:2] = (sum a+, sum a-) (weight [G, STATS] float32)."""
+    weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-) (weight [G, SLOTS] float32)."""
     pid_g = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -107,7 +63,8 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
         rmask = rows < n_rows
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None] + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
         if HAS_SCALE:
             if FROM_ADV:
                 s = neg_expm1(tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32))
@@ -135,8 +92,8 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
         tl.store(base + n_cols + cols, acc_neg, mask=cmask)
     if FROM_ADV:
         if pid_d == 0:
-            tl.store(weight_ptr + pid_g * STATS, w_tot_pos)
-            tl.store(weight_ptr + pid_g * STATS + 1, w_tot_neg)
+            tl.store(weight_ptr + pid_g * SLOTS + WT_POS, w_tot_pos)
+            tl.store(weight_ptr + pid_g * SLOTS + WT_NEG, w_tot_neg)
 
 
 @triton.jit
@@ -148,10 +105,16 @@ def _sign_dot(a, signs, acc, IEEE: tl.constexpr):
     return tl.dot(a, signs, acc)
 
 
+# Sketch kernel: 128-row tiles (each tile regenerates its R signs, so taller tiles hash less), 128 sketch
+# columns, 64-wide K steps, 3 stages: 226 registers, no spills, 1 CTA/SM; 4 warps when r <= 64.
+SKETCH_ROWS = dict(BLOCK_M=128, BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=3)
+SKETCH_BLOCK_K_SPLIT = 16  # float32 h: wider K steps of its three bf16 parts spill registers (sm_80, sm_90)
+
+
 @triton.heuristics(dict(SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit(do_not_specialize=["seed_mixed"])
 def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_ptr, weight_ptr,
-                        n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale,
+                        n_rows, hidden, sketch_dim, rows_per_group, seed_mixed, scale, row_len, stride_b, stride_t,
                         SPLIT: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr, FROM_ADV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (g, j): z[rows, cols] = (1 - exp(logp)) * (h[rows] @ sign[:, cols]) * scale for
@@ -160,9 +123,10 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
     accumulation. SPLIT (float32 h): each element is split exactly into three bf16 parts,
     x = hi + mid + lo (8 significand bits each), and the three products are accumulated: every
     product is exact, as in an IEEE float32 dot, without its register spills or TF32 rounding.
-    h [N, H], z [N, r] in h's dtype; logp/w_pos/w_neg [N] float32; partial [G, 2, r] float32.
+    h [N, H] (row n at row_starts), z [N, r] contiguous in h's dtype; logp/w_pos/w_neg [N] float32;
+    partial [G, 2, r] float32.
     FROM_ADV: w_pos_ptr/w_neg_ptr are the advantages and mask (row_weights), and program (g, 0)
-    writes weight[g, 0:2] = (sum a+, sum a-) (weight [G, STATS] float32)."""
+    writes weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-) (weight [G, SLOTS] float32)."""
     pid_g = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     cols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -176,9 +140,10 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
         rows = row0 + start + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < n_rows
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        h_rows = h_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None]
         for k0 in range(0, hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            x = tl.load(h_ptr + rows[:, None] * hidden + ks[None, :],
+            x = tl.load(h_rows + ks[None, :],
                         mask=rmask[:, None] & (ks[None, :] < hidden), other=0.0)
             if SPLIT:
                 signs = sign_tile(ks, cols, seed_mixed, tl.bfloat16)
@@ -208,8 +173,8 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
         tl.store(base + sketch_dim + cols, acc_neg, mask=cmask)
     if FROM_ADV:
         if pid_r == 0:
-            tl.store(weight_ptr + pid_g * STATS, w_tot_pos)
-            tl.store(weight_ptr + pid_g * STATS + 1, w_tot_neg)
+            tl.store(weight_ptr + pid_g * SLOTS + WT_POS, w_tot_pos)
+            tl.store(weight_ptr + pid_g * SLOTS + WT_NEG, w_tot_neg)
 
 
 def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[torch.Tensor],
@@ -217,16 +182,30 @@ def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[
     """Host side of _scaled_rows_kernel, one read of x: -> (y = scale x [N, D] in x's dtype or
     None, sums [2, D] float32 = (sum w_pos scale x, sum w_neg scale x) or None when no weights
     are given). scale/w_pos/w_neg float32 [N] contiguous or None (scale None: 1)."""
-    n, d = x.shape
+    n, d = row_count(x), x.shape[-1]
     sums = w_pos is not None
-    rows_per_group, n_groups = row_groups(n, BLOCK_ROWS)
-    block_d = min(BLOCK_COLS, triton.next_power_of_2(d))
     out = empty(n, d, dtype=x.dtype, device=x.device) if store else None
-    partial = empty(n_groups, 2, d, dtype=torch.float32, device=x.device) if sums else None
-    grid = (n_groups, triton.cdiv(d, block_d))
-    _scaled_rows_kernel[grid](x, scale, w_pos, w_neg, out, partial, None, n, d, rows_per_group,
-                              BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
+    partial = empty(scaled_rows_groups(n)[1], 2, d, dtype=torch.float32, device=x.device) if sums else None
+    launch_scaled_rows(x, scale, w_pos, w_neg, out=out, partial=partial, weight=None, sum_cols=d)
     return out, sum_partials(partial) if sums else None
+
+
+def scaled_rows_groups(n_rows: int):
+    """-> (rows_per_group, n_groups) of _scaled_rows_kernel over n_rows rows."""
+    return row_groups(n_rows, SCALED_ROWS["BLOCK_N"])
+
+
+def launch_scaled_rows(x, scale, w_pos, w_neg, out, partial, weight, sum_cols: int):
+    """One launch of _scaled_rows_kernel over x [N, D] with SCALED_ROWS' tiles; out, partial
+    [G, 2, sum_cols] and weight [G, SLOTS] (G from scaled_rows_groups) are None or written.
+    sum_cols: D, or 0 when only the weight stat is wanted (the side sums given)."""
+    n, d = row_count(x), x.shape[-1]
+    rows_per_group, n_groups = scaled_rows_groups(n)
+    block_d = min(SCALED_ROWS["BLOCK_D"], triton.next_power_of_2(d))
+    _scaled_rows_kernel[(n_groups, max(1, triton.cdiv(sum_cols, block_d)))](
+        x_ptr=x, scale_ptr=scale, w_pos_ptr=w_pos, w_neg_ptr=w_neg, out_ptr=out, partial_ptr=partial,
+        weight_ptr=weight, n_rows=n, n_cols=sum_cols, rows_per_group=rows_per_group, **row_layout(x),
+        **dict(SCALED_ROWS, BLOCK_D=block_d))
 
 
 def row_scale(logp: torch.Tensor) -> torch.Tensor:
@@ -234,27 +213,32 @@ def row_scale(logp: torch.Tensor) -> torch.Tensor:
     return (-torch.expm1(logp.to(torch.float32))).contiguous()
 
 
+def sketch_config(r: int, h: int, split: bool) -> dict:
+    """SKETCH_ROWS for sketch width r and hidden size h: narrower tiles for small r or h, and
+    SKETCH_BLOCK_K_SPLIT-wide K steps for float32 h (split)."""
+    block_r = max(16, min(SKETCH_ROWS["BLOCK_R"], triton.next_power_of_2(r)))
+    block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_ROWS["BLOCK_K"], triton.next_power_of_2(h)))
+    return dict(SKETCH_ROWS, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT=split, num_warps=4 if block_r <= 64 else 8)
+
+
 def sketch_rows(hidden: torch.Tensor, logp: torch.Tensor, w_pos, w_neg, sketch_dim: int, seed: int,
                 z_dtype: torch.dtype, sums: bool, from_adv: bool):
     """One launch of _sketch_rows_kernel over hidden [N, H] (logp [N] float32): -> (z [N, r] in
-    z_dtype, partial [G, 2, r] float32 or None, weight stat [G, STATS] float32 or None). w_pos/w_neg
+    z_dtype, partial [G, 2, r] float32 or None, weight stat [G, SLOTS] float32 or None). w_pos/w_neg
     are the side weights, or with from_adv the advantages and mask (the fused call, which also
     gets the weight stat)."""
     f32 = torch.float32
-    n, h = hidden.shape
+    n, h = row_count(hidden), hidden.shape[-1]
     r = sketch_dim
-    block_r = max(16, min(SKETCH_BLOCK_R, triton.next_power_of_2(r)))
-    split = hidden.dtype == f32
-    block_k = max(16, min(SKETCH_BLOCK_K_SPLIT if split else SKETCH_BLOCK_K, triton.next_power_of_2(h)))
-    rows_per_group, n_groups = row_groups(n, SKETCH_BLOCK_M)
+    cfg = sketch_config(r, h, split=hidden.dtype == f32)
+    rows_per_group, n_groups = row_groups(n, cfg["BLOCK_M"])
     z = empty(n, r, dtype=z_dtype, device=hidden.device)
     partial = empty(n_groups, 2, r, dtype=f32, device=hidden.device) if sums else None
-    stat = empty(n_groups, STATS, dtype=f32, device=hidden.device) if from_adv else None
-    _sketch_rows_kernel[(n_groups, triton.cdiv(r, block_r))](
-        hidden, logp, w_pos, w_neg, z, partial, stat, n, h, r, rows_per_group, seed_argument(seed), sketch_scale(r),
-        SPLIT=split, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_M=SKETCH_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4 if block_r <= 64 else 8,
-        num_stages=3)
+    stat = empty(n_groups, SLOTS, dtype=f32, device=hidden.device) if from_adv else None
+    _sketch_rows_kernel[(n_groups, triton.cdiv(r, cfg["BLOCK_R"]))](
+        h_ptr=hidden, logp_ptr=logp, w_pos_ptr=w_pos, w_neg_ptr=w_neg, z_ptr=z, partial_ptr=partial, weight_ptr=stat,
+        n_rows=n, hidden=h, sketch_dim=r, rows_per_group=rows_per_group, seed_mixed=seed_argument(seed),
+        scale=sketch_scale(r), IEEE=os.environ.get("TRITON_INTERPRET") == "1", **row_layout(hidden), **cfg)
     return z, partial, stat
 
 
@@ -290,6 +274,15 @@ def token_vectors(hidden: torch.Tensor, logp: torch.Tensor, a_pos: torch.Tensor,
         v = ScaledRows(hidden, row_scale(logp))
         return v, scaled_rows(hidden, v.scale, a_pos, a_neg, store=False)[1]
     return written_vectors(hidden, logp, a_pos, a_neg, sketch_dim, seed, z_dtype=f32)
+
+
+def side_sums(v, a_pos: torch.Tensor, a_neg: torch.Tensor) -> torch.Tensor:
+    """Pipeline kernel: the side sums of given vectors, the same row kernel without a store.
+    v [N, D] float32/bf16/fp16 contiguous, or ScaledRows(rows [N, D], scale [N] float32) (each
+    row's weight a[t] * scale[t] applied to the loaded row); a_pos/a_neg [N] -> sums [2, D] float32."""
+    f32 = torch.float32
+    rows, scale = rows_and_scale(v)
+    return scaled_rows(rows, scale, a_pos.to(f32).contiguous(), a_neg.to(f32).contiguous(), store=False)[1]
 
 
 def token_sketch(hidden2d: torch.Tensor, logp1d: torch.Tensor, sketch_dim: Optional[int], seed: int):

@@ -1,4 +1,4 @@
-"""The margin pass of the coefficient pipeline: m = 2 (v - c).w (c, the centroids' midpoint,
+"""Pass 3 of the coefficient pipeline, the margin pass: m = 2 (v - c).w (c, the centroids' midpoint,
 subtracted element by element before the dot: exact under an offset the vectors share), and
 with a gate also the gated side sums about c (sum sigmoid(m/gamma+) a+ (v - c), sum
 sigmoid(-m/gamma-) a- (v - c)), one read of v. v is a tensor or ScaledRows(rows, scale) (v[t] =
@@ -11,8 +11,8 @@ A program owns a group of consecutive rows and loads each row tile whole ([BLOCK
 registers, D padded to a power of two), so the margins and the gated sums come from the one
 load. The gated sums go through [G, 2, D] float32 partials summed in a fixed order
 (row_partials): deterministic, no atomics. For very wide rows (D > MAX_BLOCK_D, beyond any
-current LM hidden size) the row is walked in chunks for the margins and the gated sums take a
-second read of v (the side-sums kernel with weights g a).
+current LM hidden size) the row is walked in chunks for the margins (wide_margins) and the
+gated sums take a second read of v (fused.margin_pass: pass 1's row kernel with weights g a).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from ._common import (SLOTS, WT_NEG, WT_POS, final_totals, group_temperatures, neg_expm1, put, row_count, row_layout,
+                      row_starts, row_weights, side_moments, valid_rows)
 from .row_partials import row_groups, sum_partials
-from .finalize import final_totals, group_temperatures, side_moments, store_stats, valid_rows
-from .token_vectors import STATS, neg_expm1, row_weights, rows_and_scale, scaled_rows
 
 MAX_BLOCK_D = 16384     # widest row a program holds whole
 ROW_ELEMS_PER_THREAD = 16  # row elements per thread of the whole-row kernel (register budget)
@@ -37,7 +37,8 @@ CHUNK_D = 4096          # column chunk of the wide-row kernel
                         FROM_ADV=lambda a: a["stat_ptr"] is not None, TEMPS=lambda a: a["sq_ptr"] is not None))
 @triton.jit
 def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_ptr, a_neg_ptr, partial_ptr, stat_ptr,
-                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise, mom_ptr, sq_ptr, eps,
+                        n_rows, n_cols, rows_per_group, lam_offset, lam_rise, mom_ptr, sq_ptr, eps, row_len, stride_b,
+                        stride_t,
                         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, FROM_ADV: tl.constexpr, TEMPS: tl.constexpr,
                         MOMENTS: tl.constexpr, FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         ROW_STAGES: tl.constexpr):
@@ -49,22 +50,20 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     gamma [2], a_pos/a_neg [N], m [N], partial [G, 2, D] float32. BLOCK_D >= D.
 
     FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), a_pos_ptr/a_neg_ptr
-    the advantages and mask (row_weights), and the group's scalar partials go to stat[g] ([G, STATS]
-    float32, slots of fused.py): GATED, the gated weights (sum g+ a+, sum g- a-); MOMENTS, the first
+    the advantages and mask (row_weights), and the group's scalar partials go to stat[g] ([G, SLOTS]
+    float32, the slots of _common.py): GATED, the gated weights (sum g+ a+, sum g- a-); MOMENTS, the first
     moments of side_std (sides' counts, sums of m over P and -m over Q, and of their magnitudes);
     FINAL, the totals of final_coefficients (valid count, sum of u = lam_offset + lam_rise gate over
     valid rows, side counts), the gates taken with the temperatures gamma. TEMPS (a process group):
     the temperatures are not read from gamma but finished here from the group's sums
-    (finalize.group_temperatures of mom [STATS] and sq [2], eps), and program 0 stores them in gamma."""
+    (group_temperatures of mom [SLOTS] and sq [2], eps), and program 0 stores them in gamma."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)  # int32 offsets from a 64-bit row pointer: fewer registers than int64 addresses
     cmask = cols < n_cols
-    tile_offs = tl.arange(0, BLOCK_N)[:, None] * n_cols + cols[None, :]  # < 2^31: BLOCK_N * D is small
     acc_pos = tl.zeros([1, BLOCK_D], dtype=tl.float32)  # 2-D, in the tile's layout: no conversion per row tile
     acc_neg = tl.zeros([1, BLOCK_D], dtype=tl.float32)
-    zero = tl.zeros([], dtype=tl.float32)  # the scalar partials (finalize.py's slots)
-    w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos, abs_neg = zero, zero, zero, zero, zero, zero, zero, zero
-    n_valid, u_sum, fin_pos, fin_neg = zero, zero, zero, zero
+    slot = tl.arange(0, SLOTS)
+    stat = tl.zeros([SLOTS], dtype=tl.float32)  # the scalar partials (_common.py's slots)
     if TEMPS:
         gamma_pos, gamma_neg = group_temperatures(mom_ptr, sq_ptr, eps)
         if pid == 0:
@@ -77,7 +76,8 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
     for start in tl.range(0, rows_per_group, BLOCK_N, num_stages=ROW_STAGES):  # 2: next row loaded during this one
         rows = row0 + start + tl.arange(0, BLOCK_N).to(tl.int64)
         rmask = rows < n_rows
-        tile = tl.load(v_ptr + (row0 + start) * n_cols + tile_offs, mask=rmask[:, None] & cmask[None, :],
+        tile = tl.load(v_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None] + cols[None, :],
+                       mask=rmask[:, None] & cmask[None, :],
                        other=0.0).to(tl.float32)
         # w and c reloaded per tile (L1 hits), not held across the loop: fewer registers, more CTAs per SM
         w = tl.load(w_ptr + cols[None, :], mask=cmask[None, :], other=0.0)
@@ -99,35 +99,23 @@ def _margin_rows_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, gamma_ptr, a_pos_
             g_neg = tl.where(an != 0.0, an / (1.0 + tl.exp(m / gamma_neg)), 0.0)       # sigmoid(-m / gamma-) * a-
             acc_pos += tl.sum(tl.where((ap != 0.0)[:, None], centred * g_pos[:, None], 0.0), axis=0, keep_dims=True)
             acc_neg += tl.sum(tl.where((an != 0.0)[:, None], centred * g_neg[:, None], 0.0), axis=0, keep_dims=True)
-            w_pos += tl.sum(g_pos, axis=0)
-            w_neg += tl.sum(g_neg, axis=0)
+            stat += put(slot, WT_POS, tl.sum(g_pos, axis=0)) + put(slot, WT_NEG, tl.sum(g_neg, axis=0))
         if MOMENTS:
-            t0, t1, t2, t3, t4, t5 = side_moments(m, ap != 0.0, an != 0.0)
-            n_pos += t0
-            n_neg += t1
-            sum_pos += t2
-            sum_neg += t3
-            abs_pos += t4
-            abs_neg += t5
+            stat += side_moments(m, ap != 0.0, an != 0.0, slot)
         if FINAL:
-            t0, t1, t2, t3 = final_totals(m, ap != 0.0, an != 0.0, valid_rows(a_neg_ptr, rows, rmask), gamma_pos,
-                                          gamma_neg, lam_offset, lam_rise)
-            n_valid += t0
-            u_sum += t1
-            fin_pos += t2
-            fin_neg += t3
+            stat += final_totals(m, ap != 0.0, an != 0.0, valid_rows(a_neg_ptr, rows, rmask), gamma_pos, gamma_neg,
+                                 lam_offset, lam_rise, slot)
     if GATED:
         base = partial_ptr + pid * 2 * n_cols
         tl.store(base + cols[None, :], acc_pos, mask=cmask[None, :])
         tl.store(base + n_cols + cols[None, :], acc_neg, mask=cmask[None, :])
     if FROM_ADV:
-        store_stats(stat_ptr + pid * STATS, w_pos, w_neg, n_pos, n_neg, sum_pos, sum_neg, abs_pos, abs_neg, n_valid,
-                    u_sum, fin_pos, fin_neg)
+        tl.store(stat_ptr + pid * SLOTS + slot, stat)
 
 
 @triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None))
 @triton.jit
-def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
+def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols, row_len, stride_b, stride_t,
                         HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """m = 2 (s x - c).w for rows too wide to hold: program i walks rows i*BLOCK_N... in column
     chunks of BLOCK_D (fixed order). Same shapes and dtypes as _margin_rows_kernel."""
@@ -135,6 +123,7 @@ def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rmask = rows < n_rows
     dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+    starts = row_starts(rows, row_len, stride_b, stride_t)
     if HAS_SCALE:
         s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
     for c0 in range(0, n_cols, BLOCK_D):
@@ -142,7 +131,7 @@ def _margin_wide_kernel(v_ptr, scale_ptr, w_ptr, c_ptr, m_ptr, n_rows, n_cols,
         cmask = cols < n_cols
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
         c = tl.load(c_ptr + cols, mask=cmask, other=0.0)
-        tile = tl.load(v_ptr + rows[:, None] * n_cols + cols[None, :],
+        tile = tl.load(v_ptr + starts[:, None] + cols[None, :],
                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         if HAS_SCALE:
             tile = tile * s[:, None]
@@ -157,49 +146,40 @@ def margin_config(d: int, gated: bool) -> dict:
     it is not, so that the two [D] accumulators (held in the tile's own layout) fit 80 registers:
     3 CTAs of 8 warps per SM at D = 4,096 (benchmarks/NOTES.md, the AOT table)."""
     block_d = triton.next_power_of_2(d)
-    return dict(BLOCK_N=ROWS_PER_TILE, BLOCK_D=block_d, num_warps=max(1, min(16, block_d // (32 * ROW_ELEMS_PER_THREAD))),
-                ROW_STAGES=1 if gated else 2)
+    warps = max(1, min(16, block_d // (32 * ROW_ELEMS_PER_THREAD)))
+    return dict(BLOCK_N=ROWS_PER_TILE, BLOCK_D=block_d, num_warps=warps, ROW_STAGES=1 if gated else 2)
 
 
-def margin_pass(v, w: torch.Tensor, c: torch.Tensor,
+def margin_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w: torch.Tensor, c: torch.Tensor,
                 gate: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """Pipeline kernel (see delta_kernels/pipeline.py).
-
-    v [N, D] float32/bf16/fp16 contiguous, or ScaledRows(rows [N, D], scale [N] float32);
-    w [D], c [D] float32 (m = 2 (v - c).w; the gated sums are of v - c); gate None or
-    (gamma [2], a_pos [N], a_neg [N]). Returns (m [N] float32,
-    sums [2, D] float32 or None). Reads of v (or of its rows): one (two when gated and
-    D > MAX_BLOCK_D)."""
-    f32 = torch.float32
-    x, scale = rows_and_scale(v)
-    n, d = x.shape
-    w = w.to(f32).contiguous()
-    c = c.to(f32).contiguous()
-    m = empty(n, dtype=f32, device=x.device)
-    block_d = triton.next_power_of_2(d)
-    if block_d > MAX_BLOCK_D:
-        block_n = 4
-        _margin_wide_kernel[(triton.cdiv(n, block_n),)](x, scale, w, c, m, n, d, BLOCK_N=block_n, BLOCK_D=CHUNK_D,
-                                                          num_warps=8)
-        if gate is None:
-            return m, None
-        gamma, a_pos, a_neg = (t.to(f32) for t in gate)
-        zero = torch.zeros((), dtype=f32, device=m.device)
-        g_pos = torch.where(a_pos != 0, torch.sigmoid(m / gamma[0]) * a_pos, zero)
-        g_neg = torch.where(a_neg != 0, torch.sigmoid(-m / gamma[1]) * a_neg, zero)
-        sums = scaled_rows(x, scale, g_pos.contiguous(), g_neg.contiguous(), store=False)[1]
-        # about c, as the whole-row kernel gives them (here after the sum: not exact under an offset)
-        return m, sums - torch.stack([g_pos.sum(), g_neg.sum()])[:, None] * c[None, :]
-    if gate is None:
-        cfg = margin_config(d, gated=False)
-        rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
-        _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, None, None, None, None, None, n, d, rows_per_group, 0.0,
-                                         0.0, None, None, 0.0, MOMENTS=False, FINAL=False, **cfg)
-        return m, None
-    gamma, a_pos, a_neg = (t.to(f32).contiguous() for t in gate)
-    cfg = margin_config(d, gated=True)
+    """The whole-row kernel outside the fused call (rows up to MAX_BLOCK_D wide): x [N, D]
+    float32/bf16/fp16 contiguous, scale [N] float32 or None, w [D], c [D] float32 contiguous,
+    gate None or (gamma [2], a_pos [N], a_neg [N]) float32 contiguous. -> (m [N] float32,
+    gated sums [2, D] float32 about c, or None). One read of x."""
+    n, d = row_count(x), x.shape[-1]
+    gamma, a_pos, a_neg = gate if gate is not None else (None, None, None)
+    cfg = margin_config(d, gated=gate is not None)
     rows_per_group, n_groups = row_groups(n, cfg["BLOCK_N"])
-    partial = empty(n_groups, 2, d, dtype=f32, device=x.device)
-    _margin_rows_kernel[(n_groups,)](x, scale, w, c, m, gamma, a_pos, a_neg, partial, None, n, d, rows_per_group, 0.0,
-                                     0.0, None, None, 0.0, MOMENTS=False, FINAL=False, **cfg)
-    return m, sum_partials(partial)
+    m = empty(n, dtype=torch.float32, device=x.device)
+    partial = None if gate is None else empty(n_groups, 2, d, dtype=torch.float32, device=x.device)
+    _margin_rows_kernel[(n_groups,)](
+        v_ptr=x, scale_ptr=scale, w_ptr=w, c_ptr=c, m_ptr=m, gamma_ptr=gamma, a_pos_ptr=a_pos, a_neg_ptr=a_neg,
+        partial_ptr=partial, stat_ptr=None, n_rows=n, n_cols=d, rows_per_group=rows_per_group, lam_offset=0.0,
+        lam_rise=0.0, mom_ptr=None, sq_ptr=None, eps=0.0, MOMENTS=False, FINAL=False, **row_layout(x), **cfg)
+    return m, None if partial is None else sum_partials(partial)
+
+
+# Rows wider than MAX_BLOCK_D (beyond any current LM hidden size; not in the AOT table): 4 rows per
+# program walked in CHUNK_D-wide column chunks by 8 warps.
+MARGIN_WIDE = dict(BLOCK_N=4, num_warps=8)
+
+
+def wide_margins(x: torch.Tensor, scale: Optional[torch.Tensor], w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """m [N] float32 = 2 (s x - c).w for rows wider than MAX_BLOCK_D (same arguments as
+    margin_rows, no gate). One read of x."""
+    n, d = row_count(x), x.shape[-1]
+    m = empty(n, dtype=torch.float32, device=x.device)
+    _margin_wide_kernel[(triton.cdiv(n, MARGIN_WIDE["BLOCK_N"]),)](
+        v_ptr=x, scale_ptr=scale, w_ptr=w, c_ptr=c, m_ptr=m, n_rows=n, n_cols=d, BLOCK_D=CHUNK_D, **row_layout(x),
+        **MARGIN_WIDE)
+    return m
