@@ -36,3 +36,37 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, temperature,
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return acc / temperature
+
+
+@triton.jit
+def row_block(N, n_blocks, BLOCK_N: tl.constexpr):
+    """Program pid = split * n_blocks + block of the head kernels: (the block's rows [BLOCK_N] int64,
+    their mask rows < N, the split or column-block index)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, pid // n_blocks
+
+
+@triton.jit
+def read_rows(valid_ptr, rows, row_ok, HAS_VALID: tl.constexpr):
+    """The rows whose h (and g) are read: with HAS_VALID only the valid ones (a padded row loads zeros)."""
+    ok = row_ok
+    if HAS_VALID:
+        ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def split_logits(h_ptr, w_ptr, b_ptr, rows, h_ok, v_lo, j, cols_per_split, V, H, temperature, m,
+                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Step j of a split's online softmax over columns [v_lo, v_lo + cols_per_split): (cols, col_ok,
+    the logits x (-inf past the split or V), the new running max m_new, m_safe = m_new or 0 where it
+    is still -inf: a tile past V (only in the last split) keeps every term finite)."""
+    cols = v_lo + j + tl.arange(0, BLOCK_V)
+    col_ok = (cols < V) & (cols < v_lo + cols_per_split)
+    x = logits_tile(h_ptr, w_ptr, b_ptr, rows, h_ok, cols, col_ok, H, temperature,
+                    HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+    x = tl.where(col_ok[None, :], x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    return cols, col_ok, x, m_new, tl.where(m_new == float("-inf"), 0.0, m_new)

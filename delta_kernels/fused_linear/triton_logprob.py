@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from .triton_logits_tile import OPTIONAL, logits_tile
+from .triton_logits_tile import OPTIONAL, read_rows, row_block, split_logits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 dot quirk only (UPCAST)
 # 128 x 128 tiles, 64-wide K steps, 8 warps, 3 stages: 254 registers and no spills for bf16, 1 CTA/SM (AOT
@@ -43,14 +43,8 @@ def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, part_ptr, N,
                              HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, ENTROPY: tl.constexpr,
                              IEEE: tl.constexpr, UPCAST: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid % n_blocks
-    pid_s = pid // n_blocks
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    h_ok = row_ok  # rows whose h is read: a padded row loads zeros
-    if HAS_VALID:
-        h_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
+    rows, row_ok, pid_s = row_block(N, n_blocks, BLOCK_N)
+    h_ok = read_rows(valid_ptr, rows, row_ok, HAS_VALID)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -58,15 +52,10 @@ def _logprob_partials_kernel(h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, part_ptr, N,
     x_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_lo = pid_s * cols_per_split
     for j in range(0, cols_per_split, BLOCK_V):
-        cols = v_lo + j + tl.arange(0, BLOCK_V)
-        col_ok = (cols < V) & (cols < v_lo + cols_per_split)
-        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, h_ok, cols, col_ok, H, temperature,
-                        HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-        x = tl.where(col_ok[None, :], x, float("-inf"))
+        cols, col_ok, x, m_new, m_safe = split_logits(h_ptr, w_ptr, b_ptr, rows, h_ok, v_lo, j, cols_per_split, V, H,
+                                                      temperature, m, HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V,
+                                                      BLOCK_H)
         x_y += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        # a tile past V (only in the last split) leaves m at -inf: keep every term finite
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         p = tl.exp(x - m_safe[:, None])
         if ENTROPY:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from .triton_logits_tile import OPTIONAL, logits_tile
+from .triton_logits_tile import OPTIONAL, logits_tile, read_rows, row_block
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter's bf16 dot quirk only (UPCAST)
 # The forward's tiles (triton_logprob.TILE): 194 registers and no spills for bf16, 1 CTA/SM (AOT table,
@@ -38,14 +38,8 @@ def _logprob_grad_logits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, vali
                                 HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
                                 UPCAST: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid % n_blocks
-    pid_v = pid // n_blocks
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    h_ok = row_ok  # rows whose h and g are read: a padded row loads zeros
-    if HAS_VALID:
-        h_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
+    rows, row_ok, pid_v = row_block(N, n_blocks, BLOCK_N)
+    h_ok = read_rows(valid_ptr, rows, row_ok, HAS_VALID)  # rows whose h and g are read
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)   # column inside the chunk
     col_ok = local < width
     cols = c0 + local

@@ -21,7 +21,7 @@ from .._alloc import empty
 from ..sketch_matrix import sketch_scale
 from ..triton.sketch_hash import seed_argument, sign_tile
 from . import triton_logprob
-from .triton_logits_tile import HAS_BIAS, logits_tile
+from .triton_logits_tile import HAS_BIAS, row_block, split_logits
 
 
 @triton.heuristics(HAS_BIAS)
@@ -31,24 +31,16 @@ def _softmax_sketch_partials_kernel(h_ptr, w_ptr, b_ptr, part_ptr, acc_ptr, N, V
                                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                                     BLOCK_R: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid % n_blocks
-    pid_s = pid // n_blocks
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    rows, row_ok, pid_s = row_block(N, n_blocks, BLOCK_N)
     rcols = tl.arange(0, BLOCK_R)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     v_lo = pid_s * cols_per_split
     for j in range(0, cols_per_split, BLOCK_V):
-        cols = v_lo + j + tl.arange(0, BLOCK_V)
-        col_ok = (cols < V) & (cols < v_lo + cols_per_split)
-        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, temperature,
-                        HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-        x = tl.where(col_ok[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile past V: keep every term finite
+        cols, col_ok, x, m_new, m_safe = split_logits(h_ptr, w_ptr, b_ptr, rows, row_ok, v_lo, j, cols_per_split, V,
+                                                      H, temperature, m, HAS_BIAS, IEEE, UPCAST, BLOCK_N, BLOCK_V,
+                                                      BLOCK_H)
         alpha = tl.exp(m - m_safe)
         p = tl.exp(x - m_safe[:, None])                         # 0 at columns past V
         signs = sign_tile(cols, rcols, seed_mixed, tl.float32)  # [BLOCK_V, BLOCK_R]; columns >= R unused

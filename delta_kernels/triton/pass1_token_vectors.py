@@ -33,6 +33,53 @@ from .sketch_hash import seed_argument, sign_tile
 SCALED_ROWS = dict(BLOCK_N=16, BLOCK_D=256, num_warps=4)
 
 
+@triton.jit
+def _program_cols(n_cols, BLOCK: tl.constexpr):
+    """(row group g, column block, its columns [BLOCK] and their mask) of a program of grid (G, cols)."""
+    pid_g = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    cols = pid_c * BLOCK + tl.arange(0, BLOCK)
+    return pid_g, pid_c, cols, cols < n_cols
+
+
+@triton.jit
+def _tile_rows(first, n_rows, BLOCK: tl.constexpr):
+    """Rows [first, first + BLOCK) (int64) and their mask (row < n_rows)."""
+    rows = first + tl.arange(0, BLOCK).to(tl.int64)
+    return rows, rows < n_rows
+
+
+@triton.jit
+def _zero_sums(BLOCK: tl.constexpr):
+    """The side-sum accumulators of a program: (acc_pos [BLOCK], acc_neg [BLOCK], w_tot_pos, w_tot_neg)."""
+    return (tl.zeros([BLOCK], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32),
+            tl.zeros([], dtype=tl.float32), tl.zeros([], dtype=tl.float32))
+
+
+@triton.jit
+def _add_sums(vals, wp, wn, acc_pos, acc_neg):
+    """acc += sum over rows of w vals, rows selected by w != 0, not multiplied: a zero-weight row
+    (padding) may hold anything."""
+    acc_pos += tl.sum(tl.where((wp != 0.0)[:, None], vals * wp[:, None], 0.0), axis=0)
+    acc_neg += tl.sum(tl.where((wn != 0.0)[:, None], vals * wn[:, None], 0.0), axis=0)
+    return acc_pos, acc_neg
+
+
+@triton.jit
+def _store_sums(partial_ptr, weight_ptr, pid_g, pid_col, cols, cmask, n_cols, acc_pos, acc_neg, w_tot_pos, w_tot_neg,
+                SUMS: tl.constexpr, FROM_ADV: tl.constexpr):
+    """partial[g] = (acc_pos, acc_neg) over the program's columns; with FROM_ADV, column block 0 also
+    writes weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-)."""
+    if SUMS:
+        base = partial_ptr + pid_g * 2 * n_cols
+        tl.store(base + cols, acc_pos, mask=cmask)
+        tl.store(base + n_cols + cols, acc_neg, mask=cmask)
+    if FROM_ADV:
+        if pid_col == 0:
+            tl.store(weight_ptr + pid_g * SLOTS + WT_POS, w_tot_pos)
+            tl.store(weight_ptr + pid_g * SLOTS + WT_NEG, w_tot_neg)
+
+
 @triton.heuristics(dict(HAS_SCALE=lambda a: a["scale_ptr"] is not None, STORE=lambda a: a["out_ptr"] is not None,
                         SUMS=lambda a: a["partial_ptr"] is not None, FROM_ADV=lambda a: a["weight_ptr"] is not None))
 @triton.jit
@@ -49,18 +96,11 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
     FROM_ADV (the fused call, fused.py): scale_ptr is logp (s = 1 - exp(logp)), w_pos_ptr/w_neg_ptr
     the advantages and mask (row_weights), and program (g, 0) also writes
     weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-) (weight [G, SLOTS] float32)."""
-    pid_g = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < n_cols
-    acc_pos = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_neg = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_tot_pos = tl.zeros([], dtype=tl.float32)
-    w_tot_neg = tl.zeros([], dtype=tl.float32)
+    pid_g, pid_d, cols, cmask = _program_cols(n_cols, BLOCK_D)
+    acc_pos, acc_neg, w_tot_pos, w_tot_neg = _zero_sums(BLOCK_D)
     row0 = pid_g * rows_per_group
     for start in range(0, rows_per_group, BLOCK_N):
-        rows = row0 + start + tl.arange(0, BLOCK_N).to(tl.int64)
-        rmask = rows < n_rows
+        rows, rmask = _tile_rows(row0 + start, n_rows, BLOCK_N)
         mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
         x = tl.load(x_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None] + cols[None, :], mask=mask,
@@ -83,17 +123,9 @@ def _scaled_rows_kernel(x_ptr, scale_ptr, w_pos_ptr, w_neg_ptr, out_ptr, partial
             if HAS_SCALE:
                 wp = tl.where(wp != 0.0, wp * s, 0.0)
                 wn = tl.where(wn != 0.0, wn * s, 0.0)
-            # selected, not multiplied: a zero-weight row (padding) may hold anything
-            acc_pos += tl.sum(tl.where((wp != 0.0)[:, None], x * wp[:, None], 0.0), axis=0)
-            acc_neg += tl.sum(tl.where((wn != 0.0)[:, None], x * wn[:, None], 0.0), axis=0)
-    if SUMS:
-        base = partial_ptr + pid_g * 2 * n_cols
-        tl.store(base + cols, acc_pos, mask=cmask)
-        tl.store(base + n_cols + cols, acc_neg, mask=cmask)
-    if FROM_ADV:
-        if pid_d == 0:
-            tl.store(weight_ptr + pid_g * SLOTS + WT_POS, w_tot_pos)
-            tl.store(weight_ptr + pid_g * SLOTS + WT_NEG, w_tot_neg)
+            acc_pos, acc_neg = _add_sums(x, wp, wn, acc_pos, acc_neg)
+    _store_sums(partial_ptr, weight_ptr, pid_g, pid_d, cols, cmask, n_cols, acc_pos, acc_neg, w_tot_pos, w_tot_neg,
+                SUMS, FROM_ADV)
 
 
 @triton.jit
@@ -127,18 +159,11 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
     partial [G, 2, r] float32.
     FROM_ADV: w_pos_ptr/w_neg_ptr are the advantages and mask (row_weights), and program (g, 0)
     writes weight[g, WT_POS], weight[g, WT_NEG] = (sum a+, sum a-) (weight [G, SLOTS] float32)."""
-    pid_g = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1).to(tl.int64)
-    cols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cmask = cols < sketch_dim
-    acc_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc_neg = tl.zeros([BLOCK_R], dtype=tl.float32)
-    w_tot_pos = tl.zeros([], dtype=tl.float32)
-    w_tot_neg = tl.zeros([], dtype=tl.float32)
+    pid_g, pid_r, cols, cmask = _program_cols(sketch_dim, BLOCK_R)
+    acc_pos, acc_neg, w_tot_pos, w_tot_neg = _zero_sums(BLOCK_R)
     row0 = pid_g * rows_per_group
     for start in range(0, rows_per_group, BLOCK_M):
-        rows = row0 + start + tl.arange(0, BLOCK_M).to(tl.int64)
-        rmask = rows < n_rows
+        rows, rmask = _tile_rows(row0 + start, n_rows, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         h_rows = h_ptr + row_starts(rows, row_len, stride_b, stride_t)[:, None]
         for k0 in range(0, hidden, BLOCK_K):
@@ -165,16 +190,9 @@ def _sketch_rows_kernel(h_ptr, logp_ptr, w_pos_ptr, w_neg_ptr, z_ptr, partial_pt
             if FROM_ADV:
                 w_tot_pos += tl.sum(wp, axis=0)
                 w_tot_neg += tl.sum(wn, axis=0)
-            acc_pos += tl.sum(tl.where((wp != 0.0)[:, None], z * wp[:, None], 0.0), axis=0)
-            acc_neg += tl.sum(tl.where((wn != 0.0)[:, None], z * wn[:, None], 0.0), axis=0)
-    if SUMS:
-        base = partial_ptr + pid_g * 2 * sketch_dim
-        tl.store(base + cols, acc_pos, mask=cmask)
-        tl.store(base + sketch_dim + cols, acc_neg, mask=cmask)
-    if FROM_ADV:
-        if pid_r == 0:
-            tl.store(weight_ptr + pid_g * SLOTS + WT_POS, w_tot_pos)
-            tl.store(weight_ptr + pid_g * SLOTS + WT_NEG, w_tot_neg)
+            acc_pos, acc_neg = _add_sums(z, wp, wn, acc_pos, acc_neg)
+    _store_sums(partial_ptr, weight_ptr, pid_g, pid_r, cols, cmask, sketch_dim, acc_pos, acc_neg, w_tot_pos,
+                w_tot_neg, SUMS, FROM_ADV)
 
 
 def scaled_rows(x: torch.Tensor, scale: Optional[torch.Tensor], w_pos: Optional[torch.Tensor],
