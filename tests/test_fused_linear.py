@@ -338,6 +338,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from delta_kernels.fused_linear import triton_logprob as lp, triton_logprob_grad as gr
 def comp(fn, sig, consts):
+    fn = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # under @triton.heuristics
     sig = dict(sig, **{k: "constexpr" for k in consts})
     src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=3))
