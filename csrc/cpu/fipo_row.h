@@ -8,6 +8,8 @@
 #include <cmath>
 #include <limits>
 
+#include "../common/surrogate_math.h"
+
 namespace dk {
 namespace cpu {
 
@@ -29,6 +31,12 @@ struct FipoParams {
     if (upper > 0.0f) above_upper = static_cast<float>(std::log(upper) + 1e-5);
   }
 };
+
+// One step of the future-KL recurrence from the end of a row, for a valid token of clamped log-ratio d
+// (clamped_log_ratio): F_t = x_t + gamma F_{t+1}, x_t = d when d <= log c, else 0; in double.
+inline double future_kl_step(float d, double f_next, const FipoParams& p) {
+  return (d <= p.log_clip_c ? static_cast<double>(d) : 0.0) + p.gamma * f_next;
+}
 
 // The weight clip of a future KL: exp(fkl) clamped to [lower, upper] (to <= upper without clip_lower).
 inline float fipo_clipped_weight(float fkl, const FipoParams& p) {
@@ -60,8 +68,8 @@ inline bool fipo_row(const float* logp, const float* old_logp, const float* adv,
       if (future_kl != nullptr) future_kl[t] = 0.0f;
       continue;
     }
-    const float d = std::min(std::max(logp[t] - old_logp[t], -20.0f), 20.0f);
-    f_next = (d <= p.log_clip_c ? static_cast<double>(d) : 0.0) + p.gamma * f_next;
+    const float d = clamped_log_ratio(logp[t] - old_logp[t]);
+    f_next = future_kl_step(d, f_next, p);
     const float fkl = static_cast<float>(f_next);
     float w = fipo_clipped_weight(fkl, p);
     if (adv[t] < 0.0f) {  // the ratio matters only here

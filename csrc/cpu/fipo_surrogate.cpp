@@ -31,8 +31,7 @@ void future_kl_rows(const float* logp, const float* old_logp, const uint8_t* mas
         f[r] *= p.gamma;
         continue;
       }
-      const float d = std::min(std::max(logp[i] - old_logp[i], -20.0f), 20.0f);
-      f[r] = (d <= p.log_clip_c ? static_cast<double>(d) : 0.0) + p.gamma * f[r];
+      f[r] = future_kl_step(clamped_log_ratio(logp[i] - old_logp[i]), f[r], p);
       out[i] = static_cast<float>(f[r]);
     }
   }
